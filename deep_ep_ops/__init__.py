@@ -1,0 +1,30 @@
+"""deep_ep_ops: expert-parallel dispatch/combine for MoE models as PyTorch custom ops.
+
+``import deep_ep_ops as deep_ep`` gives a drop-in for DeepEP's V1 ``Buffer`` API; the ops
+themselves are ``torch.ops.deep_ep.*`` (typed wrappers in ``deep_ep_ops.ops``).
+"""
+
+from . import _library
+from . import meta  # noqa: F401  (attaches the fakes; installed from the top-level meta/)
+from . import _autograd, _build, reference
+
+reference.register(_library.LIB, "CPU")
+if not _build.HAS_CUDA_KERNELS:
+    # Without the extension, CUDA tensors run the same reference code over NCCL.
+    reference.register(_library.LIB, "CUDA")
+_autograd.register()
+
+from .buffer import Buffer, EventOverlap  # noqa: E402
+from .config import Config, get_low_latency_rdma_size_hint  # noqa: E402
+from .ops import (  # noqa: E402
+    CombineOutput, DispatchHandle, DispatchLayout, DispatchOutput, LowLatencyDispatchOutput,
+    LowLatencyHandle, per_token_cast_back, per_token_cast_to_fp8,
+)
+from ._build import build_info  # noqa: E402
+
+__all__ = [
+    "Buffer", "EventOverlap", "Config", "get_low_latency_rdma_size_hint", "DispatchHandle",
+    "DispatchLayout", "DispatchOutput", "CombineOutput", "LowLatencyHandle",
+    "LowLatencyDispatchOutput", "per_token_cast_to_fp8", "per_token_cast_back", "build_info",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,150 @@
+"""The ``deep_ep`` op library: every schema, written once.
+
+Schemas live in Python so that a CPU-only install needs no compiler. Kernels register per
+dispatch key elsewhere: the reference backend from ``deep_ep_ops.reference`` and, when built,
+the CUDA kernels from ``csrc/`` via ``TORCH_LIBRARY_IMPL(deep_ep, CUDA, m)``. Fakes live in the
+top-level ``meta/`` folder (installed as ``deep_ep_ops.meta``).
+
+Handle tensors are spelled out in each schema so that no Python object crosses an op boundary;
+``str buffer`` names a communicator in ``deep_ep_ops._registry``.
+"""
+
+import torch
+
+LIB = torch.library.Library("deep_ep", "DEF")
+
+# The tensors every normal-mode handle carries, in DeepEP's positional order.
+_HANDLE = (
+    "Tensor rank_prefix_matrix, Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, "
+    "Tensor recv_src_idx, Tensor is_token_in_rank, Tensor send_head"
+)
+_LL_ARGS = "str buffer, int num_ranks, int num_max_dispatch_tokens_per_rank, int num_experts"
+_LL_RECV = (
+    "Tensor recv_x, Tensor recv_x_scales, Tensor recv_count, Tensor src_info, Tensor layout_range"
+)
+
+SCHEMAS = {
+    # Pure: no communication.
+    "get_dispatch_layout": (
+        "get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, int num_rdma_ranks)"
+        " -> (Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank,"
+        " Tensor num_tokens_per_expert, Tensor is_token_in_rank)"
+    ),
+    "per_token_cast_to_fp8": (
+        "per_token_cast_to_fp8(Tensor x, bool round_scale, bool use_ue8m0)"
+        " -> (Tensor x_fp8, Tensor x_scales)"
+    ),
+    "per_token_cast_back": "per_token_cast_back(Tensor x_fp8, Tensor x_scales) -> Tensor",
+    # Normal (high-throughput) mode. The number of received rows is data dependent.
+    "dispatch": (
+        "dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights,"
+        " Tensor num_tokens_per_rank, Tensor is_token_in_rank, Tensor? num_tokens_per_expert,"
+        " str buffer, int expert_alignment, int[] config)"
+        " -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights,"
+        " Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix,"
+        " Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, Tensor recv_src_idx,"
+        " Tensor send_head)"
+    ),
+    # Capacity mode (DeepEP's num_worst_tokens): static row count, no host sync.
+    "capacity_dispatch": (
+        "capacity_dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights,"
+        " Tensor num_tokens_per_rank, Tensor is_token_in_rank, Tensor? num_tokens_per_expert,"
+        " str buffer, int expert_alignment, int num_worst_tokens, int[] config)"
+        " -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights,"
+        " Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix,"
+        " Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, Tensor recv_src_idx,"
+        " Tensor send_head)"
+    ),
+    "cached_dispatch": (
+        f"cached_dispatch(Tensor x, Tensor? x_scales, Tensor? topk_weights, {_HANDLE},"
+        " str buffer, int num_worst_tokens, int[] config)"
+        " -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights)"
+    ),
+    "combine": (
+        f"combine(Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, {_HANDLE},"
+        " str buffer, int num_worst_tokens, int[] config)"
+        " -> (Tensor combined_x, Tensor combined_topk_weights)"
+    ),
+    # Low-latency (decode) mode: static shapes everywhere.
+    "low_latency_dispatch": (
+        f"low_latency_dispatch(Tensor x, Tensor topk_idx, {_LL_ARGS},"
+        " bool use_fp8, bool round_scale, bool use_ue8m0)"
+        f" -> ({_LL_RECV})"
+    ),
+    "low_latency_dispatch_send": (
+        f"low_latency_dispatch_send(Tensor x, Tensor topk_idx, {_LL_ARGS},"
+        " bool use_fp8, bool round_scale, bool use_ue8m0)"
+        f" -> ({_LL_RECV})"
+    ),
+    "low_latency_dispatch_recv": (
+        "low_latency_dispatch_recv(Tensor(a!) recv_x, Tensor(b!) recv_x_scales,"
+        " Tensor(c!) recv_count, Tensor(d!) src_info, Tensor(e!) layout_range,"
+        " Tensor(f!)? cumulative_local_expert_recv_stats, str buffer) -> ()"
+    ),
+    "low_latency_combine": (
+        "low_latency_combine(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor src_info,"
+        f" Tensor layout_range, {_LL_ARGS}, bool zero_copy) -> Tensor"
+    ),
+    "low_latency_combine_out": (
+        "low_latency_combine_out(Tensor x, Tensor topk_idx, Tensor topk_weights,"
+        f" Tensor src_info, Tensor layout_range, {_LL_ARGS}, bool zero_copy,"
+        " Tensor(a!) out) -> ()"
+    ),
+    "low_latency_combine_send": (
+        "low_latency_combine_send(Tensor x, Tensor topk_idx, Tensor topk_weights,"
+        f" Tensor src_info, Tensor layout_range, {_LL_ARGS}, bool zero_copy) -> Tensor"
+    ),
+    "low_latency_combine_recv": (
+        "low_latency_combine_recv(Tensor(a!) combined_x, Tensor topk_idx, Tensor topk_weights,"
+        " str buffer) -> ()"
+    ),
+    # Backward helpers of the low-latency ops (themselves communication ops).
+    "low_latency_cached_dispatch": (
+        "low_latency_cached_dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights,"
+        f" Tensor src_info, Tensor layout_range, {_LL_ARGS}) -> Tensor"
+    ),
+    "low_latency_gather": (
+        "low_latency_gather(Tensor x, Tensor topk_idx, Tensor src_info, Tensor layout_range,"
+        f" {_LL_ARGS}) -> Tensor"
+    ),
+    "clean_low_latency_buffer": (
+        "clean_low_latency_buffer(Tensor(a!) workspace, str buffer,"
+        " int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) -> ()"
+    ),
+}
+
+# Ops that talk to other ranks. Those with static output shapes are registered as ordered
+# effects so that the compiler neither drops them when an output is unused nor reorders them
+# against each other. ``dispatch`` is left out: Inductor (torch 2.13) cannot lower an effectful
+# op with unbacked output sizes; its outputs are always consumed by the expert computation.
+# Ops with declared mutations are kept alive and ordered by those mutations.
+COMMUNICATION_OPS = (
+    "dispatch", "capacity_dispatch", "cached_dispatch", "combine",
+    "low_latency_dispatch", "low_latency_dispatch_send", "low_latency_dispatch_recv",
+    "low_latency_combine", "low_latency_combine_out", "low_latency_combine_send",
+    "low_latency_combine_recv", "low_latency_cached_dispatch", "low_latency_gather",
+    "clean_low_latency_buffer",
+)
+EFFECTFUL_OPS = (
+    "capacity_dispatch", "cached_dispatch", "combine", "low_latency_dispatch",
+    "low_latency_dispatch_send", "low_latency_combine", "low_latency_combine_send",
+    "low_latency_cached_dispatch", "low_latency_gather",
+)
+
+
+def _register_effect(name: str) -> None:
+    register = getattr(torch.library, "_register_effectful_op", None)
+    if register is not None:
+        register(f"deep_ep::{name}", torch.library.EffectType.ORDERED)
+        return
+    from torch._higher_order_ops import effects  # torch < 2.10 keeps it here
+
+    effects._register_effectful_op(
+        getattr(torch.ops.deep_ep, name).default, effects._EffectType.ORDERED
+    )
+
+
+for _schema in SCHEMAS.values():
+    LIB.define(_schema, tags=())
+for _name in EFFECTFUL_OPS:
+    _register_effect(_name)

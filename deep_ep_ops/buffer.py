@@ -1,0 +1,2 @@
+class Buffer: pass
+class EventOverlap: pass

@@ -1,0 +1,343 @@
+"""Typed wrappers over ``torch.ops.deep_ep.*``: one function per op, results with names.
+
+``buffer`` is the name of a live communicator (``Buffer.name``). Wrappers normalise arguments
+and name results; the semantics live in the ops (DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+from . import _registry
+from .config import Config, get_combine_config, get_dispatch_config
+
+_ops = torch.ops.deep_ep
+ConfigLike = Union[Config, Sequence[int], None]
+
+
+class DispatchLayout(NamedTuple):
+    num_tokens_per_rank: torch.Tensor  # [num_ranks] int32
+    num_tokens_per_rdma_rank: torch.Tensor  # [num_rdma_ranks] int32
+    num_tokens_per_expert: torch.Tensor  # [num_experts] int32
+    is_token_in_rank: torch.Tensor  # [num_tokens, num_ranks] bool
+
+
+class DispatchHandle(NamedTuple):
+    """What combine and cached dispatch need from a normal-mode dispatch.
+
+    Indexes like DeepEP's intranode handle tuple (first six fields). ``num_worst_tokens`` is 0
+    for the data-dependent mode and the static row count in capacity mode.
+    """
+
+    rank_prefix_matrix: torch.Tensor  # [R, R] int32: [i, j] = tokens from ranks <= i to rank j
+    channel_prefix_matrix: torch.Tensor  # [R, C] int32: tokens to rank r from channels <= c
+    recv_channel_prefix_matrix: torch.Tensor  # [R, C] int32: first row of (source r, channel c)
+    recv_src_idx: torch.Tensor  # [N] int32: source token of each received row (-1: padding)
+    is_token_in_rank: torch.Tensor  # [T, R] bool
+    send_head: torch.Tensor  # [T, R] int32: row of token t on rank r, or -1
+    num_worst_tokens: int = 0
+
+
+class DispatchOutput(NamedTuple):
+    recv_x: torch.Tensor  # [N, hidden]
+    recv_x_scales: torch.Tensor  # [N, S] float32 ([N, 0] without scales)
+    recv_topk_idx: torch.Tensor  # [N, K] int64 local expert or -1 ([N, 0] without top-k)
+    recv_topk_weights: torch.Tensor  # [N, K] float32, 0 where recv_topk_idx is -1
+    num_recv_tokens_per_expert: torch.Tensor  # [L] int32, padded to expert_alignment
+    handle: DispatchHandle
+
+
+class CombineOutput(NamedTuple):
+    combined_x: torch.Tensor  # [T, hidden]
+    combined_topk_weights: torch.Tensor  # [T, K] ([T, 0] without weights)
+
+
+class LowLatencyHandle(NamedTuple):
+    """Indexes like DeepEP's low-latency handle tuple."""
+
+    src_info: torch.Tensor  # [L, R*M] int32: source token of each received row
+    layout_range: torch.Tensor  # [L, R] int64: begin << 32 | count per source rank
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+
+
+class LowLatencyDispatchOutput(NamedTuple):
+    recv_x: torch.Tensor  # [L, R*M, hidden] float8_e4m3fn or bfloat16
+    recv_x_scales: Optional[torch.Tensor]  # [L, R*M, hidden/128] float32 column-major, or None
+    recv_count: torch.Tensor  # [L] int32
+    handle: LowLatencyHandle
+
+
+def _config_list(config: ConfigLike, num_ranks: int, default) -> list[int]:
+    if config is None:
+        config = default(num_ranks)
+    return config.to_list() if isinstance(config, Config) else list(config)
+
+
+def _handle_tensors(handle: DispatchHandle) -> tuple:
+    return tuple(handle[:6])
+
+
+def _check_handle(handle) -> DispatchHandle:
+    if not isinstance(handle, DispatchHandle):
+        raise TypeError(f"handle must be a DispatchHandle from dispatch(), got {type(handle).__name__}")
+    return handle
+
+
+def get_dispatch_layout(
+    topk_idx: torch.Tensor, num_experts: int, num_ranks: int, num_rdma_ranks: int = 1
+) -> DispatchLayout:
+    """Routing counts from ``topk_idx [num_tokens, num_topk]`` int64 (-1: no expert). Pure.
+
+    Returns ``num_tokens_per_rank [num_ranks]``, ``num_tokens_per_rdma_rank [num_rdma_ranks]``,
+    ``num_tokens_per_expert [num_experts]`` (all int32; a token counts once per rank and once per
+    expert) and ``is_token_in_rank [num_tokens, num_ranks]`` bool.
+    """
+    return DispatchLayout(*_ops.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks))
+
+
+def dispatch(
+    buffer: str,
+    x: torch.Tensor,
+    layout: DispatchLayout,
+    topk_idx: Optional[torch.Tensor] = None,
+    topk_weights: Optional[torch.Tensor] = None,
+    *,
+    x_scales: Optional[torch.Tensor] = None,
+    expert_alignment: int = 1,
+    num_worst_tokens: int = 0,
+    config: ConfigLike = None,
+) -> DispatchOutput:
+    """Send each token of ``x [num_tokens, hidden]`` once to every rank holding one of its experts.
+
+    ``x_scales [num_tokens, S]`` float32 goes with float8_e4m3fn ``x``. ``topk_idx``/``topk_weights``
+    ``[num_tokens, num_topk]`` (int64/float32) are optional. With ``num_worst_tokens > 0`` every
+    row-indexed output has exactly that many rows (capacity mode; rows past the real count
+    have ``recv_topk_idx = -1``); otherwise the row count ``N`` is data dependent.
+    """
+    num_ranks = layout.is_token_in_rank.size(1)
+    cfg = _config_list(config, num_ranks, get_dispatch_config)
+    args = (
+        x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank, layout.is_token_in_rank,
+        None if topk_idx is None else layout.num_tokens_per_expert, buffer, expert_alignment,
+    )
+    if num_worst_tokens:
+        out = _ops.capacity_dispatch(*args, num_worst_tokens, cfg)
+    else:
+        out = _ops.dispatch(*args, cfg)
+    handle = DispatchHandle(
+        out[5], out[6], out[7], out[8], layout.is_token_in_rank, out[9], num_worst_tokens
+    )
+    return DispatchOutput(*out[:5], handle)
+
+
+def cached_dispatch(
+    buffer: str,
+    x: torch.Tensor,
+    handle: DispatchHandle,
+    *,
+    x_scales: Optional[torch.Tensor] = None,
+    topk_weights: Optional[torch.Tensor] = None,
+    config: ConfigLike = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dispatch ``x [num_tokens, hidden]`` along the routes of an earlier dispatch's ``handle``.
+
+    Returns ``(recv_x [N, hidden], recv_x_scales [N, S], recv_topk_weights [N, K])`` in the
+    handle's row order; ``topk_weights`` are copied as they are (no masking).
+    """
+    handle = _check_handle(handle)
+    cfg = _config_list(config, handle.is_token_in_rank.size(1), get_dispatch_config)
+    return _ops.cached_dispatch(
+        x, x_scales, topk_weights, *_handle_tensors(handle), buffer, handle.num_worst_tokens, cfg
+    )
+
+
+def _unpack_bias(bias) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    if bias is None or isinstance(bias, torch.Tensor):
+        return bias, None
+    if isinstance(bias, (tuple, list)) and len(bias) == 2:
+        return bias[0], bias[1]
+    raise TypeError("bias must be a tensor, a pair of tensors or None")
+
+
+def combine(
+    buffer: str,
+    x: torch.Tensor,
+    handle: DispatchHandle,
+    *,
+    topk_weights: Optional[torch.Tensor] = None,
+    bias=None,
+    config: ConfigLike = None,
+) -> CombineOutput:
+    """Sum the rows of ``x [N, hidden]`` back on the ranks their tokens came from.
+
+    ``combined_x[t] = Σ over ranks r that received t (ascending) of x_r[row_r(t)] (+ bias)``,
+    accumulated in float32 with one rounding to ``x.dtype``. ``topk_weights [N, K]`` are summed
+    the same way. ``bias`` is ``[num_tokens, hidden]`` or a pair of such tensors.
+    """
+    handle = _check_handle(handle)
+    bias_0, bias_1 = _unpack_bias(bias)
+    cfg = _config_list(config, handle.is_token_in_rank.size(1), get_combine_config)
+    return CombineOutput(*_ops.combine(
+        x, topk_weights, bias_0, bias_1, *_handle_tensors(handle), buffer,
+        handle.num_worst_tokens, cfg,
+    ))
+
+
+def _num_ranks(buffer: str) -> int:
+    return _registry.get(buffer).num_ranks
+
+
+def _low_latency_output(out, num_max, hidden, num_experts, use_fp8) -> LowLatencyDispatchOutput:
+    recv_x, recv_x_scales, recv_count, src_info, layout_range = out
+    handle = LowLatencyHandle(src_info, layout_range, num_max, hidden, num_experts)
+    return LowLatencyDispatchOutput(recv_x, recv_x_scales if use_fp8 else None, recv_count, handle)
+
+
+def low_latency_dispatch(
+    buffer: str,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    num_max_dispatch_tokens_per_rank: int,
+    num_experts: int,
+    *,
+    use_fp8: bool = True,
+    round_scale: bool = False,
+    use_ue8m0: bool = False,
+    cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+) -> LowLatencyDispatchOutput:
+    """Decode-path dispatch of ``x [num_tokens, hidden]`` bfloat16 with static shapes.
+
+    ``recv_x [L, R*M, hidden]`` holds, for each local expert, ``recv_count[e]`` rows (fp8 with
+    column-major ``recv_x_scales [L, R*M, hidden/128]`` float32, or ``[L, R*M, hidden/512]``
+    int32 with ``use_ue8m0``); later rows are unspecified. ``cumulative_local_expert_recv_stats
+    [L]`` int32 is increased in place by ``recv_count``.
+    """
+    out = _ops.low_latency_dispatch(
+        x, topk_idx, buffer, _num_ranks(buffer), num_max_dispatch_tokens_per_rank, num_experts,
+        use_fp8, round_scale, use_ue8m0,
+    )
+    if cumulative_local_expert_recv_stats is not None:
+        cumulative_local_expert_recv_stats.add_(out[2])
+    return _low_latency_output(out, num_max_dispatch_tokens_per_rank, x.size(1), num_experts, use_fp8)
+
+
+def low_latency_dispatch_send(
+    buffer: str,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    num_max_dispatch_tokens_per_rank: int,
+    num_experts: int,
+    *,
+    use_fp8: bool = True,
+    round_scale: bool = False,
+    use_ue8m0: bool = False,
+) -> LowLatencyDispatchOutput:
+    """Send half of ``low_latency_dispatch``: its outputs are complete only after the receive."""
+    out = _ops.low_latency_dispatch_send(
+        x, topk_idx, buffer, _num_ranks(buffer), num_max_dispatch_tokens_per_rank, num_experts,
+        use_fp8, round_scale, use_ue8m0,
+    )
+    return _low_latency_output(out, num_max_dispatch_tokens_per_rank, x.size(1), num_experts, use_fp8)
+
+
+def low_latency_dispatch_recv(
+    buffer: str,
+    pending: LowLatencyDispatchOutput,
+    cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+) -> LowLatencyDispatchOutput:
+    """Receive half: completes ``pending`` (from ``low_latency_dispatch_send``) in place."""
+    scales = pending.recv_x_scales
+    if scales is None:  # BF16: the op still takes its empty scales tensor
+        scales = pending.recv_x.new_empty((*pending.recv_x.shape[:2], 0), dtype=torch.float32)
+    _ops.low_latency_dispatch_recv(
+        pending.recv_x, scales, pending.recv_count, pending.handle.src_info,
+        pending.handle.layout_range, cumulative_local_expert_recv_stats, buffer,
+    )
+    return pending
+
+
+def _low_latency_combine_args(buffer, x, topk_idx, topk_weights, handle):
+    if not isinstance(handle, LowLatencyHandle):
+        raise TypeError(
+            f"handle must be a LowLatencyHandle from low_latency_dispatch(), got {type(handle).__name__}"
+        )
+    return (
+        x, topk_idx, topk_weights, handle.src_info, handle.layout_range, buffer,
+        handle.layout_range.size(1), handle.num_max_dispatch_tokens_per_rank, handle.num_experts,
+    )
+
+
+def low_latency_combine(
+    buffer: str,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    handle: LowLatencyHandle,
+    *,
+    zero_copy: bool = False,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Weighted decode-path combine: ``[num_tokens, hidden]`` from ``x [L, R*M, hidden]``.
+
+    ``combined[t] = Σ_k topk_weights[t, k] · x[e_k][slot(t, k)]`` over ``topk_idx[t, k] >= 0``,
+    in top-k order with float32 accumulation. With ``out`` the result is written there.
+    """
+    args = _low_latency_combine_args(buffer, x, topk_idx, topk_weights, handle)
+    if out is None:
+        return _ops.low_latency_combine(*args, zero_copy)
+    _ops.low_latency_combine_out(*args, zero_copy, out)
+    return out
+
+
+def low_latency_combine_send(
+    buffer: str,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weights: torch.Tensor,
+    handle: LowLatencyHandle,
+    *,
+    zero_copy: bool = False,
+) -> torch.Tensor:
+    """Send half of ``low_latency_combine``; the result is complete after the receive."""
+    args = _low_latency_combine_args(buffer, x, topk_idx, topk_weights, handle)
+    return _ops.low_latency_combine_send(*args, zero_copy)
+
+
+def low_latency_combine_recv(
+    buffer: str, combined_x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
+) -> torch.Tensor:
+    """Receive half: completes ``combined_x`` in place and returns it."""
+    _ops.low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer)
+    return combined_x
+
+
+def clean_low_latency_buffer(
+    buffer: str, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+) -> None:
+    """Collectively reset the low-latency state of ``buffer``."""
+    _ops.clean_low_latency_buffer(
+        _registry.get(buffer).workspace, buffer, num_max_dispatch_tokens_per_rank, hidden,
+        num_experts,
+    )
+
+
+def per_token_cast_to_fp8(
+    x: torch.Tensor, round_scale: bool = False, use_ue8m0: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [num_tokens, hidden]`` -> ``(float8_e4m3fn [num_tokens, hidden], scales)``.
+
+    Scales are float32 ``[num_tokens, hidden/128]`` (``scale_inv`` per 128 channels), or with
+    ``use_ue8m0`` int32 ``[num_tokens, hidden/512]`` of packed exponent bytes. Bit-compatible
+    with DeepEP's kernel.
+    """
+    return _ops.per_token_cast_to_fp8(x, round_scale, use_ue8m0)
+
+
+def per_token_cast_back(x_fp8: torch.Tensor, x_scales: torch.Tensor) -> torch.Tensor:
+    """``float8_e4m3fn [num_tokens, hidden]`` times its per-128-channel scales -> bfloat16."""
+    return _ops.per_token_cast_back(x_fp8, x_scales)

@@ -1,0 +1,505 @@
+"""Fake (meta) implementations of every ``deep_ep`` op: the shape contract.
+
+Installed as ``deep_ep_ops.meta``. This module depends on nothing in ``deep_ep_ops``: the op's
+qualified name is the contract. Importing it attaches the fakes to ops that must already be
+defined (``deep_ep_ops`` defines the schemas, then imports this module).
+
+The checks here only read metadata (dtype, shape, sizes), so they raise at the call in eager
+mode and at trace time under ``torch.compile``. Backends call the same ``check_*`` functions and
+allocate through the same ``new_*`` helpers, so real outputs have exactly the fakes' strides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_GROUP = 128  # channels per FP8 scale
+UE8M0_PACK = 4  # UE8M0 exponent bytes packed per int32
+NUM_CONFIG_FIELDS = 5
+
+
+def _value(cond, msg: str) -> None:
+    torch._check_value(cond, lambda: msg)
+
+
+def _type(cond, msg: str) -> None:
+    torch._check_type(cond, lambda: msg)
+
+
+def check_tensor(t: torch.Tensor, name: str, ndim: int, dtypes: Sequence[torch.dtype]) -> None:
+    """Raise naming ``name`` unless ``t`` has ``ndim`` dims and one of ``dtypes``."""
+    _type(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _value(t.dim() == ndim, f"{name} must have {ndim} dims, got shape {tuple(t.shape)}")
+    names = ", ".join(str(d) for d in dtypes)
+    _type(t.dtype in dtypes, f"{name} must have dtype in ({names}), got {t.dtype}")
+
+
+def check_size(t: torch.Tensor, name: str, dim: int, expected, what: str) -> None:
+    _value(
+        t.size(dim) == expected,
+        f"{name}.size({dim}) must equal {what} ({expected}), got shape {tuple(t.shape)}",
+    )
+
+
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+WEIGHT_DTYPES = (torch.float32, torch.float64)
+ANY_DTYPES = FLOAT_DTYPES + (FP8_DTYPE, torch.uint8, torch.int8, torch.int32, torch.int64)
+
+
+def num_channels(config: Sequence[int]) -> int:
+    """Channels of a normal-mode config (DeepEP: two SMs per channel)."""
+    _value(
+        len(config) == NUM_CONFIG_FIELDS,
+        f"config must have {NUM_CONFIG_FIELDS} ints (num_sms, nvl send/recv chunk, "
+        f"rdma send/recv chunk), got {list(config)}",
+    )
+    _value(
+        config[0] >= 2 and config[0] % 2 == 0,
+        f"config.num_sms must be an even number >= 2, got {config[0]}",
+    )
+    return config[0] // 2
+
+
+# --- pure ops -----------------------------------------------------------------------------
+
+
+def check_layout(topk_idx, num_experts: int, num_ranks: int, num_rdma_ranks: int) -> None:
+    check_tensor(topk_idx, "topk_idx", 2, (torch.int64,))
+    _value(num_ranks >= 1, f"num_ranks must be >= 1, got {num_ranks}")
+    _value(
+        num_experts >= 1 and num_experts % num_ranks == 0,
+        f"num_experts ({num_experts}) must be a positive multiple of num_ranks ({num_ranks})",
+    )
+    _value(
+        num_rdma_ranks >= 1 and num_ranks % num_rdma_ranks == 0,
+        f"num_rdma_ranks ({num_rdma_ranks}) must divide num_ranks ({num_ranks})",
+    )
+
+
+@torch.library.register_fake("deep_ep::get_dispatch_layout")
+def _get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks):
+    check_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks)
+    i32 = dict(dtype=torch.int32, device=topk_idx.device)
+    return (
+        torch.empty(num_ranks, **i32),
+        torch.empty(num_rdma_ranks, **i32),
+        torch.empty(num_experts, **i32),
+        torch.empty(topk_idx.size(0), num_ranks, dtype=torch.bool, device=topk_idx.device),
+    )
+
+
+def check_fp8_cast(x, round_scale: bool, use_ue8m0: bool) -> None:
+    check_tensor(x, "x", 2, FLOAT_DTYPES)
+    _value(
+        x.size(1) % FP8_GROUP == 0,
+        f"hidden ({x.size(1)}) must be a multiple of {FP8_GROUP} for the FP8 cast",
+    )
+    if use_ue8m0:
+        _value(round_scale, "use_ue8m0=True requires round_scale=True")
+        _value(
+            x.size(1) % (FP8_GROUP * UE8M0_PACK) == 0,
+            f"hidden ({x.size(1)}) must be a multiple of {FP8_GROUP * UE8M0_PACK} for UE8M0 scales",
+        )
+
+
+def num_scales(hidden, use_ue8m0: bool):
+    return hidden // (FP8_GROUP * UE8M0_PACK) if use_ue8m0 else hidden // FP8_GROUP
+
+
+@torch.library.register_fake("deep_ep::per_token_cast_to_fp8")
+def _per_token_cast_to_fp8(x, round_scale, use_ue8m0):
+    check_fp8_cast(x, round_scale, use_ue8m0)
+    num_tokens, hidden = x.shape
+    scale_dtype = torch.int32 if use_ue8m0 else torch.float32
+    return (
+        x.new_empty((num_tokens, hidden), dtype=FP8_DTYPE),
+        x.new_empty((num_tokens, num_scales(hidden, use_ue8m0)), dtype=scale_dtype),
+    )
+
+
+def check_fp8_cast_back(x_fp8, x_scales) -> None:
+    check_tensor(x_fp8, "x_fp8", 2, (FP8_DTYPE,))
+    check_tensor(x_scales, "x_scales", 2, (torch.float32, torch.int32))
+    check_size(x_scales, "x_scales", 0, x_fp8.size(0), "x_fp8.size(0)")
+    use_ue8m0 = x_scales.dtype == torch.int32
+    _value(
+        x_fp8.size(1) % (FP8_GROUP * (UE8M0_PACK if use_ue8m0 else 1)) == 0,
+        f"x_fp8.size(1) ({x_fp8.size(1)}) does not split into whole scale groups",
+    )
+    check_size(x_scales, "x_scales", 1, num_scales(x_fp8.size(1), use_ue8m0), "hidden / group")
+
+
+@torch.library.register_fake("deep_ep::per_token_cast_back")
+def _per_token_cast_back(x_fp8, x_scales):
+    check_fp8_cast_back(x_fp8, x_scales)
+    return x_fp8.new_empty(x_fp8.shape, dtype=torch.bfloat16)
+
+
+# --- normal mode --------------------------------------------------------------------------
+
+
+def check_payload(x, x_scales, topk_weights=None) -> None:
+    """Checks of the per-token payload: ``x [T, H]``, ``x_scales [T, S]``, ``topk_weights``."""
+    check_tensor(x, "x", 2, ANY_DTYPES)
+    if x.dtype == FP8_DTYPE:
+        _value(x_scales is not None, "x is float8_e4m3fn, so x_scales must be given")
+    if x_scales is not None:
+        _value(x.dtype == FP8_DTYPE, f"x_scales is only valid with float8_e4m3fn x, got {x.dtype}")
+        check_tensor(x_scales, "x_scales", 2, (torch.float32, torch.int32))
+        check_size(x_scales, "x_scales", 0, x.size(0), "x.size(0)")
+    if topk_weights is not None:
+        check_tensor(topk_weights, "topk_weights", 2, WEIGHT_DTYPES)
+        check_size(topk_weights, "topk_weights", 0, x.size(0), "x.size(0)")
+
+
+def check_dispatch(
+    x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+    num_tokens_per_expert, expert_alignment, config,
+) -> None:
+    check_payload(x, x_scales, topk_weights)
+    check_tensor(is_token_in_rank, "is_token_in_rank", 2, (torch.bool,))
+    check_size(is_token_in_rank, "is_token_in_rank", 0, x.size(0), "x.size(0)")
+    num_ranks = is_token_in_rank.size(1)
+    check_tensor(num_tokens_per_rank, "num_tokens_per_rank", 1, (torch.int32,))
+    check_size(num_tokens_per_rank, "num_tokens_per_rank", 0, num_ranks, "num_ranks")
+    _value(
+        (topk_idx is None) == (topk_weights is None),
+        "topk_idx and topk_weights must be given together",
+    )
+    if topk_idx is not None:
+        check_tensor(topk_idx, "topk_idx", 2, (torch.int64,))
+        check_size(topk_idx, "topk_idx", 0, x.size(0), "x.size(0)")
+        check_size(topk_weights, "topk_weights", 1, topk_idx.size(1), "topk_idx.size(1)")
+        _value(num_tokens_per_expert is not None, "num_tokens_per_expert is needed with topk_idx")
+    if num_tokens_per_expert is not None:
+        check_tensor(num_tokens_per_expert, "num_tokens_per_expert", 1, (torch.int32,))
+        _value(
+            num_tokens_per_expert.size(0) % num_ranks == 0,
+            f"num_experts ({num_tokens_per_expert.size(0)}) must be a multiple of num_ranks "
+            f"({num_ranks})",
+        )
+    _value(expert_alignment >= 1, f"expert_alignment must be >= 1, got {expert_alignment}")
+    num_channels(config)
+
+
+def _dispatch_outputs(
+    x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_rows, config
+):
+    num_tokens, num_ranks = is_token_in_rank.shape
+    num_topk = 0 if topk_idx is None else topk_idx.size(1)
+    weight_dtype = torch.float32 if topk_weights is None else topk_weights.dtype
+    scale_dtype = torch.float32 if x_scales is None else x_scales.dtype
+    num_local_experts = 0 if num_tokens_per_expert is None else (
+        num_tokens_per_expert.size(0) // num_ranks
+    )
+    channels = num_channels(config)
+    i32 = dict(dtype=torch.int32)
+    return (
+        x.new_empty((num_rows, x.size(1))),
+        x.new_empty((num_rows, 0 if x_scales is None else x_scales.size(1)), dtype=scale_dtype),
+        x.new_empty((num_rows, num_topk), dtype=torch.int64),
+        x.new_empty((num_rows, num_topk), dtype=weight_dtype),
+        x.new_empty((num_local_experts,), **i32),
+        x.new_empty((num_ranks, num_ranks), **i32),
+        x.new_empty((num_ranks, channels), **i32),
+        x.new_empty((num_ranks, channels), **i32),
+        x.new_empty((num_rows,), **i32),
+        x.new_empty((num_tokens, num_ranks), **i32),
+    )
+
+
+@torch.library.register_fake("deep_ep::dispatch")
+def _dispatch(
+    x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+    num_tokens_per_expert, buffer, expert_alignment, config,
+):
+    check_dispatch(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+        num_tokens_per_expert, expert_alignment, config,
+    )
+    # Rows received from all ranks: known only after the count exchange.
+    num_rows = torch.library.get_ctx().new_dynamic_size(min=0)
+    return _dispatch_outputs(
+        x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert, num_rows,
+        config,
+    )
+
+
+@torch.library.register_fake("deep_ep::capacity_dispatch")
+def _capacity_dispatch(
+    x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+    num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config,
+):
+    check_dispatch(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+        num_tokens_per_expert, expert_alignment, config,
+    )
+    _value(num_worst_tokens >= 1, f"num_worst_tokens must be >= 1, got {num_worst_tokens}")
+    return _dispatch_outputs(
+        x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
+        num_worst_tokens, config,
+    )
+
+
+def check_handle(
+    rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+    is_token_in_rank, send_head, num_worst_tokens, config,
+) -> None:
+    check_tensor(is_token_in_rank, "handle.is_token_in_rank", 2, (torch.bool,))
+    num_tokens, num_ranks = is_token_in_rank.shape
+    channels = num_channels(config)
+    for name, t, shape in (
+        ("rank_prefix_matrix", rank_prefix_matrix, (num_ranks, num_ranks)),
+        ("channel_prefix_matrix", channel_prefix_matrix, (num_ranks, channels)),
+        ("recv_channel_prefix_matrix", recv_channel_prefix_matrix, (num_ranks, channels)),
+        ("send_head", send_head, (num_tokens, num_ranks)),
+    ):
+        check_tensor(t, f"handle.{name}", 2, (torch.int32,))
+        _value(
+            tuple(t.shape) == shape,
+            f"handle.{name} must have shape {shape} (num_ranks={num_ranks}, channels={channels} "
+            f"from config.num_sms={config[0]}), got {tuple(t.shape)}: handle and config mismatch",
+        )
+    check_tensor(recv_src_idx, "handle.recv_src_idx", 1, (torch.int32,))
+    _value(num_worst_tokens >= 0, f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
+    if num_worst_tokens > 0:
+        check_size(recv_src_idx, "handle.recv_src_idx", 0, num_worst_tokens, "num_worst_tokens")
+
+
+@torch.library.register_fake("deep_ep::cached_dispatch")
+def _cached_dispatch(
+    x, x_scales, topk_weights, rank_prefix_matrix, channel_prefix_matrix,
+    recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+    num_worst_tokens, config,
+):
+    check_handle(
+        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+        is_token_in_rank, send_head, num_worst_tokens, config,
+    )
+    check_payload(x, x_scales, topk_weights)
+    check_size(x, "x", 0, is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)")
+    num_rows = recv_src_idx.size(0)
+    return (
+        x.new_empty((num_rows, x.size(1))),
+        x.new_empty(
+            (num_rows, 0 if x_scales is None else x_scales.size(1)),
+            dtype=torch.float32 if x_scales is None else x_scales.dtype,
+        ),
+        x.new_empty(
+            (num_rows, 0 if topk_weights is None else topk_weights.size(1)),
+            dtype=torch.float32 if topk_weights is None else topk_weights.dtype,
+        ),
+    )
+
+
+def check_combine(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank) -> None:
+    check_tensor(x, "x", 2, FLOAT_DTYPES)
+    check_size(x, "x", 0, recv_src_idx.size(0), "handle.recv_src_idx.size(0)")
+    if topk_weights is not None:
+        check_tensor(topk_weights, "topk_weights", 2, WEIGHT_DTYPES)
+        check_size(topk_weights, "topk_weights", 0, x.size(0), "x.size(0)")
+    for name, bias in (("bias_0", bias_0), ("bias_1", bias_1)):
+        if bias is not None:
+            check_tensor(bias, name, 2, FLOAT_DTYPES)
+            _value(
+                tuple(bias.shape) == (is_token_in_rank.size(0), x.size(1)),
+                f"{name} must have shape (num_tokens, hidden) = "
+                f"({is_token_in_rank.size(0)}, {x.size(1)}), got {tuple(bias.shape)}",
+            )
+
+
+@torch.library.register_fake("deep_ep::combine")
+def _combine(
+    x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
+    recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+    num_worst_tokens, config,
+):
+    check_handle(
+        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
+        is_token_in_rank, send_head, num_worst_tokens, config,
+    )
+    check_combine(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank)
+    num_tokens = is_token_in_rank.size(0)
+    return (
+        x.new_empty((num_tokens, x.size(1))),
+        x.new_empty(
+            (num_tokens, 0 if topk_weights is None else topk_weights.size(1)),
+            dtype=torch.float32 if topk_weights is None else topk_weights.dtype,
+        ),
+    )
+
+
+# --- low-latency mode ---------------------------------------------------------------------
+
+
+def check_low_latency(topk_idx, num_ranks, num_max_dispatch_tokens_per_rank, num_experts) -> int:
+    """Checks shared by every low-latency op; returns the number of local experts."""
+    check_tensor(topk_idx, "topk_idx", 2, (torch.int64,))
+    _value(num_ranks >= 1, f"num_ranks must be >= 1, got {num_ranks}")
+    _value(
+        num_experts >= 1 and num_experts % num_ranks == 0,
+        f"num_experts ({num_experts}) must be a positive multiple of num_ranks ({num_ranks})",
+    )
+    _value(
+        num_max_dispatch_tokens_per_rank >= 1,
+        f"num_max_dispatch_tokens_per_rank must be >= 1, got {num_max_dispatch_tokens_per_rank}",
+    )
+    _value(
+        topk_idx.size(0) <= num_max_dispatch_tokens_per_rank,
+        f"topk_idx has {topk_idx.size(0)} tokens, more than num_max_dispatch_tokens_per_rank "
+        f"({num_max_dispatch_tokens_per_rank})",
+    )
+    return num_experts // num_ranks
+
+
+def check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts) -> None:
+    num_local = num_experts // num_ranks
+    check_tensor(src_info, "handle.src_info", 2, (torch.int32,))
+    check_tensor(layout_range, "handle.layout_range", 2, (torch.int64,))
+    _value(
+        tuple(src_info.shape) == (num_local, num_ranks * num_max),
+        f"handle.src_info must have shape {(num_local, num_ranks * num_max)}, got "
+        f"{tuple(src_info.shape)}: handle does not match num_max_dispatch_tokens_per_rank / "
+        "num_experts / num_ranks",
+    )
+    _value(
+        tuple(layout_range.shape) == (num_local, num_ranks),
+        f"handle.layout_range must have shape {(num_local, num_ranks)}, got "
+        f"{tuple(layout_range.shape)}",
+    )
+
+
+def check_low_latency_dispatch(
+    x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
+) -> None:
+    check_low_latency(topk_idx, num_ranks, num_max, num_experts)
+    check_tensor(x, "x", 2, FLOAT_DTYPES)
+    check_size(x, "x", 0, topk_idx.size(0), "topk_idx.size(0)")
+    if use_fp8:
+        check_fp8_cast(x, round_scale, use_ue8m0)
+    else:
+        _value(not use_ue8m0 and not round_scale, "round_scale/use_ue8m0 need use_fp8=True")
+
+
+def new_low_latency_scales(x, num_local, num_rows, use_fp8: bool, use_ue8m0: bool):
+    """``[L, R*M, S]`` scales whose last two dims are column-major (S = 0 for BF16)."""
+    columns = num_scales(x.size(1), use_ue8m0) if use_fp8 else 0
+    dtype = torch.int32 if use_ue8m0 else torch.float32
+    return x.new_empty((num_local, columns, num_rows), dtype=dtype).transpose(1, 2)
+
+
+def new_low_latency_dispatch_outputs(x, num_ranks, num_max, num_experts, use_fp8, use_ue8m0):
+    num_local = num_experts // num_ranks
+    num_rows = num_ranks * num_max
+    return (
+        x.new_empty((num_local, num_rows, x.size(1)), dtype=FP8_DTYPE if use_fp8 else x.dtype),
+        new_low_latency_scales(x, num_local, num_rows, use_fp8, use_ue8m0),
+        x.new_empty((num_local,), dtype=torch.int32),
+        x.new_empty((num_local, num_rows), dtype=torch.int32),
+        x.new_empty((num_local, num_ranks), dtype=torch.int64),
+    )
+
+
+def _low_latency_dispatch(
+    x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
+):
+    check_low_latency_dispatch(
+        x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
+    )
+    return new_low_latency_dispatch_outputs(x, num_ranks, num_max, num_experts, use_fp8, use_ue8m0)
+
+
+torch.library.register_fake("deep_ep::low_latency_dispatch")(_low_latency_dispatch)
+torch.library.register_fake("deep_ep::low_latency_dispatch_send")(_low_latency_dispatch)
+
+
+@torch.library.register_fake("deep_ep::low_latency_dispatch_recv")
+def _low_latency_dispatch_recv(
+    recv_x, recv_x_scales, recv_count, src_info, layout_range, stats, buffer
+):
+    if stats is not None:
+        check_tensor(stats, "cumulative_local_expert_recv_stats", 1, (torch.int32,))
+        check_size(stats, "cumulative_local_expert_recv_stats", 0, recv_count.size(0), "num_local_experts")
+
+
+def check_low_latency_combine(
+    x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts
+) -> None:
+    num_local = check_low_latency(topk_idx, num_ranks, num_max, num_experts)
+    check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
+    check_tensor(x, "x", 3, FLOAT_DTYPES)
+    _value(
+        tuple(x.shape[:2]) == (num_local, num_ranks * num_max),
+        f"x must have shape (num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, "
+        f"hidden) = ({num_local}, {num_ranks * num_max}, hidden), got {tuple(x.shape)}",
+    )
+    check_tensor(topk_weights, "topk_weights", 2, WEIGHT_DTYPES)
+    _value(
+        topk_weights.shape == topk_idx.shape,
+        f"topk_weights must have the shape of topk_idx {tuple(topk_idx.shape)}, got "
+        f"{tuple(topk_weights.shape)}",
+    )
+
+
+def _low_latency_combine(
+    x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max, num_experts,
+    zero_copy,
+):
+    check_low_latency_combine(
+        x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts
+    )
+    return x.new_empty((topk_idx.size(0), x.size(2)))
+
+
+torch.library.register_fake("deep_ep::low_latency_combine")(_low_latency_combine)
+torch.library.register_fake("deep_ep::low_latency_combine_send")(_low_latency_combine)
+
+
+@torch.library.register_fake("deep_ep::low_latency_combine_out")
+def _low_latency_combine_out(
+    x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max, num_experts,
+    zero_copy, out,
+):
+    check_low_latency_combine(
+        x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts
+    )
+    check_tensor(out, "out", 2, (x.dtype,))
+    _value(
+        tuple(out.shape) == (topk_idx.size(0), x.size(2)),
+        f"out must have shape (num_tokens, hidden) = ({topk_idx.size(0)}, {x.size(2)}), got "
+        f"{tuple(out.shape)}",
+    )
+
+
+@torch.library.register_fake("deep_ep::low_latency_combine_recv")
+def _low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer):
+    return None
+
+
+@torch.library.register_fake("deep_ep::low_latency_cached_dispatch")
+def _low_latency_cached_dispatch(
+    x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max, num_experts
+):
+    num_local = check_low_latency(topk_idx, num_ranks, num_max, num_experts)
+    check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
+    check_tensor(x, "x", 2, FLOAT_DTYPES)
+    check_size(x, "x", 0, topk_idx.size(0), "topk_idx.size(0)")
+    check_tensor(topk_weights, "topk_weights", 2, WEIGHT_DTYPES)
+    return x.new_empty((num_local, num_ranks * num_max, x.size(1)))
+
+
+@torch.library.register_fake("deep_ep::low_latency_gather")
+def _low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ranks, num_max, num_experts):
+    num_local = check_low_latency(topk_idx, num_ranks, num_max, num_experts)
+    check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
+    check_tensor(x, "x", 3, FLOAT_DTYPES)
+    check_size(x, "x", 0, num_local, "num_local_experts")
+    return x.new_empty((topk_idx.size(0), topk_idx.size(1), x.size(2)))
+
+
+@torch.library.register_fake("deep_ep::clean_low_latency_buffer")
+def _clean_low_latency_buffer(workspace, buffer, num_max, hidden, num_experts):
+    return None

@@ -1,0 +1,58 @@
+"""Build of deep_ep_ops.
+
+On a CPU-only torch this installs the pure-Python package (schemas, fakes, reference backend)
+with no compiler step. With a CUDA build of torch and ``nvcc`` (gated on ``torch.version.cuda``
+and ``CUDA_HOME``, not on a visible GPU) it also builds the ``deep_ep_ops._C`` extension from
+``csrc/``; NVSHMEM sources only when NVSHMEM is found. ``meta/`` installs as
+``deep_ep_ops.meta``.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+
+
+def _cuda_extension():
+    import torch
+    from torch.utils import cpp_extension
+
+    if os.environ.get("DEEP_EP_OPS_NO_CUDA") == "1" or not torch.version.cuda:
+        return None
+    if cpp_extension.CUDA_HOME is None:
+        return None
+    sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
+    sources = [s for s in sources if "/nvshmem/" not in s]
+    if not sources:
+        return None
+    include = [os.path.abspath("csrc"), os.path.join(cpp_extension.CUDA_HOME, "include", "cccl")]
+    return cpp_extension.CUDAExtension(
+        "deep_ep_ops._C",
+        sources,
+        include_dirs=include,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90"]},
+    )
+
+
+try:
+    _ext = _cuda_extension()
+except ImportError:  # no torch at metadata time: pure-Python install
+    _ext = None
+if _ext is not None:
+    from torch.utils.cpp_extension import BuildExtension
+
+    ext_modules, cmdclass = [_ext], {"build_ext": BuildExtension}
+
+setup(
+    name="deep_ep_ops",
+    version="0.1.0",
+    description="Expert-parallel dispatch/combine for MoE as PyTorch custom ops",
+    packages=["deep_ep_ops", "deep_ep_ops.meta"],
+    package_dir={"deep_ep_ops": "deep_ep_ops", "deep_ep_ops.meta": "meta"},
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
