@@ -1,2 +1,418 @@
-class Buffer: pass
-class EventOverlap: pass
+"""``Buffer``: a drop-in for DeepEP's V1 ``deep_ep.Buffer``, thin over the ``deep_ep`` ops.
+
+Same constructor, methods, argument names and return structures as DeepEP, so code written for
+DeepEP runs after ``import deep_ep_ops as deep_ep``. Differences, all documented in the README:
+
+- Ops run on the current stream. ``previous_event`` makes the current stream wait for it,
+  ``async_finish`` returns an ``EventOverlap`` recorded after the op, and
+  ``allocate_on_comm_stream`` has nothing to do. On CPU tensors events are ``None`` and waiting
+  is a no-op: the reference backend finishes before it returns.
+- Handles are named tuples (``DispatchHandle``, ``LowLatencyHandle``) that also index like
+  DeepEP's tuples.
+- In capacity mode (``num_worst_tokens > 0``) ``num_recv_tokens_per_expert_list`` is empty, as
+  in DeepEP; the counts are in ``handle``-independent device tensors of the op layer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _build, _registry, ops
+from .config import (
+    NUM_MAX_NVL_PEERS, Config, get_combine_config, get_dispatch_config,
+    get_low_latency_rdma_size_hint,
+)
+
+Tensors = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
+class EventOverlap:
+    """A CUDA event (or ``None`` on CPU) to wait on; usable as a context manager like DeepEP's."""
+
+    def __init__(self, event: Optional[torch.cuda.Event] = None, extra_tensors=None) -> None:
+        self.event = event
+        # Tensors kept alive until the event is waited on (DeepEP's lifetime contract).
+        self.extra_tensors = extra_tensors
+
+    def current_stream_wait(self) -> None:
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.current_stream_wait()
+
+
+def _record_event(device: torch.device) -> Optional[torch.cuda.Event]:
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _wait_previous(previous_event: Optional[EventOverlap]) -> None:
+    if previous_event is not None:
+        previous_event.current_stream_wait()
+
+
+class Buffer:
+    """Communication buffer over a process group; DeepEP V1 API (see the module docstring).
+
+    ``num_nvl_bytes`` bounds normal-mode calls (``Config.get_nvl_buffer_size_hint``);
+    ``num_rdma_bytes`` bounds low-latency calls (``get_low_latency_rdma_size_hint``) when
+    ``low_latency_mode``. Creation is collective and registers the buffer under ``self.name``,
+    the string the ops take. ``destroy()`` is collective; without it, the buffer is dropped from
+    the registry (without any communication) when garbage collected or at interpreter exit.
+    """
+
+    num_sms: int = 20
+
+    def __init__(
+        self,
+        group: dist.ProcessGroup,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        use_fabric: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm=None,
+    ) -> None:
+        if group is None or not dist.is_initialized():
+            raise ValueError("group must be an initialised torch.distributed process group")
+        for name, value in (("num_nvl_bytes", num_nvl_bytes), ("num_rdma_bytes", num_rdma_bytes)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if enable_shrink:
+            raise NotImplementedError("enable_shrink (elastic EP masks) is not supported")
+        self.group = group
+        self.rank = dist.get_rank(group)
+        self.group_size = dist.get_world_size(group)
+        self.num_nvl_bytes, self.num_rdma_bytes = num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.explicitly_destroy = explicitly_destroy
+        backend = dist.get_backend(group)
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+            else torch.device("cpu")
+        )
+        # The low-latency workspace doubles as the zero-copy combine buffer.
+        workspace = torch.zeros(
+            num_rdma_bytes if low_latency_mode else 0, dtype=torch.uint8, device=self.device
+        )
+        self._nvl_memory: Optional[torch.Tensor] = None
+        self._comm = _registry.create(
+            group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
+            low_latency_mode=low_latency_mode, device=self.device, workspace=workspace,
+        )
+        self.name = self._comm.name
+        self._destroyed = False
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Collectively release the buffer; later calls on it raise. Calling it twice is a no-op."""
+        if self._destroyed:
+            return
+        dist.barrier(group=self.group)
+        self._release()
+
+    def _release(self) -> None:
+        self._destroyed = True
+        _registry.remove(self.name)
+        self._comm.workspace = torch.empty(0, dtype=torch.uint8)
+        self._nvl_memory = None
+
+    def __del__(self) -> None:
+        if not getattr(self, "_destroyed", True):
+            self._release()  # local only: no collectives at garbage collection or exit
+
+    # --- static helpers -----------------------------------------------------------------
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        return _build.HAS_CUDA_KERNELS
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        if not isinstance(new_num_sms, int) or new_num_sms < 2 or new_num_sms % 2:
+            raise ValueError(f"new_num_sms must be an even int >= 2, got {new_num_sms!r}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An event at the current point of the current CUDA stream (``None`` event on CPU)."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return EventOverlap(_record_event(torch.device("cuda", torch.cuda.current_device())))
+        return EventOverlap()
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        return get_low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts
+        )
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        return get_dispatch_config(num_ranks, Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        return get_combine_config(num_ranks, Buffer.num_sms)
+
+    def get_comm_stream(self) -> Optional[torch.cuda.Stream]:
+        """Ops run on the current stream, so that is the communication stream (CPU: ``None``)."""
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def get_local_buffer_tensor(
+        self, dtype: torch.dtype, size: Optional[torch.Size] = None, offset: int = 0,
+        use_rdma_buffer: bool = False,
+    ) -> torch.Tensor:
+        """A typed view of this rank's NVLink (or RDMA/low-latency) buffer memory."""
+        if use_rdma_buffer:
+            memory = self._live().workspace
+            if memory.numel() != self.num_rdma_bytes:  # not a low-latency buffer: allocate now
+                memory = self._comm.workspace = torch.zeros(
+                    self.num_rdma_bytes, dtype=torch.uint8, device=self.device
+                )
+        else:
+            self._live()
+            if self._nvl_memory is None:
+                self._nvl_memory = torch.zeros(
+                    self.num_nvl_bytes, dtype=torch.uint8, device=self.device
+                )
+            memory = self._nvl_memory
+        element = torch.empty((), dtype=dtype).element_size()
+        if offset < 0 or offset % element:
+            raise ValueError(f"offset must be a non-negative multiple of {element}, got {offset}")
+        typed = memory[offset : offset + (memory.numel() - offset) // element * element].view(dtype)
+        if size is None:
+            return typed
+        count = 1
+        for dim in size:
+            count *= dim
+        if count > typed.numel():
+            raise ValueError(
+                f"size {tuple(size)} needs {count * element} bytes past offset {offset}, but the "
+                f"buffer has {memory.numel() - offset}"
+            )
+        return typed[:count].view(size)
+
+    def _live(self) -> _registry.Communicator:
+        if self._destroyed:
+            raise RuntimeError(f"Buffer {self.name!r} was destroyed")
+        return self._comm
+
+    # --- normal mode --------------------------------------------------------------------
+
+    def get_dispatch_layout(
+        self, topk_idx: torch.Tensor, num_experts: int,
+        previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """``(num_tokens_per_rank, num_tokens_per_rdma_rank | None, num_tokens_per_expert,
+        is_token_in_rank, event)`` for ``topk_idx [num_tokens, num_topk]`` int64."""
+        _wait_previous(previous_event)
+        num_rdma_ranks = max(1, self.group_size // NUM_MAX_NVL_PEERS)
+        layout = ops.get_dispatch_layout(topk_idx, num_experts, self.group_size, num_rdma_ranks)
+        per_rdma_rank = layout.num_tokens_per_rdma_rank if self._is_internode() else None
+        return (
+            layout.num_tokens_per_rank, per_rdma_rank, layout.num_tokens_per_expert,
+            layout.is_token_in_rank, self._event(async_finish),
+        )
+
+    def dispatch(
+        self,
+        x: Tensors,
+        handle: Optional[ops.DispatchHandle] = None,
+        num_tokens_per_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+        is_token_in_rank: Optional[torch.Tensor] = None,
+        num_tokens_per_expert: Optional[torch.Tensor] = None,
+        topk_idx: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Normal-mode dispatch; returns ``(recv_x, recv_topk_idx, recv_topk_weights,
+        num_recv_tokens_per_expert_list, handle, event)``.
+
+        ``x`` is ``[num_tokens, hidden]`` bfloat16 or ``(x_fp8, x_scales [num_tokens, hidden/128])``;
+        ``recv_x`` has the same form. With ``handle``, dispatches along its routes (cached).
+        """
+        self._live()
+        _wait_previous(previous_event)
+        x, x_scales = (x if isinstance(x, tuple) else (x, None))
+        config = config or self.get_dispatch_config(self.group_size)
+        if handle is not None:
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
+            recv_x, recv_x_scales, _ = ops.cached_dispatch(
+                self.name, x, handle, x_scales=x_scales, config=config
+            )
+            recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+            return recv, None, None, None, None, self._event(async_finish)
+        if num_tokens_per_rank is None or is_token_in_rank is None:
+            raise ValueError(
+                "dispatch needs num_tokens_per_rank and is_token_in_rank (from "
+                "get_dispatch_layout) unless a handle is given"
+            )
+        if topk_idx is not None and num_tokens_per_expert is None:
+            raise ValueError("num_tokens_per_expert is needed with topk_idx")
+        layout = ops.DispatchLayout(
+            num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
+        )
+        out = ops.dispatch(
+            self.name, x, layout, topk_idx, topk_weights, x_scales=x_scales,
+            expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config,
+        )
+        recv = (out.recv_x, out.recv_x_scales) if x_scales is not None else out.recv_x
+        # DeepEP returns host counts (a sync) except in capacity mode, where the list is empty.
+        per_expert = [] if num_worst_tokens else out.num_recv_tokens_per_expert.tolist()
+        has_topk = topk_idx is not None
+        return (
+            recv, out.recv_topk_idx if has_topk else None,
+            out.recv_topk_weights if has_topk else None, per_expert, out.handle,
+            self._event(async_finish),
+        )
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: ops.DispatchHandle,
+        topk_weights: Optional[torch.Tensor] = None,
+        bias=None,
+        config: Optional[Config] = None,
+        previous_event: Optional[EventOverlap] = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ):
+        """Normal-mode combine; returns ``(combined_x, combined_topk_weights | None, event)``."""
+        self._live()
+        _wait_previous(previous_event)
+        out = ops.combine(
+            self.name, x, handle, topk_weights=topk_weights, bias=bias,
+            config=config or self.get_combine_config(self.group_size),
+        )
+        weights = out.combined_topk_weights if topk_weights is not None else None
+        return out.combined_x, weights, self._event(async_finish)
+
+    # --- low-latency mode ---------------------------------------------------------------
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        self._live()
+        ops.clean_low_latency_buffer(self.name, num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+        dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ):
+        """Decode dispatch; returns ``(recv_x, recv_count, handle, event, hook)``.
+
+        ``recv_x`` is ``(fp8 [L, R*M, hidden], scales)`` with ``use_fp8`` else bfloat16
+        ``[L, R*M, hidden]``. With ``return_recv_hook`` only the send half runs now and
+        ``hook()`` completes the receive; otherwise ``hook`` is ``None``.
+        ``dispatch_wait_recv_cost_stats`` (a timing statistic) is left unchanged.
+        """
+        self._live()
+        args = (self.name, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts)
+        flags = dict(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0)
+        hook: Optional[Callable[[], None]] = None
+        if return_recv_hook:
+            out = ops.low_latency_dispatch_send(*args, **flags)
+
+            def hook() -> None:
+                ops.low_latency_dispatch_recv(self.name, out, cumulative_local_expert_recv_stats)
+        else:
+            out = ops.low_latency_dispatch(
+                *args, **flags, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats
+            )
+        recv = (out.recv_x, out.recv_x_scales) if use_fp8 else out.recv_x
+        return recv, out.recv_count, out.handle, self._event(async_finish), hook
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: ops.LowLatencyHandle,
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: Optional[torch.Tensor] = None,
+        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+    ):
+        """Weighted decode combine; returns ``(combined_x [num_tokens, hidden], event, hook)``."""
+        self._live()
+        if use_logfmt:
+            raise NotImplementedError("use_logfmt (LogFMT-compressed combine) is not supported")
+        hook: Optional[Callable[[], None]] = None
+        if return_recv_hook:
+            combined = ops.low_latency_combine_send(
+                self.name, x, topk_idx, topk_weights, handle, zero_copy=zero_copy
+            )
+
+            def hook() -> None:
+                ops.low_latency_combine_recv(self.name, combined, topk_idx, topk_weights)
+                if out is not None:
+                    out.copy_(combined)
+
+            combined = combined if out is None else out
+        else:
+            combined = ops.low_latency_combine(
+                self.name, x, topk_idx, topk_weights, handle, zero_copy=zero_copy, out=out
+            )
+        return combined, self._event(async_finish), hook
+
+    def get_next_low_latency_combine_buffer(self, handle: ops.LowLatencyHandle) -> torch.Tensor:
+        """``[L, R*M, hidden]`` bfloat16 view of the workspace to fill for ``zero_copy`` combine."""
+        src_info, _, num_max, hidden, num_experts = handle
+        num_local = num_experts // self.group_size
+        count = num_local * self.group_size * num_max * hidden
+        workspace = self._live().workspace
+        if workspace.numel() < 2 * count:
+            raise ValueError(
+                f"the low-latency buffer has {workspace.numel()} bytes but the combine buffer "
+                f"needs {2 * count}; create the Buffer with low_latency_mode=True and "
+                "num_rdma_bytes >= get_low_latency_rdma_size_hint(...)"
+            )
+        return workspace[: 2 * count].view(torch.bfloat16).view(
+            num_local, self.group_size * num_max, hidden
+        )
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _is_internode(self) -> bool:
+        return self.group_size > NUM_MAX_NVL_PEERS
+
+    def _event(self, async_finish: bool) -> EventOverlap:
+        return EventOverlap(_record_event(self.device) if async_finish else None)

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from . import _registry
 from . import meta
+from .config import Config, get_low_latency_rdma_size_hint
 
 # --- collectives with timeouts that name the op and the peer -------------------------------
 
@@ -31,6 +32,10 @@ def _wait(comm: _registry.Communicator, op: str, work) -> None:
     try:
         work.wait(timeout=comm.timeout)
     except RuntimeError as error:
+        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
+            raise RuntimeError(
+                f"deep_ep::{op} on buffer {comm.name!r} (rank {comm.rank}): {error}"
+            ) from error
         lagging = comm.lagging_peers()
         who = ", ".join(lagging) if lagging else "a peer (all peers reached this call)"
         raise TimeoutError(
@@ -40,9 +45,14 @@ def _wait(comm: _registry.Communicator, op: str, work) -> None:
         ) from error
 
 
+def _wire(t: torch.Tensor) -> torch.Tensor:
+    """Collectives move bytes for dtypes that gloo/NCCL may not know (float8, bool)."""
+    return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
+
+
 def _all_gather(comm, op: str, t: torch.Tensor) -> torch.Tensor:
     """``[*shape]`` on each rank -> ``[num_ranks, *shape]`` on every rank."""
-    t = t.contiguous()
+    t = _wire(t.contiguous())
     out = t.new_empty((comm.num_ranks * t.numel(),))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     _wait(comm, op, gather(out, t.view(-1), group=comm.group, async_op=True))
@@ -54,7 +64,8 @@ def _all_to_all(comm, op: str, send: torch.Tensor, send_splits=None, recv_splits
     rows = send.size(0) if recv_splits is None else sum(recv_splits)
     out = send.new_empty((rows, *send.shape[1:]))
     work = dist.all_to_all_single(
-        out, send.contiguous(), recv_splits, send_splits, group=comm.group, async_op=True
+        _wire(out), _wire(send.contiguous()), recv_splits, send_splits, group=comm.group,
+        async_op=True,
     )
     _wait(comm, op, work)
     return out
@@ -73,6 +84,17 @@ def _comm(buffer: str, op: str, device: torch.device) -> _registry.Communicator:
         )
     comm.enter(op)
     return comm
+
+
+def _check_nvl_bytes(comm, op: str, hidden: int, element_size: int, config) -> None:
+    """Normal-mode calls must fit the NVLink buffer the user asked for, as in DeepEP."""
+    needed = Config(*config).get_nvl_buffer_size_hint(hidden * max(element_size, 2), comm.num_ranks)
+    if needed > comm.num_nvl_bytes:
+        raise ValueError(
+            f"deep_ep::{op}: buffer {comm.name!r} has num_nvl_bytes={comm.num_nvl_bytes} but "
+            f"hidden={hidden} with this config needs {needed} "
+            "(Config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks))"
+        )
 
 
 def _check_num_ranks(comm, op: str, num_ranks: int, what: str) -> None:
@@ -252,7 +274,8 @@ def _dispatch(
     )
     comm = _comm(buffer, op, x.device)
     num_tokens, num_ranks = is_token_in_rank.shape
-    _check_num_ranks(comm, op, num_ranks, f"is_token_in_rank.size(1)")
+    _check_num_ranks(comm, op, num_ranks, "is_token_in_rank.size(1)")
+    _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
     me, channels = comm.rank, meta.num_channels(config)
     num_experts = 0 if num_tokens_per_expert is None else num_tokens_per_expert.size(0)
     num_local = num_experts // num_ranks
@@ -358,6 +381,7 @@ def cached_dispatch(x, x_scales, topk_weights, rank_prefix_matrix, channel_prefi
     meta.check_size(x, "x", 0, is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)")
     comm = _comm(buffer, op, x.device)
     _check_num_ranks(comm, op, is_token_in_rank.size(1), "handle.is_token_in_rank.size(1)")
+    _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
     counts = _counts_from_prefix(rank_prefix_matrix)
     recv_x = _send_rows(comm, op, x, is_token_in_rank, counts, num_worst_tokens)
     extras = [t for t in (x_scales, topk_weights) if t is not None]
@@ -385,6 +409,7 @@ def combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_
     meta.check_combine(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank)
     comm = _comm(buffer, op, x.device)
     _check_num_ranks(comm, op, is_token_in_rank.size(1), "handle.is_token_in_rank.size(1)")
+    _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
     counts = _counts_from_prefix(rank_prefix_matrix)
     acc_dtype = _accumulation_dtype(x.dtype)
     back, slot = _return_rows(comm, op, x, is_token_in_rank, counts, num_worst_tokens)
@@ -464,9 +489,20 @@ def per_token_cast_back(x_fp8, x_scales):
 # data they hold, so any row order inside an expert (consistent with src_info/layout_range) works.
 
 
-def _ll_comm(op, buffer, device, num_ranks):
+def _ll_comm(op, buffer, device, num_ranks, num_max, hidden, num_experts):
     comm = _comm(buffer, op, device)
     _check_num_ranks(comm, op, num_ranks, "num_ranks")
+    if not comm.low_latency_mode:
+        raise ValueError(
+            f"deep_ep::{op}: buffer {comm.name!r} was not created with low_latency_mode=True"
+        )
+    needed = get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
+    if needed > comm.num_rdma_bytes:
+        raise ValueError(
+            f"deep_ep::{op}: buffer {comm.name!r} has num_rdma_bytes={comm.num_rdma_bytes} but "
+            f"num_max_dispatch_tokens_per_rank={num_max}, hidden={hidden}, "
+            f"num_experts={num_experts} need {needed} (get_low_latency_rdma_size_hint)"
+        )
     return comm
 
 
@@ -522,7 +558,7 @@ def _low_latency_dispatch(op, x, topk_idx, buffer, num_ranks, num_max, num_exper
     meta.check_low_latency_dispatch(
         x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
     )
-    comm = _ll_comm(op, buffer, x.device, num_ranks)
+    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(1), num_experts)
     _check_topk_range(op, topk_idx, num_experts)
     me, num_local, num_tokens = comm.rank, num_experts // num_ranks, x.size(0)
     payload = [*per_token_cast_to_fp8(x, round_scale, use_ue8m0)] if use_fp8 else [x]
@@ -601,7 +637,7 @@ def _ll_back_to_sources(op, comm, x, src_info, layout_range, num_max, num_topk):
 def _ll_gather(op, x, topk_idx, src_info, layout_range, buffer, num_ranks, num_max,
                num_experts):
     """``[T, K, H]``: for each ``(t, k)`` the row of expert ``topk_idx[t, k]`` (0 where -1)."""
-    comm = _ll_comm(op, buffer, x.device, num_ranks)
+    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(2), num_experts)
     _check_topk_range(op, topk_idx, num_experts)
     back, width = _ll_back_to_sources(
         op, comm, x, src_info, layout_range, num_max, topk_idx.size(1)
@@ -679,7 +715,7 @@ def low_latency_cached_dispatch(x, topk_idx, topk_weights, src_info, layout_rang
     num_max = num_max_dispatch_tokens_per_rank
     num_local = meta.check_low_latency(topk_idx, num_ranks, num_max, num_experts)
     meta.check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
-    comm = _ll_comm(op, buffer, x.device, num_ranks)
+    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(1), num_experts)
     _check_topk_range(op, topk_idx, num_experts)
     width = _ll_width(topk_idx.size(1), num_local)
     index, valid, _ = _ll_positions_at_source(topk_idx, num_local, num_max, width)

@@ -9,6 +9,7 @@ A function is called as ``fn(rank, world_size, *args)`` on every rank and must b
 from __future__ import annotations
 
 import datetime
+import io
 import os
 import socket
 import traceback
@@ -22,6 +23,21 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _to_bytes(value) -> bytes:
+    """Results travel as ``torch.save`` bytes: no shared-memory file descriptors to run out of."""
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
 
 
 def _worker(rank, world_size, port, conn, env):
@@ -42,7 +58,7 @@ def _worker(rank, world_size, port, conn, env):
             break
         fn, args = job
         try:
-            conn.send(("ok", fn(rank, world_size, *args)))
+            conn.send(("ok", _to_bytes(fn(rank, world_size, *args))))
         except BaseException as error:  # report every failure to the parent
             conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
     dist.destroy_process_group()
@@ -85,7 +101,7 @@ class RankPool:
             if not expect_errors:
                 raise RankFailure("\n".join(f"rank {r}: {text}" for r, text in errors))
             return results
-        return [value for _, value in results]
+        return [_from_bytes(value) for _, value in results]
 
     def close(self, kill: bool = False) -> None:
         for conn, proc in zip(self.conns, self.procs):
