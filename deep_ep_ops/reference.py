@@ -701,7 +701,7 @@ def low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer):
 def low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_range, buffer,
                             num_ranks, num_max_dispatch_tokens_per_rank, num_experts, zero_copy,
                             out):
-    meta.check_tensor(out, "out", 2, (x.dtype,))
+    meta.check_low_latency_out(out, x, topk_idx)
     out.copy_(_low_latency_combine(
         "low_latency_combine_out", x, topk_idx, topk_weights, src_info, layout_range, buffer,
         num_ranks, num_max_dispatch_tokens_per_rank, num_experts,

@@ -458,6 +458,15 @@ torch.library.register_fake("deep_ep::low_latency_combine")(_low_latency_combine
 torch.library.register_fake("deep_ep::low_latency_combine_send")(_low_latency_combine)
 
 
+def check_low_latency_out(out, x, topk_idx) -> None:
+    check_tensor(out, "out", 2, (x.dtype,))
+    _value(
+        tuple(out.shape) == (topk_idx.size(0), x.size(2)),
+        f"out must have shape (num_tokens, hidden) = ({topk_idx.size(0)}, {x.size(2)}), got "
+        f"{tuple(out.shape)}",
+    )
+
+
 @torch.library.register_fake("deep_ep::low_latency_combine_out")
 def _low_latency_combine_out(
     x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max, num_experts,
@@ -466,12 +475,7 @@ def _low_latency_combine_out(
     check_low_latency_combine(
         x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts
     )
-    check_tensor(out, "out", 2, (x.dtype,))
-    _value(
-        tuple(out.shape) == (topk_idx.size(0), x.size(2)),
-        f"out must have shape (num_tokens, hidden) = ({topk_idx.size(0)}, {x.size(2)}), got "
-        f"{tuple(out.shape)}",
-    )
+    check_low_latency_out(out, x, topk_idx)
 
 
 @torch.library.register_fake("deep_ep::low_latency_combine_recv")

@@ -1,0 +1,805 @@
+"""Benchmark of the ``deep_ep`` ops: ``python -m deep_ep_ops.bench``.
+
+Follows DESIGN.md §11 (DeepEP's methodology). The command spawns one process per rank (gloo on
+CPU, NCCL with one GPU per rank on CUDA), builds a ``deep_ep_ops.Buffer``, routes random tokens
+(top-k of random scores) and times, per tokens-per-rank value:
+
+- normal mode: ``get_dispatch_layout``, dispatch BF16, dispatch FP8 (``x`` and scales from
+  ``per_token_cast_to_fp8``), combine BF16;
+- low-latency mode: dispatch FP8, combine BF16, and the send/recv split (send, then receive)
+  of both.
+
+Times are medians over ``--num-iters`` iterations after ``--num-warmup`` warm-up calls.
+Bandwidth counts the payload a rank receives, its own share included: ``2·hidden`` bytes per
+BF16 row and ``hidden + 4·hidden/128`` per FP8 row; normal dispatch and combine count the rank's
+received rows, low-latency ops the received ``(token, expert)`` rows (``sum(recv_count)``).
+
+On CUDA every op is also timed on the reference backend (``deep_ep_ops.reference`` called
+directly on the same CUDA tensors over NCCL) for a side-by-side ratio; on CPU both are the same
+code and the ratio column shows ``-``.
+
+The last thing written to stdout is the result table; ``--out DIR`` also writes it as
+``DIR/results.json`` and ``DIR/table.txt``, and ``--plot FILE.png`` draws bandwidth against
+tokens per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from . import _build, ops, reference
+from .buffer import Buffer
+from .config import get_combine_config, get_dispatch_config
+
+NORMAL, LOW_LATENCY = "normal", "low-latency"
+MODES = (NORMAL, LOW_LATENCY)
+FP8_GROUP = 128  # channels per FP8 scale
+
+# Transport settings for the GPU machines: NVLink multicast (NVLS) stays off. Set with
+# ``setdefault`` before the ranks spawn, so a value the user exported wins.
+GPU_ENV_DEFAULTS = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+
+
+# --- settings -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a run needs, resolved and validated (no ``None`` left)."""
+
+    num_ranks: int
+    modes: tuple[str, ...]
+    tokens: dict[str, tuple[int, ...]]  # tokens per rank to sweep, by mode
+    hidden: int
+    num_topk: int
+    num_experts: int
+    num_iters: int
+    num_warmup: int
+    backend: str  # "gloo" (CPU tensors) or "nccl" (one GPU per rank)
+    seed: int
+    plot: Optional[str]
+    out: Optional[str]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.backend == "nccl"
+
+
+# DESIGN.md §11 shapes on GPUs; on CPU, small enough for a laptop (well under a minute).
+GPU_DEFAULTS = dict(
+    hidden=7168, num_topk=8, num_experts=256, num_iters=100, num_warmup=20,
+    tokens={NORMAL: (4096,), LOW_LATENCY: (128,)},
+)
+CPU_DEFAULTS = dict(
+    num_ranks=2, hidden=1024, num_topk=4, num_experts=32, num_iters=20, num_warmup=2,
+    tokens={NORMAL: (64, 128, 256), LOW_LATENCY: (32,)},
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m deep_ep_ops.bench",
+        description=(
+            "Time deep_ep dispatch/combine (normal and low-latency modes) on N spawned ranks. "
+            "Defaults: DeepSeek-V3 shapes on GPUs (hidden 7168, top-8 of 256 experts, 4096 "
+            "tokens/rank normal, 128 low-latency, one rank per GPU); small shapes on CPU "
+            "(2 ranks, hidden 1024, top-4 of 32 experts, 64/128/256 tokens/rank normal, 32 "
+            "low-latency)."
+        ),
+    )
+    parser.add_argument("--num-ranks", type=int, help="ranks to spawn (GPU: one per GPU; "
+                        "default: all GPUs, or 2 on CPU)")
+    parser.add_argument("--mode", choices=(*MODES, "all"), default="all",
+                        help="which ops to time (default: all)")
+    parser.add_argument("--tokens", type=int, nargs="+", metavar="T",
+                        help="tokens per rank to sweep, for every selected mode "
+                             "(low-latency uses num_max_dispatch_tokens_per_rank = T)")
+    parser.add_argument("--hidden", type=int, help="hidden size (a multiple of 128: FP8 ops)")
+    parser.add_argument("--num-topk", type=int, help="experts per token")
+    parser.add_argument("--num-experts", type=int, help="experts in all (divisible by ranks)")
+    parser.add_argument("--num-iters", type=int, help="timed iterations per op")
+    parser.add_argument("--num-warmup", type=int, help="untimed warm-up calls per op")
+    parser.add_argument("--seed", type=int, default=0, help="routing/data seed (plus the rank)")
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                        help="gloo: CPU tensors; nccl: CUDA tensors, one GPU per rank; "
+                             "auto: nccl when CUDA is available")
+    parser.add_argument("--plot", metavar="FILE.png", help="plot GB/s against tokens per rank")
+    parser.add_argument("--out", metavar="DIR", help="write results.json and table.txt here")
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
+    """Parse the command line, fill in device-dependent defaults and validate (argparse errors)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    backend = args.backend
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        parser.error("--backend nccl needs CUDA GPUs, but torch.cuda.is_available() is False")
+    defaults = GPU_DEFAULTS if backend == "nccl" else CPU_DEFAULTS
+
+    def pick(name):
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    num_ranks = args.num_ranks
+    if num_ranks is None:
+        num_ranks = torch.cuda.device_count() if backend == "nccl" else defaults["num_ranks"]
+    modes = MODES if args.mode == "all" else (args.mode,)
+    if args.tokens is None:
+        tokens = {mode: defaults["tokens"][mode] for mode in modes}
+    else:
+        tokens = {mode: tuple(args.tokens) for mode in modes}
+    settings = Settings(
+        num_ranks=num_ranks, modes=modes, tokens=tokens, hidden=pick("hidden"),
+        num_topk=pick("num_topk"), num_experts=pick("num_experts"), num_iters=pick("num_iters"),
+        num_warmup=pick("num_warmup"), backend=backend, seed=args.seed, plot=args.plot,
+        out=args.out,
+    )
+    problem = _check_settings(settings)
+    if problem:
+        parser.error(problem)
+    return settings
+
+
+def _check_settings(s: Settings) -> Optional[str]:
+    """The first problem with ``s`` as an argparse-style message, or ``None``."""
+    if s.num_ranks < 1:
+        return f"--num-ranks must be >= 1, got {s.num_ranks}"
+    if s.on_gpu and s.num_ranks > torch.cuda.device_count():
+        return (f"--num-ranks {s.num_ranks} needs one GPU per rank, but only "
+                f"{torch.cuda.device_count()} are visible")
+    if s.hidden < 1 or s.hidden % FP8_GROUP:
+        return (f"--hidden must be a positive multiple of {FP8_GROUP} (the FP8 ops scale every "
+                f"{FP8_GROUP} channels), got {s.hidden}")
+    if s.num_experts < 1 or s.num_experts % s.num_ranks:
+        return (f"--num-experts ({s.num_experts}) must be a positive multiple of --num-ranks "
+                f"({s.num_ranks}): every rank holds num_experts / num_ranks experts")
+    if not 1 <= s.num_topk <= s.num_experts:
+        return f"--num-topk must be in [1, num_experts={s.num_experts}], got {s.num_topk}"
+    bad_tokens = [t for ts in s.tokens.values() for t in ts if t < 1]
+    if bad_tokens:
+        return f"--tokens must be positive, got {bad_tokens[0]}"
+    if s.num_iters < 1:
+        return f"--num-iters must be >= 1, got {s.num_iters}"
+    if s.num_warmup < 0:
+        return f"--num-warmup must be >= 0, got {s.num_warmup}"
+    if s.out is not None and os.path.exists(s.out) and not os.path.isdir(s.out):
+        return f"--out {s.out!r} exists and is not a directory"
+    if s.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            return "--plot needs matplotlib, which is not installed (pip install matplotlib)"
+    return None
+
+
+# --- byte conventions (DESIGN.md §11) ---------------------------------------------------------
+
+
+def bf16_row_bytes(hidden: int) -> int:
+    return 2 * hidden
+
+
+def fp8_row_bytes(hidden: int) -> int:
+    """FP8 payload plus one float32 scale per 128 channels."""
+    return hidden + 4 * hidden // FP8_GROUP
+
+
+# --- backends: the same calls through the op library or straight into the reference ---------
+
+
+class OpsBackend:
+    """Calls the ``deep_ep_ops.ops`` wrappers, i.e. whatever kernel the dispatcher picks."""
+
+    def __init__(self, buffer: str, num_ranks: int, num_experts: int, label: str):
+        self.buffer, self.num_ranks, self.num_experts, self.label = (
+            buffer, num_ranks, num_experts, label
+        )
+
+    def get_dispatch_layout(self, topk_idx):
+        return ops.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks)
+
+    def dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
+        return ops.dispatch(self.buffer, x, layout, topk_idx, topk_weights, x_scales=x_scales)
+
+    def combine(self, x, handle):
+        return ops.combine(self.buffer, x, handle)
+
+    def low_latency_dispatch(self, x, topk_idx, num_max, use_fp8):
+        return ops.low_latency_dispatch(
+            self.buffer, x, topk_idx, num_max, self.num_experts, use_fp8=use_fp8
+        )
+
+    def low_latency_dispatch_send(self, x, topk_idx, num_max, use_fp8):
+        return ops.low_latency_dispatch_send(
+            self.buffer, x, topk_idx, num_max, self.num_experts, use_fp8=use_fp8
+        )
+
+    def low_latency_dispatch_recv(self, pending):
+        return ops.low_latency_dispatch_recv(self.buffer, pending)
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle):
+        return ops.low_latency_combine(self.buffer, x, topk_idx, topk_weights, handle)
+
+    def low_latency_combine_send(self, x, topk_idx, topk_weights, handle):
+        return ops.low_latency_combine_send(self.buffer, x, topk_idx, topk_weights, handle)
+
+    def low_latency_combine_recv(self, combined_x, topk_idx, topk_weights):
+        return ops.low_latency_combine_recv(self.buffer, combined_x, topk_idx, topk_weights)
+
+
+class ReferenceBackend(OpsBackend):
+    """Calls ``deep_ep_ops.reference`` directly: the plain torch + collectives baseline.
+
+    Used on CUDA to time the reference over NCCL beside our kernels in the same process (the
+    dispatcher would pick the CUDA kernels). Results are wrapped in the same named tuples as
+    the op wrappers return, so every benchmark case runs unchanged on either backend.
+    """
+
+    def get_dispatch_layout(self, topk_idx):
+        return ops.DispatchLayout(
+            *reference.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks, 1)
+        )
+
+    def dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
+        out = reference.dispatch(
+            x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank,
+            layout.is_token_in_rank, layout.num_tokens_per_expert, self.buffer, 1,
+            get_dispatch_config(self.num_ranks).to_list(),
+        )
+        handle = ops.DispatchHandle(
+            out[5], out[6], out[7], out[8], layout.is_token_in_rank, out[9], 0
+        )
+        return ops.DispatchOutput(*out[:5], handle)
+
+    def combine(self, x, handle):
+        return ops.CombineOutput(*reference.combine(
+            x, None, None, None, *handle[:6], self.buffer, handle.num_worst_tokens,
+            get_combine_config(self.num_ranks).to_list(),
+        ))
+
+    def _low_latency_output(self, out, x, num_max, use_fp8):
+        recv_x, recv_x_scales, recv_count, src_info, layout_range = out
+        handle = ops.LowLatencyHandle(src_info, layout_range, num_max, x.size(1), self.num_experts)
+        return ops.LowLatencyDispatchOutput(
+            recv_x, recv_x_scales if use_fp8 else None, recv_count, handle
+        )
+
+    def low_latency_dispatch(self, x, topk_idx, num_max, use_fp8):
+        out = reference.low_latency_dispatch(
+            x, topk_idx, self.buffer, self.num_ranks, num_max, self.num_experts, use_fp8,
+            False, False,
+        )
+        return self._low_latency_output(out, x, num_max, use_fp8)
+
+    def low_latency_dispatch_send(self, x, topk_idx, num_max, use_fp8):
+        out = reference.low_latency_dispatch_send(
+            x, topk_idx, self.buffer, self.num_ranks, num_max, self.num_experts, use_fp8,
+            False, False,
+        )
+        return self._low_latency_output(out, x, num_max, use_fp8)
+
+    def low_latency_dispatch_recv(self, pending):
+        scales = pending.recv_x_scales
+        if scales is None:
+            scales = pending.recv_x.new_empty((*pending.recv_x.shape[:2], 0), dtype=torch.float32)
+        reference.low_latency_dispatch_recv(
+            pending.recv_x, scales, pending.recv_count, pending.handle.src_info,
+            pending.handle.layout_range, None, self.buffer,
+        )
+        return pending
+
+    def _combine_args(self, x, topk_idx, topk_weights, handle):
+        return (
+            x, topk_idx, topk_weights, handle.src_info, handle.layout_range, self.buffer,
+            self.num_ranks, handle.num_max_dispatch_tokens_per_rank, handle.num_experts, False,
+        )
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle):
+        return reference.low_latency_combine(*self._combine_args(x, topk_idx, topk_weights, handle))
+
+    def low_latency_combine_send(self, x, topk_idx, topk_weights, handle):
+        return reference.low_latency_combine_send(
+            *self._combine_args(x, topk_idx, topk_weights, handle)
+        )
+
+    def low_latency_combine_recv(self, combined_x, topk_idx, topk_weights):
+        reference.low_latency_combine_recv(combined_x, topk_idx, topk_weights, self.buffer)
+        return combined_x
+
+
+def backend_label(on_gpu: bool) -> str:
+    """What ``deep_ep_ops.ops`` runs on this device."""
+    if not on_gpu:
+        return "reference/gloo"
+    return "cuda" if _build.HAS_CUDA_KERNELS else "reference/nccl"
+
+
+# --- benchmark cases --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Inputs:
+    """One rank's routed tokens for one tokens-per-rank value."""
+
+    x: torch.Tensor  # [T, H] bfloat16
+    x_fp8: torch.Tensor  # [T, H] float8_e4m3fn
+    x_scales: torch.Tensor  # [T, H/128] float32
+    topk_idx: torch.Tensor  # [T, K] int64
+    topk_weights: torch.Tensor  # [T, K] float32
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.size(0)
+
+
+# A phase takes the previous phase's result (``None`` for the first); a split op has two.
+Phase = tuple[str, Callable[[Any], Any]]
+
+
+@dataclasses.dataclass
+class Prepared:
+    phases: list[Phase]
+    num_rows: Optional[int]  # received rows on this rank (None: no payload, e.g. the layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One row of the result table: an op, timed on one backend at one size."""
+
+    mode: str
+    op: str
+    row_bytes: Optional[Callable[[int], int]]  # payload bytes per received row, given hidden
+    prepare: Callable[[OpsBackend, Inputs], Prepared]
+
+
+def _prepare_layout(backend, inputs):
+    return Prepared([("layout", lambda _: backend.get_dispatch_layout(inputs.topk_idx))], None)
+
+
+def _prepare_dispatch(use_fp8: bool):
+    def prepare(backend, inputs):
+        layout = backend.get_dispatch_layout(inputs.topk_idx)
+        x, x_scales = (inputs.x_fp8, inputs.x_scales) if use_fp8 else (inputs.x, None)
+
+        def run(_):
+            return backend.dispatch(x, layout, inputs.topk_idx, inputs.topk_weights, x_scales)
+
+        return Prepared([("dispatch", run)], run(None).recv_x.size(0))
+
+    return prepare
+
+
+def _prepare_combine(backend, inputs):
+    layout = backend.get_dispatch_layout(inputs.topk_idx)
+    dispatched = backend.dispatch(inputs.x, layout, inputs.topk_idx, inputs.topk_weights)
+    recv_x, handle = dispatched.recv_x, dispatched.handle
+    return Prepared([("combine", lambda _: backend.combine(recv_x, handle))], recv_x.size(0))
+
+
+def _low_latency_rows(dispatched) -> int:
+    return int(dispatched.recv_count.sum())  # setup only, not on the timed path
+
+
+def _prepare_low_latency_dispatch(split: bool):
+    def prepare(backend, inputs):
+        x, topk_idx, num_max = inputs.x, inputs.topk_idx, inputs.num_tokens
+        if split:
+            phases = [
+                ("send", lambda _: backend.low_latency_dispatch_send(x, topk_idx, num_max, True)),
+                ("recv", backend.low_latency_dispatch_recv),
+            ]
+        else:
+            phases = [("dispatch", lambda _: backend.low_latency_dispatch(x, topk_idx, num_max, True))]
+        rows = _low_latency_rows(backend.low_latency_dispatch(x, topk_idx, num_max, True))
+        return Prepared(phases, rows)
+
+    return prepare
+
+
+def _prepare_low_latency_combine(split: bool):
+    def prepare(backend, inputs):
+        topk_idx, topk_weights = inputs.topk_idx, inputs.topk_weights
+        # The expert outputs: a BF16 dispatch of the same tokens gives valid rows and handle.
+        dispatched = backend.low_latency_dispatch(inputs.x, topk_idx, inputs.num_tokens, False)
+        x, handle = dispatched.recv_x, dispatched.handle
+        if split:
+            phases = [
+                ("send", lambda _: backend.low_latency_combine_send(x, topk_idx, topk_weights, handle)),
+                ("recv", lambda combined: backend.low_latency_combine_recv(
+                    combined, topk_idx, topk_weights)),
+            ]
+        else:
+            phases = [
+                ("combine", lambda _: backend.low_latency_combine(x, topk_idx, topk_weights, handle))
+            ]
+        return Prepared(phases, _low_latency_rows(dispatched))
+
+    return prepare
+
+
+CASES = (
+    Case(NORMAL, "layout", None, _prepare_layout),
+    Case(NORMAL, "dispatch bf16", bf16_row_bytes, _prepare_dispatch(use_fp8=False)),
+    Case(NORMAL, "dispatch fp8", fp8_row_bytes, _prepare_dispatch(use_fp8=True)),
+    Case(NORMAL, "combine bf16", bf16_row_bytes, _prepare_combine),
+    Case(LOW_LATENCY, "dispatch fp8", fp8_row_bytes, _prepare_low_latency_dispatch(split=False)),
+    Case(LOW_LATENCY, "combine bf16", bf16_row_bytes, _prepare_low_latency_combine(split=False)),
+    Case(LOW_LATENCY, "dispatch fp8 send+recv", fp8_row_bytes,
+         _prepare_low_latency_dispatch(split=True)),
+    Case(LOW_LATENCY, "combine bf16 send+recv", bf16_row_bytes,
+         _prepare_low_latency_combine(split=True)),
+)
+
+
+def make_inputs(num_tokens: int, s: Settings, rank: int, device: torch.device) -> Inputs:
+    """Random tokens routed to the top-k of random scores; the same on CPU and GPU."""
+    gen = torch.Generator().manual_seed(s.seed * 1_000_003 + rank * 7919 + num_tokens)
+    x = torch.randn((num_tokens, s.hidden), generator=gen).to(device, torch.bfloat16)
+    scores = torch.randn((num_tokens, s.num_experts), generator=gen)
+    topk_idx = scores.topk(s.num_topk, dim=-1).indices.to(device)
+    topk_weights = torch.rand((num_tokens, s.num_topk), generator=gen).to(device)
+    x_fp8, x_scales = ops.per_token_cast_to_fp8(x)
+    return Inputs(x, x_fp8, x_scales, topk_idx, topk_weights)
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def _run_phases(phases: list[Phase]) -> None:
+    value = None
+    for _, fn in phases:
+        value = fn(value)
+
+
+def time_phases(
+    phases: list[Phase], num_warmup: int, num_iters: int, device: torch.device, group
+) -> list[list[float]]:
+    """Seconds each phase took on this rank, per timed iteration (``[iters][phases]``)."""
+    for _ in range(num_warmup):
+        _run_phases(phases)
+    if device.type == "cuda":
+        return _time_cuda(phases, num_iters, group)
+    return _time_host(phases, num_iters, group)
+
+
+def _time_host(phases, num_iters, group):
+    # The ops finish before they return on CPU; a barrier before every iteration starts all
+    # ranks together, so no rank's time includes a peer still busy with the last iteration.
+    samples = []
+    for _ in range(num_iters):
+        dist.barrier(group=group)
+        stamps = [time.perf_counter()]
+        value = None
+        for _, fn in phases:
+            value = fn(value)
+            stamps.append(time.perf_counter())
+        samples.append([b - a for a, b in zip(stamps, stamps[1:])])
+    return samples
+
+
+def _time_cuda(phases, num_iters, group):
+    # CUDA events around every iteration, back to back as DeepEP's bench does: after the first
+    # collective the ranks run in lockstep, and a per-iteration host barrier would only time
+    # launch latency. One barrier lines the ranks up before the loop.
+    torch.cuda.synchronize()
+    dist.barrier(group=group)
+    torch.cuda.synchronize()
+    events = [
+        [torch.cuda.Event(enable_timing=True) for _ in range(len(phases) + 1)]
+        for _ in range(num_iters)
+    ]
+    for marks in events:
+        marks[0].record()
+        value = None
+        for mark, (_, fn) in zip(marks[1:], phases):
+            value = fn(value)
+            mark.record()
+    torch.cuda.synchronize()
+    return [[a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])] for marks in events]
+
+
+@dataclasses.dataclass
+class RankSample:
+    """What one rank measured for one case."""
+
+    samples: list[list[float]]  # seconds, [iters][phases]
+    num_rows: Optional[int]
+
+
+def summarize(
+    case: Case, phase_names: list[str], per_rank: list[RankSample], tokens: int, s: Settings,
+    label: str,
+) -> dict:
+    """One result row from every rank's samples.
+
+    The reported time is the max over ranks of each rank's median (a collective is as slow as
+    its slowest rank); min is the min over ranks of their min, max the max of their max.
+    Bandwidth is the mean over ranks of the received payload bytes divided by that time.
+    """
+    totals = [[sum(it) for it in r.samples] for r in per_rank]
+    medians = [statistics.median(t) for t in totals]
+    median = max(medians)
+    row = {
+        "op": case.op, "mode": case.mode, "tokens_per_rank": tokens, "hidden": s.hidden,
+        "num_topk": s.num_topk, "num_experts": s.num_experts, "num_ranks": s.num_ranks,
+        "backend": label, "median_us": median * 1e6,
+        "min_us": min(min(t) for t in totals) * 1e6, "max_us": max(max(t) for t in totals) * 1e6,
+        "median_us_per_rank": [m * 1e6 for m in medians],
+        "gbps": None, "bytes_per_rank": None, "rows_per_rank": None, "phases_median_us": None,
+    }
+    if case.row_bytes is not None:
+        rows = [r.num_rows for r in per_rank]
+        num_bytes = [n * case.row_bytes(s.hidden) for n in rows]
+        row.update(
+            rows_per_rank=rows, bytes_per_rank=num_bytes,
+            gbps=statistics.fmean(num_bytes) / median / 1e9,
+        )
+    if len(phase_names) > 1:
+        row["phases_median_us"] = {
+            name: max(statistics.median(it[p] for it in r.samples) for r in per_rank) * 1e6
+            for p, name in enumerate(phase_names)
+        }
+    return row
+
+
+# --- one rank ---------------------------------------------------------------------------------
+
+
+def _progress(rank: int, message: str) -> None:
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+
+
+def _create_buffer(group, s: Settings):
+    """A ``deep_ep_ops.Buffer`` sized for the largest call of this run."""
+    num_ranks = s.num_ranks
+    hidden_bytes = bf16_row_bytes(s.hidden)  # BF16 is the widest payload
+    configs = (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks))
+    num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
+    num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
+    if LOW_LATENCY in s.modes:
+        num_rdma_bytes = max(num_rdma_bytes, Buffer.get_low_latency_rdma_size_hint(
+            max(s.tokens[LOW_LATENCY]), s.hidden, num_ranks, s.num_experts
+        ))
+    return Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
+                  low_latency_mode=True)
+
+
+def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> list[dict]:
+    """Time every selected case on this rank; every rank returns the same result rows."""
+    label = backend_label(s.on_gpu)
+    backends = [OpsBackend(buffer.name, s.num_ranks, s.num_experts, label)]
+    if s.on_gpu:
+        # The side-by-side baseline (DESIGN.md §11): the reference over NCCL in this process.
+        backends.append(ReferenceBackend(buffer.name, s.num_ranks, s.num_experts, "reference/nccl"))
+    work = [(mode, t) for mode in s.modes for t in s.tokens[mode]]
+    total = sum(len([c for c in CASES if c.mode == mode]) for mode, _ in work) * len(backends)
+    step, results = 0, []
+    for mode, tokens in work:
+        inputs = make_inputs(tokens, s, rank, device)
+        if mode == LOW_LATENCY:
+            # DeepEP needs this when one buffer serves normal and low-latency calls.
+            ops.clean_low_latency_buffer(buffer.name, tokens, s.hidden, s.num_experts)
+        for case in (c for c in CASES if c.mode == mode):
+            timed = []
+            for backend in backends:
+                step += 1
+                _progress(rank, f"[{step}/{total}] {mode} {case.op} tokens={tokens} "
+                                f"({backend.label}) ...")
+                prepared = case.prepare(backend, inputs)
+                samples = time_phases(prepared.phases, s.num_warmup, s.num_iters, device, group)
+                gathered = [None] * s.num_ranks
+                dist.all_gather_object(gathered, RankSample(samples, prepared.num_rows), group=group)
+                names = [name for name, _ in prepared.phases]
+                timed.append(summarize(case, names, gathered, tokens, s, backend.label))
+            results.append(_with_reference(*timed))
+    return results
+
+
+def _with_reference(ours: dict, ref: Optional[dict] = None) -> dict:
+    """Attach the reference timing and ``ratio_vs_reference`` (ours/reference bandwidth).
+
+    The ratio is reference time / our time, which equals the bandwidth ratio (both move the
+    same rows) and also covers ops without a bandwidth, like the layout.
+    """
+    ours = dict(ours, reference_median_us=None, reference_gbps=None, ratio_vs_reference=None)
+    if ref is not None:
+        ours.update(
+            reference_median_us=ref["median_us"], reference_gbps=ref["gbps"],
+            ratio_vs_reference=ref["median_us"] / ours["median_us"],
+        )
+    return ours
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _rank_main(rank: int, s: Settings, port: int, result_path: str) -> None:
+    """Entry point of a spawned rank: set up, time, and (rank 0) write the results."""
+    if s.on_gpu:
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=s.num_ranks, device_id=device)
+    else:
+        device = torch.device("cpu")
+        # The ranks share the host's cores: intra-op threads beyond a fair share only contend.
+        torch.set_num_threads(max(1, _available_cpus() // s.num_ranks))
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=s.num_ranks)
+    group = dist.group.WORLD
+    buffer = _create_buffer(group, s)
+    try:
+        results = run_cases(rank, s, group, device, buffer)
+    finally:
+        buffer.destroy()
+    if rank == 0:
+        report = {
+            "settings": dataclasses.asdict(s),
+            "device": torch.cuda.get_device_name(device) if s.on_gpu else "cpu",
+            "torch": torch.__version__,
+            "build_info": _build.build_info(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "results": results,
+        }
+        with open(result_path, "w") as f:
+            json.dump(report, f, indent=1)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(s: Settings) -> dict:
+    """Spawn ``s.num_ranks`` rank processes, wait for them, and return rank 0's report."""
+    if s.on_gpu:
+        for key, value in GPU_ENV_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+    with tempfile.TemporaryDirectory(prefix="deep_ep_ops_bench_") as tmp:
+        result_path = os.path.join(tmp, "results.json")
+        mp.spawn(_rank_main, args=(s, _free_port(), result_path), nprocs=s.num_ranks, join=True)
+        with open(result_path) as f:
+            return json.load(f)
+
+
+# --- output -----------------------------------------------------------------------------------
+
+TABLE_COLUMNS = ("op", "mode", "tokens/rank", "hidden", "median us", "GB/s", "backend", "vs ref")
+
+
+def _number(value: Optional[float], digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_table(report: dict) -> str:
+    """The result table: aligned columns separated by at least two spaces, ``-`` when n/a."""
+    s = report["settings"]
+    rows = [
+        (
+            r["op"], r["mode"], str(r["tokens_per_rank"]), str(r["hidden"]),
+            _number(r["median_us"], 1), _number(r["gbps"], 2), r["backend"],
+            "-" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x",
+        )
+        for r in report["results"]
+    ]
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(TABLE_COLUMNS)]
+    right = {2, 3, 4, 5, 7}  # numbers
+
+    def line(cells):
+        return "  ".join(
+            cell.rjust(w) if i in right else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(cells, widths))
+        ).rstrip()
+
+    title = (
+        f"deep_ep_ops bench: {s['num_ranks']} ranks ({report['device']}), top-{s['num_topk']} "
+        f"of {s['num_experts']} experts, {s['num_iters']} iterations after {s['num_warmup']} "
+        "warm-up"
+    )
+    legend = (
+        "median us: max over ranks of each rank's median; GB/s: received payload per rank, own "
+        "share included; vs ref: reference time / ours"
+    )
+    rule = "-" * len(line(TABLE_COLUMNS))
+    return "\n".join([title, legend, line(TABLE_COLUMNS), rule, *(line(r) for r in rows)])
+
+
+def write_outputs(report: dict, table: str, out_dir: str) -> list[str]:
+    """``results.json`` and ``table.txt`` in ``out_dir`` (created if needed)."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path = os.path.join(out_dir, "results.json")
+    table_path = os.path.join(out_dir, "table.txt")
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    with open(table_path, "w") as f:
+        f.write(table + "\n")
+    return [json_path, table_path]
+
+
+def plot_bandwidth(report: dict, path: str) -> None:
+    """GB/s against tokens per rank, one line per op (the reference dashed, where timed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[tuple[str, str], list[dict]] = {}
+    for row in report["results"]:
+        if row["gbps"] is not None:
+            series.setdefault((row["mode"], row["op"]), []).append(row)
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for (mode, op), rows in series.items():
+        rows = sorted(rows, key=lambda r: r["tokens_per_rank"])
+        tokens = [r["tokens_per_rank"] for r in rows]
+        (line,) = ax.plot(tokens, [r["gbps"] for r in rows], marker="o",
+                          label=f"{mode} {op} ({rows[0]['backend']})")
+        if rows[0]["reference_gbps"] is not None:
+            ax.plot(tokens, [r["reference_gbps"] for r in rows], marker="x", linestyle="--",
+                    color=line.get_color(), label=f"{mode} {op} (reference)")
+    s = report["settings"]
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("GB/s (received payload per rank)")
+    ax.set_title(
+        f"deep_ep_ops: {s['num_ranks']} ranks, {report['device']}, hidden {s['hidden']}, "
+        f"top-{s['num_topk']} of {s['num_experts']} experts", fontsize=10,
+    )
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    settings = parse_args(argv)
+    started = time.perf_counter()
+    try:
+        report = launch(settings)
+    except mp.ProcessException as error:
+        print(f"deep_ep_ops.bench: a rank failed:\n{error}", file=sys.stderr)
+        return 1
+    table = format_table(report)
+    if settings.out:
+        for path in write_outputs(report, table, settings.out):
+            print(f"wrote {path}", file=sys.stderr)
+    if settings.plot:
+        plot_bandwidth(report, settings.plot)
+        print(f"wrote {settings.plot}", file=sys.stderr)
+    print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    print(table, flush=True)  # the table is the last thing on stdout
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

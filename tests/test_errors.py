@@ -1,0 +1,112 @@
+"""Bad input raises a clear exception naming the argument; a missing peer times out, no hang."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import deep_ep_ops as deep_ep
+from deep_ep_ops import ops
+from distributed import RankPool, run_on_ranks
+
+E, T, H, K, M = 8, 6, 256, 2, 8
+
+
+def _expect(fn, error, *fragments):
+    """Run ``fn``; return '' if it raised ``error`` whose message has every fragment."""
+    try:
+        fn()
+    except error as raised:
+        missing = [f for f in fragments if f not in str(raised)]
+        return f"message {str(raised)!r} lacks {missing}" if missing else ""
+    except Exception as raised:  # the wrong kind of error is a failure too
+        return f"expected {error.__name__}, got {type(raised).__name__}: {raised}"
+    return f"expected {error.__name__} with {fragments}, nothing raised"
+
+
+def _bad_inputs(rank, world_size):
+    buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 1 << 26, low_latency_mode=True)
+    small = deep_ep.Buffer(dist.group.WORLD, 1024, 1024, low_latency_mode=True)
+    normal_only = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 1 << 26)
+    name = buffer.name
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    topk = torch.randint(0, E, (T, K))
+    weights = torch.rand(T, K)
+    layout = ops.get_dispatch_layout(topk, E, world_size)
+    out = ops.dispatch(name, x, layout, topk, weights)
+    ll = ops.low_latency_dispatch(name, x, topk, M, E, use_fp8=False)
+    bad_topk = topk.clone()
+    bad_topk[0, 0] = E
+    cases = {
+        "x dtype": (lambda: ops.dispatch(name, x.bool(), layout, topk, weights), TypeError, "x must have dtype"),
+        "combine x dtype": (lambda: ops.combine(name, out.recv_x.int(), out.handle), TypeError, "x must have dtype", "torch.int32"),
+        "x dims": (lambda: ops.dispatch(name, x[0], layout, topk, weights), ValueError, "x must have 2 dims"),
+        "topk_idx dtype": (lambda: ops.get_dispatch_layout(topk.int(), E, world_size), TypeError, "topk_idx"),
+        "topk_idx rows": (lambda: ops.dispatch(name, x, layout, topk[:2], weights), ValueError, "topk_idx.size(0)"),
+        "weights without idx": (lambda: ops.dispatch(name, x, layout, None, weights), ValueError, "topk_idx and topk_weights"),
+        "topk_idx out of range": (lambda: ops.get_dispatch_layout(bad_topk, E, world_size), ValueError, "topk_idx", f"[0, {E})"),
+        "dispatch topk out of range": (lambda: ops.dispatch(name, x, layout, bad_topk, weights), ValueError, "topk_idx"),
+        "E % R": (lambda: ops.get_dispatch_layout(topk, E + 1, 2), ValueError, "num_experts", "multiple of num_ranks"),
+        "fp8 without scales": (lambda: ops.dispatch(name, x.to(torch.float8_e4m3fn), layout, topk, weights), ValueError, "x_scales"),
+        "fp8 hidden": (lambda: ops.per_token_cast_to_fp8(x[:, :200]), ValueError, "hidden (200)", "multiple of 128"),
+        "ue8m0 without round": (lambda: ops.per_token_cast_to_fp8(x, False, True), ValueError, "use_ue8m0", "round_scale"),
+        "expert_alignment": (lambda: ops.dispatch(name, x, layout, topk, weights, expert_alignment=0), ValueError, "expert_alignment"),
+        "capacity overflow": (lambda: ops.dispatch(name, x, layout, topk, weights, num_worst_tokens=1), ValueError, "num_worst_tokens=1"),
+        "nvl buffer too small": (lambda: ops.dispatch(small.name, x, layout, topk, weights), ValueError, "num_nvl_bytes=1024", "needs"),
+        "handle/config mismatch": (lambda: ops.combine(name, out.recv_x, out.handle, config=deep_ep.Config(8)), ValueError, "handle and config mismatch"),
+        "combine rows": (lambda: ops.combine(name, out.recv_x[:0], out.handle), ValueError, "x.size(0)"),
+        "combine handle type": (lambda: ops.combine(name, out.recv_x, tuple(out.handle)), TypeError, "DispatchHandle"),
+        "T > M": (lambda: ops.low_latency_dispatch(name, x, topk, T - 1, E), ValueError, f"{T} tokens", "num_max_dispatch_tokens_per_rank"),
+        "ll E % R": (lambda: ops.low_latency_dispatch(name, x, topk, M, 0), ValueError, "num_experts (0)"),
+        "ll fp8 hidden": (lambda: ops.low_latency_dispatch(name, x[:, :200], topk, M, E), ValueError, "multiple of 128"),
+        "ll topk out of range": (lambda: ops.low_latency_dispatch(name, x, bad_topk, M, E), ValueError, "topk_idx"),
+        "ll rdma too small": (lambda: ops.low_latency_dispatch(small.name, x, topk, M, E), ValueError, "num_rdma_bytes=1024", "need"),
+        "ll not low-latency": (lambda: ops.low_latency_dispatch(normal_only.name, x, topk, M, E), ValueError, "low_latency_mode=True"),
+        "ll mismatched handle": (lambda: ops.low_latency_combine(name, ll.recv_x, topk, weights, ll.handle._replace(num_max_dispatch_tokens_per_rank=M + 1)), ValueError, "handle.src_info"),
+        "ll weights shape": (lambda: ops.low_latency_combine(name, ll.recv_x, topk, weights[:, :1], ll.handle), ValueError, "topk_weights"),
+        "ll out shape": (lambda: ops.low_latency_combine(name, ll.recv_x, topk, weights, ll.handle, out=torch.empty(1, H, dtype=torch.bfloat16)), ValueError, "out must have shape"),
+        "unknown buffer": (lambda: ops.dispatch("nope", x, layout, topk, weights), ValueError, "'nope'", "not a live"),
+        "bad Config": (lambda: deep_ep.Config(3), ValueError, "num_sms"),
+        "set_num_sms": (lambda: deep_ep.Buffer.set_num_sms(5), ValueError, "new_num_sms"),
+    }
+    failures = {}
+    for label, (fn, error, *fragments) in cases.items():
+        problem = _expect(fn, error, *fragments)
+        if problem:
+            failures[label] = problem
+    small.destroy()
+    normal_only.destroy()
+    buffer.destroy()
+    failures["destroyed"] = _expect(lambda: buffer.dispatch(x, num_tokens_per_rank=layout.num_tokens_per_rank, is_token_in_rank=layout.is_token_in_rank), RuntimeError, "destroyed")
+    buffer.destroy()  # a second destroy is a no-op
+    return {k: v for k, v in failures.items() if v}, len(cases)
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2])
+def test_bad_inputs_raise_clear_errors(num_ranks):
+    for failures, num_cases in run_on_ranks(num_ranks, _bad_inputs):
+        assert num_cases >= 25
+        assert failures == {}
+
+
+def _missing_peer(rank, world_size):
+    buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 0)
+    if rank == 1:
+        return "skipped"  # this rank never calls dispatch
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    topk = torch.randint(0, E, (T, K))
+    layout = ops.get_dispatch_layout(topk, E, world_size)
+    try:
+        ops.dispatch(buffer.name, x, layout, topk, torch.rand(T, K))
+    except TimeoutError as error:
+        return str(error)
+    return "no timeout"
+
+
+def test_missing_peer_times_out_naming_op_and_peer():
+    pool = RankPool(2, {"DEEP_EP_OPS_TIMEOUT_S": "2"})
+    try:
+        message, skipped = pool.run(_missing_peer, timeout=60)
+    finally:
+        pool.close(kill=True)
+    assert skipped == "skipped"
+    assert "deep_ep::dispatch" in message and "rank 1" in message and "2 s" in message, message
