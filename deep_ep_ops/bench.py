@@ -761,13 +761,16 @@ def plot_bandwidth(report: dict, path: str) -> None:
     for (mode, op), rows in series.items():
         rows = sorted(rows, key=lambda r: r["tokens_per_rank"])
         tokens = [r["tokens_per_rank"] for r in rows]
-        (line,) = ax.plot(tokens, [r["gbps"] for r in rows], marker="o",
+        (line,) = ax.plot(tokens, [r["gbps"] for r in rows], marker="o" if mode == NORMAL else "s",
                           label=f"{mode} {op} ({rows[0]['backend']})")
         if rows[0]["reference_gbps"] is not None:
             ax.plot(tokens, [r["reference_gbps"] for r in rows], marker="x", linestyle="--",
                     color=line.get_color(), label=f"{mode} {op} (reference)")
     s = report["settings"]
     ax.set_xscale("log", base=2)
+    all_tokens = sorted({r["tokens_per_rank"] for rows in series.values() for r in rows})
+    ax.set_xticks(all_tokens, [str(t) for t in all_tokens])
+    ax.minorticks_off()
     ax.set_xlabel("tokens per rank")
     ax.set_ylabel("GB/s (received payload per rank)")
     ax.set_title(
