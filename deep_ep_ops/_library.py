@@ -113,23 +113,16 @@ SCHEMAS = {
     ),
 }
 
-# Ops that talk to other ranks. Those with static output shapes are registered as ordered
-# effects so that the compiler neither drops them when an output is unused nor reorders them
-# against each other. ``dispatch`` is left out: Inductor (torch 2.13) cannot lower an effectful
-# op with unbacked output sizes; its outputs are always consumed by the expert computation.
-# Ops with declared mutations are kept alive and ordered by those mutations.
-COMMUNICATION_OPS = (
-    "dispatch", "capacity_dispatch", "cached_dispatch", "combine",
-    "low_latency_dispatch", "low_latency_dispatch_send", "low_latency_dispatch_recv",
-    "low_latency_combine", "low_latency_combine_out", "low_latency_combine_send",
-    "low_latency_combine_recv", "low_latency_cached_dispatch", "low_latency_gather",
-    "clean_low_latency_buffer",
+# Ops that talk to other ranks are registered as ordered effects, so that the compiler neither
+# drops them when an output is unused nor reorders them against each other (every rank must
+# issue the same collectives in the same order). ``dispatch`` is the exception: Inductor (torch
+# 2.13) cannot lower an effectful op with unbacked output sizes; its outputs are always consumed
+# by the expert computation, which keeps it alive and ordered by data dependencies.
+COMMUNICATION_OPS = tuple(
+    name for name in SCHEMAS
+    if name not in ("get_dispatch_layout", "per_token_cast_to_fp8", "per_token_cast_back")
 )
-EFFECTFUL_OPS = (
-    "capacity_dispatch", "cached_dispatch", "combine", "low_latency_dispatch",
-    "low_latency_dispatch_send", "low_latency_combine", "low_latency_combine_send",
-    "low_latency_cached_dispatch", "low_latency_gather",
-)
+EFFECTFUL_OPS = tuple(name for name in COMMUNICATION_OPS if name != "dispatch")
 
 
 def _register_effect(name: str) -> None:

@@ -697,8 +697,8 @@ def launch(s: Settings) -> dict:
 TABLE_COLUMNS = ("op", "mode", "tokens/rank", "hidden", "median us", "GB/s", "backend", "vs ref")
 
 
-def _number(value: Optional[float], digits: int) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+def _number(value: Optional[float], spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def format_table(report: dict) -> str:
@@ -707,7 +707,7 @@ def format_table(report: dict) -> str:
     rows = [
         (
             r["op"], r["mode"], str(r["tokens_per_rank"]), str(r["hidden"]),
-            _number(r["median_us"], 1), _number(r["gbps"], 2), r["backend"],
+            _number(r["median_us"], ".1f"), _number(r["gbps"], ".4g"), r["backend"],
             "-" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x",
         )
         for r in report["results"]
@@ -722,7 +722,8 @@ def format_table(report: dict) -> str:
         ).rstrip()
 
     title = (
-        f"deep_ep_ops bench: {s['num_ranks']} ranks ({report['device']}), top-{s['num_topk']} "
+        f"deep_ep_ops bench: {s['num_ranks']} rank{'s' * (s['num_ranks'] != 1)} "
+        f"({report['device']}), hidden {s['hidden']}, top-{s['num_topk']} "
         f"of {s['num_experts']} experts, {s['num_iters']} iterations after {s['num_warmup']} "
         "warm-up"
     )
@@ -789,7 +790,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         report = launch(settings)
-    except mp.ProcessException as error:
+    except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
         print(f"deep_ep_ops.bench: a rank failed:\n{error}", file=sys.stderr)
         return 1
     table = format_table(report)
