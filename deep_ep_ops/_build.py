@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import torch
 
-try:
-    from . import _C  # noqa: F401  (registers CUDA kernels for the deep_ep ops)
+EXTENSION = "deep_ep_ops._C"
 
-    EXTENSION_ERROR = None
-except ImportError as error:  # CPU-only install, or an extension built for another torch
-    _C = None
-    EXTENSION_ERROR = error
+if importlib.util.find_spec(EXTENSION) is None:
+    _C, EXTENSION_ERROR = None, "not built"
+else:
+    try:  # registers the CUDA kernels for the deep_ep ops
+        _C, EXTENSION_ERROR = importlib.import_module(EXTENSION), None
+    except ImportError as error:  # built for another torch/CUDA, or a missing library
+        _C, EXTENSION_ERROR = None, f"built but failed to load ({error})"
 
 HAS_CUDA_KERNELS = _C is not None
 
 
 def build_info() -> str:
-    """A one-paragraph report of the installed backends."""
+    """A short report of the installed backends."""
     lines = [f"deep_ep_ops: torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
     if HAS_CUDA_KERNELS:
-        lines.append("  CUDA kernels: built (deep_ep_ops._C)")
+        lines.append(f"  CUDA kernels: built ({EXTENSION})")
     else:
-        why = "no CUDA build of torch" if not torch.version.cuda else f"{EXTENSION_ERROR}"
-        lines.append(f"  CUDA kernels: not built ({why}); CUDA tensors use the NCCL reference")
+        why = "CPU-only torch" if not torch.version.cuda else EXTENSION_ERROR
+        lines.append(f"  CUDA kernels: not available ({why}); CUDA tensors use the NCCL reference")
     lines.append("  reference backend: CPU (gloo) and CUDA (NCCL)")
     return "\n".join(lines)

@@ -210,13 +210,17 @@ def fp8_row_bytes(hidden: int) -> int:
 # --- backends: the same calls through the op library or straight into the reference ---------
 
 
-class OpsBackend:
-    """Calls the ``deep_ep_ops.ops`` wrappers, i.e. whatever kernel the dispatcher picks."""
+class _Backend:
+    """The calls a benchmark case makes, bound to one communicator; ``label`` names it."""
 
     def __init__(self, buffer: str, num_ranks: int, num_experts: int, label: str):
         self.buffer, self.num_ranks, self.num_experts, self.label = (
             buffer, num_ranks, num_experts, label
         )
+
+
+class OpsBackend(_Backend):
+    """Calls the ``deep_ep_ops.ops`` wrappers, i.e. whatever kernel the dispatcher picks."""
 
     def get_dispatch_layout(self, topk_idx):
         return ops.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks)
@@ -250,7 +254,7 @@ class OpsBackend:
         return ops.low_latency_combine_recv(self.buffer, combined_x, topk_idx, topk_weights)
 
 
-class ReferenceBackend(OpsBackend):
+class ReferenceBackend(_Backend):
     """Calls ``deep_ep_ops.reference`` directly: the plain torch + collectives baseline.
 
     Used on CUDA to time the reference over NCCL beside our kernels in the same process (the
@@ -361,18 +365,20 @@ Phase = tuple[str, Callable[[Any], Any]]
 
 @dataclasses.dataclass
 class Prepared:
+    """A case ready to time on one backend: its phases and what this rank receives."""
+
     phases: list[Phase]
     num_rows: Optional[int]  # received rows on this rank (None: no payload, e.g. the layout)
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One row of the result table: an op, timed on one backend at one size."""
+    """An op of the table: how to set it up, and the payload bytes of a received row."""
 
     mode: str
     op: str
     row_bytes: Optional[Callable[[int], int]]  # payload bytes per received row, given hidden
-    prepare: Callable[[OpsBackend, Inputs], Prepared]
+    prepare: Callable[[_Backend, Inputs], Prepared]
 
 
 def _prepare_layout(backend, inputs):
@@ -412,7 +418,9 @@ def _prepare_low_latency_dispatch(split: bool):
                 ("recv", backend.low_latency_dispatch_recv),
             ]
         else:
-            phases = [("dispatch", lambda _: backend.low_latency_dispatch(x, topk_idx, num_max, True))]
+            phases = [
+                ("dispatch", lambda _: backend.low_latency_dispatch(x, topk_idx, num_max, True))
+            ]
         rows = _low_latency_rows(backend.low_latency_dispatch(x, topk_idx, num_max, True))
         return Prepared(phases, rows)
 
@@ -427,14 +435,14 @@ def _prepare_low_latency_combine(split: bool):
         x, handle = dispatched.recv_x, dispatched.handle
         if split:
             phases = [
-                ("send", lambda _: backend.low_latency_combine_send(x, topk_idx, topk_weights, handle)),
+                ("send", lambda _: backend.low_latency_combine_send(
+                    x, topk_idx, topk_weights, handle)),
                 ("recv", lambda combined: backend.low_latency_combine_recv(
                     combined, topk_idx, topk_weights)),
             ]
         else:
-            phases = [
-                ("combine", lambda _: backend.low_latency_combine(x, topk_idx, topk_weights, handle))
-            ]
+            phases = [("combine", lambda _: backend.low_latency_combine(
+                x, topk_idx, topk_weights, handle))]
         return Prepared(phases, _low_latency_rows(dispatched))
 
     return prepare
@@ -594,7 +602,9 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
     backends = [OpsBackend(buffer.name, s.num_ranks, s.num_experts, label)]
     if s.on_gpu:
         # The side-by-side baseline (DESIGN.md §11): the reference over NCCL in this process.
-        backends.append(ReferenceBackend(buffer.name, s.num_ranks, s.num_experts, "reference/nccl"))
+        backends.append(
+            ReferenceBackend(buffer.name, s.num_ranks, s.num_experts, "reference/nccl")
+        )
     work = [(mode, t) for mode in s.modes for t in s.tokens[mode]]
     total = sum(len([c for c in CASES if c.mode == mode]) for mode, _ in work) * len(backends)
     step, results = 0, []
@@ -609,14 +619,19 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
                 step += 1
                 _progress(rank, f"[{step}/{total}] {mode} {case.op} tokens={tokens} "
                                 f"({backend.label}) ...")
-                prepared = case.prepare(backend, inputs)
-                samples = time_phases(prepared.phases, s.num_warmup, s.num_iters, device, group)
-                gathered = [None] * s.num_ranks
-                dist.all_gather_object(gathered, RankSample(samples, prepared.num_rows), group=group)
-                names = [name for name, _ in prepared.phases]
-                timed.append(summarize(case, names, gathered, tokens, s, backend.label))
+                timed.append(time_case(case, backend, inputs, s, device, group))
             results.append(_with_reference(*timed))
     return results
+
+
+def time_case(case: Case, backend: _Backend, inputs: Inputs, s: Settings, device, group) -> dict:
+    """Set up and time ``case`` on every rank; every rank returns the same result row."""
+    prepared = case.prepare(backend, inputs)
+    samples = time_phases(prepared.phases, s.num_warmup, s.num_iters, device, group)
+    gathered = [None] * s.num_ranks
+    dist.all_gather_object(gathered, RankSample(samples, prepared.num_rows), group=group)
+    names = [name for name, _ in prepared.phases]
+    return summarize(case, names, gathered, inputs.num_tokens, s, backend.label)
 
 
 def _with_reference(ours: dict, ref: Optional[dict] = None) -> dict:
@@ -766,7 +781,7 @@ def plot_bandwidth(report: dict, path: str) -> None:
                           label=f"{mode} {op} ({rows[0]['backend']})")
         if rows[0]["reference_gbps"] is not None:
             ax.plot(tokens, [r["reference_gbps"] for r in rows], marker="x", linestyle="--",
-                    color=line.get_color(), label=f"{mode} {op} (reference)")
+                    color=line.get_color(), label=f"{mode} {op} (reference baseline)")
     s = report["settings"]
     ax.set_xscale("log", base=2)
     all_tokens = sorted({r["tokens_per_rank"] for rows in series.values() for r in rows})

@@ -1,0 +1,147 @@
+"""A low-latency MoE decode loop under ``torch.compile(fullgraph=True)``, checked against eager.
+
+    python examples/decode_compiled.py                 # 2 gloo ranks on CPU (Inductor)
+    python examples/decode_compiled.py --num-ranks 4 --steps 8 --no-fp8
+
+Each decode step runs, for a batch of new tokens on every rank:
+router -> ``low_latency_dispatch`` (FP8 with per-128-channel scales by default) -> the rank's
+local experts on their static ``[R*M, H]`` slabs -> ``low_latency_combine`` (weighted). Every
+shape is static and no op syncs with the host, so the whole step is one graph: compiling with
+``fullgraph=True`` fails loudly on any graph break. On CPU the backend is Inductor; with CUDA
+(NCCL, one GPU per rank) it uses ``mode="reduce-overhead"``, i.e. Inductor plus CUDA graphs.
+
+Each step's compiled output is compared with the eager module's on the same tokens. They are
+not bit-identical: Inductor fuses the dequantisation and the SiLU and rounds intermediate
+values differently, so the tolerance is a few units of the model dtype's rounding. The step is
+compiled once (the script fails if any later step recompiles).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+
+# NVLink multicast off (NCCL NVLS, symmetric-memory multicast, NVSHMEM NVLS): not every machine
+# supports it, and nothing here needs it.
+for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Norm-wise relative tolerance, max|compiled - eager| <= TOL * max|eager|: a few ulps of dtype.
+TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--num-ranks", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=8, help="tokens per rank and step (= M)")
+    parser.add_argument("--hidden", type=int, default=256, help="a multiple of 128 for FP8")
+    parser.add_argument("--ffn-hidden", type=int, default=128)
+    parser.add_argument("--experts-per-rank", type=int, default=4)
+    parser.add_argument("--top-k", type=int, default=4)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="bfloat16")
+    parser.add_argument("--no-fp8", dest="use_fp8", action="store_false",
+                        help="dispatch in the model dtype instead of FP8")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    scale = expected.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+    return float((actual.float() - expected.float()).abs().max() / scale)
+
+
+def run(rank: int, num_ranks: int, args, port: int) -> None:
+    from deep_ep_ops import Buffer
+    from deep_ep_ops.nn import ExampleMoE, MoEDispatcher, buffer_size_hints
+
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= num_ranks
+    if use_cuda:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        world_size=num_ranks, **({"device_id": device} if use_cuda else {}),
+    )
+    torch.set_num_threads(1)
+    torch._inductor.config.compile_threads = 1  # the ranks share the machine's cores
+    dtype = DTYPES[args.dtype]
+    num_experts = args.experts_per_rank * num_ranks
+    M = args.tokens
+    _, num_rdma_bytes = buffer_size_hints(
+        args.hidden, num_ranks, num_experts, num_max_dispatch_tokens_per_rank=M
+    )
+    buffer = Buffer(dist.group.WORLD, 0, num_rdma_bytes, low_latency_mode=True)
+    dispatcher = MoEDispatcher(
+        buffer, num_experts, "low_latency", num_max_dispatch_tokens_per_rank=M,
+        use_fp8=args.use_fp8,
+    )
+    moe = ExampleMoE(
+        dispatcher, args.hidden, args.ffn_hidden, args.top_k, rank=rank, seed=args.seed,
+        dtype=dtype, device=device,
+    ).eval()
+    compiled = torch.compile(
+        moe, fullgraph=True, mode="reduce-overhead" if use_cuda else None
+    )
+    if rank == 0:
+        print(f"{num_ranks} ranks, {'NCCL on CUDA, reduce-overhead' if use_cuda else 'gloo on CPU'}"
+              f", {dtype}, {'FP8' if args.use_fp8 else 'no-FP8'} dispatch, E={num_experts}, "
+              f"top-{args.top_k}, T=M={M}, H={args.hidden}", flush=True)
+
+    tolerance = TOLERANCE[dtype]
+    ok = True
+    with torch.no_grad():
+        for step in range(args.steps):
+            g = torch.Generator().manual_seed(args.seed * 7919 + step * num_ranks + rank)
+            x = torch.randn(M, args.hidden, generator=g).to(dtype=dtype, device=device)
+            start = time.perf_counter()
+            # With CUDA graphs the output lives in the graph's memory pool: copy it out.
+            out = compiled(x).clone()
+            seconds = time.perf_counter() - start
+            if step == 0:
+                # Every later step must reuse this graph.
+                torch.compiler.set_stance("fail_on_recompile")
+            expected = moe(x)
+            error = relative_error(out, expected)
+            step_ok = bool(torch.isfinite(out).all()) and error <= tolerance
+            ok &= step_ok
+            if rank == 0:
+                what = "compile + run" if step == 0 else "run"
+                print(f"step {step}: {what} {seconds * 1e3:.1f} ms, "
+                      f"max|compiled - eager|/max|eager| = {error:.1e}"
+                      + ("" if step_ok else f"  MISMATCH (tolerance {tolerance:g})"), flush=True)
+    torch.compiler.set_stance("default")
+
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    buffer.destroy()
+    dist.destroy_process_group()
+    if not flag.item():
+        sys.exit(1)
+    if rank == 0:
+        print(f"OK: {args.steps} compiled decode steps match eager on every rank")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(run, args=(args.num_ranks, args, port), nprocs=args.num_ranks, join=True)
+    except mp.ProcessExitedException as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
