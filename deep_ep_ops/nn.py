@@ -8,8 +8,9 @@ Three modes of :class:`MoEDispatcher`:
 - ``"normal"``: high-throughput dispatch; the number of received rows ``N`` is data dependent
   (one host sync per dispatch; under ``torch.compile`` it needs
   ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``).
-- ``"capacity"``: DeepEP's ``num_worst_tokens``: ``N`` is static (default ``R * T``, enough to be
-  dropless: a token goes at most once to each rank), no host sync, compile-static.
+- ``"capacity"``: DeepEP's ``num_worst_tokens``: ``N`` is static (default ``R * T``, dropless
+  when every rank has ``T`` tokens: a token goes at most once to each rank), no host sync,
+  compile-static.
 - ``"low_latency"``: decode path, ``recv_x [L, R*M, hidden]`` static, weighting done by the
   combine.
 
@@ -103,7 +104,8 @@ class MoEDispatcher(nn.Module):
 
     ``buffer`` is a :class:`deep_ep_ops.Buffer` (or its ``name``). ``mode`` is one of
     ``"normal"``, ``"capacity"``, ``"low_latency"`` (see the module docstring).
-    ``num_worst_tokens`` (capacity) defaults to ``R * T``;
+    ``num_worst_tokens`` (capacity) defaults to ``R * T``, dropless when no rank has more
+    tokens than this one (pass the bound explicitly when ranks differ);
     ``num_max_dispatch_tokens_per_rank`` (``M``) is required for low latency, and the same on
     every rank. ``use_fp8`` (low latency only) dispatches float8 with per-128-channel scales
     (not differentiable: train with ``use_fp8=False``). The module has no parameters; all its
@@ -125,6 +127,12 @@ class MoEDispatcher(nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "low_latency" and not num_max_dispatch_tokens_per_rank:
+            raise ValueError("mode='low_latency' needs num_max_dispatch_tokens_per_rank")
+        if use_fp8 and mode != "low_latency":
+            raise ValueError("use_fp8 is only supported in mode='low_latency'")
+        if num_worst_tokens is not None and mode != "capacity":
+            raise ValueError("num_worst_tokens is only used in mode='capacity'")
         self.buffer_name = buffer if isinstance(buffer, str) else buffer.name
         self.num_ranks = _registry.get(self.buffer_name).num_ranks
         if num_experts < 1 or num_experts % self.num_ranks:
@@ -132,12 +140,6 @@ class MoEDispatcher(nn.Module):
                 f"num_experts ({num_experts}) must be a positive multiple of the number of "
                 f"ranks ({self.num_ranks})"
             )
-        if mode == "low_latency" and not num_max_dispatch_tokens_per_rank:
-            raise ValueError("mode='low_latency' needs num_max_dispatch_tokens_per_rank")
-        if use_fp8 and mode != "low_latency":
-            raise ValueError("use_fp8 is only supported in mode='low_latency'")
-        if num_worst_tokens is not None and mode != "capacity":
-            raise ValueError("num_worst_tokens is only used in mode='capacity'")
         self.num_experts = num_experts
         self.num_local_experts = num_experts // self.num_ranks
         self.mode = mode
@@ -170,7 +172,8 @@ class MoEDispatcher(nn.Module):
         layout = ops.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks)
         num_worst_tokens = 0
         if self.mode == "capacity":
-            # Each token reaches a rank at most once, so R * T rows never drop a token.
+            # A token reaches a rank at most once: with at most T tokens on every rank, R * T
+            # rows never drop one.
             num_worst_tokens = self.num_worst_tokens or self.num_ranks * x.size(0)
         out = ops.dispatch(
             self.buffer_name, x, layout, topk_idx, topk_weights,
@@ -314,7 +317,8 @@ class ExampleMoE(nn.Module):
             self.to(device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [T, H]`` -> ``[T, H]``: ``Σ_k topk_weights[t, k] * expert_{topk_idx[t, k]}(x[t])``."""
+        """``x [T, H]`` -> ``[T, H]``: ``out[t] = Σ_k w[t, k] * expert_{e[t, k]}(x[t])`` with
+        ``(e, w)`` the router's top-k experts and weights."""
         topk_idx, topk_weights = route(self.router(x), self.top_k, _weight_dtype(x.dtype))
         recv = self.dispatcher(x, topk_idx, topk_weights)
         if self.dispatcher.mode == "low_latency":

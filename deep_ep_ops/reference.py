@@ -261,7 +261,7 @@ def _channel_prefix(is_token_in_rank, channels):
     channel = torch.arange(num_tokens, device=is_token_in_rank.device) // max(per_channel, 1)
     counts = is_token_in_rank.new_zeros((channels, num_ranks), dtype=torch.int64)
     counts.index_add_(0, channel, is_token_in_rank.to(torch.int64))
-    return counts.cumsum(0).t()
+    return counts.cumsum(0).t().contiguous()
 
 
 def _dispatch(
@@ -525,7 +525,8 @@ def _ll_positions_at_owner(valid, src_rank, src_token, num_ranks, num_max, width
     present = valid.new_zeros((num_ranks * num_max + 1, num_local))
     local = torch.arange(num_local, device=valid.device).view(-1, 1).expand_as(valid)
     token = torch.where(valid, src_rank * num_max + src_token, num_ranks * num_max)
-    present[token.reshape(-1), local.reshape(-1)] = True
+    # A device-side True: assigning a Python scalar would copy from the host (not capturable).
+    present.index_put_((token.reshape(-1), local.reshape(-1)), valid.new_ones(()))
     position = present.to(torch.int64).cumsum(1) - 1  # [R*M + 1, L]
     slot = position[token, local]  # [L, rows]
     return torch.where(valid & (slot < width), token * width + slot, num_ranks * num_max * width)
