@@ -33,7 +33,10 @@ def _setup_dispatch(ctx, inputs, output):
     ctx.num_worst_tokens = inputs[9] if len(inputs) == 11 else 0
     ctx.has_weights = inputs[3] is not None
     ctx.x_dtype = inputs[0].dtype
-    recv_x, _, recv_topk_idx, recv_topk_weights = output[:4]
+    recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = output[:4]
+    ctx.mark_non_differentiable(recv_x_scales, *output[4:])
+    if ctx.x_dtype not in _FLOATS:  # an FP8 payload carries no gradient
+        ctx.mark_non_differentiable(recv_x)
     ctx.save_for_backward(recv_x, recv_topk_idx, recv_topk_weights, *output[5:9], inputs[5], output[9])
 
 

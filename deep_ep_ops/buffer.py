@@ -106,8 +106,9 @@ class Buffer:
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
             else torch.device("cpu")
         )
-        # The low-latency workspace doubles as the zero-copy combine buffer.
-        workspace = torch.zeros(
+        # The low-latency workspace doubles as the zero-copy combine buffer. Its contents mean
+        # nothing until written (clean_low_latency_buffer zeroes it), so skip the fill.
+        workspace = torch.empty(
             num_rdma_bytes if low_latency_mode else 0, dtype=torch.uint8, device=self.device
         )
         self._nvl_memory: Optional[torch.Tensor] = None

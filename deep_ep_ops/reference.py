@@ -135,7 +135,9 @@ def _pack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
 def _unpack(packed: torch.Tensor, specs: list) -> list[torch.Tensor]:
     out, start = [], 0
     for dtype, shape, width in specs:
-        part = packed[:, start : start + width].contiguous()
+        # clone() always allocates: a strided slice of one row would keep its byte offset,
+        # which cannot be viewed as a wider dtype.
+        part = packed[:, start : start + width].clone(memory_format=torch.contiguous_format)
         out.append(part.view(dtype).view(packed.size(0), *shape))
         start += width
     return out
@@ -168,7 +170,9 @@ def _send_rows(comm, op, payload, is_token_in_rank, counts, num_worst_tokens):
         return _all_to_all(
             comm, op, send, host_counts[me], [host_counts[i][me] for i in range(num_ranks)]
         )
-    # Capacity mode: fixed blocks of num_worst_tokens rows per peer, no host sync.
+    # Capacity mode: fixed blocks of num_worst_tokens rows per peer, no host sync. Rows move
+    # as bytes: index_copy_ has no float8 kernels.
+    dtype, payload = payload.dtype, _wire(payload)
     block = num_worst_tokens
     _data_check(
         counts[:, me].sum() <= block,
@@ -190,7 +194,7 @@ def _send_rows(comm, op, payload, is_token_in_rank, counts, num_worst_tokens):
     )
     out = payload.new_zeros((block + 1, *payload.shape[1:]))
     out.index_copy_(0, dest.reshape(-1), recv)
-    return out[:block]
+    return out[:block].view(dtype)
 
 
 def _return_rows(comm, op, x, is_token_in_rank, counts, num_worst_tokens):
@@ -244,8 +248,10 @@ def get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks):
     experts = torch.arange(num_experts, device=topk_idx.device)
     # A token counts once per expert and once per rank, however often it lists them.
     in_expert = (topk_idx.unsqueeze(-1) == experts).any(1)  # [T, E]
-    is_token_in_rank = in_expert.view(num_tokens, num_ranks, -1).any(-1)
-    in_rdma_rank = is_token_in_rank.view(num_tokens, num_rdma_ranks, -1).any(-1)
+    is_token_in_rank = in_expert.view(num_tokens, num_ranks, num_experts // num_ranks).any(-1)
+    in_rdma_rank = is_token_in_rank.view(
+        num_tokens, num_rdma_ranks, num_ranks // num_rdma_ranks
+    ).any(-1)
     return (
         is_token_in_rank.sum(0, dtype=torch.int32),
         in_rdma_rank.sum(0, dtype=torch.int32),
@@ -458,7 +464,9 @@ def per_token_cast_to_fp8(x, round_scale, use_ue8m0):
     x_fp8 = values.view(num_tokens, hidden).to(meta.FP8_DTYPE)
     if not use_ue8m0:
         return x_fp8, scale_inv
-    exponent_bytes = ((scale_inv.view(torch.int32) >> 23) & 0xFF).view(num_tokens, -1, 4)
+    exponent_bytes = ((scale_inv.view(torch.int32) >> 23) & 0xFF).view(
+        num_tokens, hidden // (meta.FP8_GROUP * meta.UE8M0_PACK), meta.UE8M0_PACK
+    )
     shifts = torch.arange(0, 32, 8, dtype=torch.int32, device=x.device)
     packed = (exponent_bytes.to(torch.int64) << shifts.to(torch.int64)).sum(-1)
     return x_fp8, packed.to(torch.int32)  # low 32 bits: the little-endian packing
@@ -476,7 +484,7 @@ def unpack_scales(x_scales: torch.Tensor) -> torch.Tensor:
 def per_token_cast_back(x_fp8, x_scales):
     meta.check_fp8_cast_back(x_fp8, x_scales)
     num_tokens, hidden = x_fp8.shape
-    groups = x_fp8.float().view(num_tokens, -1, meta.FP8_GROUP)
+    groups = x_fp8.float().view(num_tokens, hidden // meta.FP8_GROUP, meta.FP8_GROUP)
     return (groups * unpack_scales(x_scales).unsqueeze(-1)).view(num_tokens, hidden).bfloat16()
 
 

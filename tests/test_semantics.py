@@ -9,6 +9,8 @@ Pure ops (``get_dispatch_layout`` and the FP8 casts) run in the test process.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,6 +18,7 @@ import torch.distributed as dist
 import deep_ep_ops
 import oracle
 from deep_ep_ops import ops
+from deep_ep_ops._registry import TIMEOUT_ENV
 from distributed import run_on_ranks
 
 WORLD_SIZES = (1, 2, 4)
@@ -28,13 +31,24 @@ NUM_RDMA_BYTES = 1 << 24
 FP8_MODES = {  # payload name -> (round_scale, use_ue8m0)
     "fp8": (False, False), "fp8_round": (True, False), "fp8_ue8m0": (True, True),
 }
+# Every op here takes milliseconds: a peer that failed is reported after this, not after the
+# pool's 60 s (the limit is read when a buffer is created).
+OP_TIMEOUT_S = "20"
 
 
 def _new_buffer():
-    return deep_ep_ops.Buffer(
-        dist.group.WORLD, num_nvl_bytes=NUM_NVL_BYTES, num_rdma_bytes=NUM_RDMA_BYTES,
-        low_latency_mode=True,
-    )
+    previous = os.environ.get(TIMEOUT_ENV)
+    os.environ[TIMEOUT_ENV] = OP_TIMEOUT_S
+    try:
+        return deep_ep_ops.Buffer(
+            dist.group.WORLD, num_nvl_bytes=NUM_NVL_BYTES, num_rdma_bytes=NUM_RDMA_BYTES,
+            low_latency_mode=True,
+        )
+    finally:
+        if previous is None:
+            del os.environ[TIMEOUT_ENV]
+        else:
+            os.environ[TIMEOUT_ENV] = previous
 
 
 # --- comparison helpers -------------------------------------------------------------------
@@ -98,7 +112,7 @@ def _routing(kind: str, num_tokens, num_experts, num_topk, num_ranks, g) -> torc
         return oracle.random_topk(
             num_tokens, num_experts, num_topk, g, allow_duplicates=True, p_neg=0.1
         )
-    if kind == "rank0_only":  # every expert lives on rank 0: the other ranks receive nothing
+    if kind == "rank0_only":  # only rank 0's experts are chosen: the other ranks receive nothing
         num_local = num_experts // num_ranks
         return torch.randint(0, num_local, (num_tokens, num_topk), generator=g)
     raise ValueError(kind)
@@ -171,28 +185,24 @@ NORMAL_CASES = {
              routing="holes", payload="bf16", tokens=9, bias=2),
         dict(name="duplicates_k3_h512_align4", seed=4, experts=8, hidden=512, topk=3,
              routing="duplicates", payload="bf16", tokens=11, align=4, bias=1),
-        dict(name="rank0_only_empty_last_rank_align3", seed=5, experts=8, hidden=128, topk=2,
-             routing="rank0_only", payload="bf16", tokens=7, empty_rank=True, align=3, bias=2),
     ],
     "fp8": [
         dict(name="fp8_random_k8_h384_align2", seed=11, experts=16, hidden=384, topk=8,
              routing="random", payload="fp8", tokens=10, align=2),
-        dict(name="fp8_round_skewed_k2_h128", seed=12, experts=8, hidden=128, topk=2,
+        dict(name="fp8_round_skewed_k4_h128", seed=12, experts=8, hidden=128, topk=4,
              routing="skewed", payload="fp8_round", tokens=9, bias=1),
         dict(name="fp8_ue8m0_holes_k3_h512", seed=13, experts=8, hidden=512, topk=3,
              routing="holes", payload="fp8_ue8m0", tokens=8),
-        dict(name="fp8_duplicates_k2_h256_rank0_only", seed=14, experts=8, hidden=256, topk=2,
-             routing="rank0_only", payload="fp8", tokens=6),
+        dict(name="fp8_duplicates_k2_h256", seed=14, experts=8, hidden=256, topk=2,
+             routing="duplicates", payload="fp8", tokens=6, align=3),
     ],
     "capacity": [
         dict(name="tight_random_k2_h128_bias_pair", seed=21, experts=8, hidden=128, topk=2,
              routing="random", payload="bf16", tokens=10, worst="tight", bias=2),
         dict(name="loose_duplicates_k8_h200_align4", seed=22, experts=8, hidden=200, topk=8,
              routing="duplicates", payload="bf16", tokens=9, worst="loose", align=4),
-        dict(name="loose_fp8_holes_k2_h384", seed=23, experts=16, hidden=384, topk=2,
-             routing="holes", payload="fp8", tokens=8, worst="loose", bias=1),
-        dict(name="tight_rank0_only_empty_last_rank", seed=24, experts=8, hidden=128, topk=1,
-             routing="rank0_only", payload="bf16", tokens=7, worst="tight", empty_rank=True),
+        dict(name="tight_holes_k1_h512_bias", seed=23, experts=16, hidden=512, topk=1,
+             routing="holes", payload="bf16", tokens=7, worst="tight", bias=1),
         dict(name="loose_no_topk_h136", seed=25, experts=8, hidden=136, topk=0,
              payload="bf16", tokens=9, worst="loose", bias=1),
     ],
@@ -205,6 +215,23 @@ NORMAL_CASES = {
              payload="bf16", tokens=6, empty_rank=True, bias=2),
     ],
 }
+# Boundary cases, one rank job each so that each one reports on its own (regressions once seen:
+# a rank receiving 0 or 1 rows, an empty topk_idx, capacity mode with FP8 payloads).
+NORMAL_EDGE_CASES = [
+    # Only rank 0 owns experts that are used: the other ranks receive no rows at all.
+    dict(name="rank0_only_receives", seed=5, experts=8, hidden=128, topk=2,
+         routing="rank0_only", payload="bf16", tokens=7, bias=1),
+    dict(name="rank0_only_receives_capacity", seed=6, experts=8, hidden=128, topk=1,
+         routing="rank0_only", payload="bf16", tokens=7, worst="tight"),
+    # The last rank has no tokens (its layout comes from an empty topk_idx).
+    dict(name="empty_last_rank", seed=7, experts=8, hidden=200, topk=3, routing="random",
+         payload="bf16", tokens=5, empty_rank=True, bias=2, align=3),
+    # Capacity mode with an FP8 payload and its scales.
+    dict(name="capacity_fp8", seed=8, experts=16, hidden=384, topk=2, routing="holes",
+         payload="fp8", tokens=8, worst="loose", bias=1),
+    dict(name="capacity_fp8_ue8m0_tight", seed=9, experts=8, hidden=512, topk=3,
+         routing="random", payload="fp8_ue8m0", tokens=6, worst="tight"),
+]
 
 
 def _normal_mode_job(rank, num_ranks, cases):
@@ -373,6 +400,16 @@ def test_normal_mode_matches_oracle(num_ranks, group):
     fails.assert_none()
 
 
+@pytest.mark.parametrize("case", NORMAL_EDGE_CASES, ids=lambda c: c["name"])
+@pytest.mark.parametrize("num_ranks", WORLD_SIZES)
+def test_normal_mode_edge_case_matches_oracle(num_ranks, case):
+    """The checks of test_normal_mode_matches_oracle on empty and FP8-capacity boundaries."""
+    results = run_on_ranks(num_ranks, _normal_mode_job, [case])
+    fails = Failures()
+    _check_normal_case(fails, case, num_ranks, [res[0] for res in results])
+    fails.assert_none()
+
+
 # --- low-latency mode -----------------------------------------------------------------------
 
 LL_CASES = {
@@ -381,8 +418,8 @@ LL_CASES = {
              routing="random", payload="bf16"),
         dict(name="duplicates_k8_h136", seed=42, experts=8, hidden=136, topk=8, max_tokens=6,
              routing="duplicates", payload="bf16"),
-        dict(name="rank0_only_k1_h512_empty_last_rank", seed=43, experts=16, hidden=512,
-             topk=1, max_tokens=8, routing="rank0_only", payload="bf16", empty_rank=True),
+        dict(name="rank0_only_k1_h512", seed=43, experts=16, hidden=512, topk=1,
+             max_tokens=8, routing="rank0_only", payload="bf16"),
         dict(name="holes_k3_h128", seed=44, experts=16, hidden=128, topk=3, max_tokens=7,
              routing="holes", payload="bf16"),
     ],
@@ -394,11 +431,19 @@ LL_CASES = {
         dict(name="fp8_ue8m0_holes_k3_h512", seed=53, experts=8, hidden=512, topk=3,
              max_tokens=8, routing="holes", payload="fp8_ue8m0"),
         dict(name="fp8_ue8m0_duplicates_k2_h1024_rank0_only", seed=54, experts=8, hidden=1024,
-             topk=2, max_tokens=5, routing="rank0_only", payload="fp8_ue8m0", empty_rank=True),
+             topk=2, max_tokens=5, routing="rank0_only", payload="fp8_ue8m0"),
         dict(name="fp8_round_duplicates_k3_h256", seed=55, experts=8, hidden=256, topk=3,
              max_tokens=6, routing="duplicates", payload="fp8_round"),
     ],
 }
+
+
+# A rank with no tokens, in every payload mode (the FP8 casts must handle zero tokens).
+LL_EDGE_CASES = [
+    dict(name=f"empty_last_rank_{payload}", seed=60 + i, experts=8, hidden=512, topk=2,
+         max_tokens=4, routing="random", payload=payload, empty_rank=True)
+    for i, payload in enumerate(["bf16", "fp8", "fp8_round", "fp8_ue8m0"])
+]
 
 
 def _ll_inputs(case, num_ranks):
@@ -415,11 +460,12 @@ def _ll_inputs(case, num_ranks):
         _routing(case["routing"], t, num_experts, num_topk, num_ranks, g) for t in tokens
     ]
     # Wide magnitudes so FP8 scales differ per token and group; a few values past 448.
+    magnitudes = [
+        10.0 ** torch.randint(-3, 4, (t, hidden // 8), generator=g).float() for t in tokens
+    ]
     inp["xs"] = [
-        (torch.randn(t, hidden, generator=g)
-         * 10.0 ** torch.randint(-3, 4, (t, hidden // 8), generator=g).float().repeat_interleave(8, 1))
-        .bfloat16()
-        for t in tokens
+        (torch.randn(t, hidden, generator=g) * m.repeat_interleave(8, 1)).bfloat16()
+        for t, m in zip(tokens, magnitudes)
     ]
     # Expert output of (local expert l, source rank s, source token t) on each receiving rank,
     # and noise for the rows past recv_count (unspecified, so combine must ignore them).
@@ -440,13 +486,14 @@ def _decode_rows(layout_range: torch.Tensor, src_info: torch.Tensor, count: int)
     """``[(source rank, source token)]`` of the first ``count`` rows of one expert, or an error."""
     begin, size = (layout_range >> 32).tolist(), (layout_range & 0xFFFFFFFF).tolist()
     owner = [None] * count
+    error = f"layout_range blocks {list(zip(begin, size))} do not tile [0, {count})"
     for s, (b, c) in enumerate(zip(begin, size)):
         for j in range(b, b + c):
             if not 0 <= j < count or owner[j] is not None:
-                return None, f"layout_range blocks {list(zip(begin, size))} do not tile [0, {count})"
+                return None, error
             owner[j] = s
     if None in owner:
-        return None, f"layout_range blocks {list(zip(begin, size))} do not tile [0, {count})"
+        return None, error
     return [(owner[j], int(src_info[j])) for j in range(count)], ""
 
 
@@ -624,27 +671,48 @@ def test_low_latency_matches_oracle(num_ranks, group):
     fails.assert_none()
 
 
+@pytest.mark.parametrize("case", LL_EDGE_CASES, ids=lambda c: c["name"])
+@pytest.mark.parametrize("num_ranks", WORLD_SIZES)
+def test_low_latency_edge_case_matches_oracle(num_ranks, case):
+    """The checks of test_low_latency_matches_oracle when a rank has no tokens."""
+    results = run_on_ranks(num_ranks, _low_latency_job, [case])
+    fails = Failures()
+    _check_ll_case(fails, case, num_ranks, [res[0] for res in results])
+    fails.assert_none()
+
+
 # --- pure ops -----------------------------------------------------------------------------
+
+
+def _check_layouts(fails: Failures, num_ranks: int, num_tokens: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for num_experts in (8, 16):
+        for num_topk in (1, 2, 8):
+            for kind in ("random", "skewed", "holes", "duplicates", "rank0_only"):
+                topk = _routing(kind, num_tokens, num_experts, num_topk, num_ranks, g)
+                for num_rdma in sorted({1, 2, num_ranks}):
+                    if num_ranks % num_rdma:
+                        continue
+                    where = f"E={num_experts} K={num_topk} {kind} T={num_tokens} rdma={num_rdma}"
+                    actual = ops.get_dispatch_layout(topk, num_experts, num_ranks, num_rdma)
+                    expected = oracle.layout(topk, num_experts, num_ranks, num_rdma)
+                    for field, value in zip(ops.DispatchLayout._fields, actual):
+                        fails.same(f"{where} {field}", value, expected[field])
 
 
 @pytest.mark.parametrize("num_ranks", WORLD_SIZES)
 def test_get_dispatch_layout_matches_oracle(num_ranks):
-    """Layout of every routing kind and top-k, with 1 or several RDMA ranks, and zero tokens."""
+    """Layout of every routing kind and top-k, with one or several RDMA ranks."""
     fails = Failures()
-    g = torch.Generator().manual_seed(num_ranks)
-    for num_experts in (8, 16):
-        for num_topk in (1, 2, 8):
-            for kind in ("random", "skewed", "holes", "duplicates", "rank0_only"):
-                for num_tokens in (0, 13):
-                    topk = _routing(kind, num_tokens, num_experts, num_topk, num_ranks, g)
-                    for num_rdma in {1, 2, num_ranks} & set(range(1, num_ranks + 1)):
-                        if num_ranks % num_rdma:
-                            continue
-                        where = f"E={num_experts} K={num_topk} {kind} T={num_tokens} rdma={num_rdma}"
-                        actual = ops.get_dispatch_layout(topk, num_experts, num_ranks, num_rdma)
-                        expected = oracle.layout(topk, num_experts, num_ranks, num_rdma)
-                        for field, value in zip(ops.DispatchLayout._fields, actual):
-                            fails.same(f"{where} {field}", value, expected[field])
+    _check_layouts(fails, num_ranks, num_tokens=13, seed=num_ranks)
+    fails.assert_none()
+
+
+@pytest.mark.parametrize("num_ranks", WORLD_SIZES)
+def test_get_dispatch_layout_of_zero_tokens(num_ranks):
+    """A rank without tokens gets zero counts and an empty ``[0, num_ranks]`` is_token_in_rank."""
+    fails = Failures()
+    _check_layouts(fails, num_ranks, num_tokens=0, seed=num_ranks)
     fails.assert_none()
 
 
@@ -708,4 +776,17 @@ def test_per_token_cast_back_bit_exact(round_scale, use_ue8m0):
         ).float()
     fails.same("cast back of arbitrary bytes", ops.per_token_cast_back(any_fp8, any_scales),
                oracle.per_token_cast_back(any_fp8, any_scales))
+    fails.assert_none()
+
+
+@pytest.mark.parametrize("round_scale,use_ue8m0", FP8_CAST_MODES)
+def test_per_token_cast_of_zero_tokens(round_scale, use_ue8m0):
+    """``[0, hidden]`` casts to empty FP8 and scales of the right shapes, and back."""
+    x = torch.zeros(0, 1024, dtype=torch.bfloat16)
+    x_fp8, scales = ops.per_token_cast_to_fp8(x, round_scale, use_ue8m0)
+    ref_fp8, ref_scales = oracle.per_token_cast_to_fp8(x, round_scale, use_ue8m0)
+    fails = Failures()
+    fails.same("x_fp8", x_fp8, ref_fp8)
+    fails.same("scales", scales, ref_scales)
+    fails.same("cast back", ops.per_token_cast_back(x_fp8, scales), x)
     fails.assert_none()
