@@ -350,8 +350,10 @@ class Buffer:
         if return_recv_hook:
             out = ops.low_latency_dispatch_send(*args, **flags)
 
-            def hook() -> None:
+            def receive() -> None:
                 ops.low_latency_dispatch_recv(self.name, out, cumulative_local_expert_recv_stats)
+
+            hook = receive
         else:
             out = ops.low_latency_dispatch(
                 *args, **flags, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats
@@ -382,10 +384,12 @@ class Buffer:
                 self.name, x, topk_idx, topk_weights, handle, zero_copy=zero_copy
             )
 
-            def hook() -> None:
+            def receive() -> None:
                 ops.low_latency_combine_recv(self.name, combined, topk_idx, topk_weights)
                 if out is not None:
                     out.copy_(combined)
+
+            hook = receive
 
             combined = combined if out is None else out
         else:

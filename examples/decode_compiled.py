@@ -20,19 +20,13 @@ is compiled once: the script fails if a later step recompiles.
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 import time
 
-# NVLink multicast off (NCCL NVLS, symmetric-memory multicast, NVSHMEM NVLS): not every machine
-# supports it, and nothing here needs it.
-for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
+from _launch import finish, relative_error, spawn  # noqa: E402  (sets transport env first)
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Norm-wise relative tolerance, max|compiled - eager| <= TOL * max|eager|: a few ulps of dtype.
@@ -57,10 +51,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-    return float((actual.float() - expected.float()).abs().max() / scale)
 
 
 def run(rank: int, num_ranks: int, args, port: int) -> None:
@@ -124,27 +114,14 @@ def run(rank: int, num_ranks: int, args, port: int) -> None:
                       + ("" if step_ok else f"  MISMATCH (tolerance {tolerance:g})"), flush=True)
     torch.compiler.set_stance("default")
 
-    flag = torch.tensor([int(ok)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    buffer.destroy()
-    dist.destroy_process_group()
-    if not flag.item():
-        sys.exit(1)
+    finish(ok, buffer, device)
     if rank == 0:
         print(f"OK: {args.steps} compiled decode steps match eager on every rank")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    try:
-        mp.spawn(run, args=(args.num_ranks, args, port), nprocs=args.num_ranks, join=True)
-    except mp.ProcessExitedException as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return spawn(run, args.num_ranks, args)
 
 
 if __name__ == "__main__":

@@ -16,18 +16,12 @@ Needs CUDA GPUs (one per rank, NCCL); without them it prints a message and exits
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 
-# NVLink multicast off (NCCL NVLS, symmetric-memory multicast, NVSHMEM NVLS): not every machine
-# supports it, and nothing here needs it.
-for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
+from _launch import finish, relative_error, spawn  # noqa: E402  (sets transport env first)
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 # Replay and eager run the same kernels on the same inputs; allow for a different cuBLAS
 # algorithm choice under capture all the same (a few bf16 ulps, norm-wise).
@@ -46,10 +40,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-    return float((actual.float() - expected.float()).abs().max() / scale)
 
 
 def run(rank: int, num_ranks: int, args, port: int) -> None:
@@ -122,13 +112,8 @@ def run(rank: int, num_ranks: int, args, port: int) -> None:
                   "(rank 0)", flush=True)
         dist.barrier()
 
-    flag = torch.tensor([int(ok)], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    del graph
-    buffer.destroy()
-    dist.destroy_process_group()
-    if not flag.item():
-        sys.exit(1)
+    del graph  # release the captured pools before the buffer goes
+    finish(ok, buffer, device)
     if rank == 0:
         print(f"OK: {args.replays} replays of the captured decode step match eager on every rank")
 
@@ -143,17 +128,9 @@ def main(argv=None) -> int:
     if num_ranks > num_gpus:
         print(f"skipped: needs {num_ranks} CUDA GPUs (one per rank), found {num_gpus}")
         return 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     print(f"{num_ranks} ranks, NCCL, one GPU each; bf16 model, FP8 low-latency dispatch, "
           f"T=M={args.tokens}, H={args.hidden}", flush=True)
-    try:
-        mp.spawn(run, args=(num_ranks, args, port), nprocs=num_ranks, join=True)
-    except mp.ProcessExitedException as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return spawn(run, num_ranks, args)
 
 
 if __name__ == "__main__":

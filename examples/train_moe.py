@@ -20,18 +20,12 @@ least ``--num-ranks`` GPUs the ranks use NCCL, one GPU each; otherwise gloo on C
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 
-# NVLink multicast off (NCCL NVLS, symmetric-memory multicast, NVSHMEM NVLS): not every machine
-# supports it, and nothing here needs it.
-for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
-    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
+from _launch import finish, relative_error, spawn  # noqa: E402  (sets transport env first)
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 # Norm-wise relative tolerance: max|a - b| <= TOL * max|b|. The distributed and dense runs
@@ -63,10 +57,6 @@ def batch(step: int, args, num_ranks: int, dtype, device):
     x, target = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     return x.to(dtype=dtype, device=device), target.to(dtype=dtype, device=device)
 
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    scale = expected.abs().max().clamp_min(torch.finfo(torch.float32).tiny)
-    return float((actual.double() - expected.double()).abs().max() / scale)
 
 
 def run(rank: int, num_ranks: int, args, port: int) -> None:
@@ -157,27 +147,14 @@ def run(rank: int, num_ranks: int, args, port: int) -> None:
             dense_optimizer.step()
         optimizer.step()
 
-    flag = torch.tensor([int(ok)], device=device)
-    dist.broadcast(flag, 0)
-    buffer.destroy()
-    dist.destroy_process_group()
-    if not flag.item():
-        sys.exit(1)
+    finish(ok, buffer, device)
     if rank == 0:
         print(f"OK: {args.steps} steps, loss and gradients match the dense MoE")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    try:
-        mp.spawn(run, args=(args.num_ranks, args, port), nprocs=args.num_ranks, join=True)
-    except mp.ProcessExitedException as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return spawn(run, args.num_ranks, args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""What every example shares: transport defaults, rank spawning and the pass/fail handshake."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+# NVLink multicast off (NCCL NVLS, symmetric-memory multicast, NVSHMEM NVLS): not every machine
+# supports it, and nothing here needs it. Set before torch starts any communicator.
+for _name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
+    os.environ.setdefault(_name, "0" if _name == "NCCL_NVLS_ENABLE" else "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``max|actual - expected| / max|expected|``."""
+    scale = expected.abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+    return float((actual.float() - expected.float()).abs().max() / scale)
+
+
+def spawn(run, num_ranks: int, args) -> int:
+    """Run ``run(rank, num_ranks, args, port)`` on ``num_ranks`` processes; 0 if all succeed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(run, args=(num_ranks, args, port), nprocs=num_ranks, join=True)
+    except mp.ProcessExitedException as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def finish(ok: bool, buffer, device: torch.device) -> None:
+    """Agree on success across ranks, tear down, and exit non-zero on any rank's failure."""
+    flag = torch.tensor([int(ok)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    buffer.destroy()
+    dist.destroy_process_group()
+    if not flag.item():
+        sys.exit(1)
