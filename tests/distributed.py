@@ -64,6 +64,29 @@ def _worker(rank, world_size, port, conn, env):
     dist.destroy_process_group()
 
 
+def new_test_buffer(timeout_s: float = 20.0):
+    """A low-latency-capable Buffer on WORLD whose ops give up on a failed peer after ``timeout_s``.
+
+    Sizes are far above the size hints of the small test problems.
+    """
+    import torch.distributed as dist
+
+    import deep_ep_ops
+    from deep_ep_ops._registry import TIMEOUT_ENV
+
+    previous = os.environ.get(TIMEOUT_ENV)
+    os.environ[TIMEOUT_ENV] = str(timeout_s)
+    try:
+        return deep_ep_ops.Buffer(
+            dist.group.WORLD, num_nvl_bytes=1 << 28, num_rdma_bytes=1 << 24, low_latency_mode=True
+        )
+    finally:
+        if previous is None:
+            del os.environ[TIMEOUT_ENV]
+        else:
+            os.environ[TIMEOUT_ENV] = previous
+
+
 class RankFailure(AssertionError):
     pass
 

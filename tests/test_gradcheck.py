@@ -13,7 +13,6 @@ collectives inside them, are the same everywhere.
 from __future__ import annotations
 
 import datetime
-import os
 
 import pytest
 import torch
@@ -22,26 +21,10 @@ import torch.distributed as dist
 import deep_ep_ops
 import oracle
 from deep_ep_ops import ops
-from deep_ep_ops._registry import TIMEOUT_ENV
-from distributed import run_on_ranks
+from distributed import new_test_buffer, run_on_ranks
 
 CONFIG = deep_ep_ops.Config().to_list()
 F64 = torch.float64
-
-
-def _new_buffer():
-    # Short op timeout: a failing rank is reported after 20 s instead of the pool's 60 s.
-    previous = os.environ.get(TIMEOUT_ENV)
-    os.environ[TIMEOUT_ENV] = "20"
-    try:
-        return deep_ep_ops.Buffer(
-            dist.group.WORLD, num_nvl_bytes=1 << 28, num_rdma_bytes=1 << 24, low_latency_mode=True
-        )
-    finally:
-        if previous is None:
-            del os.environ[TIMEOUT_ENV]
-        else:
-            os.environ[TIMEOUT_ENV] = previous
 
 
 # --- the global function seen from one rank ---------------------------------------------------
@@ -130,7 +113,7 @@ T, H, K, E = 4, 6, 3, 8
 
 
 def _dispatch_job(rank, num_ranks, worst, shape, seed):
-    buf = _new_buffer()
+    buf = new_test_buffer()
     num_tokens, hidden, num_topk = shape
     topk, xs, ws, num_recv = _problem(seed, num_ranks, num_tokens, hidden, num_topk, E)
     layout = ops.get_dispatch_layout(topk[rank], E, num_ranks)
@@ -173,7 +156,7 @@ def _dispatched(buf, rank, num_ranks, worst):
 
 
 def _cached_dispatch_job(rank, num_ranks, worst):
-    buf = _new_buffer()
+    buf = new_test_buffer()
     out, rows = _dispatched(buf, rank, num_ranks, worst)
     g = torch.Generator().manual_seed(3)
     xs = [torch.randn(T, H, generator=g, dtype=F64) for _ in range(num_ranks)]
@@ -202,7 +185,7 @@ def test_cached_dispatch_gradcheck(num_ranks, capacity):
 
 
 def _combine_job(rank, num_ranks, worst, num_biases):
-    buf = _new_buffer()
+    buf = new_test_buffer()
     out, rows = _dispatched(buf, rank, num_ranks, worst)
     g = torch.Generator().manual_seed(4)
     ys = [torch.randn(n, H, generator=g, dtype=F64) for n in rows]
@@ -243,7 +226,7 @@ LL_T, LL_H, LL_K, LL_E, LL_M = 3, 4, 2, 4, 3
 
 
 def _ll_dispatch_job(rank, num_ranks):
-    buf = _new_buffer()
+    buf = new_test_buffer()
     topk, xs, _, _ = _problem(5, num_ranks, LL_T, LL_H, LL_K, LL_E)
     rows = num_ranks * LL_M
     num_local = LL_E // num_ranks
@@ -270,7 +253,7 @@ def test_low_latency_dispatch_gradcheck(num_ranks):
 
 
 def _ll_combine_job(rank, num_ranks):
-    buf = _new_buffer()
+    buf = new_test_buffer()
     topk, xs, ws, _ = _problem(6, num_ranks, LL_T, LL_H, LL_K, LL_E)
     handle = ops.low_latency_dispatch(
         buf.name, xs[rank], topk[rank], LL_M, LL_E, use_fp8=False
@@ -338,7 +321,7 @@ def _close(name, actual, expected) -> list[str]:
 
 
 def _normal_moe_job(rank, num_ranks, capacity):
-    buf = _new_buffer()
+    buf = new_test_buffer()
     num_tokens, hidden, num_topk, num_experts = 6, 8, 3, 8
     topk, xs, ws, expert_w, grads_out = _moe_problem(
         num_ranks, num_tokens, hidden, num_topk, num_experts, seed=8
@@ -384,7 +367,7 @@ def test_dispatch_expert_combine_matches_dense_moe(num_ranks, capacity):
 
 
 def _low_latency_moe_job(rank, num_ranks):
-    buf = _new_buffer()
+    buf = new_test_buffer()
     num_tokens, hidden, num_topk, num_experts, num_max = 5, 8, 3, 8, 6
     topk, xs, ws, expert_w, grads_out = _moe_problem(
         num_ranks, num_tokens, hidden, num_topk, num_experts, seed=9

@@ -9,38 +9,20 @@ registration, fake tensor, AOT dispatch with dynamic shapes).
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import deep_ep_ops
 import oracle
 from deep_ep_ops import ops
 from deep_ep_ops._library import SCHEMAS
-from deep_ep_ops._registry import TIMEOUT_ENV
-from distributed import run_on_ranks
+from distributed import new_test_buffer, run_on_ranks
 
 NUM_RANKS = 2
 E, T, H, K, M = 8, 5, 128, 3, 6
 CONFIG = deep_ep_ops.Config().to_list()
 _ops = torch.ops.deep_ep
-
-
-def _new_buffer():
-    # Short op timeout: a failing rank is reported after 20 s instead of the pool's 60 s.
-    previous = os.environ.get(TIMEOUT_ENV)
-    os.environ[TIMEOUT_ENV] = "20"
-    try:
-        return deep_ep_ops.Buffer(
-            dist.group.WORLD, num_nvl_bytes=1 << 28, num_rdma_bytes=1 << 24, low_latency_mode=True
-        )
-    finally:
-        if previous is None:
-            del os.environ[TIMEOUT_ENV]
-        else:
-            os.environ[TIMEOUT_ENV] = previous
 
 
 def _grad(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
@@ -288,7 +270,7 @@ def _opcheck_all(op_name: str, samples) -> list[str]:
 
 
 def _opcheck_job(rank, world_size, op_name):
-    buf = _new_buffer()
+    buf = new_test_buffer()
     build, differentiable = DISTRIBUTED_SAMPLES[op_name]
     failures = []
     for rg in (False, True) if differentiable else (False,):
