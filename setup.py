@@ -32,7 +32,10 @@ def _cuda_extension():
         "deep_ep_ops._C",
         sources,
         include_dirs=include,
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90,code=sm_90"]},
+        extra_compile_args={
+            "cxx": ["-O3", "-std=c++17"],
+            "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90"],
+        },
     )
 
 

@@ -9,9 +9,9 @@ from . import meta  # noqa: F401  (attaches the fakes; installed from the top-le
 from . import _autograd, _build, reference
 
 reference.register(_library.LIB, "CPU")
-if not _build.HAS_CUDA_KERNELS:
-    # Without the extension, CUDA tensors run the same reference code over NCCL.
-    reference.register(_library.LIB, "CUDA")
+# CUDA ops without a kernel in the extension (all of them without it) run the same reference
+# code over NCCL.
+_build.CUDA_REFERENCE_OPS = tuple(reference.register(_library.LIB, "CUDA"))
 _autograd.register()
 
 from .buffer import Buffer, EventOverlap  # noqa: E402

@@ -18,6 +18,7 @@ else:
         _C, EXTENSION_ERROR = None, f"built but failed to load ({error})"
 
 HAS_CUDA_KERNELS = _C is not None
+CUDA_REFERENCE_OPS: tuple[str, ...] = ()  # filled by deep_ep_ops/__init__.py
 
 
 def build_info() -> str:
@@ -25,6 +26,8 @@ def build_info() -> str:
     lines = [f"deep_ep_ops: torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
     if HAS_CUDA_KERNELS:
         lines.append(f"  CUDA kernels: built ({EXTENSION})")
+        if CUDA_REFERENCE_OPS:
+            lines.append(f"  CUDA ops still on the NCCL reference: {', '.join(CUDA_REFERENCE_OPS)}")
     else:
         why = "CPU-only torch" if not torch.version.cuda else EXTENSION_ERROR
         lines.append(f"  CUDA kernels: not available ({why}); CUDA tensors use the NCCL reference")

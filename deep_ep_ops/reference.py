@@ -760,7 +760,15 @@ OPS = (
 )
 
 
-def register(lib: torch.library.Library, dispatch_key: str) -> None:
-    """Register every op of this module as the kernel for ``dispatch_key``."""
-    for name in OPS:
+def register(lib: torch.library.Library, dispatch_key: str) -> list[str]:
+    """Register this module's ops for ``dispatch_key`` where no kernel is registered yet.
+
+    Returns the names registered (on CUDA: the ops the extension does not implement).
+    """
+    missing = [
+        name for name in OPS
+        if not torch._C._dispatch_has_kernel_for_dispatch_key(f"deep_ep::{name}", dispatch_key)
+    ]
+    for name in missing:
         lib.impl(name, globals()[name], dispatch_key)
+    return missing

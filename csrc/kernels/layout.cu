@@ -1,0 +1,109 @@
+// get_dispatch_layout on the GPU: per-rank, per-RDMA-rank and per-expert token counts and the
+// token-to-rank map, from top-k expert indices. Pure: no communication.
+//
+// One thread per token: it de-duplicates the token's experts (a token counts once per expert
+// and once per rank), writes its row of is_token_in_rank, and adds to block-level histograms in
+// shared memory that are flushed to the outputs with one atomic per bin and block.
+
+#include <utility>
+
+#include "kernels/api.h"
+
+namespace deep_ep_ops {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxRanks = 64;  // ranks a token's mask can name
+
+__global__ void __launch_bounds__(kThreads)
+get_dispatch_layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens, int num_topk,
+                           int num_experts, int num_ranks, int num_rdma_ranks,
+                           int* __restrict__ num_tokens_per_rank,
+                           int* __restrict__ num_tokens_per_rdma_rank,
+                           int* __restrict__ num_tokens_per_expert,
+                           bool* __restrict__ is_token_in_rank, int* __restrict__ error) {
+  extern __shared__ int histogram[];  // [num_experts | num_ranks | num_rdma_ranks]
+  int* per_expert = histogram;
+  int* per_rank = per_expert + num_experts;
+  int* per_rdma_rank = per_rank + num_ranks;
+  const int num_bins = num_experts + num_ranks + num_rdma_ranks;
+  for (int i = threadIdx.x; i < num_bins; i += blockDim.x) histogram[i] = 0;
+  __syncthreads();
+
+  const int experts_per_rank = num_experts / num_ranks;
+  const int ranks_per_rdma_rank = num_ranks / num_rdma_ranks;
+  for (int token = blockIdx.x * blockDim.x + threadIdx.x; token < num_tokens;
+       token += gridDim.x * blockDim.x) {
+    const int64_t* row = topk_idx + static_cast<int64_t>(token) * num_topk;
+    uint64_t rank_mask = 0;
+    for (int k = 0; k < num_topk; ++k) {
+      const int64_t expert = row[k];
+      if (expert < -1 || expert >= num_experts) {
+        // A plain store: the word lives in mapped host memory, where PCIe has no atomics.
+        *reinterpret_cast<volatile int*>(error) = kErrorExpertOutOfRange;
+        continue;
+      }
+      if (expert < 0) continue;
+      bool repeated = false;
+      for (int j = 0; j < k; ++j) repeated |= row[j] == expert;
+      if (repeated) continue;
+      atomicAdd(&per_expert[expert], 1);
+      rank_mask |= uint64_t{1} << (expert / experts_per_rank);
+    }
+    bool* in_rank = is_token_in_rank + static_cast<int64_t>(token) * num_ranks;
+    uint64_t rdma_mask = 0;
+    for (int r = 0; r < num_ranks; ++r) {
+      const bool present = (rank_mask >> r) & 1;
+      in_rank[r] = present;
+      if (present) {
+        atomicAdd(&per_rank[r], 1);
+        rdma_mask |= uint64_t{1} << (r / ranks_per_rdma_rank);
+      }
+    }
+    for (int r = 0; r < num_rdma_ranks; ++r)
+      if ((rdma_mask >> r) & 1) atomicAdd(&per_rdma_rank[r], 1);
+  }
+  __syncthreads();
+
+  for (int i = threadIdx.x; i < num_bins; i += blockDim.x) {
+    int* out = i < num_experts ? num_tokens_per_expert + i
+             : i < num_experts + num_ranks ? num_tokens_per_rank + (i - num_experts)
+             : num_tokens_per_rdma_rank + (i - num_experts - num_ranks);
+    if (gridDim.x == 1) {
+      *out = histogram[i];  // the only block: no zero-fill or atomics needed
+    } else if (histogram[i] != 0) {
+      atomicAdd(out, histogram[i]);
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk,
+                                       int num_experts, int num_ranks, int num_rdma_ranks,
+                                       int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
+                                       int* num_tokens_per_expert, bool* is_token_in_rank,
+                                       int* error, int num_sms, cudaStream_t stream) {
+  if (num_ranks > kMaxRanks || num_rdma_ranks > kMaxRanks) return cudaErrorInvalidValue;
+  // Few tokens per block would waste the histogram flush; many blocks only pay off for long
+  // inputs (prefill).
+  constexpr int kTokensPerBlock = 4 * kThreads;
+  int blocks = (num_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
+  blocks = blocks < 1 ? 1 : (blocks > num_sms ? num_sms : blocks);
+  if (blocks > 1) {
+    for (auto [out, count] : {std::pair{num_tokens_per_rank, num_ranks},
+                              std::pair{num_tokens_per_rdma_rank, num_rdma_ranks},
+                              std::pair{num_tokens_per_expert, num_experts}}) {
+      cudaError_t status = cudaMemsetAsync(out, 0, sizeof(int) * count, stream);
+      if (status != cudaSuccess) return status;
+    }
+  }
+  const size_t shared = sizeof(int) * (num_experts + num_ranks + num_rdma_ranks);
+  get_dispatch_layout_kernel<<<blocks, kThreads, shared, stream>>>(
+      topk_idx, num_tokens, num_topk, num_experts, num_ranks, num_rdma_ranks,
+      num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
+      error);
+  return cudaGetLastError();
+}
+
+}  // namespace deep_ep_ops
