@@ -12,7 +12,7 @@
 namespace deep_ep_ops {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 512;
 constexpr int kMaxRanks = 64;  // ranks a token's mask can name
 
 __global__ void __launch_bounds__(kThreads)
@@ -85,9 +85,9 @@ cudaError_t launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, 
                                        int* num_tokens_per_expert, bool* is_token_in_rank,
                                        int* error, int num_sms, cudaStream_t stream) {
   if (num_ranks > kMaxRanks || num_rdma_ranks > kMaxRanks) return cudaErrorInvalidValue;
-  // Few tokens per block would waste the histogram flush; many blocks only pay off for long
-  // inputs (prefill).
-  constexpr int kTokensPerBlock = 4 * kThreads;
+  // One block up to 8192 tokens: it writes the counts directly, with no zero-fill launches
+  // (decode and typical training batches). Longer inputs (prefill) spread over more SMs.
+  constexpr int kTokensPerBlock = 16 * kThreads;
   int blocks = (num_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
   blocks = blocks < 1 ? 1 : (blocks > num_sms ? num_sms : blocks);
   if (blocks > 1) {
