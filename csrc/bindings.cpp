@@ -7,27 +7,28 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 #include <torch/library.h>
 
 #include <mutex>
+#include <string>
 #include <unordered_map>
 
 #include "kernels/api.h"
 
-// Bad argument values raise Python's ValueError. (c10::ValueError thrown from this extension
-// crashed the process on torch 2.11 + CUDA 13, seen on an H200; torch::ValueError, which
-// libtorch_python translates, does not.)
-#define DEEP_EP_CHECK_VALUE(cond, ...) \
-  do {                                  \
-    if (!(cond)) {                      \
-      throw torch::ValueError("%s", c10::str(__VA_ARGS__).c_str()); \
-    }                                   \
-  } while (false)
-
 namespace deep_ep_ops {
 namespace {
+
+// Numbers enter messages through std::to_string: streaming an integer into an ostream from this
+// extension crashed (seen on the H200 image: torch 2.11, gcc 13 headers), as the extension's
+// instantiation of the ostream inserter does not match the process's libstdc++.
+std::string num(int64_t value) { return std::to_string(value); }
+
+std::string shape(const at::Tensor& t) {
+  std::string out = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + num(t.size(d));
+  return out + ")";
+}
 
 // One error word per device, in mapped pinned host memory: kernels store a DeviceError code,
 // the next op call reads it without synchronising and raises.
@@ -56,10 +57,10 @@ int* checked_error_word(const char* op, int device) {
   const int code = *reinterpret_cast<volatile int*>(word.host);
   if (code != kErrorNone) {
     *word.host = kErrorNone;
-    DEEP_EP_CHECK_VALUE(code != kErrorExpertOutOfRange, "deep_ep::", op,
-                      ": an earlier call on cuda:", device,
+    TORCH_CHECK_VALUE(code != kErrorExpertOutOfRange, "deep_ep::", op,
+                      ": an earlier call on cuda:", num(device),
                       " saw topk_idx entries outside [-1, num_experts); its results are invalid");
-    TORCH_CHECK(false, "deep_ep::", op, ": an earlier kernel reported error code ", code);
+    TORCH_CHECK(false, "deep_ep::", op, ": an earlier kernel reported error code ", num(code));
   }
   return word.device;
 }
@@ -72,14 +73,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
     const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, int64_t num_rdma_ranks) {
   TORCH_CHECK_TYPE(topk_idx.scalar_type() == at::kLong,
                    "topk_idx must have dtype torch.int64, got ", topk_idx.scalar_type());
-  DEEP_EP_CHECK_VALUE(topk_idx.dim() == 2, "topk_idx must have 2 dims, got shape ",
-                    topk_idx.sizes());
-  DEEP_EP_CHECK_VALUE(num_ranks >= 1 && num_ranks <= 64, "num_ranks must be in [1, 64], got ",
-                    num_ranks);
-  DEEP_EP_CHECK_VALUE(num_experts >= 1 && num_experts % num_ranks == 0, "num_experts (",
-                    num_experts, ") must be a positive multiple of num_ranks (", num_ranks, ")");
-  DEEP_EP_CHECK_VALUE(num_rdma_ranks >= 1 && num_ranks % num_rdma_ranks == 0, "num_rdma_ranks (",
-                    num_rdma_ranks, ") must divide num_ranks (", num_ranks, ")");
+  TORCH_CHECK_VALUE(topk_idx.dim() == 2, "topk_idx must have 2 dims, got shape ",
+                    shape(topk_idx));
+  TORCH_CHECK_VALUE(num_ranks >= 1 && num_ranks <= 64, "num_ranks must be in [1, 64], got ",
+                    num(num_ranks));
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts % num_ranks == 0, "num_experts (",
+                    num(num_experts), ") must be a positive multiple of num_ranks (",
+                    num(num_ranks), ")");
+  TORCH_CHECK_VALUE(num_rdma_ranks >= 1 && num_ranks % num_rdma_ranks == 0, "num_rdma_ranks (",
+                    num(num_rdma_ranks), ") must divide num_ranks (", num(num_ranks), ")");
   const c10::cuda::CUDAGuard guard(topk_idx.device());
   const int device = topk_idx.get_device();
   int* error = checked_error_word("get_dispatch_layout", device);
