@@ -30,39 +30,78 @@ std::string shape(const at::Tensor& t) {
   return out + ")";
 }
 
-// One error word per device, in mapped pinned host memory: kernels store a DeviceError code,
-// the next op call reads it without synchronising and raises.
-struct ErrorWord {
-  int* host = nullptr;
-  int* device = nullptr;
+// Per-device state, allocated once and never freed (CUDA graphs may hold its addresses):
+// - the error word, in mapped pinned host memory: kernels store a DeviceError code, the next
+//   op call reads it without synchronising and raises;
+// - the layout kernel's partial histograms and its ticket counter.
+struct DeviceState {
+  int* error_host = nullptr;
+  int* error_device = nullptr;
+  int* layout_workspace = nullptr;  // ints, then one unsigned ticket
+  int layout_workspace_ints = 0;
 };
 
-ErrorWord& error_word(int device) {
-  static std::mutex mutex;
-  static std::unordered_map<int, ErrorWord> words;
-  std::lock_guard<std::mutex> lock(mutex);
-  ErrorWord& word = words[device];
-  if (word.host == nullptr) {
-    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&word.host), sizeof(int),
+// Allocation may happen during a CUDA graph capture (the first call of a process can be
+// captured); it is not part of the graph, so allow it for this thread.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode_)); }
+  ~RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
+std::mutex state_mutex;
+
+DeviceState& device_state(int device) {
+  static std::unordered_map<int, DeviceState> states;
+  std::lock_guard<std::mutex> lock(state_mutex);
+  DeviceState& state = states[device];
+  if (state.error_host == nullptr) {
+    RelaxedCapture relaxed;
+    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state.error_host), sizeof(int),
                                  cudaHostAllocMapped));
-    *word.host = kErrorNone;
-    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&word.device), word.host, 0));
+    *state.error_host = kErrorNone;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&state.error_device),
+                                            state.error_host, 0));
   }
-  return word;
+  return state;
 }
 
-// Raise (once) an error a kernel reported since the last call.
+// Raise (once) an error a kernel reported since the last call; returns the device word.
 int* checked_error_word(const char* op, int device) {
-  ErrorWord& word = error_word(device);
-  const int code = *reinterpret_cast<volatile int*>(word.host);
+  DeviceState& state = device_state(device);
+  const int code = *reinterpret_cast<volatile int*>(state.error_host);
   if (code != kErrorNone) {
-    *word.host = kErrorNone;
+    *state.error_host = kErrorNone;
     TORCH_CHECK_VALUE(code != kErrorExpertOutOfRange, "deep_ep::", op,
                       ": an earlier call on cuda:", num(device),
                       " saw topk_idx entries outside [-1, num_experts); its results are invalid");
     TORCH_CHECK(false, "deep_ep::", op, ": an earlier kernel reported error code ", num(code));
   }
-  return word.device;
+  return state.error_device;
+}
+
+// A zeroed workspace of at least `ints` ints plus a ticket counter; grows, never shrinks (an
+// old one stays allocated: a captured graph may still use it).
+int* layout_workspace(int device, int ints) {
+  DeviceState& state = device_state(device);
+  std::lock_guard<std::mutex> lock(state_mutex);
+  if (state.layout_workspace_ints < ints) {
+    RelaxedCapture relaxed;
+    const size_t bytes = sizeof(int) * (static_cast<size_t>(ints) + 1);
+    int* workspace = nullptr;
+    C10_CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&workspace), bytes));
+    cudaStream_t side;
+    C10_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    C10_CUDA_CHECK(cudaMemsetAsync(workspace, 0, bytes, side));
+    C10_CUDA_CHECK(cudaStreamSynchronize(side));
+    C10_CUDA_CHECK(cudaStreamDestroy(side));
+    state.layout_workspace = workspace;
+    state.layout_workspace_ints = ints;
+  }
+  return state.layout_workspace;
 }
 
 int num_sms(int device) {
@@ -91,12 +130,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
   at::Tensor per_rdma_rank = at::empty({num_rdma_ranks}, i32);
   at::Tensor per_expert = at::empty({num_experts}, i32);
   at::Tensor in_rank = at::empty({topk.size(0), num_ranks}, topk.options().dtype(at::kBool));
+  const int sms = num_sms(device);
+  const int ints = layout_workspace_ints(static_cast<int>(num_experts), static_cast<int>(num_ranks),
+                                         static_cast<int>(num_rdma_ranks), sms);
+  int* workspace = layout_workspace(device, ints);
   C10_CUDA_CHECK(launch_get_dispatch_layout(
       topk.data_ptr<int64_t>(), static_cast<int>(topk.size(0)), static_cast<int>(topk.size(1)),
       static_cast<int>(num_experts), static_cast<int>(num_ranks),
       static_cast<int>(num_rdma_ranks), per_rank.data_ptr<int>(), per_rdma_rank.data_ptr<int>(),
-      per_expert.data_ptr<int>(), in_rank.data_ptr<bool>(), error, num_sms(device),
-      at::cuda::getCurrentCUDAStream(device)));
+      per_expert.data_ptr<int>(), in_rank.data_ptr<bool>(), error, workspace,
+      reinterpret_cast<unsigned*>(workspace + ints), sms, at::cuda::getCurrentCUDAStream(device)));
   return {per_rank, per_rdma_rank, per_expert, in_rank};
 }
 

@@ -76,3 +76,24 @@ def test_layout_captures_in_cuda_graph():
 
 def test_build_reports_kernels():
     assert "CUDA kernels: built" in deep_ep_ops.build_info()
+
+
+def test_first_call_of_a_process_can_be_captured():
+    """One-time device state is allocated even when the first call is inside a graph capture."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch, deep_ep_ops\n"
+        "from deep_ep_ops import ops, reference\n"
+        "topk = torch.randint(0, 64, (2048, 8), device='cuda')\n"
+        "graph = torch.cuda.CUDAGraph()\n"
+        "with torch.cuda.graph(graph):\n"
+        "    out = ops.get_dispatch_layout(topk, 64, 4)\n"
+        "graph.replay(); graph.replay()\n"
+        "want = reference.get_dispatch_layout(topk, 64, 4, 1)\n"
+        "assert all(torch.equal(g, w) for g, w in zip(out, want))\n"
+        "print('captured ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and "captured ok" in result.stdout, result.stderr[-2000:]

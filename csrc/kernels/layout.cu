@@ -2,18 +2,17 @@
 // token-to-rank map, from top-k expert indices. Pure: no communication.
 //
 // One thread per token: it de-duplicates the token's experts (a token counts once per expert
-// and once per rank), writes its row of is_token_in_rank, and adds to block-level histograms in
-// shared memory that are flushed to the outputs with one atomic per bin and block.
-
-#include <utility>
+// and once per rank), writes its row of is_token_in_rank, and adds to its block's histograms in
+// shared memory; the last block to finish sums the blocks' histograms into the outputs.
 
 #include "kernels/api.h"
 
 namespace deep_ep_ops {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 256;
 constexpr int kMaxRanks = 64;  // ranks a token's mask can name
+constexpr int kTokensPerBlock = kThreads;  // one token per thread: many blocks in flight
 
 __global__ void __launch_bounds__(kThreads)
 get_dispatch_layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens, int num_topk,
@@ -21,7 +20,8 @@ get_dispatch_layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens,
                            int* __restrict__ num_tokens_per_rank,
                            int* __restrict__ num_tokens_per_rdma_rank,
                            int* __restrict__ num_tokens_per_expert,
-                           bool* __restrict__ is_token_in_rank, int* __restrict__ error) {
+                           bool* __restrict__ is_token_in_rank, int* __restrict__ error,
+                           int* __restrict__ workspace, unsigned* __restrict__ ticket) {
   extern __shared__ int histogram[];  // [num_experts | num_ranks | num_rdma_ranks]
   int* per_expert = histogram;
   int* per_rank = per_expert + num_experts;
@@ -65,44 +65,55 @@ get_dispatch_layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens,
   }
   __syncthreads();
 
-  for (int i = threadIdx.x; i < num_bins; i += blockDim.x) {
-    int* out = i < num_experts ? num_tokens_per_expert + i
-             : i < num_experts + num_ranks ? num_tokens_per_rank + (i - num_experts)
-             : num_tokens_per_rdma_rank + (i - num_experts - num_ranks);
-    if (gridDim.x == 1) {
-      *out = histogram[i];  // the only block: no zero-fill or atomics needed
-    } else if (histogram[i] != 0) {
-      atomicAdd(out, histogram[i]);
-    }
+  auto output = [&](int i) -> int* {
+    return i < num_experts ? num_tokens_per_expert + i
+         : i < num_experts + num_ranks ? num_tokens_per_rank + (i - num_experts)
+         : num_tokens_per_rdma_rank + (i - num_experts - num_ranks);
+  };
+  if (gridDim.x == 1) {  // the only block writes the counts directly
+    for (int i = threadIdx.x; i < num_bins; i += blockDim.x) *output(i) = histogram[i];
+    return;
   }
+  // Several blocks: each leaves its histogram in the workspace, and the last block to finish
+  // (by ticket) sums them in block order. No zero-fill launches, no global atomics on outputs.
+  int* partial = workspace + static_cast<int64_t>(blockIdx.x) * num_bins;
+  for (int i = threadIdx.x; i < num_bins; i += blockDim.x) partial[i] = histogram[i];
+  __threadfence();
+  __syncthreads();
+  __shared__ bool is_last;
+  if (threadIdx.x == 0) is_last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!is_last) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < num_bins; i += blockDim.x) {
+    int total = 0;
+    for (int b = 0; b < static_cast<int>(gridDim.x); ++b)
+      total += __ldcg(workspace + static_cast<int64_t>(b) * num_bins + i);
+    *output(i) = total;
+  }
+  if (threadIdx.x == 0) *ticket = 0;  // ready for the next launch (and graph replay)
 }
 
 }  // namespace
+
+int layout_workspace_ints(int num_experts, int num_ranks, int num_rdma_ranks, int num_sms) {
+  return num_sms * (num_experts + num_ranks + num_rdma_ranks);
+}
 
 cudaError_t launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, int num_topk,
                                        int num_experts, int num_ranks, int num_rdma_ranks,
                                        int* num_tokens_per_rank, int* num_tokens_per_rdma_rank,
                                        int* num_tokens_per_expert, bool* is_token_in_rank,
-                                       int* error, int num_sms, cudaStream_t stream) {
+                                       int* error, int* workspace, unsigned* ticket, int num_sms,
+                                       cudaStream_t stream) {
   if (num_ranks > kMaxRanks || num_rdma_ranks > kMaxRanks) return cudaErrorInvalidValue;
-  // One block up to 8192 tokens: it writes the counts directly, with no zero-fill launches
-  // (decode and typical training batches). Longer inputs (prefill) spread over more SMs.
-  constexpr int kTokensPerBlock = 16 * kThreads;
   int blocks = (num_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
   blocks = blocks < 1 ? 1 : (blocks > num_sms ? num_sms : blocks);
-  if (blocks > 1) {
-    for (auto [out, count] : {std::pair{num_tokens_per_rank, num_ranks},
-                              std::pair{num_tokens_per_rdma_rank, num_rdma_ranks},
-                              std::pair{num_tokens_per_expert, num_experts}}) {
-      cudaError_t status = cudaMemsetAsync(out, 0, sizeof(int) * count, stream);
-      if (status != cudaSuccess) return status;
-    }
-  }
   const size_t shared = sizeof(int) * (num_experts + num_ranks + num_rdma_ranks);
   get_dispatch_layout_kernel<<<blocks, kThreads, shared, stream>>>(
       topk_idx, num_tokens, num_topk, num_experts, num_ranks, num_rdma_ranks,
       num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
-      error);
+      error, workspace, ticket);
   return cudaGetLastError();
 }
 
