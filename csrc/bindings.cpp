@@ -37,7 +37,7 @@ std::string shape(const at::Tensor& t) {
 struct DeviceState {
   int* error_host = nullptr;
   int* error_device = nullptr;
-  int* layout_workspace = nullptr;  // ints, then one unsigned ticket
+  int* layout_workspace = nullptr;  // one unsigned ticket, then the partial histograms
   int layout_workspace_ints = 0;
 };
 
@@ -83,8 +83,10 @@ int* checked_error_word(const char* op, int device) {
   return state.error_device;
 }
 
-// A zeroed workspace of at least `ints` ints plus a ticket counter; grows, never shrinks (an
-// old one stays allocated: a captured graph may still use it).
+// The layout kernel's ticket counter (zero between launches) followed by room for at least
+// `ints` partial-histogram ints. The ticket sits first so that every call finds it at the same
+// place whatever its size. Grows, never shrinks (an old one stays allocated: a captured graph
+// may still use it).
 int* layout_workspace(int device, int ints) {
   DeviceState& state = device_state(device);
   std::lock_guard<std::mutex> lock(state_mutex);
@@ -134,12 +136,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
   const int ints = layout_workspace_ints(static_cast<int>(num_experts), static_cast<int>(num_ranks),
                                          static_cast<int>(num_rdma_ranks), sms);
   int* workspace = layout_workspace(device, ints);
+  unsigned* ticket = reinterpret_cast<unsigned*>(workspace);
   C10_CUDA_CHECK(launch_get_dispatch_layout(
       topk.data_ptr<int64_t>(), static_cast<int>(topk.size(0)), static_cast<int>(topk.size(1)),
       static_cast<int>(num_experts), static_cast<int>(num_ranks),
       static_cast<int>(num_rdma_ranks), per_rank.data_ptr<int>(), per_rdma_rank.data_ptr<int>(),
-      per_expert.data_ptr<int>(), in_rank.data_ptr<bool>(), error, workspace,
-      reinterpret_cast<unsigned*>(workspace + ints), sms, at::cuda::getCurrentCUDAStream(device)));
+      per_expert.data_ptr<int>(), in_rank.data_ptr<bool>(), error, workspace + 1, ticket, sms,
+      at::cuda::getCurrentCUDAStream(device)));
   return {per_rank, per_rdma_rank, per_expert, in_rank};
 }
 
