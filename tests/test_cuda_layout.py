@@ -97,3 +97,14 @@ def test_first_call_of_a_process_can_be_captured():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0 and "captured ok" in result.stdout, result.stderr[-2000:]
+
+
+def test_layout_after_a_larger_call():
+    """A call with fewer bins after one with more reuses the workspace correctly."""
+    big = torch.randint(-1, 256, (20000, 8), device="cuda")
+    ops.get_dispatch_layout(big, 256, 16, 2)
+    for num_tokens in (300, 1000, 5000):
+        small = torch.randint(-1, 8, (num_tokens, 2), device="cuda")
+        got = ops.get_dispatch_layout(small, 8, 2)
+        want = reference.get_dispatch_layout(small, 8, 2, 1)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), num_tokens
