@@ -35,6 +35,22 @@ def spawn(run, num_ranks: int, args) -> int:
     return 0
 
 
+def init_rank(rank: int, num_ranks: int, port: int, *, require_cuda: bool = False) -> torch.device:
+    """Join the process group: NCCL with one GPU per rank when there are enough, else gloo."""
+    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= num_ranks
+    if require_cuda and not use_cuda:
+        raise RuntimeError(f"needs {num_ranks} CUDA GPUs (one per rank)")
+    if use_cuda:
+        torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+        world_size=num_ranks, **({"device_id": device} if use_cuda else {}),
+    )
+    torch.set_num_threads(1)
+    return device
+
+
 def finish(ok: bool, buffer, device: torch.device) -> None:
     """Agree on success across ranks, tear down, and exit non-zero on any rank's failure."""
     flag = torch.tensor([int(ok)], device=device)

@@ -23,7 +23,7 @@ import argparse
 import sys
 import time
 
-from _launch import finish, relative_error, spawn  # noqa: E402  (sets transport env first)
+from _launch import finish, init_rank, relative_error, spawn  # noqa: E402  (sets transport env first)
 
 import torch
 import torch.distributed as dist
@@ -52,20 +52,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-
 def run(rank: int, num_ranks: int, args, port: int) -> None:
     from deep_ep_ops import Buffer
     from deep_ep_ops.nn import ExampleMoE, MoEDispatcher, buffer_size_hints
 
-    use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= num_ranks
-    if use_cuda:
-        torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    dist.init_process_group(
-        "nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-        world_size=num_ranks, **({"device_id": device} if use_cuda else {}),
-    )
-    torch.set_num_threads(1)
+    device = init_rank(rank, num_ranks, port)
+    use_cuda = device.type == "cuda"
     torch._inductor.config.compile_threads = 1  # the ranks share the machine's cores
     dtype = DTYPES[args.dtype]
     num_experts = args.experts_per_rank * num_ranks

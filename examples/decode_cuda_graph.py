@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _launch import finish, relative_error, spawn  # noqa: E402  (sets transport env first)
+from _launch import finish, init_rank, relative_error, spawn  # noqa: E402  (sets transport env first)
 
 import torch
 import torch.distributed as dist
@@ -41,17 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-
 def run(rank: int, num_ranks: int, args, port: int) -> None:
     from deep_ep_ops import Buffer
     from deep_ep_ops.nn import ExampleMoE, MoEDispatcher, buffer_size_hints
 
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group(
-        "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=num_ranks,
-        device_id=device,
-    )
+    device = init_rank(rank, num_ranks, port, require_cuda=True)
     num_experts = args.experts_per_rank * num_ranks
     M = args.tokens
     _, num_rdma_bytes = buffer_size_hints(
