@@ -53,6 +53,8 @@ def init_rank(rank: int, num_ranks: int, port: int, *, require_cuda: bool = Fals
 
 def finish(ok: bool, buffer, device: torch.device) -> None:
     """Agree on success across ranks, tear down, and exit non-zero on any rank's failure."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     flag = torch.tensor([int(ok)], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     buffer.destroy()

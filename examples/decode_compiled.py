@@ -105,7 +105,9 @@ def run(rank: int, num_ranks: int, args, port: int) -> None:
                       f"max|compiled - eager|/max|eager| = {error:.1e}"
                       + ("" if step_ok else f"  MISMATCH (tolerance {tolerance:g})"), flush=True)
     torch.compiler.set_stance("default")
-
+    # Drop the compiled graphs (CUDA graphs included) before the communicators go away.
+    del compiled
+    torch.compiler.reset()
     finish(ok, buffer, device)
     if rank == 0:
         print(f"OK: {args.steps} compiled decode steps match eager on every rank")

@@ -95,16 +95,17 @@ def run(rank: int, num_ranks: int, args, port: int) -> None:
                       f"{' (bit-identical)' if torch.equal(replayed, expected) else ''}"
                       + ("" if step_ok else f"  MISMATCH (tolerance {TOLERANCE:g})"), flush=True)
 
+        # Every rank replays: the graph holds collectives, so a rank replaying alone would wait
+        # for its peers forever.
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(10):
+            graph.replay()
+        end.record()
+        end.synchronize()
         if rank == 0:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(10):
-                graph.replay()
-            end.record()
-            end.synchronize()
             print(f"graph replay: {start.elapsed_time(end) / 10 * 1e3:.0f} us per decode step "
                   "(rank 0)", flush=True)
-        dist.barrier()
 
     del graph  # release the captured pools before the buffer goes
     finish(ok, buffer, device)
