@@ -50,12 +50,10 @@ class Communicator:
     # Peer tracking for timeout messages: every op call publishes this rank's call count.
     store: dist.Store | None = None
     num_calls: int = 0
-    last_op: str = ""
 
     def enter(self, op: str) -> None:
         """Mark the start of a collective op, so that a timeout can name the lagging peers."""
         self.num_calls += 1
-        self.last_op = op
         if self.store is not None:
             self.store.set(self._key(self.rank), f"{self.num_calls}:{op}")
 
@@ -123,6 +121,3 @@ def get(name: str) -> Communicator:
 def remove(name: str) -> None:
     _COMMUNICATORS.pop(name, None)
 
-
-def live_names() -> list[str]:
-    return list(_COMMUNICATORS)
