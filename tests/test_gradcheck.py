@@ -320,6 +320,19 @@ def _close(name, actual, expected) -> list[str]:
     return [f"{name}: max abs error {(actual - expected).abs().max().item():.3e}"]
 
 
+def _compare_to_dense(rank, combined, x, w, local_w, xs, topk, ws, expert_w, grads_out):
+    """Failures of this rank's MoE forward and gradients against the dense reference."""
+    outs, x_grads, w_grads, expert_grad = _dense_reference(xs, topk, ws, expert_w, grads_out)
+    num_local = local_w.size(0)
+    return (
+        _close("combined_x", combined.detach(), outs[rank])
+        + _close("grad x", x.grad, x_grads[rank])
+        + _close("grad topk_weights", w.grad, w_grads[rank])
+        + _close("grad expert weights", local_w.grad,
+                 expert_grad[rank * num_local : (rank + 1) * num_local])
+    )
+
+
 def _normal_moe_job(rank, num_ranks, capacity):
     buf = new_test_buffer()
     num_tokens, hidden, num_topk, num_experts = 6, 8, 3, 8
@@ -344,16 +357,8 @@ def _normal_moe_job(rank, num_ranks, capacity):
     combined = ops.combine(buf.name, y, out.handle, config=CONFIG).combined_x
     (combined * grads_out[rank]).sum().backward()
 
-    outs, x_grads, w_grads, expert_grad = _dense_reference(xs, topk, ws, expert_w, grads_out)
-    failures = (
-        _close("combined_x", combined.detach(), outs[rank])
-        + _close("grad x", x.grad, x_grads[rank])
-        + _close("grad topk_weights", w.grad, w_grads[rank])
-        + _close("grad expert weights", local_w.grad,
-                 expert_grad[rank * num_local : (rank + 1) * num_local])
-    )
     buf.destroy()
-    return failures
+    return _compare_to_dense(rank, combined, x, w, local_w, xs, topk, ws, expert_w, grads_out)
 
 
 @pytest.mark.parametrize("capacity", [False, True], ids=["data_dependent", "capacity"])
@@ -384,16 +389,8 @@ def _low_latency_moe_job(rank, num_ranks):
     combined = ops.low_latency_combine(buf.name, y, topk[rank], w, out.handle)
     (combined * grads_out[rank]).sum().backward()
 
-    outs, x_grads, w_grads, expert_grad = _dense_reference(xs, topk, ws, expert_w, grads_out)
-    failures = (
-        _close("combined_x", combined.detach(), outs[rank])
-        + _close("grad x", x.grad, x_grads[rank])
-        + _close("grad topk_weights", w.grad, w_grads[rank])
-        + _close("grad expert weights", local_w.grad,
-                 expert_grad[rank * num_local : (rank + 1) * num_local])
-    )
     buf.destroy()
-    return failures
+    return _compare_to_dense(rank, combined, x, w, local_w, xs, topk, ws, expert_w, grads_out)
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 4])
