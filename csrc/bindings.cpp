@@ -10,11 +10,17 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <chrono>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
+#include <vector>
 
 #include "kernels/api.h"
+#include "runtime.h"
 
 namespace deep_ep_ops {
 namespace {
@@ -60,24 +66,54 @@ DeviceState& device_state(int device) {
   DeviceState& state = states[device];
   if (state.error_host == nullptr) {
     RelaxedCapture relaxed;
-    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state.error_host), sizeof(int),
-                                 cudaHostAllocMapped));
-    *state.error_host = kErrorNone;
+    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state.error_host),
+                                 sizeof(int) * kErrorWordInts, cudaHostAllocMapped));
+    for (int i = 0; i < kErrorWordInts; ++i) state.error_host[i] = kErrorNone;
     C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&state.error_device),
                                             state.error_host, 0));
   }
   return state;
 }
 
+const char* op_name(int op) {
+  switch (op) {
+    case kOpDispatch: return "deep_ep::dispatch";
+    case kOpCapacityDispatch: return "deep_ep::capacity_dispatch";
+    case kOpCachedDispatch: return "deep_ep::cached_dispatch";
+    case kOpCombine: return "deep_ep::combine";
+    default: return "deep_ep::get_dispatch_layout";
+  }
+}
+
+void mark_broken(int device);
+
 // Raise (once) an error a kernel reported since the last call; returns the device word.
 int* checked_error_word(const char* op, int device) {
   DeviceState& state = device_state(device);
-  const int code = *reinterpret_cast<volatile int*>(state.error_host);
+  volatile int* word = state.error_host;
+  const int code = word[0];
   if (code != kErrorNone) {
-    *state.error_host = kErrorNone;
+    const int reporter = word[1], peer = word[2], value = word[3];
+    word[0] = kErrorNone;
+    const std::string where = std::string(op_name(reporter)) + " on cuda:" + num(device);
     TORCH_CHECK_VALUE(code != kErrorExpertOutOfRange, "deep_ep::", op,
                       ": an earlier call on cuda:", num(device),
                       " saw topk_idx entries outside [-1, num_experts); its results are invalid");
+    TORCH_CHECK_VALUE(code != kErrorCapacity, where, ": this rank receives ", num(value),
+                      " rows, more than num_worst_tokens; rows past it were dropped "
+                      "(reported at the next call: capacity mode does not synchronise)");
+    TORCH_CHECK_VALUE(code != kErrorCountMismatch, where,
+                      ": num_tokens_per_rank disagrees with is_token_in_rank (rank ", num(peer),
+                      " gets ", num(value), " tokens)");
+    TORCH_CHECK_VALUE(code != kErrorBadHandle, where,
+                      ": the handle's send_head and rank_prefix_matrix do not come from one "
+                      "dispatch");
+    if (code == kErrorTimeout) {
+      mark_broken(device);
+      TORCH_CHECK(false, where, ": timed out after ", num(value), " s waiting for rank ",
+                  num(peer), " (it never reached the matching call); every NVLink buffer on "
+                  "this device is unusable now. Set DEEP_EP_OPS_TIMEOUT_S to change the limit.");
+    }
     TORCH_CHECK(false, "deep_ep::", op, ": an earlier kernel reported error code ", num(code));
   }
   return state.error_device;
@@ -146,13 +182,567 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
   return {per_rank, per_rdma_rank, per_expert, in_rank};
 }
 
+
+// --- NVLink runtimes by buffer name ----------------------------------------------------------
+
+std::mutex runtime_mutex;
+// Leaked on purpose: nothing here may be destroyed after the interpreter (or CUDA) shut down.
+auto& runtimes = *new std::unordered_map<std::string, std::unique_ptr<NvlRuntime>>();
+auto& fallbacks = *new std::unordered_map<std::string, py::object>();
+
+void mark_broken(int device) {
+  std::lock_guard<std::mutex> lock(runtime_mutex);
+  for (auto& entry : runtimes)
+    if (entry.second->device == device) entry.second->broken = true;
+}
+
+NvlRuntime* find_runtime(const std::string& name) {
+  std::lock_guard<std::mutex> lock(runtime_mutex);
+  auto it = runtimes.find(name);
+  return it == runtimes.end() ? nullptr : it->second.get();
+}
+
+py::bytes intranode_create(const std::string& name, int device, int rank, int num_ranks,
+                           int64_t num_nvl_bytes, double timeout_s) {
+  TORCH_CHECK_VALUE(num_ranks >= 1 && num_ranks <= kMaxNvlRanks, "the NVLink runtime takes 1 to ",
+                    num(kMaxNvlRanks), " ranks, got ", num(num_ranks));
+  TORCH_CHECK_VALUE(find_runtime(name) == nullptr, "buffer ", name, " already has a runtime");
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  auto runtime = std::make_unique<NvlRuntime>(name, device, rank, num_ranks, num_nvl_bytes,
+                                              static_cast<uint64_t>(timeout_s * 1e9));
+  cudaIpcMemHandle_t handle;
+  const cudaError_t status = runtime->allocate(&handle);
+  if (status != cudaSuccess) runtime->release();
+  TORCH_CHECK(status == cudaSuccess, "buffer ", name, ": allocating ", num(num_nvl_bytes),
+              " NVLink bytes failed: ", cudaGetErrorString(status));
+  std::lock_guard<std::mutex> lock(runtime_mutex);
+  runtimes.emplace(name, std::move(runtime));
+  return py::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+}
+
+void intranode_open(const std::string& name, const std::vector<std::string>& handles) {
+  NvlRuntime* runtime = find_runtime(name);
+  TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", name, " has no NVLink runtime");
+  TORCH_CHECK_VALUE(static_cast<int>(handles.size()) == runtime->num_ranks, "expected ",
+                    num(runtime->num_ranks), " IPC handles, got ", num(handles.size()));
+  std::vector<cudaIpcMemHandle_t> ipc(handles.size());
+  for (size_t r = 0; r < handles.size(); ++r) {
+    TORCH_CHECK_VALUE(handles[r].size() == sizeof(cudaIpcMemHandle_t), "IPC handle of rank ",
+                      num(r), " has ", num(handles[r].size()), " bytes");
+    std::copy(handles[r].begin(), handles[r].end(), reinterpret_cast<char*>(&ipc[r]));
+  }
+  const cudaError_t status = runtime->open(ipc);
+  TORCH_CHECK(status == cudaSuccess, "buffer ", name, ": mapping the peers' NVLink buffers "
+              "failed (are all ranks on one host, with peer access?): ", cudaGetErrorString(status));
+}
+
+// Collective teardown (the caller synchronised the device and the peers): unmap and free.
+// With free_memory=false (garbage collection, interpreter exit) only forget the name: a peer
+// may still be writing into this memory, and the process exit frees it anyway.
+void intranode_destroy(const std::string& name, bool free_memory) {
+  std::unique_ptr<NvlRuntime> runtime;
+  {
+    std::lock_guard<std::mutex> lock(runtime_mutex);
+    auto it = runtimes.find(name);
+    if (it == runtimes.end()) return;
+    runtime = std::move(it->second);
+    runtimes.erase(it);
+  }
+  if (free_memory) {
+    runtime->release();
+  } else {
+    runtime.release();  // leak: see above
+  }
+}
+
+void set_fallback(const std::string& op, py::object fn) { fallbacks[op] = std::move(fn); }
+
+// Ops on a buffer without an NVLink runtime (gloo, more than 8 ranks, no peer access) run the
+// reference backend's Python implementation.
+template <typename Result, typename... Args>
+Result call_fallback(const char* op, Args&&... args) {
+  py::gil_scoped_acquire gil;
+  auto it = fallbacks.find(op);
+  TORCH_CHECK(it != fallbacks.end(), "deep_ep::", op, " has no reference fallback registered");
+  return it->second(std::forward<Args>(args)...).template cast<Result>();
+}
+
+void check_device_errors(int device) { checked_error_word("check_device_errors", device); }
+
+// --- argument checks (the fakes in meta/ make the same ones while tracing) ------------------
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t ndim,
+                  std::initializer_list<at::ScalarType> dtypes) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, name, " must have ", num(ndim), " dims, got shape ",
+                    shape(t));
+  const bool ok = std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) != dtypes.end();
+  TORCH_CHECK_TYPE(ok, name, " has unsupported dtype ", c10::toString(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor");
+}
+
+void check_rows(const at::Tensor& t, const char* name, int64_t rows, const char* what) {
+  TORCH_CHECK_VALUE(t.size(0) == rows, name, ".size(0) must equal ", what, " (", num(rows),
+                    "), got shape ", shape(t));
+}
+
+int check_config(c10::IntArrayRef config) {
+  TORCH_CHECK_VALUE(config.size() == 5, "config must have 5 ints (num_sms, nvl send/recv chunk, "
+                    "rdma send/recv chunk), got ", num(config.size()));
+  TORCH_CHECK_VALUE(config[0] >= 2 && config[0] % 2 == 0 && config[0] <= kMaxBlocks,
+                    "config.num_sms must be an even number in [2, ", num(kMaxBlocks), "], got ",
+                    num(config[0]));
+  for (size_t i = 1; i < config.size(); ++i)
+    TORCH_CHECK_VALUE(config[i] >= 1, "config values must be positive, got ", num(config[i]));
+  return static_cast<int>(config[0]);
+}
+
+// Config.get_nvl_buffer_size_hint (deep_ep_ops/config.py), the bound DeepEP users size by.
+int64_t nvl_buffer_size_hint(c10::IntArrayRef config, int64_t hidden_bytes, int64_t num_ranks) {
+  auto align = [](int64_t n) { return (n + 127) / 128 * 128; };
+  const int64_t ranks = std::min<int64_t>(num_ranks, kMaxNvlRanks), channels = config[0] / 2;
+  const int64_t token = align(hidden_bytes + 4 * ((hidden_bytes + 127) / 128) + 16 * (8 + 4) + 4);
+  const int64_t per_channel = ranks * (config[2] * token + 8);
+  return align(channels * per_channel + 4 * ranks * (ranks + 2 * channels));
+}
+
+// The runtime named `buffer`, checked for this call; nullptr: use the reference fallback.
+NvlRuntime* runtime_for(const char* op, const std::string& buffer, const at::Tensor& x,
+                        int64_t num_ranks, c10::IntArrayRef config) {
+  NvlRuntime* runtime = find_runtime(buffer);
+  if (runtime == nullptr) return nullptr;
+  TORCH_CHECK(!runtime->broken, "deep_ep::", op, ": buffer ", buffer,
+              " is unusable after a timeout; destroy it and create a new one");
+  TORCH_CHECK_VALUE(x.get_device() == runtime->device, "deep_ep::", op, ": tensors are on cuda:",
+                    num(x.get_device()), " but buffer ", buffer, " lives on cuda:",
+                    num(runtime->device));
+  TORCH_CHECK_VALUE(num_ranks == runtime->num_ranks, "deep_ep::", op, ": the inputs imply ",
+                    num(num_ranks), " ranks but buffer ", buffer, " has ",
+                    num(runtime->num_ranks));
+  const int64_t needed =
+      nvl_buffer_size_hint(config, x.size(1) * std::max<int64_t>(x.element_size(), 2), num_ranks);
+  TORCH_CHECK_VALUE(needed <= runtime->data_bytes, "deep_ep::", op, ": buffer ", buffer,
+                    " has num_nvl_bytes=", num(runtime->data_bytes), " but hidden=",
+                    num(x.size(1)), " with this config needs ", num(needed),
+                    " (Config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks))");
+  return runtime;
+}
+
+int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
+  int v = 16;
+  while (v > 1 && (row_bytes % v || reinterpret_cast<uintptr_t>(a) % v ||
+                   reinterpret_cast<uintptr_t>(b) % v))
+    v /= 2;
+  return v;
+}
+
+// Rows received, written by the notify kernel into mapped memory: the one host wait of the
+// data-dependent dispatch. Bounded, and it raises what the kernel reported.
+int64_t wait_num_recv(const NvlRuntime& runtime, const char* op) {
+  using clock = std::chrono::steady_clock;
+  const auto deadline = clock::now() + std::chrono::nanoseconds(runtime.timeout_ns) +
+                        std::chrono::seconds(10);
+  while (true) {
+    const int value = *runtime.num_recv_host;
+    if (value >= 0) return value;
+    checked_error_word(op, runtime.device);
+    TORCH_CHECK(value != -2, "deep_ep::", op, ": buffer ", runtime.name,
+                " is unusable after a timeout; destroy it and create a new one");
+    TORCH_CHECK(clock::now() < deadline, "deep_ep::", op, ": timed out waiting for the row "
+                "counts of buffer ", runtime.name, " (is an earlier kernel on this stream stuck?)");
+    std::this_thread::yield();
+  }
+}
+
+using DispatchResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+void check_payload(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+                   const c10::optional<at::Tensor>& topk_weights) {
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must have 2 dims, got shape ", shape(x));
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  const bool fp8 = x.scalar_type() == at::kFloat8_e4m3fn;
+  TORCH_CHECK_VALUE(!fp8 || x_scales.has_value(),
+                    "x is float8_e4m3fn, so x_scales must be given");
+  if (x_scales) {
+    TORCH_CHECK_VALUE(fp8, "x_scales is only valid with float8_e4m3fn x, got ",
+                      c10::toString(x.scalar_type()));
+    check_tensor(*x_scales, "x_scales", 2, {at::kFloat, at::kInt});
+    check_rows(*x_scales, "x_scales", x.size(0), "x.size(0)");
+  }
+  if (topk_weights) {
+    check_tensor(*topk_weights, "topk_weights", 2, {at::kFloat, at::kDouble});
+    check_rows(*topk_weights, "topk_weights", x.size(0), "x.size(0)");
+  }
+}
+
+DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
+                             const c10::optional<at::Tensor>& x_scales,
+                             const c10::optional<at::Tensor>& topk_idx,
+                             const c10::optional<at::Tensor>& topk_weights,
+                             const at::Tensor& num_tokens_per_rank,
+                             const at::Tensor& is_token_in_rank,
+                             const c10::optional<at::Tensor>& num_tokens_per_expert,
+                             c10::string_view buffer_view, int64_t expert_alignment,
+                             int64_t num_worst_tokens, c10::IntArrayRef config) {
+  const char* op = op_name(op_id) + 9;  // without "deep_ep::"
+  const std::string buffer(buffer_view.data(), buffer_view.size());
+  check_payload(x, x_scales, topk_weights);
+  check_tensor(is_token_in_rank, "is_token_in_rank", 2, {at::kBool});
+  check_rows(is_token_in_rank, "is_token_in_rank", x.size(0), "x.size(0)");
+  const int64_t num_tokens = x.size(0), num_ranks = is_token_in_rank.size(1);
+  check_tensor(num_tokens_per_rank, "num_tokens_per_rank", 1, {at::kInt});
+  check_rows(num_tokens_per_rank, "num_tokens_per_rank", num_ranks, "num_ranks");
+  TORCH_CHECK_VALUE(topk_idx.has_value() == topk_weights.has_value(),
+                    "topk_idx and topk_weights must be given together");
+  if (topk_idx) {
+    check_tensor(*topk_idx, "topk_idx", 2, {at::kLong});
+    check_rows(*topk_idx, "topk_idx", num_tokens, "x.size(0)");
+    TORCH_CHECK_VALUE(topk_weights->size(1) == topk_idx->size(1),
+                      "topk_weights.size(1) must equal topk_idx.size(1) (",
+                      num(topk_idx->size(1)), "), got shape ", shape(*topk_weights));
+    TORCH_CHECK_VALUE(num_tokens_per_expert.has_value(),
+                      "num_tokens_per_expert is needed with topk_idx");
+  }
+  if (num_tokens_per_expert) {
+    check_tensor(*num_tokens_per_expert, "num_tokens_per_expert", 1, {at::kInt});
+    TORCH_CHECK_VALUE(num_tokens_per_expert->size(0) % num_ranks == 0, "num_experts (",
+                      num(num_tokens_per_expert->size(0)), ") must be a multiple of num_ranks (",
+                      num(num_ranks), ")");
+  }
+  TORCH_CHECK_VALUE(expert_alignment >= 1, "expert_alignment must be >= 1, got ",
+                    num(expert_alignment));
+  const int num_sms = check_config(config);
+  NvlRuntime* runtime = runtime_for(op, buffer, x, num_ranks, config);
+  if (runtime == nullptr) {
+    const std::vector<int64_t> config_list(config.begin(), config.end());
+    if (op_id == kOpDispatch)
+      return call_fallback<DispatchResult>(op, x, x_scales, topk_idx, topk_weights,
+                                           num_tokens_per_rank, is_token_in_rank,
+                                           num_tokens_per_expert, buffer, expert_alignment,
+                                           config_list);
+    return call_fallback<DispatchResult>(op, x, x_scales, topk_idx, topk_weights,
+                                         num_tokens_per_rank, is_token_in_rank,
+                                         num_tokens_per_expert, buffer, expert_alignment,
+                                         num_worst_tokens, config_list);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  int* error = checked_error_word(op, runtime->device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
+  const int64_t channels = num_sms / 2;
+  const int64_t num_experts = num_tokens_per_expert ? num_tokens_per_expert->size(0) : 0;
+  const int64_t num_local = num_experts / num_ranks;
+  TORCH_CHECK_VALUE(num_ranks + channels + num_local <= kMaxNotifyInts, "deep_ep::", op, ": ",
+                    num(num_experts / num_ranks), " experts per rank is more than this build "
+                    "supports");
+  const auto i32 = x.options().dtype(at::kInt);
+  at::Tensor in_rank = is_token_in_rank.contiguous();
+  at::Tensor per_rank = num_tokens_per_rank.contiguous();
+  at::Tensor per_expert = num_tokens_per_expert ? num_tokens_per_expert->contiguous() : at::Tensor();
+  at::Tensor send_list = at::empty({num_ranks * num_tokens}, i32);
+  at::Tensor counts = at::empty({3 * num_ranks + 1}, i32);
+  at::Tensor send_head = at::empty({num_tokens, num_ranks}, i32);
+  at::Tensor channel_prefix = at::empty({num_ranks, channels}, i32);
+  at::Tensor rank_prefix = at::empty({num_ranks, num_ranks}, i32);
+  at::Tensor recv_channel_prefix = at::empty({num_ranks, channels}, i32);
+  at::Tensor recv_per_expert = at::empty({num_local}, i32);
+
+  const Intranode nvl = runtime->view(error, op_id);
+  DispatchLayoutArgs layout{};
+  layout.is_token_in_rank = in_rank.data_ptr<bool>();
+  layout.num_tokens_per_rank = per_rank.data_ptr<int>();
+  layout.num_tokens_per_expert = per_expert.defined() ? per_expert.data_ptr<int>() : nullptr;
+  layout.num_tokens = static_cast<int>(num_tokens);
+  layout.num_experts = static_cast<int>(num_experts);
+  layout.num_channels = static_cast<int>(channels);
+  layout.expert_alignment = static_cast<int>(expert_alignment);
+  layout.num_worst_tokens = num_worst_tokens;
+  layout.send_list = send_list.data_ptr<int>();
+  layout.send_head = send_head.data_ptr<int>();
+  layout.channel_prefix_matrix = channel_prefix.data_ptr<int>();
+  layout.rank_prefix_matrix = rank_prefix.data_ptr<int>();
+  layout.recv_channel_prefix_matrix = recv_channel_prefix.data_ptr<int>();
+  layout.num_recv_tokens_per_expert = recv_per_expert.data_ptr<int>();
+  layout.counts = counts.data_ptr<int>();
+  layout.num_recv_host = num_worst_tokens > 0 ? nullptr : runtime->num_recv_device;
+  if (num_worst_tokens == 0) *runtime->num_recv_host = -1;
+  C10_CUDA_CHECK(launch_dispatch_notify(nvl, layout, stream));
+  const int64_t num_rows = num_worst_tokens > 0 ? num_worst_tokens : wait_num_recv(*runtime, op);
+
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor scales = x_scales ? *x_scales : at::Tensor();
+  const at::Tensor topk = topk_idx ? topk_idx->contiguous() : at::Tensor();
+  const at::Tensor weights = topk_weights ? topk_weights->contiguous() : at::Tensor();
+  const int64_t num_topk = topk.defined() ? topk.size(1) : 0;
+  const int64_t num_scales = scales.defined() ? scales.size(1) : 0;
+  at::Tensor recv_x = at::empty({num_rows, x.size(1)}, x.options());
+  at::Tensor recv_scales = at::empty(
+      {num_rows, num_scales}, x.options().dtype(scales.defined() ? scales.scalar_type() : at::kFloat));
+  at::Tensor recv_topk = at::empty({num_rows, num_topk}, x.options().dtype(at::kLong));
+  at::Tensor recv_weights = at::empty(
+      {num_rows, num_topk},
+      x.options().dtype(weights.defined() ? weights.scalar_type() : at::kFloat));
+  at::Tensor recv_src = at::empty({num_rows}, i32);
+
+  DispatchDataArgs data{};
+  data.x = static_cast<const uint8_t*>(xc.data_ptr());
+  data.row_bytes = x.size(1) * x.element_size();
+  data.x_scales = scales.defined() ? static_cast<const uint32_t*>(scales.data_ptr()) : nullptr;
+  data.scale_stride_token = scales.defined() ? scales.stride(0) : 0;
+  data.scale_stride_group = scales.defined() ? scales.stride(1) : 0;
+  data.num_scales = static_cast<int>(num_scales);
+  data.topk_idx = topk.defined() ? topk.data_ptr<int64_t>() : nullptr;
+  data.topk_weights = weights.defined() ? static_cast<const uint8_t*>(weights.data_ptr()) : nullptr;
+  data.num_topk = static_cast<int>(num_topk);
+  data.weight_bytes = weights.defined() ? static_cast<int>(weights.element_size()) : 4;
+  data.num_local_experts = static_cast<int>(num_local);
+  data.num_tokens = static_cast<int>(num_tokens);
+  data.send_list = send_list.data_ptr<int>();
+  data.counts = counts.data_ptr<int>();
+  data.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+  data.recv_x_scales = static_cast<uint32_t*>(recv_scales.data_ptr());
+  data.recv_topk_idx = recv_topk.data_ptr<int64_t>();
+  data.recv_topk_weights = static_cast<uint8_t*>(recv_weights.data_ptr());
+  data.recv_src_idx = recv_src.data_ptr<int>();
+  data.num_recv_rows = num_rows;
+  data.fill_tail = num_worst_tokens > 0;
+  data.vector_bytes = vector_bytes(data.row_bytes, data.x, data.recv_x);
+  TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, dispatch_slot_bytes(data), num_sms) >= 1,
+                    "deep_ep::", op, ": buffer ", buffer, " is too small for rows of ",
+                    num(dispatch_slot_bytes(data)), " bytes with num_sms=", num(num_sms));
+  C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream));
+  return {recv_x, recv_scales, recv_topk, recv_weights, recv_per_expert, rank_prefix,
+          channel_prefix, recv_channel_prefix, recv_src, send_head};
+}
+
+DispatchResult dispatch(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+                        const c10::optional<at::Tensor>& topk_idx,
+                        const c10::optional<at::Tensor>& topk_weights,
+                        const at::Tensor& num_tokens_per_rank, const at::Tensor& is_token_in_rank,
+                        const c10::optional<at::Tensor>& num_tokens_per_expert,
+                        c10::string_view buffer, int64_t expert_alignment,
+                        c10::IntArrayRef config) {
+  return dispatch_impl(kOpDispatch, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                       is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, 0,
+                       config);
+}
+
+DispatchResult capacity_dispatch(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+                                 const c10::optional<at::Tensor>& topk_idx,
+                                 const c10::optional<at::Tensor>& topk_weights,
+                                 const at::Tensor& num_tokens_per_rank,
+                                 const at::Tensor& is_token_in_rank,
+                                 const c10::optional<at::Tensor>& num_tokens_per_expert,
+                                 c10::string_view buffer, int64_t expert_alignment,
+                                 int64_t num_worst_tokens, c10::IntArrayRef config) {
+  TORCH_CHECK_VALUE(num_worst_tokens >= 1, "num_worst_tokens must be >= 1, got ",
+                    num(num_worst_tokens));
+  return dispatch_impl(kOpCapacityDispatch, x, x_scales, topk_idx, topk_weights,
+                       num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, buffer,
+                       expert_alignment, num_worst_tokens, config);
+}
+
+void check_handle(const at::Tensor& rank_prefix_matrix, const at::Tensor& channel_prefix_matrix,
+                  const at::Tensor& recv_channel_prefix_matrix, const at::Tensor& recv_src_idx,
+                  const at::Tensor& is_token_in_rank, const at::Tensor& send_head,
+                  int64_t num_worst_tokens, c10::IntArrayRef config) {
+  check_tensor(is_token_in_rank, "handle.is_token_in_rank", 2, {at::kBool});
+  const int64_t num_tokens = is_token_in_rank.size(0), num_ranks = is_token_in_rank.size(1);
+  const int64_t channels = check_config(config) / 2;
+  const std::pair<const char*, const at::Tensor*> matrices[] = {
+      {"handle.rank_prefix_matrix", &rank_prefix_matrix},
+      {"handle.channel_prefix_matrix", &channel_prefix_matrix},
+      {"handle.recv_channel_prefix_matrix", &recv_channel_prefix_matrix},
+      {"handle.send_head", &send_head}};
+  const int64_t expected[][2] = {
+      {num_ranks, num_ranks}, {num_ranks, channels}, {num_ranks, channels}, {num_tokens, num_ranks}};
+  for (int i = 0; i < 4; ++i) {
+    const at::Tensor& t = *matrices[i].second;
+    check_tensor(t, matrices[i].first, 2, {at::kInt});
+    TORCH_CHECK_VALUE(t.size(0) == expected[i][0] && t.size(1) == expected[i][1],
+                      matrices[i].first, " must have shape (", num(expected[i][0]), ", ",
+                      num(expected[i][1]), ") (num_ranks=", num(num_ranks), ", channels=",
+                      num(channels), " from config.num_sms=", num(config[0]), "), got ",
+                      shape(t), ": handle and config mismatch");
+  }
+  check_tensor(recv_src_idx, "handle.recv_src_idx", 1, {at::kInt});
+  TORCH_CHECK_VALUE(num_worst_tokens >= 0, "num_worst_tokens must be >= 0, got ",
+                    num(num_worst_tokens));
+  if (num_worst_tokens > 0)
+    check_rows(recv_src_idx, "handle.recv_src_idx", num_worst_tokens, "num_worst_tokens");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch(
+    const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+    const c10::optional<at::Tensor>& topk_weights, const at::Tensor& rank_prefix_matrix,
+    const at::Tensor& channel_prefix_matrix, const at::Tensor& recv_channel_prefix_matrix,
+    const at::Tensor& recv_src_idx, const at::Tensor& is_token_in_rank,
+    const at::Tensor& send_head, c10::string_view buffer_view, int64_t num_worst_tokens,
+    c10::IntArrayRef config) {
+  const char* op = "cached_dispatch";
+  const std::string buffer(buffer_view.data(), buffer_view.size());
+  check_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+               recv_src_idx, is_token_in_rank, send_head, num_worst_tokens, config);
+  check_payload(x, x_scales, topk_weights);
+  check_rows(x, "x", is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)");
+  const int num_sms = static_cast<int>(config[0]);
+  const int64_t num_tokens = x.size(0), num_ranks = is_token_in_rank.size(1);
+  NvlRuntime* runtime = runtime_for(op, buffer, x, num_ranks, config);
+  if (runtime == nullptr)
+    return call_fallback<std::tuple<at::Tensor, at::Tensor, at::Tensor>>(
+        op, x, x_scales, topk_weights, rank_prefix_matrix, channel_prefix_matrix,
+        recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+        num_worst_tokens, std::vector<int64_t>(config.begin(), config.end()));
+  const c10::cuda::CUDAGuard guard(x.device());
+  int* error = checked_error_word(op, runtime->device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
+  const Intranode nvl = runtime->view(error, kOpCachedDispatch);
+  const auto i32 = x.options().dtype(at::kInt);
+  const at::Tensor rank_prefix = rank_prefix_matrix.contiguous();
+  const at::Tensor head = send_head.contiguous();
+  at::Tensor send_list = at::empty({num_ranks * num_tokens}, i32);
+  at::Tensor counts = at::empty({3 * num_ranks + 1}, i32);
+  C10_CUDA_CHECK(launch_handle_counts(nvl, rank_prefix.data_ptr<int>(), head.data_ptr<int>(),
+                                      static_cast<int>(num_tokens), send_list.data_ptr<int>(),
+                                      counts.data_ptr<int>(), stream));
+  const int64_t num_rows = recv_src_idx.size(0);
+  const at::Tensor xc = x.contiguous();
+  const at::Tensor scales = x_scales ? *x_scales : at::Tensor();
+  const at::Tensor weights = topk_weights ? topk_weights->contiguous() : at::Tensor();
+  const int64_t num_scales = scales.defined() ? scales.size(1) : 0;
+  const int64_t num_topk = weights.defined() ? weights.size(1) : 0;
+  at::Tensor recv_x = at::empty({num_rows, x.size(1)}, x.options());
+  at::Tensor recv_scales = at::empty(
+      {num_rows, num_scales}, x.options().dtype(scales.defined() ? scales.scalar_type() : at::kFloat));
+  at::Tensor recv_weights = at::empty(
+      {num_rows, num_topk},
+      x.options().dtype(weights.defined() ? weights.scalar_type() : at::kFloat));
+
+  DispatchDataArgs data{};
+  data.x = static_cast<const uint8_t*>(xc.data_ptr());
+  data.row_bytes = x.size(1) * x.element_size();
+  data.x_scales = scales.defined() ? static_cast<const uint32_t*>(scales.data_ptr()) : nullptr;
+  data.scale_stride_token = scales.defined() ? scales.stride(0) : 0;
+  data.scale_stride_group = scales.defined() ? scales.stride(1) : 0;
+  data.num_scales = static_cast<int>(num_scales);
+  data.topk_weights = weights.defined() ? static_cast<const uint8_t*>(weights.data_ptr()) : nullptr;
+  data.num_topk = static_cast<int>(num_topk);
+  data.weight_bytes = weights.defined() ? static_cast<int>(weights.element_size()) : 4;
+  data.num_tokens = static_cast<int>(num_tokens);
+  data.send_list = send_list.data_ptr<int>();
+  data.counts = counts.data_ptr<int>();
+  data.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+  data.recv_x_scales = static_cast<uint32_t*>(recv_scales.data_ptr());
+  data.recv_topk_weights = static_cast<uint8_t*>(recv_weights.data_ptr());
+  data.num_recv_rows = num_rows;
+  data.fill_tail = num_worst_tokens > 0;
+  data.vector_bytes = vector_bytes(data.row_bytes, data.x, data.recv_x);
+  TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, dispatch_slot_bytes(data), num_sms) >= 1,
+                    "deep_ep::", op, ": buffer ", buffer, " is too small for rows of ",
+                    num(dispatch_slot_bytes(data)), " bytes with num_sms=", num(num_sms));
+  C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream));
+  return {recv_x, recv_scales, recv_weights};
+}
+
+std::tuple<at::Tensor, at::Tensor> combine(
+    const at::Tensor& x, const c10::optional<at::Tensor>& topk_weights,
+    const c10::optional<at::Tensor>& bias_0, const c10::optional<at::Tensor>& bias_1,
+    const at::Tensor& rank_prefix_matrix, const at::Tensor& channel_prefix_matrix,
+    const at::Tensor& recv_channel_prefix_matrix, const at::Tensor& recv_src_idx,
+    const at::Tensor& is_token_in_rank, const at::Tensor& send_head,
+    c10::string_view buffer_view, int64_t num_worst_tokens, c10::IntArrayRef config) {
+  const char* op = "combine";
+  const std::string buffer(buffer_view.data(), buffer_view.size());
+  check_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+               recv_src_idx, is_token_in_rank, send_head, num_worst_tokens, config);
+  check_tensor(x, "x", 2, {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble});
+  check_rows(x, "x", recv_src_idx.size(0), "handle.recv_src_idx.size(0)");
+  const int64_t num_tokens = is_token_in_rank.size(0), num_ranks = is_token_in_rank.size(1);
+  if (topk_weights) {
+    check_tensor(*topk_weights, "topk_weights", 2, {at::kFloat, at::kDouble});
+    check_rows(*topk_weights, "topk_weights", x.size(0), "x.size(0)");
+  }
+  const std::pair<const char*, const c10::optional<at::Tensor>*> biases[] = {
+      {"bias_0", &bias_0}, {"bias_1", &bias_1}};
+  for (const auto& bias : biases) {
+    if (!bias.second->has_value()) continue;
+    const at::Tensor& b = **bias.second;
+    check_tensor(b, bias.first, 2, {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble});
+    TORCH_CHECK_VALUE(b.size(0) == num_tokens && b.size(1) == x.size(1), bias.first,
+                      " must have shape (num_tokens, hidden) = (", num(num_tokens), ", ",
+                      num(x.size(1)), "), got ", shape(b));
+  }
+  const int num_sms = check_config(config);
+  NvlRuntime* runtime = runtime_for(op, buffer, x, num_ranks, config);
+  if (runtime == nullptr)
+    return call_fallback<std::tuple<at::Tensor, at::Tensor>>(
+        op, x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
+        recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+        num_worst_tokens, std::vector<int64_t>(config.begin(), config.end()));
+  const c10::cuda::CUDAGuard guard(x.device());
+  int* error = checked_error_word(op, runtime->device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
+  const Intranode nvl = runtime->view(error, kOpCombine);
+  at::Tensor xc = x.contiguous();
+  if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();
+  const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto as_acc = [&](const c10::optional<at::Tensor>& b) {
+    return b ? b->to(acc).contiguous() : at::Tensor();
+  };
+  const at::Tensor b0 = as_acc(bias_0), b1 = as_acc(bias_1);
+  const at::Tensor weights = topk_weights ? topk_weights->contiguous() : at::Tensor();
+  const at::Tensor rank_prefix = rank_prefix_matrix.contiguous();
+  const at::Tensor src_idx = recv_src_idx.contiguous();
+  const at::Tensor head = send_head.contiguous();
+  at::Tensor combined = at::empty({num_tokens, x.size(1)}, x.options());
+  at::Tensor combined_weights = at::empty(
+      {num_tokens, weights.defined() ? weights.size(1) : 0},
+      x.options().dtype(weights.defined() ? weights.scalar_type() : at::kFloat));
+
+  CombineArgs args{};
+  args.x = static_cast<const uint8_t*>(xc.data_ptr());
+  args.hidden = static_cast<int>(x.size(1));
+  args.kind = x.scalar_type() == at::kBFloat16 ? kBFloat16
+            : x.scalar_type() == at::kHalf ? kFloat16
+            : x.scalar_type() == at::kFloat ? kFloat32 : kFloat64;
+  args.num_rows = x.size(0);
+  args.topk_weights = weights.defined() ? static_cast<const uint8_t*>(weights.data_ptr()) : nullptr;
+  args.num_topk = weights.defined() ? static_cast<int>(weights.size(1)) : 0;
+  args.weight_bytes = weights.defined() ? static_cast<int>(weights.element_size()) : 4;
+  args.bias_0 = b0.defined() ? b0.data_ptr() : nullptr;
+  args.bias_1 = b1.defined() ? b1.data_ptr() : nullptr;
+  args.rank_prefix_matrix = rank_prefix.data_ptr<int>();
+  args.recv_src_idx = src_idx.data_ptr<int>();
+  args.send_head = head.data_ptr<int>();
+  args.num_tokens = static_cast<int>(num_tokens);
+  args.combined_x = static_cast<uint8_t*>(combined.data_ptr());
+  args.combined_topk_weights = static_cast<uint8_t*>(combined_weights.data_ptr());
+  TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, combine_slot_bytes(args), num_sms) >= 1,
+                    "deep_ep::combine: buffer ", buffer, " is too small for rows of ",
+                    num(combine_slot_bytes(args)), " bytes with num_sms=", num(num_sms));
+  C10_CUDA_CHECK(launch_combine(nvl, args, num_sms, stream));
+  return {combined, combined_weights};
+}
 }  // namespace
 }  // namespace deep_ep_ops
 
 TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
   m.impl("get_dispatch_layout", &deep_ep_ops::get_dispatch_layout);
+  m.impl("dispatch", &deep_ep_ops::dispatch);
+  m.impl("capacity_dispatch", &deep_ep_ops::capacity_dispatch);
+  m.impl("cached_dispatch", &deep_ep_ops::cached_dispatch);
+  m.impl("combine", &deep_ep_ops::combine);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA kernels of deep_ep_ops (registered for the deep_ep ops on import)";
+  module.def("intranode_create", &deep_ep_ops::intranode_create,
+             "Allocate a buffer's NVLink memory; returns its IPC handle");
+  module.def("intranode_open", &deep_ep_ops::intranode_open,
+             "Map the peers' NVLink memory (IPC handles indexed by rank)");
+  module.def("intranode_destroy", &deep_ep_ops::intranode_destroy,
+             "Forget a buffer's runtime; free its memory when free_memory is true");
+  module.def("set_fallback", &deep_ep_ops::set_fallback,
+             "Python implementation of an op for buffers without an NVLink runtime");
+  module.def("check_device_errors", &deep_ep_ops::check_device_errors,
+             "Raise an error a kernel on this device reported since the last op call");
 }

@@ -12,6 +12,11 @@ reference.register(_library.LIB, "CPU")
 # CUDA ops without a kernel in the extension (all of them without it) run the same reference
 # code over NCCL.
 _build.CUDA_REFERENCE_OPS = tuple(reference.register(_library.LIB, "CUDA"))
+if _build.HAS_CUDA_KERNELS:
+    # Buffers without an NVLink runtime (gloo groups, more than 8 ranks) take the reference
+    # path from inside the CUDA kernels' bindings.
+    for _name in ("dispatch", "capacity_dispatch", "cached_dispatch", "combine"):
+        _build._C.set_fallback(_name, getattr(reference, _name))
 _autograd.register()
 
 from .buffer import Buffer, EventOverlap  # noqa: E402

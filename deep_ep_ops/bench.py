@@ -5,9 +5,15 @@ CPU, NCCL with one GPU per rank on CUDA), builds a ``deep_ep_ops.Buffer``, route
 (top-k of random scores) and times, per tokens-per-rank value:
 
 - normal mode: ``get_dispatch_layout``, dispatch BF16, dispatch FP8 (``x`` and scales from
-  ``per_token_cast_to_fp8``), combine BF16;
+  ``per_token_cast_to_fp8``), combine BF16; dispatch and combine once per SM count of
+  ``--num-sms`` (``Config(num_sms=n)`` from ``get_dispatch_config`` / ``get_combine_config``;
+  default 8 16 20 24 32 on GPUs, the default config on CPU);
 - low-latency mode: dispatch FP8, combine BF16, and the send/recv split (send, then receive)
   of both.
+
+Rank 0 also times the op layer's host cost: eager ``get_dispatch_layout`` calls on 128 tokens
+(through the wrapper and through ``torch.ops`` directly) against ``torch.add`` on the same
+tensor, CPU timers over back-to-back calls.
 
 Times are medians over ``--num-iters`` iterations after ``--num-warmup`` warm-up calls.
 Bandwidth counts the payload a rank receives, its own share included: ``2·hidden`` bytes per
@@ -15,12 +21,15 @@ BF16 row and ``hidden + 4·hidden/128`` per FP8 row; normal dispatch and combine
 received rows, low-latency ops the received ``(token, expert)`` rows (``sum(recv_count)``).
 
 On CUDA every op is also timed on the reference backend (``deep_ep_ops.reference`` called
-directly on the same CUDA tensors over NCCL) for a side-by-side ratio; on CPU both are the same
-code and the ratio column shows ``-``.
+directly on the same CUDA tensors over NCCL) for a side-by-side ratio; the reference does not
+depend on the SM count, so it is timed once per op and shown beside every SM row. On CPU both
+are the same code and the ratio columns show ``-``.
 
-The last thing written to stdout is the result table; ``--out DIR`` also writes it as
-``DIR/results.json`` and ``DIR/table.txt``, and ``--plot FILE.png`` draws bandwidth against
-tokens per rank.
+The last thing written to stdout is the report: the full table (one row per op, tokens and SM
+count), then a summary with one line per op (the best SM count within DESIGN.md §11's 24-SM
+budget, its time and GB/s against the target, and the speedup over the reference) and the host
+line. ``--out DIR`` also writes it as ``DIR/table.txt`` with ``DIR/results.json``, and
+``--plot FILE.png`` draws bandwidth against tokens per rank.
 """
 
 from __future__ import annotations
@@ -44,11 +53,27 @@ import torch.multiprocessing as mp
 
 from . import _build, ops, reference
 from .buffer import Buffer
-from .config import get_combine_config, get_dispatch_config
+from .config import Config, get_combine_config, get_dispatch_config
 
 NORMAL, LOW_LATENCY = "normal", "low-latency"
 MODES = (NORMAL, LOW_LATENCY)
 FP8_GROUP = 128  # channels per FP8 scale
+DEFAULT_NUM_SMS = get_dispatch_config(1).num_sms  # what a call without a config uses
+SM_BUDGET = 24  # DESIGN.md §11: the normal-mode targets hold with at most this many SMs
+
+# DESIGN.md §11 targets (4xH200, DeepSeek-V3 shapes): (unit, bound). "GB/s" is a lower bound on
+# bandwidth, "us" an upper bound on the median time.
+TARGETS = {
+    (NORMAL, "layout"): ("us", 20.0),
+    (NORMAL, "dispatch bf16"): ("GB/s", 365.0),
+    (NORMAL, "dispatch fp8"): ("GB/s", 360.0),
+    (NORMAL, "combine bf16"): ("GB/s", 445.0),
+    (LOW_LATENCY, "dispatch fp8"): ("us", 18.0),
+    (LOW_LATENCY, "combine bf16"): ("us", 30.0),
+}
+HOST_TARGET_US = 5.0  # op-layer host time per eager call, on top of a plain torch op
+HOST_TOKENS, HOST_REPEATS = 128, 5
+HOST_CALLS = {"cuda": 200, "cpu": 50}  # per timed block; on CPU the op computes as it goes
 
 # Transport settings for the GPU machines: NVLink multicast (NVLS) stays off. Set with
 # ``setdefault`` before the ranks spawn, so a value the user exported wins.
@@ -69,6 +94,7 @@ class Settings:
     num_ranks: int
     modes: tuple[str, ...]
     tokens: dict[str, tuple[int, ...]]  # tokens per rank to sweep, by mode
+    num_sms: tuple[int, ...]  # SM counts to sweep for normal-mode dispatch/combine, ascending
     hidden: int
     num_topk: int
     num_experts: int
@@ -87,11 +113,11 @@ class Settings:
 # DESIGN.md §11 shapes on GPUs; on CPU, small enough for a laptop (well under a minute).
 GPU_DEFAULTS = dict(
     hidden=7168, num_topk=8, num_experts=256, num_iters=100, num_warmup=20,
-    tokens={NORMAL: (4096,), LOW_LATENCY: (128,)},
+    tokens={NORMAL: (4096,), LOW_LATENCY: (128,)}, num_sms=(8, 16, 20, 24, 32),
 )
 CPU_DEFAULTS = dict(
     num_ranks=2, hidden=1024, num_topk=4, num_experts=32, num_iters=20, num_warmup=2,
-    tokens={NORMAL: (64, 128, 256), LOW_LATENCY: (32,)},
+    tokens={NORMAL: (64, 128, 256), LOW_LATENCY: (32,)}, num_sms=(DEFAULT_NUM_SMS,),
 )
 
 
@@ -101,9 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Time deep_ep dispatch/combine (normal and low-latency modes) on N spawned ranks. "
             "Defaults: DeepSeek-V3 shapes on GPUs (hidden 7168, top-8 of 256 experts, 4096 "
-            "tokens/rank normal, 128 low-latency, one rank per GPU); small shapes on CPU "
-            "(2 ranks, hidden 1024, top-4 of 32 experts, 64/128/256 tokens/rank normal, 32 "
-            "low-latency)."
+            "tokens/rank normal, 128 low-latency, one rank per GPU, SM sweep 8 16 20 24 32); "
+            "small shapes on CPU (2 ranks, hidden 1024, top-4 of 32 experts, 64/128/256 "
+            f"tokens/rank normal, 32 low-latency, {DEFAULT_NUM_SMS} SMs)."
         ),
     )
     parser.add_argument("--num-ranks", type=int, help="ranks to spawn (GPU: one per GPU; "
@@ -113,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokens", type=int, nargs="+", metavar="T",
                         help="tokens per rank to sweep, for every selected mode "
                              "(low-latency uses num_max_dispatch_tokens_per_rank = T)")
+    parser.add_argument("--num-sms", type=int, nargs="+", metavar="N",
+                        help="SM counts to sweep for normal-mode dispatch and combine (even, "
+                             ">= 2; Config(num_sms=N)); default: 8 16 20 24 32 on GPUs, "
+                             f"{DEFAULT_NUM_SMS} on CPU")
     parser.add_argument("--hidden", type=int, help="hidden size (a multiple of 128: FP8 ops)")
     parser.add_argument("--num-topk", type=int, help="experts per token")
     parser.add_argument("--num-experts", type=int, help="experts in all (divisible by ranks)")
@@ -152,7 +182,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
     else:
         tokens = {mode: tuple(args.tokens) for mode in modes}
     settings = Settings(
-        num_ranks=num_ranks, modes=modes, tokens=tokens, hidden=pick("hidden"),
+        num_ranks=num_ranks, modes=modes, tokens=tokens,
+        num_sms=tuple(sorted(set(pick("num_sms")))), hidden=pick("hidden"),
         num_topk=pick("num_topk"), num_experts=pick("num_experts"), num_iters=pick("num_iters"),
         num_warmup=pick("num_warmup"), backend=backend, seed=args.seed, plot=args.plot,
         out=args.out,
@@ -178,6 +209,14 @@ def _check_settings(s: Settings) -> Optional[str]:
                 f"({s.num_ranks}): every rank holds num_experts / num_ranks experts")
     if not 1 <= s.num_topk <= s.num_experts:
         return f"--num-topk must be in [1, num_experts={s.num_experts}], got {s.num_topk}"
+    bad_sms = [n for n in s.num_sms if n < 2 or n % 2]
+    if bad_sms:
+        return (f"--num-sms values must be even ints >= 2 (two SMs per channel), "
+                f"got {bad_sms[0]}")
+    if s.on_gpu:
+        available = torch.cuda.get_device_properties(0).multi_processor_count
+        if max(s.num_sms) > available:
+            return f"--num-sms {max(s.num_sms)} exceeds the GPU's {available} SMs"
     bad_tokens = [t for ts in s.tokens.values() for t in ts if t < 1]
     if bad_tokens:
         return f"--tokens must be positive, got {bad_tokens[0]}"
@@ -220,16 +259,32 @@ class _Backend:
 
 
 class OpsBackend(_Backend):
-    """Calls the ``deep_ep_ops.ops`` wrappers, i.e. whatever kernel the dispatcher picks."""
+    """Calls the ``deep_ep_ops.ops`` wrappers, i.e. whatever kernel the dispatcher picks.
+
+    With ``num_sms``, normal-mode dispatch and combine get ``Config(num_sms=num_sms, ...)`` from
+    ``get_dispatch_config`` / ``get_combine_config``; without, the wrappers' default config.
+    """
+
+    def __init__(self, buffer: str, num_ranks: int, num_experts: int, label: str,
+                 num_sms: Optional[int] = None):
+        super().__init__(buffer, num_ranks, num_experts, label)
+        self.num_sms = num_sms
+        self.dispatch_config: Optional[Config] = None
+        self.combine_config: Optional[Config] = None
+        if num_sms is not None:
+            self.dispatch_config = get_dispatch_config(num_ranks, num_sms)
+            self.combine_config = get_combine_config(num_ranks, num_sms)
 
     def get_dispatch_layout(self, topk_idx):
         return ops.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks)
 
     def dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
-        return ops.dispatch(self.buffer, x, layout, topk_idx, topk_weights, x_scales=x_scales)
+        return ops.dispatch(self.buffer, x, layout, topk_idx, topk_weights, x_scales=x_scales,
+                            config=self.dispatch_config)
 
     def combine(self, x, handle):
-        return ops.combine(self.buffer, x, handle)
+        # ``handle`` comes from ``dispatch`` of this backend: the same channel count.
+        return ops.combine(self.buffer, x, handle, config=self.combine_config)
 
     def low_latency_dispatch(self, x, topk_idx, num_max, use_fp8):
         return ops.low_latency_dispatch(
@@ -379,6 +434,7 @@ class Case:
     op: str
     row_bytes: Optional[Callable[[int], int]]  # payload bytes per received row, given hidden
     prepare: Callable[[_Backend, Inputs], Prepared]
+    sm_sweep: bool = False  # timed once per ``--num-sms`` value (normal dispatch and combine)
 
 
 def _prepare_layout(backend, inputs):
@@ -450,9 +506,9 @@ def _prepare_low_latency_combine(split: bool):
 
 CASES = (
     Case(NORMAL, "layout", None, _prepare_layout),
-    Case(NORMAL, "dispatch bf16", bf16_row_bytes, _prepare_dispatch(use_fp8=False)),
-    Case(NORMAL, "dispatch fp8", fp8_row_bytes, _prepare_dispatch(use_fp8=True)),
-    Case(NORMAL, "combine bf16", bf16_row_bytes, _prepare_combine),
+    Case(NORMAL, "dispatch bf16", bf16_row_bytes, _prepare_dispatch(use_fp8=False), True),
+    Case(NORMAL, "dispatch fp8", fp8_row_bytes, _prepare_dispatch(use_fp8=True), True),
+    Case(NORMAL, "combine bf16", bf16_row_bytes, _prepare_combine, True),
     Case(LOW_LATENCY, "dispatch fp8", fp8_row_bytes, _prepare_low_latency_dispatch(split=False)),
     Case(LOW_LATENCY, "combine bf16", bf16_row_bytes, _prepare_low_latency_combine(split=False)),
     Case(LOW_LATENCY, "dispatch fp8 send+recv", fp8_row_bytes,
@@ -539,7 +595,7 @@ class RankSample:
 
 def summarize(
     case: Case, phase_names: list[str], per_rank: list[RankSample], tokens: int, s: Settings,
-    label: str,
+    label: str, num_sms: Optional[int] = None,
 ) -> dict:
     """One result row from every rank's samples.
 
@@ -551,8 +607,9 @@ def summarize(
     medians = [statistics.median(t) for t in totals]
     median = max(medians)
     row = {
-        "op": case.op, "mode": case.mode, "tokens_per_rank": tokens, "hidden": s.hidden,
-        "num_topk": s.num_topk, "num_experts": s.num_experts, "num_ranks": s.num_ranks,
+        "op": case.op, "mode": case.mode, "tokens_per_rank": tokens, "num_sms": num_sms,
+        "hidden": s.hidden, "num_topk": s.num_topk, "num_experts": s.num_experts,
+        "num_ranks": s.num_ranks,
         "backend": label, "median_us": median * 1e6,
         "min_us": min(min(t) for t in totals) * 1e6, "max_us": max(max(t) for t in totals) * 1e6,
         "median_us_per_rank": [m * 1e6 for m in medians],
@@ -581,17 +638,26 @@ def _progress(rank: int, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def _create_buffer(group, s: Settings):
-    """A ``deep_ep_ops.Buffer`` sized for the largest call of this run."""
+def buffer_sizes(s: Settings) -> tuple[int, int]:
+    """``(num_nvl_bytes, num_rdma_bytes)`` for the largest call of this run: the max of the
+    size hints over every config swept (and the reference's default config)."""
     num_ranks = s.num_ranks
     hidden_bytes = bf16_row_bytes(s.hidden)  # BF16 is the widest payload
-    configs = (Buffer.get_dispatch_config(num_ranks), Buffer.get_combine_config(num_ranks))
+    configs = [get_dispatch_config(num_ranks), get_combine_config(num_ranks)]  # the reference's
+    for n in s.num_sms if NORMAL in s.modes else ():
+        configs += [get_dispatch_config(num_ranks, n), get_combine_config(num_ranks, n)]
     num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     if LOW_LATENCY in s.modes:
         num_rdma_bytes = max(num_rdma_bytes, Buffer.get_low_latency_rdma_size_hint(
             max(s.tokens[LOW_LATENCY]), s.hidden, num_ranks, s.num_experts
         ))
+    return num_nvl_bytes, num_rdma_bytes
+
+
+def _create_buffer(group, s: Settings):
+    """A ``deep_ep_ops.Buffer`` sized for the largest call of this run (every SM count)."""
+    num_nvl_bytes, num_rdma_bytes = buffer_sizes(s)
     return Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
                   low_latency_mode=True)
 
@@ -599,14 +665,22 @@ def _create_buffer(group, s: Settings):
 def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> list[dict]:
     """Time every selected case on this rank; every rank returns the same result rows."""
     label = backend_label(s.on_gpu)
-    backends = [OpsBackend(buffer.name, s.num_ranks, s.num_experts, label)]
+    reference_backend = None
     if s.on_gpu:
         # The side-by-side baseline (DESIGN.md §11): the reference over NCCL in this process.
-        backends.append(
-            ReferenceBackend(buffer.name, s.num_ranks, s.num_experts, "reference/nccl")
+        # It does not depend on the SM count: timed once per op, shown beside every SM row.
+        reference_backend = ReferenceBackend(
+            buffer.name, s.num_ranks, s.num_experts, "reference/nccl"
         )
+
+    def sm_counts(case: Case) -> tuple[Optional[int], ...]:
+        return s.num_sms if case.sm_sweep else (None,)
+
     work = [(mode, t) for mode in s.modes for t in s.tokens[mode]]
-    total = sum(len([c for c in CASES if c.mode == mode]) for mode, _ in work) * len(backends)
+    total = sum(
+        len(sm_counts(c)) + (reference_backend is not None)
+        for mode, _ in work for c in CASES if c.mode == mode
+    )
     step, results = 0, []
     for mode, tokens in work:
         inputs = make_inputs(tokens, s, rank, device)
@@ -614,39 +688,107 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
             # DeepEP needs this when one buffer serves normal and low-latency calls.
             ops.clean_low_latency_buffer(buffer.name, tokens, s.hidden, s.num_experts)
         for case in (c for c in CASES if c.mode == mode):
-            timed = []
-            for backend in backends:
+            ref = None
+            if reference_backend is not None:
                 step += 1
                 _progress(rank, f"[{step}/{total}] {mode} {case.op} tokens={tokens} "
-                                f"({backend.label}) ...")
-                timed.append(time_case(case, backend, inputs, s, device, group))
-            results.append(_with_reference(*timed))
+                                f"({reference_backend.label}) ...")
+                ref = time_case(case, reference_backend, inputs, s, device, group)
+            for n in sm_counts(case):
+                step += 1
+                sms = "" if n is None else f" sms={n}"
+                _progress(rank, f"[{step}/{total}] {mode} {case.op} tokens={tokens}{sms} "
+                                f"({label}) ...")
+                backend = OpsBackend(buffer.name, s.num_ranks, s.num_experts, label, n)
+                results.append(_with_reference(
+                    time_case(case, backend, inputs, s, device, group, n), ref
+                ))
     return results
 
 
-def time_case(case: Case, backend: _Backend, inputs: Inputs, s: Settings, device, group) -> dict:
+def time_case(
+    case: Case, backend: _Backend, inputs: Inputs, s: Settings, device, group,
+    num_sms: Optional[int] = None,
+) -> dict:
     """Set up and time ``case`` on every rank; every rank returns the same result row."""
     prepared = case.prepare(backend, inputs)
     samples = time_phases(prepared.phases, s.num_warmup, s.num_iters, device, group)
     gathered = [None] * s.num_ranks
     dist.all_gather_object(gathered, RankSample(samples, prepared.num_rows), group=group)
     names = [name for name, _ in prepared.phases]
-    return summarize(case, names, gathered, inputs.num_tokens, s, backend.label)
+    return summarize(case, names, gathered, inputs.num_tokens, s, backend.label, num_sms)
 
 
 def _with_reference(ours: dict, ref: Optional[dict] = None) -> dict:
-    """Attach the reference timing and ``ratio_vs_reference`` (ours/reference bandwidth).
+    """Attach the reference timing, ``ratio_vs_reference`` and ``gbps_ratio_vs_reference``.
 
-    The ratio is reference time / our time, which equals the bandwidth ratio (both move the
-    same rows) and also covers ops without a bandwidth, like the layout.
+    ``ratio_vs_reference`` is the speedup, reference time / our time; it also covers ops without
+    a bandwidth, like the layout. ``gbps_ratio_vs_reference`` is our GB/s / reference GB/s (the
+    same number where both received the same rows, as they do here).
     """
-    ours = dict(ours, reference_median_us=None, reference_gbps=None, ratio_vs_reference=None)
+    ours = dict(ours, reference_median_us=None, reference_gbps=None, ratio_vs_reference=None,
+                gbps_ratio_vs_reference=None)
     if ref is not None:
         ours.update(
             reference_median_us=ref["median_us"], reference_gbps=ref["gbps"],
             ratio_vs_reference=ref["median_us"] / ours["median_us"],
         )
+        if ours["gbps"] is not None and ref["gbps"]:
+            ours["gbps_ratio_vs_reference"] = ours["gbps"] / ref["gbps"]
     return ours
+
+
+def measure_host_overhead(s: Settings, device: torch.device) -> dict:
+    """Host time per eager call of a small op: the op layer against a plain ``torch.add``.
+
+    ``get_dispatch_layout`` on ``HOST_TOKENS`` tokens through the typed wrapper and through
+    ``torch.ops.deep_ep`` directly, and ``torch.add`` on the same ``topk_idx`` as the baseline
+    of a plain torch op. Each is called ``HOST_CALLS`` times back to back between CPU timer
+    reads, starting from an idle GPU (a synchronize before each block): the small kernels
+    finish faster than the host launches them, so the time is host time. The minimum over
+    ``HOST_REPEATS`` interleaved blocks is reported (least disturbed by other processes);
+    ``wall_us`` adds the final synchronize and shows whether the GPU kept up.
+    """
+    gen = torch.Generator().manual_seed(s.seed + 17)
+    scores = torch.randn((HOST_TOKENS, s.num_experts), generator=gen)
+    topk_idx = scores.topk(min(s.num_topk, s.num_experts), dim=-1).indices.to(device)
+    num_experts, num_ranks = s.num_experts, s.num_ranks
+    calls = {
+        "wrapper": lambda: ops.get_dispatch_layout(topk_idx, num_experts, num_ranks),
+        "torch.ops": lambda: torch.ops.deep_ep.get_dispatch_layout(
+            topk_idx, num_experts, num_ranks, 1),
+        "torch.add": lambda: torch.add(topk_idx, 1),
+    }
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    num_calls = HOST_CALLS.get(device.type, HOST_CALLS["cpu"])
+    host = {name: [] for name in calls}
+    wall = {name: [] for name in calls}
+    for fn in calls.values():  # warm-up: first-call dispatch caches, allocator
+        for _ in range(10):
+            fn()
+    for _ in range(HOST_REPEATS):
+        for name, fn in calls.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(num_calls):
+                fn()
+            launched = time.perf_counter()
+            sync()
+            done = time.perf_counter()
+            host[name].append((launched - start) / num_calls * 1e6)
+            wall[name].append((done - start) / num_calls * 1e6)
+    result = {
+        "device": device.type, "tokens": HOST_TOKENS, "calls": num_calls,
+        "repeats": HOST_REPEATS,
+        "host_us": {name: min(v) for name, v in host.items()},
+        "wall_us": {name: min(v) for name, v in wall.items()},
+        "target_us": HOST_TARGET_US,
+    }
+    baseline = result["host_us"]["torch.add"]
+    result["overhead_us"] = {
+        name: result["host_us"][name] - baseline for name in ("wrapper", "torch.ops")
+    }
+    return result
 
 
 def _available_cpus() -> int:
@@ -673,6 +815,10 @@ def _rank_main(rank: int, s: Settings, port: int, result_path: str) -> None:
     buffer = _create_buffer(group, s)
     try:
         results = run_cases(rank, s, group, device, buffer)
+        host = None
+        if rank == 0:  # the others wait in the next collective
+            _progress(rank, "host time per eager call ...")
+            host = measure_host_overhead(s, device)
     finally:
         buffer.destroy()
     if rank == 0:
@@ -683,6 +829,7 @@ def _rank_main(rank: int, s: Settings, port: int, result_path: str) -> None:
             "build_info": _build.build_info(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "results": results,
+            "host": host,
         }
         with open(result_path, "w") as f:
             json.dump(report, f, indent=1)
@@ -709,26 +856,27 @@ def launch(s: Settings) -> dict:
 
 # --- output -----------------------------------------------------------------------------------
 
-TABLE_COLUMNS = ("op", "mode", "tokens/rank", "hidden", "median us", "GB/s", "backend", "vs ref")
+TABLE_COLUMNS = (
+    "op", "mode", "tokens/rank", "SMs", "median us", "GB/s", "backend", "ref us", "ref GB/s",
+    "vs ref",
+)
+SUMMARY_COLUMNS = (
+    "op", "mode", "tokens/rank", "best SMs", "median us", "GB/s", "target", "vs target",
+    "ref us", "speedup",
+)
 
 
 def _number(value: Optional[float], spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_table(report: dict) -> str:
-    """The result table: aligned columns separated by at least two spaces, ``-`` when n/a."""
-    s = report["settings"]
-    rows = [
-        (
-            r["op"], r["mode"], str(r["tokens_per_rank"]), str(r["hidden"]),
-            _number(r["median_us"], ".1f"), _number(r["gbps"], ".4g"), r["backend"],
-            "-" if r["ratio_vs_reference"] is None else f"{r['ratio_vs_reference']:.2f}x",
-        )
-        for r in report["results"]
-    ]
-    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(TABLE_COLUMNS)]
-    right = {2, 3, 4, 5, 7}  # numbers
+def _ratio(value: Optional[float], spec: str = ".2f") -> str:
+    return "-" if value is None else f"{value:{spec}}x"
+
+
+def _align_rows(columns: Sequence[str], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
+    """Header, rule and rows: columns separated by at least two spaces, numbers right-aligned."""
+    widths = [max(len(c), *(len(row[i]) for row in rows)) for i, c in enumerate(columns)]
 
     def line(cells):
         return "  ".join(
@@ -736,6 +884,22 @@ def format_table(report: dict) -> str:
             for i, (cell, w) in enumerate(zip(cells, widths))
         ).rstrip()
 
+    header = line(columns)
+    return [header, "-" * len(header), *(line(r) for r in rows)]
+
+
+def format_table(report: dict) -> str:
+    """The full result table: one row per op, tokens per rank and SM count; ``-`` when n/a."""
+    s = report["settings"]
+    rows = [
+        (
+            r["op"], r["mode"], str(r["tokens_per_rank"]), _number(r.get("num_sms"), "d"),
+            _number(r["median_us"], ".1f"), _number(r["gbps"], ".4g"), r["backend"],
+            _number(r["reference_median_us"], ".1f"), _number(r["reference_gbps"], ".4g"),
+            _ratio(r["ratio_vs_reference"]),
+        )
+        for r in report["results"]
+    ]
     title = (
         f"deep_ep_ops bench: {s['num_ranks']} rank{'s' * (s['num_ranks'] != 1)} "
         f"({report['device']}), hidden {s['hidden']}, top-{s['num_topk']} "
@@ -744,10 +908,94 @@ def format_table(report: dict) -> str:
     )
     legend = (
         "median us: max over ranks of each rank's median; GB/s: received payload per rank, own "
-        "share included; vs ref: reference time / ours"
+        "share included\nSMs: Config.num_sms; ref: the reference on NCCL (one run per op, shown "
+        "beside every SM count); vs ref: ref us / ours (= our GB/s / ref GB/s)"
     )
-    rule = "-" * len(line(TABLE_COLUMNS))
-    return "\n".join([title, legend, line(TABLE_COLUMNS), rule, *(line(r) for r in rows)])
+    return "\n".join([title, legend, *_align_rows(TABLE_COLUMNS, rows, {2, 3, 4, 5, 7, 8, 9})])
+
+
+def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
+    """One row per op with a DESIGN.md §11 target, at its best SM count.
+
+    Per mode, the tokens per rank of the targets (GPU defaults: 4096 normal, 128 low-latency)
+    where swept, else the largest swept. The best SM count is the fastest within
+    ``sm_budget`` (``over_budget`` is set when every swept count exceeds it: then the fastest
+    of all). ``vs_target`` is >= 1 when the target is met: GB/s / target for bandwidth
+    targets, target / median us for time targets.
+    """
+    swept: dict[str, set[int]] = {}
+    for r in report["results"]:
+        swept.setdefault(r["mode"], set()).add(r["tokens_per_rank"])
+    target_tokens = GPU_DEFAULTS["tokens"]
+    chosen = {
+        mode: target_tokens[mode][0] if target_tokens[mode][0] in ts else max(ts)
+        for mode, ts in swept.items()
+    }
+    groups: dict[tuple[str, str, int], list[dict]] = {}
+    for r in report["results"]:
+        if (r["mode"], r["op"]) in TARGETS and r["tokens_per_rank"] == chosen[r["mode"]]:
+            groups.setdefault((r["mode"], r["op"], r["tokens_per_rank"]), []).append(r)
+    summary = []
+    for (mode, op, tokens), rows in groups.items():
+        within = [r for r in rows if r.get("num_sms") is None or r["num_sms"] <= sm_budget]
+        best = min(within or rows, key=lambda r: r["median_us"])
+        unit, bound = TARGETS[(mode, op)]
+        if unit == "GB/s":
+            vs_target = None if best["gbps"] is None else best["gbps"] / bound
+        else:
+            vs_target = bound / best["median_us"]
+        summary.append({
+            "op": op, "mode": mode, "tokens_per_rank": tokens, "num_sms": best.get("num_sms"),
+            "over_budget": not within, "sm_budget": sm_budget, "median_us": best["median_us"],
+            "gbps": best["gbps"], "target": {"unit": unit, "bound": bound},
+            "vs_target": vs_target, "reference_median_us": best["reference_median_us"],
+            "speedup_vs_reference": best["ratio_vs_reference"],
+        })
+    return summary
+
+
+def _format_host(host: dict) -> str:
+    us, over = host["host_us"], host["overhead_us"]
+    return (
+        f"host: op-layer host us/call (eager get_dispatch_layout, {host['tokens']} tokens): "
+        f"wrapper {us['wrapper']:.1f}, torch.ops {us['torch.ops']:.1f}; torch.add "
+        f"{us['torch.add']:.1f} -> op layer adds {over['wrapper']:.1f} (wrapper) / "
+        f"{over['torch.ops']:.1f} (torch.ops), target <= {host['target_us']:g}"
+        + (" (CPU: includes the reference's compute)" if host.get("device") == "cpu" else "")
+    )
+
+
+def format_summary(report: dict) -> str:
+    """The short table: one line per op with a target, then the host line."""
+    summary = report.get("summary")
+    if summary is None:
+        summary = best_rows(report)
+    rows = []
+    for r in summary:
+        sms = "-" if r["num_sms"] is None else str(r["num_sms"])
+        if r["over_budget"]:
+            sms += f" (>{r['sm_budget']})"
+        unit, bound = r["target"]["unit"], r["target"]["bound"]
+        target = f">= {bound:g} GB/s" if unit == "GB/s" else f"<= {bound:g} us"
+        rows.append((
+            r["op"], r["mode"], str(r["tokens_per_rank"]), sms, _number(r["median_us"], ".1f"),
+            _number(r["gbps"], ".4g"), target, _ratio(r["vs_target"], ".3g"),
+            _number(r["reference_median_us"], ".1f"), _ratio(r["speedup_vs_reference"]),
+        ))
+    lines = [
+        f"summary: fastest SM count within {SM_BUDGET} SMs; targets of DESIGN.md §11 (4xH200, "
+        "4096 / 128 tokens per rank), vs target >= 1x meets it; speedup: ref us / ours",
+    ]
+    if rows:
+        lines += _align_rows(SUMMARY_COLUMNS, rows, {2, 4, 5, 7, 8, 9})
+    if report.get("host"):
+        lines.append(_format_host(report["host"]))
+    return "\n".join(lines)
+
+
+def format_report(report: dict) -> str:
+    """What the command prints last and writes to ``table.txt``: full table, then summary."""
+    return format_table(report) + "\n\n" + format_summary(report)
 
 
 def write_outputs(report: dict, table: str, out_dir: str) -> list[str]:
@@ -763,23 +1011,27 @@ def write_outputs(report: dict, table: str, out_dir: str) -> list[str]:
 
 
 def plot_bandwidth(report: dict, path: str) -> None:
-    """GB/s against tokens per rank, one line per op (the reference dashed, where timed)."""
+    """GB/s against tokens per rank, one line per op and SM count (the reference dashed, once
+    per op, where timed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[tuple[str, str], list[dict]] = {}
+    series: dict[tuple[str, str, Optional[int]], list[dict]] = {}
     for row in report["results"]:
         if row["gbps"] is not None:
-            series.setdefault((row["mode"], row["op"]), []).append(row)
+            series.setdefault((row["mode"], row["op"], row.get("num_sms")), []).append(row)
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for (mode, op), rows in series.items():
+    drawn_reference = set()
+    for (mode, op, num_sms), rows in series.items():
         rows = sorted(rows, key=lambda r: r["tokens_per_rank"])
         tokens = [r["tokens_per_rank"] for r in rows]
+        sms = "" if num_sms is None else f", {num_sms} SMs"
         (line,) = ax.plot(tokens, [r["gbps"] for r in rows], marker="o" if mode == NORMAL else "s",
-                          label=f"{mode} {op} ({rows[0]['backend']})")
-        if rows[0]["reference_gbps"] is not None:
+                          label=f"{mode} {op} ({rows[0]['backend']}{sms})")
+        if rows[0]["reference_gbps"] is not None and (mode, op) not in drawn_reference:
+            drawn_reference.add((mode, op))
             ax.plot(tokens, [r["reference_gbps"] for r in rows], marker="x", linestyle="--",
                     color=line.get_color(), label=f"{mode} {op} (reference baseline)")
     s = report["settings"]
@@ -808,7 +1060,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as error:
         print(f"deep_ep_ops.bench: a rank failed:\n{error}", file=sys.stderr)
         return 1
-    table = format_table(report)
+    report["summary"] = best_rows(report)
+    table = format_report(report)
     if settings.out:
         for path in write_outputs(report, table, settings.out):
             print(f"wrote {path}", file=sys.stderr)
@@ -816,7 +1069,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plot_bandwidth(report, settings.plot)
         print(f"wrote {settings.plot}", file=sys.stderr)
     print(f"done in {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    print(table, flush=True)  # the table is the last thing on stdout
+    print(table, flush=True)  # the tables are the last thing on stdout
     return 0
 
 

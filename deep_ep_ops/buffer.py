@@ -118,6 +118,28 @@ class Buffer:
         )
         self.name = self._comm.name
         self._destroyed = False
+        self._has_nvl_runtime = False
+        if self._wants_nvl_runtime():
+            self._create_nvl_runtime()
+
+    def _wants_nvl_runtime(self) -> bool:
+        """Normal-mode CUDA kernels need the extension, NCCL ranks on one NVLink domain and bytes."""
+        return (
+            _build.HAS_CUDA_KERNELS and self.device.type == "cuda" and self.num_nvl_bytes > 0
+            and self.group_size <= NUM_MAX_NVL_PEERS
+        )
+
+    def _create_nvl_runtime(self) -> None:
+        """Collective: allocate the NVLink buffer and map every peer's through CUDA IPC handles."""
+        timeout_s = self._comm.timeout.total_seconds()
+        handle = _build._C.intranode_create(
+            self.name, self.device.index, self.rank, self.group_size, self.num_nvl_bytes, timeout_s
+        )
+        handles: list = [None] * self.group_size
+        dist.all_gather_object(handles, handle, group=self.group)
+        _build._C.intranode_open(self.name, handles)
+        self._has_nvl_runtime = True
+        dist.barrier(group=self.group)
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -125,11 +147,18 @@ class Buffer:
         """Collectively release the buffer; later calls on it raise. Calling it twice is a no-op."""
         if self._destroyed:
             return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no kernel of ours still uses the memory
         dist.barrier(group=self.group)
-        self._release()
+        self._release(free_memory=True)
 
-    def _release(self) -> None:
+    def _release(self, free_memory: bool = False) -> None:
         self._destroyed = True
+        if self._has_nvl_runtime:
+            # Without the collective destroy a peer may still write here: only forget the name
+            # and leave the memory to the process exit.
+            _build._C.intranode_destroy(self.name, free_memory)
+            self._has_nvl_runtime = False
         _registry.remove(self.name)
         self._comm.workspace = torch.empty(0, dtype=torch.uint8)
         self._nvl_memory = None

@@ -11,7 +11,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
-from . import _registry
+from . import _build, _registry
 from .config import Config, get_combine_config, get_dispatch_config
 
 _ops = torch.ops.deep_ep
@@ -186,6 +186,19 @@ def combine(
         x, topk_weights, bias_0, bias_1, *_handle_tensors(handle), buffer,
         handle.num_worst_tokens, cfg,
     ))
+
+
+def check_device_errors(device: Optional[torch.device] = None) -> None:
+    """Raise an error a CUDA kernel reported since the last op call on ``device``.
+
+    Kernels report data errors (an expert id out of range, a capacity overflow) and timeouts
+    (a peer that never arrived) without a host sync; every op call raises them at its start,
+    and this raises them without an op. Call ``torch.cuda.synchronize()`` first to be sure the
+    kernels finished. A no-op without CUDA kernels.
+    """
+    if _build.HAS_CUDA_KERNELS and torch.cuda.is_available():
+        index = torch.device(device).index if device is not None else None
+        _build._C.check_device_errors(torch.cuda.current_device() if index is None else index)
 
 
 def _num_ranks(buffer: str) -> int:

@@ -1,0 +1,825 @@
+// Normal-mode dispatch and combine between the GPUs of one NVLink domain, through CUDA IPC
+// buffers. Torch-free: raw pointers and a stream; csrc/bindings.cpp checks and allocates.
+//
+// Every rank's NVLink allocation starts with a Control block, then the staging area: one
+// region per sending rank, split in two halves (double buffering), each half split in equal
+// sub-regions, one per block of the call. Block j of a sender only talks to block j of a
+// receiver, through two monotonic 64-bit counters per (pair, block): `ready` (rounds staged,
+// written by the sender into the receiver's control block) and `consumed` (rounds read back,
+// written by the receiver into the sender's). Counters live on the device and are never reset,
+// so eager calls and CUDA-graph replays interleave freely. A round moves up to
+// `rows_per_block` rows; the sender may run one round ahead of the receiver.
+//
+// Dispatch: notify (count rows per destination, exchange counts, derive the handle), then the
+// data kernel stages rows at their receivers in rounds of destination-row index; the receiver
+// copies them to their final place (source-rank-major, source-token order). Rows a rank sends
+// to itself are copied directly. Combine runs the other way in rounds of owner-token windows:
+// the expert rank stages each row at the slot of its source token, and the owner reduces its
+// tokens in fp32 over ranks in ascending order, exactly as the reference backend does.
+//
+// Waits read %globaltimer and give up after the timeout: the kernel records the op and the
+// peer in the error word, marks the buffer aborted (later kernels on it return at once) and
+// exits; the host raises.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "kernels/api.h"
+
+namespace deep_ep_ops {
+namespace {
+
+constexpr int kThreads = 1024;             // count and notify kernels
+constexpr int kWarps = kThreads / 32;
+constexpr int kDataThreads = 512;          // data kernels: room for registers
+constexpr int kDataWarps = kDataThreads / 32;
+constexpr int kMaxRowsPerBlock = 32;  // rows a block moves per round: pipelining granularity
+constexpr int kMaxChannels = kMaxBlocks / 2;
+
+struct Control {
+  uint64_t ready[kMaxNvlRanks][kMaxBlocks];     // [src][block]: rounds src staged here
+  uint64_t consumed[kMaxNvlRanks][kMaxBlocks];  // [dst][block]: rounds dst took from my staging
+  uint64_t sent[kMaxNvlRanks][kMaxBlocks];      // [dst][block]: rounds I staged at dst (local)
+  uint64_t received[kMaxNvlRanks][kMaxBlocks];  // [src][block]: rounds I took from src (local)
+  uint64_t barrier_signal[kMaxNvlRanks];        // [src]: barriers src entered
+  uint64_t barrier_epoch;                       // barriers I entered (local)
+  uint64_t notify_epoch;                        // count exchanges done (local)
+  int aborted;                                  // a wait timed out: the buffer is unusable
+  int padding;
+  int notify_rows[2][kMaxNvlRanks][kMaxNotifyInts];  // [parity][src]: src's counts for me
+};
+constexpr size_t kControlBytes = (sizeof(Control) + 4095) / 4096 * 4096;
+
+__device__ __forceinline__ Control* control(uint8_t* base) {
+  return reinterpret_cast<Control*>(base);
+}
+
+__device__ __forceinline__ uint64_t load_acquire(const uint64_t* p) {
+  uint64_t v;
+  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_release(uint64_t* p, uint64_t v) {
+  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ uint64_t now_ns() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+__device__ void report(const Intranode& nvl, int code, int peer, int value) {
+  volatile int* word = nvl.error;
+  word[1] = nvl.op;
+  word[2] = peer;
+  word[3] = value;
+  __threadfence_system();
+  word[0] = code;
+}
+
+__device__ __forceinline__ bool is_aborted(const Intranode& nvl) {
+  return *reinterpret_cast<volatile int*>(&control(nvl.local)->aborted) != 0;
+}
+
+// One thread spins until *flag >= target. False when the peer did not arrive in time (the
+// error is recorded and the buffer marked aborted) or another wait of this rank timed out.
+__device__ bool wait_for(const Intranode& nvl, const uint64_t* flag, uint64_t target, int peer) {
+  uint64_t start = 0;
+  while (load_acquire(flag) < target) {
+    if (is_aborted(nvl)) return false;
+    const uint64_t t = now_ns();
+    if (start == 0) {
+      start = t;
+    } else if (t - start > nvl.timeout_ns) {
+      if (atomicExch(&control(nvl.local)->aborted, 1) == 0)
+        report(nvl, kErrorTimeout, peer, static_cast<int>(nvl.timeout_ns / 1000000000ull));
+      return false;
+    }
+  }
+  return true;
+}
+
+// Before a call stages anything, every round staged by earlier calls must have been consumed:
+// the staging layout (rows per round, slot size, blocks) may differ from call to call.
+__device__ bool drain(const Intranode& nvl) {
+  Control* ctl = control(nvl.local);
+  bool ok = true;
+  for (int i = threadIdx.x; i < nvl.num_ranks * kMaxBlocks && ok; i += blockDim.x) {
+    const int peer = i / kMaxBlocks, block = i % kMaxBlocks;
+    const uint64_t staged = ctl->sent[peer][block];
+    if (peer != nvl.rank && staged != 0) ok = wait_for(nvl, &ctl->consumed[peer][block], staged, peer);
+  }
+  return __syncthreads_and(ok);
+}
+
+// --- warp-wide copies ------------------------------------------------------------------------
+
+template <int kBytes> struct Word;
+template <> struct Word<16> { using type = int4; };
+template <> struct Word<8> { using type = int2; };
+template <> struct Word<4> { using type = int; };
+template <> struct Word<2> { using type = short; };
+template <> struct Word<1> { using type = signed char; };
+
+// Several loads in flight per lane before the stores; __ldcg skips L1, whose lines may be
+// stale for memory peers write.
+template <int kBytes>
+__device__ __forceinline__ void warp_copy_words(uint8_t* dst, const uint8_t* src, int64_t bytes,
+                                                int lane) {
+  using W = typename Word<kBytes>::type;
+  constexpr int kUnroll = 4;
+  const W* s = reinterpret_cast<const W*>(src);
+  W* d = reinterpret_cast<W*>(dst);
+  const int64_t n = bytes / kBytes;
+  for (int64_t i = lane; i < n; i += 32 * kUnroll) {
+    W v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (i + u * 32 < n) v[u] = __ldcg(s + i + u * 32);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (i + u * 32 < n) d[i + u * 32] = v[u];
+  }
+}
+
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
+                                          int vector_bytes, int lane) {
+  switch (vector_bytes) {
+    case 16: warp_copy_words<16>(dst, src, bytes, lane); break;
+    case 8: warp_copy_words<8>(dst, src, bytes, lane); break;
+    case 4: warp_copy_words<4>(dst, src, bytes, lane); break;
+    case 2: warp_copy_words<2>(dst, src, bytes, lane); break;
+    default: warp_copy_words<1>(dst, src, bytes, lane); break;
+  }
+}
+
+__device__ __forceinline__ void copy_weight(uint8_t* dst, const uint8_t* src, int bytes) {
+  if (bytes == 8) {
+    *reinterpret_cast<uint64_t*>(dst) = __ldcg(reinterpret_cast<const unsigned long long*>(src));
+  } else {
+    *reinterpret_cast<uint32_t*>(dst) = __ldcg(reinterpret_cast<const unsigned*>(src));
+  }
+}
+
+// --- staging geometry ------------------------------------------------------------------------
+
+struct Staging {
+  int64_t region_bytes;  // per sending rank
+  int64_t half_bytes;    // per round parity
+  int64_t slot_bytes;
+  int rows_per_block;
+
+  __device__ uint8_t* slot(uint8_t* holder, int sender, uint64_t round, int64_t index) const {
+    return holder + kControlBytes + sender * region_bytes + ((round - 1) & 1) * half_bytes +
+           index * slot_bytes;
+  }
+};
+
+__host__ __device__ inline Staging staging_of(int64_t data_bytes, int num_ranks,
+                                              int64_t slot_bytes, int num_blocks) {
+  Staging s;
+  s.region_bytes = data_bytes / num_ranks / 16 * 16;
+  s.half_bytes = s.region_bytes / 2 / 16 * 16;
+  s.slot_bytes = slot_bytes;
+  const int64_t rows = s.half_bytes / slot_bytes / num_blocks;
+  s.rows_per_block = static_cast<int>(rows < kMaxRowsPerBlock ? rows : kMaxRowsPerBlock);
+  return s;
+}
+
+// --- dispatch: count and notify --------------------------------------------------------------
+
+// One block per destination rank: a block-wide scan of is_token_in_rank[:, dst] gives each
+// token's row among those sent to dst (send_list, send_head before the offset) and the
+// per-channel prefix.
+__global__ void __launch_bounds__(kThreads)
+dispatch_count_kernel(Intranode nvl, DispatchLayoutArgs args) {
+  const int dst = blockIdx.x, num_ranks = nvl.num_ranks, num_tokens = args.num_tokens;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ int warp_totals[kWarps];
+  __shared__ int channel_counts[kMaxChannels];
+  for (int c = threadIdx.x; c < args.num_channels; c += blockDim.x) channel_counts[c] = 0;
+  int per_channel = (num_tokens + args.num_channels - 1) / args.num_channels;
+  per_channel = per_channel < 1 ? 1 : per_channel;
+  int carry = 0;
+  __syncthreads();
+  for (int base = 0; base < num_tokens; base += blockDim.x) {
+    const int t = base + threadIdx.x;
+    const bool present = t < num_tokens && args.is_token_in_rank[int64_t(t) * num_ranks + dst];
+    const unsigned ballot = __ballot_sync(0xffffffffu, present);
+    if (lane == 0) warp_totals[warp] = __popc(ballot);
+    __syncthreads();
+    int before = 0, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      before += w < warp ? warp_totals[w] : 0;
+      total += warp_totals[w];
+    }
+    const int slot = carry + before + __popc(ballot & ((1u << lane) - 1));
+    if (t < num_tokens) {
+      if (present) {
+        args.send_list[int64_t(dst) * num_tokens + slot] = t;
+        atomicAdd(&channel_counts[t / per_channel], 1);
+      }
+      args.send_head[int64_t(t) * num_ranks + dst] = present ? slot : -1;
+    }
+    carry += total;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    args.counts[dst] = carry;
+    if (carry != args.num_tokens_per_rank[dst]) report(nvl, kErrorCountMismatch, dst, carry);
+    int prefix = 0;
+    for (int c = 0; c < args.num_channels; ++c) {
+      prefix += channel_counts[c];
+      args.channel_prefix_matrix[dst * args.num_channels + c] = prefix;
+    }
+  }
+}
+
+// Device-wide barrier of all ranks (one block): monotonic epochs, nothing to reset.
+__device__ bool barrier(const Intranode& nvl, uint8_t* const* peer_base) {
+  Control* ctl = control(nvl.local);
+  __shared__ uint64_t epoch;
+  __syncthreads();
+  if (threadIdx.x == 0) epoch = ++ctl->barrier_epoch;
+  __threadfence_system();
+  __syncthreads();
+  bool ok = true;
+  const int peer = threadIdx.x;
+  if (peer < nvl.num_ranks && peer != nvl.rank) {
+    store_release(&control(peer_base[peer])->barrier_signal[nvl.rank], epoch);
+    ok = wait_for(nvl, &ctl->barrier_signal[peer], epoch, peer);
+  }
+  return __syncthreads_and(ok);
+}
+
+// One block: publish this rank's row for every destination (rows sent to every rank, the
+// destination's channel prefix and per-expert counts), barrier, derive the handle.
+__global__ void __launch_bounds__(kThreads)
+dispatch_notify_kernel(Intranode nvl, DispatchLayoutArgs args) {
+  const int num_ranks = nvl.num_ranks, me = nvl.rank, channels = args.num_channels;
+  const int num_local = args.num_tokens_per_expert ? args.num_experts / num_ranks : 0;
+  const int row_ints = num_ranks + channels + num_local;
+  Control* ctl = control(nvl.local);
+  __shared__ uint8_t* peer_base[kMaxNvlRanks];
+  __shared__ int parity, aborted;
+  __shared__ int my_start[kMaxNvlRanks], recv_offset[kMaxNvlRanks];
+  if (threadIdx.x < num_ranks) peer_base[threadIdx.x] = nvl.peers[threadIdx.x];
+  if (threadIdx.x == 0) {
+    parity = static_cast<int>(ctl->notify_epoch & 1);
+    aborted = is_aborted(nvl);
+  }
+  __syncthreads();
+  if (aborted) {
+    if (threadIdx.x == 0 && args.num_recv_host) *reinterpret_cast<volatile int*>(args.num_recv_host) = -2;
+    return;
+  }
+  for (int i = threadIdx.x; i < num_ranks * row_ints; i += blockDim.x) {
+    const int dst = i / row_ints, k = i % row_ints;
+    const int value = k < num_ranks ? args.counts[k]
+                    : k < num_ranks + channels
+                        ? args.channel_prefix_matrix[dst * channels + k - num_ranks]
+                        : args.num_tokens_per_expert[dst * num_local + k - num_ranks - channels];
+    control(peer_base[dst])->notify_rows[parity][me][k] = value;
+  }
+  if (!barrier(nvl, peer_base)) {
+    if (threadIdx.x == 0 && args.num_recv_host) *reinterpret_cast<volatile int*>(args.num_recv_host) = -2;
+    return;
+  }
+  const volatile int(*rows)[kMaxNotifyInts] = ctl->notify_rows[parity];
+  for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {
+    const int src = i / num_ranks, dst = i % num_ranks;
+    int sum = 0;
+    for (int s = 0; s <= src; ++s) sum += rows[s][dst];
+    args.rank_prefix_matrix[i] = sum;
+  }
+  if (threadIdx.x == 0) {
+    int offset = 0;
+    for (int src = 0; src < num_ranks; ++src) {
+      const int count = rows[src][me];
+      args.counts[num_ranks + src] = count;
+      args.counts[2 * num_ranks + src] = recv_offset[src] = offset;
+      offset += count;
+    }
+    args.counts[3 * num_ranks] = offset;
+    if (args.num_worst_tokens > 0 && offset > args.num_worst_tokens)
+      report(nvl, kErrorCapacity, me, offset);
+    if (args.num_recv_host) {
+      __threadfence_system();
+      *reinterpret_cast<volatile int*>(args.num_recv_host) = offset;
+    }
+  }
+  if (threadIdx.x < num_ranks) {
+    int start = 0;
+    for (int s = 0; s < me; ++s) start += rows[s][threadIdx.x];
+    my_start[threadIdx.x] = start;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < num_ranks * channels; i += blockDim.x) {
+    const int src = i / channels, c = i % channels;
+    args.recv_channel_prefix_matrix[i] =
+        recv_offset[src] + (c == 0 ? 0 : rows[src][num_ranks + c - 1]);
+  }
+  for (int l = threadIdx.x; l < num_local; l += blockDim.x) {
+    int sum = 0;
+    for (int s = 0; s < num_ranks; ++s) sum += rows[s][num_ranks + channels + l];
+    const int align = args.expert_alignment;
+    args.num_recv_tokens_per_expert[l] = (sum + align - 1) / align * align;
+  }
+  const int64_t entries = int64_t(args.num_tokens) * num_ranks;
+  for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {
+    const int head = args.send_head[i];
+    if (head >= 0) args.send_head[i] = head + my_start[i % num_ranks];
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) ctl->notify_epoch += 1;
+}
+
+// From a handle: rows sent to / received from every rank (rank_prefix_matrix) and, for cached
+// dispatch, the tokens sent to every rank in row order (inverting send_head).
+__global__ void handle_counts_kernel(Intranode nvl, const int* rank_prefix_matrix,
+                                     const int* send_head, int num_tokens, int* send_list,
+                                     int* counts) {
+  const int num_ranks = nvl.num_ranks, me = nvl.rank;
+  __shared__ int my_start[kMaxNvlRanks], send_count[kMaxNvlRanks];
+  auto before = [&](int src, int dst) { return src == 0 ? 0 : rank_prefix_matrix[(src - 1) * num_ranks + dst]; };
+  if (threadIdx.x < num_ranks) {
+    const int r = threadIdx.x;
+    my_start[r] = before(me, r);
+    send_count[r] = rank_prefix_matrix[me * num_ranks + r] - my_start[r];
+  }
+  __syncthreads();
+  if (blockIdx.x == 0 && threadIdx.x == 0) {
+    int offset = 0;
+    for (int r = 0; r < num_ranks; ++r) {
+      const int count = rank_prefix_matrix[r * num_ranks + me] - before(r, me);
+      counts[r] = send_count[r];
+      counts[num_ranks + r] = count;
+      counts[2 * num_ranks + r] = offset;
+      offset += count;
+    }
+    counts[3 * num_ranks] = offset;
+  }
+  if (send_list == nullptr) return;
+  const int64_t entries = int64_t(num_tokens) * num_ranks;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < entries;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const int head = send_head[i];
+    if (head < 0) continue;
+    const int dst = static_cast<int>(i % num_ranks), slot = head - my_start[dst];
+    if (slot < 0 || slot >= send_count[dst]) {
+      report(nvl, kErrorBadHandle, dst, head);
+      continue;
+    }
+    send_list[int64_t(dst) * num_tokens + slot] = static_cast<int>(i / num_ranks);
+  }
+}
+
+// --- dispatch: data ----------------------------------------------------------------------------
+
+// Where the parts of one row go: a staging slot or the output rows.
+struct RowOut {
+  uint8_t* x;
+  uint32_t* scales;
+  int64_t* topk_idx;
+  uint8_t* topk_weights;
+  int* src_idx;
+};
+
+struct SlotLayout {
+  int64_t scales, topk_idx, topk_weights, src_idx, bytes;
+};
+
+__host__ __device__ inline SlotLayout slot_layout(const DispatchDataArgs& a) {
+  SlotLayout s;
+  auto align = [](int64_t n) { return (n + 15) / 16 * 16; };
+  s.scales = align(a.row_bytes);
+  s.topk_idx = s.scales + align(int64_t(4) * a.num_scales);
+  s.topk_weights = s.topk_idx + int64_t(8) * a.num_topk;
+  s.src_idx = s.topk_weights + int64_t(a.weight_bytes) * a.num_topk;
+  s.bytes = align(s.src_idx + 4);
+  return s;
+}
+
+__device__ __forceinline__ RowOut slot_row(uint8_t* slot, const SlotLayout& s) {
+  return {slot, reinterpret_cast<uint32_t*>(slot + s.scales),
+          reinterpret_cast<int64_t*>(slot + s.topk_idx), slot + s.topk_weights,
+          reinterpret_cast<int*>(slot + s.src_idx)};
+}
+
+__device__ __forceinline__ RowOut output_row(const DispatchDataArgs& a, int64_t row) {
+  return {a.recv_x + row * a.row_bytes, a.recv_x_scales + row * a.num_scales,
+          a.recv_topk_idx + row * a.num_topk, a.recv_topk_weights + row * a.num_topk * a.weight_bytes,
+          a.recv_src_idx ? a.recv_src_idx + row : nullptr};
+}
+
+// Token t as rank dst receives it: payload, scales, top-k as dst's local experts (-1 and zero
+// weight for experts elsewhere), source index.
+__device__ void put_token(const DispatchDataArgs& a, int t, int dst, const RowOut& out, int lane) {
+  warp_copy(out.x, a.x + int64_t(t) * a.row_bytes, a.row_bytes, a.vector_bytes, lane);
+  for (int g = lane; g < a.num_scales; g += 32)
+    out.scales[g] = __ldg(a.x_scales + t * a.scale_stride_token + g * a.scale_stride_group);
+  for (int k = lane; k < a.num_topk; k += 32) {
+    const int64_t i = int64_t(t) * a.num_topk + k;
+    bool keep = true;
+    if (a.topk_idx) {
+      const int64_t expert = __ldg(a.topk_idx + i);
+      const int64_t local = expert - int64_t(dst) * a.num_local_experts;
+      keep = expert >= 0 && local >= 0 && local < a.num_local_experts;
+      out.topk_idx[k] = keep ? local : -1;
+    }
+    uint8_t* w = out.topk_weights + k * a.weight_bytes;
+    if (keep) {
+      copy_weight(w, a.topk_weights + i * a.weight_bytes, a.weight_bytes);
+    } else if (a.weight_bytes == 8) {
+      *reinterpret_cast<uint64_t*>(w) = 0;
+    } else {
+      *reinterpret_cast<uint32_t*>(w) = 0;
+    }
+  }
+  if (lane == 0 && out.src_idx) *out.src_idx = t;
+}
+
+__device__ void take_row(const DispatchDataArgs& a, const SlotLayout& s, const uint8_t* slot,
+                         const RowOut& out, int lane) {
+  warp_copy(out.x, slot, a.row_bytes, a.vector_bytes, lane);
+  const RowOut in = slot_row(const_cast<uint8_t*>(slot), s);
+  for (int g = lane; g < a.num_scales; g += 32) out.scales[g] = __ldcg(in.scales + g);
+  for (int k = lane; k < a.num_topk; k += 32) {
+    if (a.topk_idx) out.topk_idx[k] = __ldcg(reinterpret_cast<const long long*>(in.topk_idx) + k);
+    copy_weight(out.topk_weights + k * a.weight_bytes, in.topk_weights + k * a.weight_bytes,
+                a.weight_bytes);
+  }
+  if (lane == 0 && out.src_idx) *out.src_idx = __ldcg(in.src_idx);
+}
+
+__device__ void clear_row(const DispatchDataArgs& a, int64_t row, int lane) {
+  const RowOut out = output_row(a, row);
+  if (a.vector_bytes == 16) {
+    for (int64_t w = lane; w < a.row_bytes / 16; w += 32)
+      reinterpret_cast<int4*>(out.x)[w] = make_int4(0, 0, 0, 0);
+  } else {
+    for (int64_t b = lane; b < a.row_bytes; b += 32) out.x[b] = 0;
+  }
+  for (int g = lane; g < a.num_scales; g += 32) out.scales[g] = 0;
+  for (int k = lane; k < a.num_topk; k += 32) {
+    if (a.topk_idx) out.topk_idx[k] = -1;
+    for (int b = 0; b < a.weight_bytes; ++b) out.topk_weights[k * a.weight_bytes + b] = 0;
+  }
+  if (lane == 0 && out.src_idx) *out.src_idx = -1;
+}
+
+__global__ void __launch_bounds__(kDataThreads, 1)
+dispatch_data_kernel(Intranode nvl, DispatchDataArgs a, Staging st) {
+  const int num_ranks = nvl.num_ranks, me = nvl.rank, block = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
+  const SlotLayout layout = slot_layout(a);
+  Control* ctl = control(nvl.local);
+  __shared__ uint8_t* peer_base[kMaxNvlRanks];
+  __shared__ int send_count[kMaxNvlRanks], recv_count[kMaxNvlRanks], recv_offset[kMaxNvlRanks];
+  __shared__ uint64_t round_of[kMaxNvlRanks];
+  __shared__ int aborted;
+  if (tid < num_ranks) {
+    peer_base[tid] = nvl.peers[tid];
+    send_count[tid] = a.counts[tid];
+    recv_count[tid] = a.counts[num_ranks + tid];
+    recv_offset[tid] = a.counts[2 * num_ranks + tid];
+  }
+  if (tid == 0) aborted = is_aborted(nvl);
+  __syncthreads();
+  if (aborted || !drain(nvl)) return;
+
+  const int64_t per_block = st.rows_per_block, per_round = per_block * gridDim.x;
+  int64_t rounds = 0;
+  for (int r = 0; r < num_ranks; ++r) {
+    const int64_t most = send_count[r] > recv_count[r] ? send_count[r] : recv_count[r];
+    const int64_t n = (most + per_round - 1) / per_round;
+    rounds = n > rounds ? n : rounds;
+  }
+  for (int64_t round = 0; round < rounds; ++round) {
+    const int64_t first = round * per_round + block * per_block;  // this block's first row
+    // Stage my rows for every peer (and copy my own share straight to the output).
+    bool ok = true;
+    if (tid < num_ranks && tid != me && first < send_count[tid]) {
+      const uint64_t n = ctl->sent[tid][block] + 1;
+      round_of[tid] = n;
+      if (n >= 3) ok = wait_for(nvl, &ctl->consumed[tid][block], n - 2, tid);
+    }
+    if (!__syncthreads_and(ok)) return;
+    for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
+      const int dst = item / per_block;
+      const int64_t i = first + item % per_block;
+      if (i >= send_count[dst]) continue;
+      const int t = a.send_list[int64_t(dst) * a.num_tokens + i];
+      if (dst == me) {
+        const int64_t row = recv_offset[me] + i;
+        if (row < a.num_recv_rows) put_token(a, t, me, output_row(a, row), lane);
+      } else {
+        uint8_t* slot = st.slot(peer_base[dst], me, round_of[dst], i - round * per_round);
+        put_token(a, t, dst, slot_row(slot, layout), lane);
+      }
+    }
+    __syncthreads();
+    if (tid < num_ranks && tid != me && first < send_count[tid]) {
+      ctl->sent[tid][block] = round_of[tid];
+      store_release(&control(peer_base[tid])->ready[me][block], round_of[tid]);
+    }
+    __syncthreads();
+    // Take the rows every peer staged here.
+    if (tid < num_ranks && tid != me && first < recv_count[tid]) {
+      const uint64_t n = ctl->received[tid][block] + 1;
+      round_of[tid] = n;
+      ok = wait_for(nvl, &ctl->ready[tid][block], n, tid);
+    }
+    if (!__syncthreads_and(ok)) return;
+    for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
+      const int src = item / per_block;
+      const int64_t i = first + item % per_block;
+      if (src == me || i >= recv_count[src]) continue;
+      const int64_t row = recv_offset[src] + i;
+      if (row >= a.num_recv_rows) continue;  // capacity overflow, reported by notify
+      const uint8_t* slot = st.slot(nvl.local, src, round_of[src], i - round * per_round);
+      take_row(a, layout, slot, output_row(a, row), lane);
+    }
+    __syncthreads();
+    if (tid < num_ranks && tid != me && first < recv_count[tid]) {
+      ctl->received[tid][block] = round_of[tid];
+      store_release(&control(peer_base[tid])->consumed[me][block], round_of[tid]);
+    }
+    __syncthreads();
+  }
+  if (a.fill_tail) {
+    const int64_t total = a.counts[3 * num_ranks];
+    for (int64_t row = total + block * kDataWarps + warp; row < a.num_recv_rows;
+         row += int64_t(gridDim.x) * kDataWarps)
+      clear_row(a, row, lane);
+  }
+}
+
+// --- combine -----------------------------------------------------------------------------------
+
+template <typename T> struct Scalar;
+template <> struct Scalar<__nv_bfloat16> {
+  using Acc = float;
+  static __device__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __nv_bfloat16 from_acc(float v) { return __float2bfloat16_rn(v); }
+};
+template <> struct Scalar<__half> {
+  using Acc = float;
+  static __device__ float to_acc(__half v) { return __half2float(v); }
+  static __device__ __half from_acc(float v) { return __float2half_rn(v); }
+};
+template <> struct Scalar<float> {
+  using Acc = float;
+  static __device__ float to_acc(float v) { return v; }
+  static __device__ float from_acc(float v) { return v; }
+};
+template <> struct Scalar<double> {
+  using Acc = double;
+  static __device__ double to_acc(double v) { return v; }
+  static __device__ double from_acc(double v) { return v; }
+};
+
+__host__ __device__ inline int64_t combine_weights_offset(const CombineArgs& a, int element) {
+  return (int64_t(a.hidden) * element + 15) / 16 * 16;
+}
+
+// Lower bound of `value` in the ascending range [begin, end) of recv_src_idx.
+__device__ int64_t lower_bound(const int* keys, int64_t begin, int64_t end, int64_t value) {
+  while (begin < end) {
+    const int64_t mid = (begin + end) / 2;
+    if (keys[mid] < value) begin = mid + 1; else end = mid;
+  }
+  return begin;
+}
+
+// Warp: token t's combined row from up to num_ranks sources (ascending rank order).
+template <typename T>
+__device__ void reduce_token(const CombineArgs& a, int64_t t, const uint8_t* const* sources,
+                             const uint8_t* const* weight_sources, int num_sources, int lane) {
+  using S = Scalar<T>;
+  using Acc = typename S::Acc;
+  constexpr int kPerWord = 16 / sizeof(T);
+  const Acc* bias_0 = static_cast<const Acc*>(a.bias_0);
+  const Acc* bias_1 = static_cast<const Acc*>(a.bias_1);
+  T* out = reinterpret_cast<T*>(a.combined_x) + t * a.hidden;
+  const int64_t row_offset = t * a.hidden;
+  if (a.hidden % kPerWord == 0) {
+    for (int w = lane; w < a.hidden / kPerWord; w += 32) {
+      Acc acc[kPerWord];
+#pragma unroll
+      for (int e = 0; e < kPerWord; ++e) acc[e] = Acc(0);
+      for (int s = 0; s < num_sources; ++s) {
+        const int4 word = __ldcg(reinterpret_cast<const int4*>(sources[s]) + w);
+        const T* v = reinterpret_cast<const T*>(&word);
+#pragma unroll
+        for (int e = 0; e < kPerWord; ++e) acc[e] += S::to_acc(v[e]);
+      }
+      if (bias_0)
+        for (int e = 0; e < kPerWord; ++e) acc[e] += bias_0[row_offset + w * kPerWord + e];
+      if (bias_1)
+        for (int e = 0; e < kPerWord; ++e) acc[e] += bias_1[row_offset + w * kPerWord + e];
+      int4 result;
+      T* r = reinterpret_cast<T*>(&result);
+#pragma unroll
+      for (int e = 0; e < kPerWord; ++e) r[e] = S::from_acc(acc[e]);
+      reinterpret_cast<int4*>(out)[w] = result;
+    }
+  } else {
+    for (int e = lane; e < a.hidden; e += 32) {
+      Acc acc = Acc(0);
+      for (int s = 0; s < num_sources; ++s)
+        acc += S::to_acc(reinterpret_cast<const T*>(sources[s])[e]);
+      if (bias_0) acc += bias_0[row_offset + e];
+      if (bias_1) acc += bias_1[row_offset + e];
+      out[e] = S::from_acc(acc);
+    }
+  }
+  for (int k = lane; k < a.num_topk && a.topk_weights; k += 32) {
+    if (a.weight_bytes == 8) {
+      double acc = 0;
+      for (int s = 0; s < num_sources; ++s)
+        acc += __ldcg(reinterpret_cast<const double*>(weight_sources[s]) + k);
+      reinterpret_cast<double*>(a.combined_topk_weights)[t * a.num_topk + k] = acc;
+    } else {
+      float acc = 0;
+      for (int s = 0; s < num_sources; ++s)
+        acc += __ldcg(reinterpret_cast<const float*>(weight_sources[s]) + k);
+      reinterpret_cast<float*>(a.combined_topk_weights)[t * a.num_topk + k] = acc;
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kDataThreads, 1)
+combine_kernel(Intranode nvl, CombineArgs a, Staging st) {
+  const int num_ranks = nvl.num_ranks, me = nvl.rank, block = blockIdx.x;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
+  const int64_t row_bytes = int64_t(a.hidden) * sizeof(T);
+  const int64_t weights_offset = combine_weights_offset(a, sizeof(T));
+  const int64_t weight_row = int64_t(a.num_topk) * a.weight_bytes;
+  Control* ctl = control(nvl.local);
+  __shared__ uint8_t* peer_base[kMaxNvlRanks];
+  __shared__ int recv_count[kMaxNvlRanks], recv_offset[kMaxNvlRanks];
+  __shared__ int64_t lo[kMaxNvlRanks], hi[kMaxNvlRanks];
+  __shared__ uint64_t send_round[kMaxNvlRanks], recv_round[kMaxNvlRanks];
+  __shared__ int64_t windows;
+  __shared__ int aborted, owners_mask;
+  if (tid < num_ranks) {
+    const int* rpm = a.rank_prefix_matrix;
+    const int before = tid == 0 ? 0 : rpm[(tid - 1) * num_ranks + me];
+    peer_base[tid] = nvl.peers[tid];
+    recv_offset[tid] = before;
+    recv_count[tid] = rpm[tid * num_ranks + me] - before;
+  }
+  if (tid == 0) aborted = is_aborted(nvl);
+  __syncthreads();
+  if (aborted || !drain(nvl)) return;
+
+  const int64_t per_block = st.rows_per_block, per_window = per_block * gridDim.x;
+  if (tid == 0) {
+    int64_t n = (a.num_tokens + per_window - 1) / per_window;
+    for (int r = 0; r < num_ranks; ++r) {
+      if (r == me || recv_count[r] == 0) continue;
+      const int64_t last = a.recv_src_idx[recv_offset[r] + recv_count[r] - 1];
+      const int64_t m = last / per_window + 1;
+      n = m > n ? m : n;
+    }
+    windows = n;
+  }
+  __syncthreads();
+  for (int64_t window = 0; window < windows; ++window) {
+    const int64_t t0 = window * per_window + block * per_block, t1 = t0 + per_block;
+    // Expert side: stage my rows of tokens [t0, t1) of every owner at the slot of the token.
+    bool ok = true;
+    if (tid < num_ranks && tid != me) {
+      const int64_t begin = recv_offset[tid], end = begin + recv_count[tid];
+      lo[tid] = lower_bound(a.recv_src_idx, begin, end, t0);
+      hi[tid] = lower_bound(a.recv_src_idx, lo[tid], end, t1);
+      if (hi[tid] > lo[tid]) {
+        const uint64_t n = ctl->sent[tid][block] + 1;
+        send_round[tid] = n;
+        if (n >= 3) ok = wait_for(nvl, &ctl->consumed[tid][block], n - 2, tid);
+      }
+    }
+    if (!__syncthreads_and(ok)) return;
+    for (int owner = 0; owner < num_ranks; ++owner) {
+      if (owner == me) continue;
+      for (int64_t i = lo[owner] + warp; i < hi[owner]; i += kDataWarps) {
+        const int64_t token = a.recv_src_idx[i];
+        uint8_t* slot = st.slot(peer_base[owner], me, send_round[owner], token - window * per_window);
+        warp_copy(slot, a.x + i * row_bytes, row_bytes, row_bytes % 16 == 0 ? 16 : sizeof(T), lane);
+        if (a.topk_weights)
+          for (int64_t b = lane * 4; b < weight_row; b += 32 * 4)
+            *reinterpret_cast<uint32_t*>(slot + weights_offset + b) =
+                __ldg(reinterpret_cast<const unsigned*>(a.topk_weights + i * weight_row + b));
+      }
+    }
+    if (tid == 0) owners_mask = 0;
+    __syncthreads();
+    if (tid < num_ranks && tid != me && hi[tid] > lo[tid]) {
+      ctl->sent[tid][block] = send_round[tid];
+      store_release(&control(peer_base[tid])->ready[me][block], send_round[tid]);
+    }
+    // Owner side: which ranks hold some of my tokens [t0, t1)?
+    const int64_t end = t1 < a.num_tokens ? t1 : a.num_tokens;
+    int mask = 0;
+    for (int64_t i = t0 * num_ranks + tid; i < end * num_ranks; i += blockDim.x)
+      if (a.send_head[i] >= 0) mask |= 1 << (i % num_ranks);
+    if (mask) atomicOr(&owners_mask, mask);
+    __syncthreads();
+    if (tid < num_ranks && tid != me && ((owners_mask >> tid) & 1)) {
+      const uint64_t n = ctl->received[tid][block] + 1;
+      recv_round[tid] = n;
+      ok = wait_for(nvl, &ctl->ready[tid][block], n, tid);
+    }
+    if (!__syncthreads_and(ok)) return;
+    for (int64_t t = t0 + warp; t < end; t += kDataWarps) {
+      const uint8_t* sources[kMaxNvlRanks];
+      const uint8_t* weight_sources[kMaxNvlRanks];
+      int num_sources = 0;
+      for (int r = 0; r < num_ranks; ++r) {
+        const int row = a.send_head[t * num_ranks + r];
+        if (row < 0) continue;
+        if (r == me) {
+          sources[num_sources] = a.x + row * row_bytes;
+          weight_sources[num_sources] = a.topk_weights + row * weight_row;
+        } else {
+          const uint8_t* slot = st.slot(nvl.local, r, recv_round[r], t - window * per_window);
+          sources[num_sources] = slot;
+          weight_sources[num_sources] = slot + weights_offset;
+        }
+        ++num_sources;
+      }
+      reduce_token<T>(a, t, sources, weight_sources, num_sources, lane);
+    }
+    __syncthreads();
+    if (tid < num_ranks && tid != me && ((owners_mask >> tid) & 1)) {
+      ctl->received[tid][block] = recv_round[tid];
+      store_release(&control(peer_base[tid])->consumed[me][block], recv_round[tid]);
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace
+
+size_t intranode_control_bytes() { return kControlBytes; }
+
+cudaError_t launch_dispatch_notify(const Intranode& nvl, const DispatchLayoutArgs& args,
+                                   cudaStream_t stream) {
+  if (nvl.num_ranks > kMaxNvlRanks || args.num_channels > kMaxChannels ||
+      nvl.num_ranks + args.num_channels + args.num_experts / nvl.num_ranks > kMaxNotifyInts)
+    return cudaErrorInvalidValue;
+  dispatch_count_kernel<<<nvl.num_ranks, kThreads, 0, stream>>>(nvl, args);
+  dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(nvl, args);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_handle_counts(const Intranode& nvl, const int* rank_prefix_matrix,
+                                 const int* send_head, int num_tokens, int* send_list,
+                                 int* counts, cudaStream_t stream) {
+  const int64_t entries = int64_t(num_tokens) * nvl.num_ranks;
+  int blocks = static_cast<int>((entries + 255) / 256);
+  blocks = send_list == nullptr || blocks < 1 ? 1 : (blocks > 132 ? 132 : blocks);
+  handle_counts_kernel<<<blocks, 256, 0, stream>>>(nvl, rank_prefix_matrix, send_head,
+                                                   num_tokens, send_list, counts);
+  return cudaGetLastError();
+}
+
+int64_t dispatch_slot_bytes(const DispatchDataArgs& args) { return slot_layout(args).bytes; }
+
+int intranode_rows_per_block(const Intranode& nvl, int64_t slot_bytes, int num_blocks) {
+  return staging_of(nvl.data_bytes, nvl.num_ranks, slot_bytes, num_blocks).rows_per_block;
+}
+
+cudaError_t launch_dispatch_data(const Intranode& nvl, const DispatchDataArgs& args,
+                                 int num_blocks, cudaStream_t stream) {
+  const Staging st = staging_of(nvl.data_bytes, nvl.num_ranks, slot_layout(args).bytes, num_blocks);
+  if (st.rows_per_block < 1 || num_blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  dispatch_data_kernel<<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st);
+  return cudaGetLastError();
+}
+
+int64_t combine_slot_bytes(const CombineArgs& args) {
+  static const int kElement[] = {2, 2, 4, 8};
+  const int64_t weights = combine_weights_offset(args, kElement[args.kind]);
+  return (weights + int64_t(args.num_topk) * args.weight_bytes + 15) / 16 * 16;
+}
+
+cudaError_t launch_combine(const Intranode& nvl, const CombineArgs& args, int num_blocks,
+                           cudaStream_t stream) {
+  const Staging st = staging_of(nvl.data_bytes, nvl.num_ranks, combine_slot_bytes(args), num_blocks);
+  if (st.rows_per_block < 1 || num_blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  switch (args.kind) {
+    case kBFloat16: combine_kernel<__nv_bfloat16><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
+    case kFloat16: combine_kernel<__half><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
+    case kFloat32: combine_kernel<float><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
+    case kFloat64: combine_kernel<double><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
+    default: return cudaErrorInvalidValue;
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace deep_ep_ops
