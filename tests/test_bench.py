@@ -1,4 +1,4 @@
-"""The benchmark CLI: a tiny two-rank run end to end, and its argument errors."""
+"""The benchmark CLI: a tiny two-rank run end to end, its argument errors and its summary."""
 
 import json
 import os
@@ -9,8 +9,10 @@ import sys
 import pytest
 
 from deep_ep_ops import bench
+from deep_ep_ops.config import get_combine_config, get_dispatch_config
 
 NUM_RANKS, TOKENS, HIDDEN, NUM_EXPERTS, NUM_TOPK = 2, (16, 32), 256, 8, 2
+NUM_SMS = (2, 4)
 
 EXPECTED_OPS = {
     "normal": ["layout", "dispatch bf16", "dispatch fp8", "combine bf16"],
@@ -18,16 +20,27 @@ EXPECTED_OPS = {
         "dispatch fp8", "combine bf16", "dispatch fp8 send+recv", "combine bf16 send+recv",
     ],
 }
+SM_SWEPT = {("normal", "dispatch bf16"), ("normal", "dispatch fp8"), ("normal", "combine bf16")}
 
 
-def _parse_table(stdout: str) -> list[dict]:
-    """Rows of the table that ends stdout, as ``{column: cell}``."""
-    lines = stdout.rstrip("\n").splitlines()
-    header = max(i for i, line in enumerate(lines) if line.startswith("op "))
-    columns = re.split(r"\s{2,}", lines[header].strip())
-    assert columns == list(bench.TABLE_COLUMNS)
-    assert set(lines[header + 1]) == {"-"}
-    return [dict(zip(columns, re.split(r"\s{2,}", line.strip()))) for line in lines[header + 2 :]]
+def _parse_tables(text: str) -> list[list[dict]]:
+    """Every aligned table in ``text`` (a header starting ``op``, a rule, rows up to a blank or
+    non-table line), each as a list of ``{column: cell}``."""
+    lines = text.rstrip("\n").splitlines()
+    tables = []
+    for i, line in enumerate(lines):
+        if not line.startswith("op ") or i + 1 >= len(lines) or set(lines[i + 1]) != {"-"}:
+            continue
+        columns = re.split(r"\s{2,}", line.strip())
+        assert tuple(columns) in (bench.TABLE_COLUMNS, bench.SUMMARY_COLUMNS)
+        rows = []
+        for row in lines[i + 2 :]:
+            cells = re.split(r"\s{2,}", row.strip())
+            if not row.strip() or len(cells) != len(columns):
+                break
+            rows.append(dict(zip(columns, cells)))
+        tables.append(rows)
+    return tables
 
 
 def test_bench_cli_two_ranks(tmp_path):
@@ -36,36 +49,68 @@ def test_bench_cli_two_ranks(tmp_path):
         sys.executable, "-m", "deep_ep_ops.bench", "--backend", "gloo", "--mode", "all",
         "--num-ranks", str(NUM_RANKS), "--tokens", *map(str, TOKENS), "--hidden", str(HIDDEN),
         "--num-experts", str(NUM_EXPERTS), "--num-topk", str(NUM_TOPK), "--num-iters", "3",
-        "--num-warmup", "1", "--out", str(out_dir),
+        "--num-warmup", "1", "--num-sms", *map(str, reversed(NUM_SMS)), "--out", str(out_dir),
     ]
     env = dict(os.environ, DEEP_EP_OPS_TIMEOUT_S="60")
     proc = subprocess.run(command, capture_output=True, text=True, timeout=170, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert "[1/16] normal layout tokens=16" in proc.stderr  # progress, from rank 0 only
-    assert proc.stderr.count("[1/16]") == 1
+    # normal: layout + 3 ops x 2 SM counts, low-latency: 4 ops; per tokens value
+    total = len(TOKENS) * (1 + 3 * len(NUM_SMS) + 4)
+    assert f"[1/{total}] normal layout tokens=16 (reference/gloo)" in proc.stderr
+    assert f"[2/{total}] normal dispatch bf16 tokens=16 sms=2 (reference/gloo)" in proc.stderr
+    assert proc.stderr.count(f"[1/{total}]") == 1  # progress, from rank 0 only
 
-    rows = _parse_table(proc.stdout)
+    full, summary = _parse_tables(proc.stdout)
     expected = [
-        (op, mode, str(t)) for mode in EXPECTED_OPS for t in TOKENS for op in EXPECTED_OPS[mode]
+        (op, mode, str(t), str(n) if (mode, op) in SM_SWEPT else "-")
+        for mode in EXPECTED_OPS for t in TOKENS for op in EXPECTED_OPS[mode]
+        for n in (NUM_SMS if (mode, op) in SM_SWEPT else (None,))
     ]
-    assert [(r["op"], r["mode"], r["tokens/rank"]) for r in rows] == expected
-    for row in rows:
-        assert row["hidden"] == str(HIDDEN)
+    assert [(r["op"], r["mode"], r["tokens/rank"], r["SMs"]) for r in full] == expected
+    for row in full:
         assert float(row["median us"]) > 0
         assert row["backend"] == "reference/gloo"
-        assert row["vs ref"] == "-"  # CPU: ours is the reference
+        assert row["ref us"] == row["ref GB/s"] == row["vs ref"] == "-"  # CPU: ours is the ref
         if row["op"] == "layout":
             assert row["GB/s"] == "-"
         else:
             assert float(row["GB/s"]) > 0
 
+    # Summary: one line per op with a target, at the largest tokens swept (4096/128 not swept).
+    assert [(r["op"], r["mode"], r["tokens/rank"]) for r in summary] == [
+        ("layout", "normal", "32"), ("dispatch bf16", "normal", "32"),
+        ("dispatch fp8", "normal", "32"), ("combine bf16", "normal", "32"),
+        ("dispatch fp8", "low-latency", "32"), ("combine bf16", "low-latency", "32"),
+    ]
+    for row in summary:
+        swept = (row["mode"], row["op"]) in SM_SWEPT
+        assert row["best SMs"] in ({"2", "4"} if swept else {"-"})
+        assert row["target"].startswith(">= " if swept else "<= ")
+        assert row["vs target"].endswith("x") and row["speedup"] == "-"
+        match = [r for r in full if (r["op"], r["mode"], r["tokens/rank"], r["SMs"]) == (
+            row["op"], row["mode"], row["tokens/rank"], row["best SMs"])]
+        assert len(match) == 1 and match[0]["median us"] == row["median us"]
+    host_line = proc.stdout.rstrip().splitlines()[-1]
+    assert re.fullmatch(
+        r"host: op-layer host us/call .*wrapper [\d.]+, torch\.ops [\d.]+; torch\.add [\d.]+ "
+        r"-> op layer adds .*target <= 5.*", host_line,
+    ), host_line
+
+    table_txt = (out_dir / "table.txt").read_text().strip()
+    assert table_txt.startswith("deep_ep_ops bench: 2 ranks (cpu)")
+    assert proc.stdout.rstrip().endswith(table_txt)
+
     report = json.loads((out_dir / "results.json").read_text())
-    assert (out_dir / "table.txt").read_text().strip() == "\n".join(
-        proc.stdout.strip().splitlines()[-len(rows) - 4 :]
-    )
+    assert report["settings"]["num_sms"] == list(NUM_SMS)
+    assert set(report["host"]["host_us"]) == {"wrapper", "torch.ops", "torch.add"}
+    assert all(v > 0 for v in report["host"]["host_us"].values())
+    assert len(report["summary"]) == len(summary)
     fp8_row = HIDDEN + 4 * HIDDEN // 128
     for result in report["results"]:
         assert result["min_us"] <= result["median_us"] <= result["max_us"]
+        swept = (result["mode"], result["op"]) in SM_SWEPT
+        assert result["num_sms"] in (NUM_SMS if swept else (None,))
+        assert result["ratio_vs_reference"] is None and result["gbps_ratio_vs_reference"] is None
         if result["op"] == "layout":
             continue
         row_bytes = fp8_row if "fp8" in result["op"] else 2 * HIDDEN
@@ -88,6 +133,11 @@ def test_bench_cli_two_ranks(tmp_path):
         (["--num-topk", "64", "--num-experts", "32"], "--num-topk"),
         (["--tokens", "0"], "--tokens must be positive"),
         (["--num-iters", "0"], "--num-iters"),
+        (["--num-sms", "8", "3"], "--num-sms values must be even ints >= 2"),
+        (["--num-sms", "0"], "--num-sms values must be even ints >= 2"),
+        (["--num-sms", "-4"], "--num-sms values must be even ints >= 2"),
+        (["--num-sms"], "expected at least one argument"),
+        (["--num-sms", "eight"], "invalid int value"),
     ],
 )
 def test_bench_bad_arguments(argv, message, capsys):
@@ -95,3 +145,65 @@ def test_bench_bad_arguments(argv, message, capsys):
         bench.parse_args(["--backend", "gloo", *argv])
     assert error.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_bench_num_sms_parsing():
+    default = bench.parse_args(["--backend", "gloo"])
+    assert default.num_sms == (get_dispatch_config(1).num_sms,)  # CPU: the default config only
+    assert bench.GPU_DEFAULTS["num_sms"] == (8, 16, 20, 24, 32)
+    swept = bench.parse_args(["--backend", "gloo", "--num-sms", "24", "2", "8", "24"])
+    assert swept.num_sms == (2, 8, 24)  # sorted, duplicates dropped
+
+
+def test_bench_buffer_covers_every_swept_config():
+    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "4", "--hidden", "7168",
+                          "--num-experts", "256", "--num-sms", "8", "32", "--mode", "normal"])
+    num_nvl_bytes, _ = bench.buffer_sizes(s)
+    for n in (8, 20, 32):  # 20: the reference's default config
+        for config in (get_dispatch_config(4, n), get_combine_config(4, n)):
+            assert config.get_nvl_buffer_size_hint(2 * 7168, 4) <= num_nvl_bytes
+    assert num_nvl_bytes == get_dispatch_config(4, 32).get_nvl_buffer_size_hint(2 * 7168, 4)
+
+
+def _result(op, mode, num_sms, median_us, gbps, ref_us=None):
+    return {
+        "op": op, "mode": mode, "tokens_per_rank": 4096 if mode == "normal" else 128,
+        "num_sms": num_sms, "median_us": median_us, "gbps": gbps,
+        "reference_median_us": ref_us, "ratio_vs_reference": ref_us and ref_us / median_us,
+    }
+
+
+def test_bench_summary_best_sms_and_targets():
+    results = [_result("layout", "normal", None, 10.0, None, 170.0)]
+    # dispatch bf16: 32 SMs is fastest, but over the 24-SM budget; 24 wins within it.
+    for n, us in ((8, 900.0), (24, 700.0), (32, 600.0)):
+        results.append(_result("dispatch bf16", "normal", n, us, 255.5 * 700.0 / us, 1400.0))
+    results.append(_result("combine bf16", "normal", 32, 500.0, 500.0, 1000.0))  # none within
+    results.append(_result("dispatch fp8 send+recv", "low-latency", None, 20.0, 1.0))  # no target
+    report = {"results": results, "host": None}
+    by_op = {r["op"]: r for r in bench.best_rows(report)}
+    assert set(by_op) == {"layout", "dispatch bf16", "combine bf16"}
+    assert by_op["layout"]["vs_target"] == pytest.approx(2.0)  # 20 us target / 10 us
+    best = by_op["dispatch bf16"]
+    assert (best["num_sms"], best["median_us"], best["over_budget"]) == (24, 700.0, False)
+    assert best["vs_target"] == pytest.approx(255.5 / 365)
+    assert best["speedup_vs_reference"] == pytest.approx(2.0)
+    assert by_op["combine bf16"]["over_budget"] and by_op["combine bf16"]["num_sms"] == 32
+
+    report["host"] = {
+        "device": "cuda", "tokens": 128, "target_us": 5.0,
+        "host_us": {"wrapper": 13.0, "torch.ops": 12.2, "torch.add": 7.0},
+        "overhead_us": {"wrapper": 6.0, "torch.ops": 5.2},
+    }
+    text = bench.format_summary(report)
+    (rows,) = _parse_tables(text)
+    assert [(r["op"], r["best SMs"], r["target"], r["vs target"], r["speedup"]) for r in rows] == [
+        ("layout", "-", "<= 20 us", "2x", "17.00x"),
+        ("dispatch bf16", "24", ">= 365 GB/s", "0.7x", "2.00x"),
+        ("combine bf16", "32 (>24)", ">= 445 GB/s", "1.12x", "2.00x"),
+    ]
+    assert text.splitlines()[-1] == (
+        "host: op-layer host us/call (eager get_dispatch_layout, 128 tokens): wrapper 13.0, "
+        "torch.ops 12.2; torch.add 7.0 -> op layer adds 6.0 (wrapper) / 5.2 (torch.ops), "
+        "target <= 5"
+    )
