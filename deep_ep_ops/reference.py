@@ -226,6 +226,8 @@ def _reduce_returned(back, slot, is_token_in_rank, acc_dtype):
     """``Σ_r back[slot[t, r]]`` over ranks r holding token t, ascending r, in ``acc_dtype``."""
     num_tokens, num_ranks = is_token_in_rank.shape
     acc = back.new_zeros((num_tokens, *back.shape[1:]), dtype=acc_dtype)
+    if back.size(0) == 0:  # nothing came back: no token was sent anywhere
+        return acc
     mask_shape = (num_tokens,) + (1,) * (back.dim() - 1)
     for r in range(num_ranks):
         present = is_token_in_rank[:, r]

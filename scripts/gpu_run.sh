@@ -20,10 +20,10 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.lo
 fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import deep_ep_ops; print(deep_ep_ops.build_info())" | tee "$out/build_info.txt"
-python3 -m pytest -q -m gpu tests > "$out/gpu_tests.log" 2>&1
+timeout ${GPU_TESTS_TIMEOUT_S:-420} python3 -m pytest -q -m gpu --durations=12 tests > "$out/gpu_tests.log" 2>&1
 tests_rc=$?
-tail -15 "$out/gpu_tests.log"
-python3 -m deep_ep_ops.bench --out "$out/bench" "$@" > "$out/bench.log" 2> "$out/bench.err"
+tail -25 "$out/gpu_tests.log"
+timeout ${BENCH_TIMEOUT_S:-240} python3 -m deep_ep_ops.bench --out "$out/bench" "$@" > "$out/bench.log" 2> "$out/bench.err"
 bench_rc=$?
 [ $bench_rc -ne 0 ] && tail -20 "$out/bench.err"
 echo "gpu tests rc=$tests_rc bench rc=$bench_rc"

@@ -112,6 +112,8 @@ def _routing(kind: str, num_tokens, num_experts, num_topk, num_ranks, g) -> torc
         return oracle.random_topk(
             num_tokens, num_experts, num_topk, g, allow_duplicates=True, p_neg=0.1
         )
+    if kind == "nowhere":  # every token routed nowhere: ranks hold tokens but send none
+        return torch.full((num_tokens, num_topk), -1, dtype=torch.int64)
     if kind == "rank0_only":  # only rank 0's experts are chosen: the other ranks receive nothing
         num_local = num_experts // num_ranks
         return torch.randint(0, num_local, (num_tokens, num_topk), generator=g)
@@ -223,6 +225,9 @@ NORMAL_EDGE_CASES = [
          routing="rank0_only", payload="bf16", tokens=7, bias=1),
     dict(name="rank0_only_receives_capacity", seed=6, experts=8, hidden=128, topk=1,
          routing="rank0_only", payload="bf16", tokens=7, worst="tight"),
+    # Tokens everywhere, sent nowhere: combine returns the bias alone.
+    dict(name="all_routed_nowhere", seed=10, experts=8, hidden=128, topk=2,
+         routing="nowhere", payload="bf16", tokens=4, bias=2),
     # The last rank has no tokens (its layout comes from an empty topk_idx).
     dict(name="empty_last_rank", seed=7, experts=8, hidden=200, topk=3, routing="random",
          payload="bf16", tokens=5, empty_rank=True, bias=2, align=3),

@@ -1,0 +1,275 @@
+"""Multi-GPU test harness: pools of NCCL ranks, one process per GPU, that run test functions.
+
+The NCCL counterpart of ``tests/distributed.py``. Starting Python + torch + CUDA + NCCL per test
+costs many seconds, so each world size gets one long-lived pool (rank ``r`` on ``cuda:r``) that
+runs functions on request. A function is called as ``fn(rank, world_size, *args)`` on every rank
+with ``torch.cuda.set_device(rank)`` done and the default process group (NCCL, eagerly
+initialised on that device) up; it must be importable (a module-level function). Results come
+back as a list indexed by rank, tensors moved to the CPU.
+
+Failures: the first rank that raises starts a grace period in which the other ranks may report
+too (peers of a failed rank usually fail as well once their ops time out); then every traceback
+is raised as one ``RankFailure`` and the pool, possibly stuck in half-done collectives, is
+killed. A rank process that dies is reported with its exit code.
+"""
+
+from __future__ import annotations
+
+import atexit
+import datetime
+import io
+import multiprocessing.connection
+import os
+import socket
+import time
+import traceback
+
+import torch.multiprocessing as mp
+
+# NVLink multicast off (NCCL NVLS, symmetric-memory multicast, NVSHMEM NVLS): not every machine
+# supports it and nothing here needs it.
+TRANSPORT_ENV = {
+    "NCCL_NVLS_ENABLE": "0",
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+}
+DEFAULT_ENV = {
+    **TRANSPORT_ENV,
+    # A kernel waiting for a peer that failed gives up after this (read at Buffer creation).
+    "DEEP_EP_OPS_TIMEOUT_S": "30",
+    # Deterministic cuBLAS, so that eager and captured/compiled matmuls can be compared exactly.
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+    "PYTHONUNBUFFERED": "1",
+}
+START_TIMEOUT_S = 240.0  # spawn + import torch + CUDA context + NCCL init
+JOB_TIMEOUT_S = 300.0
+ERROR_GRACE_S = 45.0  # > DEEP_EP_OPS_TIMEOUT_S: peers stuck in a kernel get to report
+PROCESS_GROUP_TIMEOUT_S = 180.0
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _to_bytes(value) -> bytes:
+    import torch
+    from torch.utils._pytree import tree_map
+
+    cpu = tree_map(lambda v: v.detach().cpu() if isinstance(v, torch.Tensor) else v, value)
+    buffer = io.BytesIO()
+    torch.save(cpu, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(data), weights_only=False)
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
+
+
+def _worker(rank, world_size, port, conn, env, hard_exit):
+    os.environ.update(env)
+    try:
+        import torch
+        import torch.distributed as dist
+
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group(
+            "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S), device_id=device,
+        )
+        import deep_ep_ops  # noqa: F401  (registers the ops, loads the extension)
+    except BaseException as error:
+        conn.send(("error", "process group setup failed: " + _describe(error)))
+        return
+    conn.send(("ok", _to_bytes(None)))
+
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):  # the test process went away
+            job = None
+        if job is None:
+            break
+        fn, args = job
+        try:
+            result = fn(rank, world_size, *args)
+            torch.cuda.synchronize()  # asynchronous CUDA errors belong to this job
+            reply = ("ok", _to_bytes(result))
+        except BaseException as error:  # report every failure to the test process
+            reply = ("error", _describe(error))
+        try:
+            conn.send(reply)
+        except (BrokenPipeError, OSError):
+            break
+    if hard_exit:
+        # For pools whose communication state is deliberately broken (a timed-out buffer):
+        # no destroy, no collective teardown, no interpreter cleanup.
+        os._exit(0)
+    try:
+        torch.cuda.synchronize()
+        dist.destroy_process_group()
+    except BaseException:
+        pass
+
+
+class RankFailure(AssertionError):
+    pass
+
+
+class GpuRankPool:
+    """``world_size`` processes, rank ``r`` on ``cuda:r``, in one NCCL process group.
+
+    ``env`` is added to :data:`DEFAULT_ENV` in every rank before torch is imported.
+    ``hard_exit`` makes the ranks leave with ``os._exit(0)`` when closed (nothing collective).
+    """
+
+    def __init__(self, world_size: int, env: dict[str, str] | None = None, hard_exit=False):
+        available = gpu_count()
+        if world_size > available:
+            raise RuntimeError(f"{world_size} ranks need {world_size} GPUs, found {available}")
+        ctx = mp.get_context("spawn")
+        port = _free_port()
+        self.world_size = world_size
+        self.conns, self.procs = [], []
+        full_env = {**DEFAULT_ENV, **(env or {})}
+        for rank in range(world_size):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(
+                target=_worker, args=(rank, world_size, port, child, full_env, hard_exit),
+                daemon=True, name=f"gpu-rank-{rank}",
+            )
+            proc.start()
+            child.close()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        self.broken = False
+        self._started = False
+        self._pending_job = None
+
+    # --- jobs ---------------------------------------------------------------------------
+
+    def submit(self, fn, *args) -> None:
+        """Start ``fn`` on every rank; :meth:`collect` gets the results."""
+        if self.broken:
+            raise RankFailure("this pool is broken (an earlier job failed)")
+        if not self._started:
+            self._gather("process group setup", START_TIMEOUT_S)
+            self._started = True
+        for conn in self.conns:
+            conn.send((fn, args))
+        self._pending_job = fn.__name__
+
+    def collect(self, timeout: float = JOB_TIMEOUT_S) -> list:
+        what, self._pending_job = self._pending_job, None
+        return [_from_bytes(payload) for payload in self._gather(what, timeout)]
+
+    def run(self, fn, *args, timeout: float = JOB_TIMEOUT_S) -> list:
+        """Run ``fn(rank, world_size, *args)`` on every rank; per-rank results, by rank."""
+        self.submit(fn, *args)
+        return self.collect(timeout)
+
+    def _gather(self, what: str, timeout: float) -> list:
+        rank_of = {conn: rank for rank, conn in enumerate(self.conns)}
+        replies: list = [None] * self.world_size
+        pending = set(self.conns)
+        deadline = time.monotonic() + timeout
+        first_error_at = None
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            for conn in multiprocessing.connection.wait(list(pending), timeout=remaining):
+                rank = rank_of[conn]
+                pending.discard(conn)
+                try:
+                    replies[rank] = conn.recv()
+                except (EOFError, OSError):
+                    self.procs[rank].join(timeout=5)
+                    replies[rank] = (
+                        "error", f"the rank process died (exit code {self.procs[rank].exitcode})"
+                    )
+                if replies[rank][0] == "error" and first_error_at is None:
+                    first_error_at = time.monotonic()
+                    deadline = min(deadline, first_error_at + ERROR_GRACE_S)
+        errors = [f"rank {r}: {reply[1]}" for r, reply in enumerate(replies)
+                  if reply is not None and reply[0] == "error"]
+        missing = sorted(rank_of[conn] for conn in pending)
+        if errors or missing:
+            self.broken = True
+            self.close(kill=True)
+            why = (f"no reply within {ERROR_GRACE_S:g} s of the first failure" if errors
+                   else f"did not finish within {timeout:g} s")
+            errors += [f"rank {r}: {why} ({what}); killed" for r in missing]
+            raise RankFailure(f"{what} failed on {self.world_size} ranks:\n" + "\n".join(errors))
+        return [payload for _, payload in replies]
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def close(self, kill: bool = False, join_timeout: float = 60.0) -> list:
+        """Stop every rank; returns their exit codes (``None``: had to be killed)."""
+        codes = []
+        if not kill:
+            for conn in self.conns:
+                try:
+                    conn.send(None)
+                except (BrokenPipeError, OSError):
+                    pass
+        deadline = time.monotonic() + (0.0 if kill else join_timeout)
+        for proc in self.procs:
+            proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            code = proc.exitcode
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=10)
+                code = None
+            codes.append(code)
+        for conn in self.conns:
+            conn.close()
+        self.conns, self.procs = [], []
+        return codes
+
+
+_POOLS: dict[int, GpuRankPool] = {}
+
+
+def get_pool(world_size: int) -> GpuRankPool:
+    """The shared pool of ``world_size`` ranks (a new one if the last failed)."""
+    pool = _POOLS.get(world_size)
+    if pool is None or pool.broken:
+        if pool is not None:
+            pool.close(kill=True)
+        pool = _POOLS[world_size] = GpuRankPool(world_size)
+    return pool
+
+
+def run_on_gpus(world_size: int, fn, *args, timeout: float = JOB_TIMEOUT_S) -> list:
+    """Run ``fn(rank, world_size, *args)`` on the shared pool of ``world_size`` GPU ranks."""
+    return get_pool(world_size).run(fn, *args, timeout=timeout)
+
+
+def close_pool(world_size: int) -> None:
+    pool = _POOLS.pop(world_size, None)
+    if pool is not None:
+        pool.close(kill=pool.broken)
+
+
+def close_pools() -> None:
+    for world_size in list(_POOLS):
+        close_pool(world_size)
+
+
+atexit.register(close_pools)
