@@ -491,6 +491,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   data.scale_stride_group = scales.defined() ? scales.stride(1) : 0;
   data.num_scales = static_cast<int>(num_scales);
   data.topk_idx = topk.defined() ? topk.data_ptr<int64_t>() : nullptr;
+  data.has_topk_idx = topk.defined();
   data.topk_weights = weights.defined() ? static_cast<const uint8_t*>(weights.data_ptr()) : nullptr;
   data.num_topk = static_cast<int>(num_topk);
   data.weight_bytes = weights.defined() ? static_cast<int>(weights.element_size()) : 4;

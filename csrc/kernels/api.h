@@ -108,7 +108,8 @@ struct DispatchDataArgs {
   int64_t scale_stride_token;
   int64_t scale_stride_group;
   int num_scales;
-  const int64_t* topk_idx;     // [num_tokens, num_topk] global experts, or nullptr
+  const int64_t* topk_idx;     // [num_tokens, num_topk] global experts (null when empty)
+  bool has_topk_idx;           // rows carry top-k indices (recv_topk_idx is written)
   const uint8_t* topk_weights;  // [num_tokens, num_topk] of weight_bytes, or nullptr
   int num_topk;
   int weight_bytes;

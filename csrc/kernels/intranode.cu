@@ -423,7 +423,7 @@ __device__ void put_token(const DispatchDataArgs& a, int t, int dst, const RowOu
   for (int k = lane; k < a.num_topk; k += 32) {
     const int64_t i = int64_t(t) * a.num_topk + k;
     bool keep = true;
-    if (a.topk_idx) {
+    if (a.has_topk_idx) {
       const int64_t expert = __ldg(a.topk_idx + i);
       const int64_t local = expert - int64_t(dst) * a.num_local_experts;
       keep = expert >= 0 && local >= 0 && local < a.num_local_experts;
@@ -447,7 +447,7 @@ __device__ void take_row(const DispatchDataArgs& a, const SlotLayout& s, const u
   const RowOut in = slot_row(const_cast<uint8_t*>(slot), s);
   for (int g = lane; g < a.num_scales; g += 32) out.scales[g] = __ldcg(in.scales + g);
   for (int k = lane; k < a.num_topk; k += 32) {
-    if (a.topk_idx) out.topk_idx[k] = __ldcg(reinterpret_cast<const long long*>(in.topk_idx) + k);
+    if (a.has_topk_idx) out.topk_idx[k] = __ldcg(reinterpret_cast<const long long*>(in.topk_idx) + k);
     copy_weight(out.topk_weights + k * a.weight_bytes, in.topk_weights + k * a.weight_bytes,
                 a.weight_bytes);
   }
@@ -464,7 +464,7 @@ __device__ void clear_row(const DispatchDataArgs& a, int64_t row, int lane) {
   }
   for (int g = lane; g < a.num_scales; g += 32) out.scales[g] = 0;
   for (int k = lane; k < a.num_topk; k += 32) {
-    if (a.topk_idx) out.topk_idx[k] = -1;
+    if (a.has_topk_idx) out.topk_idx[k] = -1;
     for (int b = 0; b < a.weight_bytes; ++b) out.topk_weights[k * a.weight_bytes + b] = 0;
   }
   if (lane == 0 && out.src_idx) *out.src_idx = -1;
@@ -478,7 +478,7 @@ dispatch_data_kernel(Intranode nvl, DispatchDataArgs a, Staging st) {
   Control* ctl = control(nvl.local);
   __shared__ uint8_t* peer_base[kMaxNvlRanks];
   __shared__ int send_count[kMaxNvlRanks], recv_count[kMaxNvlRanks], recv_offset[kMaxNvlRanks];
-  __shared__ uint64_t round_of[kMaxNvlRanks];
+  __shared__ uint64_t send_round[kMaxNvlRanks], recv_round[kMaxNvlRanks];
   __shared__ int aborted;
   if (tid < num_ranks) {
     peer_base[tid] = nvl.peers[tid];
@@ -497,55 +497,62 @@ dispatch_data_kernel(Intranode nvl, DispatchDataArgs a, Staging st) {
     const int64_t n = (most + per_round - 1) / per_round;
     rounds = n > rounds ? n : rounds;
   }
-  for (int64_t round = 0; round < rounds; ++round) {
-    const int64_t first = round * per_round + block * per_block;  // this block's first row
-    // Stage my rows for every peer (and copy my own share straight to the output).
-    bool ok = true;
-    if (tid < num_ranks && tid != me && first < send_count[tid]) {
-      const uint64_t n = ctl->sent[tid][block] + 1;
-      round_of[tid] = n;
-      if (n >= 3) ok = wait_for(nvl, &ctl->consumed[tid][block], n - 2, tid);
-    }
-    if (!__syncthreads_and(ok)) return;
-    for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
-      const int dst = item / per_block;
-      const int64_t i = first + item % per_block;
-      if (i >= send_count[dst]) continue;
-      const int t = a.send_list[int64_t(dst) * a.num_tokens + i];
-      if (dst == me) {
-        const int64_t row = recv_offset[me] + i;
-        if (row < a.num_recv_rows) put_token(a, t, me, output_row(a, row), lane);
-      } else {
-        uint8_t* slot = st.slot(peer_base[dst], me, round_of[dst], i - round * per_round);
-        put_token(a, t, dst, slot_row(slot, layout), lane);
+  // Software pipeline: step k stages round k, then takes round k - 1, which the peers staged
+  // a step earlier, so a block rarely waits and blocks interleave NVLink and local copies.
+  for (int64_t step = 0; step <= rounds; ++step) {
+    if (step < rounds) {
+      const int64_t round = step, first = round * per_round + block * per_block;
+      // Stage my rows for every peer (and copy my own share straight to the output).
+      bool ok = true;
+      if (tid < num_ranks && tid != me && first < send_count[tid]) {
+        const uint64_t n = ctl->sent[tid][block] + 1;
+        send_round[tid] = n;
+        if (n >= 3) ok = wait_for(nvl, &ctl->consumed[tid][block], n - 2, tid);
+      }
+      if (!__syncthreads_and(ok)) return;
+      for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
+        const int dst = item / per_block;
+        const int64_t i = first + item % per_block;
+        if (i >= send_count[dst]) continue;
+        const int t = a.send_list[int64_t(dst) * a.num_tokens + i];
+        if (dst == me) {
+          const int64_t row = recv_offset[me] + i;
+          if (row < a.num_recv_rows) put_token(a, t, me, output_row(a, row), lane);
+        } else {
+          uint8_t* slot = st.slot(peer_base[dst], me, send_round[dst], i - round * per_round);
+          put_token(a, t, dst, slot_row(slot, layout), lane);
+        }
+      }
+      __syncthreads();
+      if (tid < num_ranks && tid != me && first < send_count[tid]) {
+        ctl->sent[tid][block] = send_round[tid];
+        store_release(&control(peer_base[tid])->ready[me][block], send_round[tid]);
       }
     }
-    __syncthreads();
-    if (tid < num_ranks && tid != me && first < send_count[tid]) {
-      ctl->sent[tid][block] = round_of[tid];
-      store_release(&control(peer_base[tid])->ready[me][block], round_of[tid]);
-    }
-    __syncthreads();
-    // Take the rows every peer staged here.
-    if (tid < num_ranks && tid != me && first < recv_count[tid]) {
-      const uint64_t n = ctl->received[tid][block] + 1;
-      round_of[tid] = n;
-      ok = wait_for(nvl, &ctl->ready[tid][block], n, tid);
-    }
-    if (!__syncthreads_and(ok)) return;
-    for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
-      const int src = item / per_block;
-      const int64_t i = first + item % per_block;
-      if (src == me || i >= recv_count[src]) continue;
-      const int64_t row = recv_offset[src] + i;
-      if (row >= a.num_recv_rows) continue;  // capacity overflow, reported by notify
-      const uint8_t* slot = st.slot(nvl.local, src, round_of[src], i - round * per_round);
-      take_row(a, layout, slot, output_row(a, row), lane);
-    }
-    __syncthreads();
-    if (tid < num_ranks && tid != me && first < recv_count[tid]) {
-      ctl->received[tid][block] = round_of[tid];
-      store_release(&control(peer_base[tid])->consumed[me][block], round_of[tid]);
+    if (step > 0) {
+      const int64_t round = step - 1, first = round * per_round + block * per_block;
+      // Take the rows every peer staged here.
+      bool ok = true;
+      if (tid < num_ranks && tid != me && first < recv_count[tid]) {
+        const uint64_t n = ctl->received[tid][block] + 1;
+        recv_round[tid] = n;
+        ok = wait_for(nvl, &ctl->ready[tid][block], n, tid);
+      }
+      if (!__syncthreads_and(ok)) return;
+      for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
+        const int src = item / per_block;
+        const int64_t i = first + item % per_block;
+        if (src == me || i >= recv_count[src]) continue;
+        const int64_t row = recv_offset[src] + i;
+        if (row >= a.num_recv_rows) continue;  // capacity overflow, reported by notify
+        const uint8_t* slot = st.slot(nvl.local, src, recv_round[src], i - round * per_round);
+        take_row(a, layout, slot, output_row(a, row), lane);
+      }
+      __syncthreads();
+      if (tid < num_ranks && tid != me && first < recv_count[tid]) {
+        ctl->received[tid][block] = recv_round[tid];
+        store_release(&control(peer_base[tid])->consumed[me][block], recv_round[tid]);
+      }
     }
     __syncthreads();
   }
@@ -636,7 +643,7 @@ __device__ void reduce_token(const CombineArgs& a, int64_t t, const uint8_t* con
       out[e] = S::from_acc(acc);
     }
   }
-  for (int k = lane; k < a.num_topk && a.topk_weights; k += 32) {
+  for (int k = lane; k < a.num_topk; k += 32) {
     if (a.weight_bytes == 8) {
       double acc = 0;
       for (int s = 0; s < num_sources; ++s)
@@ -689,75 +696,88 @@ combine_kernel(Intranode nvl, CombineArgs a, Staging st) {
     windows = n;
   }
   __syncthreads();
-  for (int64_t window = 0; window < windows; ++window) {
-    const int64_t t0 = window * per_window + block * per_block, t1 = t0 + per_block;
-    // Expert side: stage my rows of tokens [t0, t1) of every owner at the slot of the token.
-    bool ok = true;
-    if (tid < num_ranks && tid != me) {
-      const int64_t begin = recv_offset[tid], end = begin + recv_count[tid];
-      lo[tid] = lower_bound(a.recv_src_idx, begin, end, t0);
-      hi[tid] = lower_bound(a.recv_src_idx, lo[tid], end, t1);
-      if (hi[tid] > lo[tid]) {
-        const uint64_t n = ctl->sent[tid][block] + 1;
-        send_round[tid] = n;
-        if (n >= 3) ok = wait_for(nvl, &ctl->consumed[tid][block], n - 2, tid);
-      }
-    }
-    if (!__syncthreads_and(ok)) return;
-    for (int owner = 0; owner < num_ranks; ++owner) {
-      if (owner == me) continue;
-      for (int64_t i = lo[owner] + warp; i < hi[owner]; i += kDataWarps) {
-        const int64_t token = a.recv_src_idx[i];
-        uint8_t* slot = st.slot(peer_base[owner], me, send_round[owner], token - window * per_window);
-        warp_copy(slot, a.x + i * row_bytes, row_bytes, row_bytes % 16 == 0 ? 16 : sizeof(T), lane);
-        if (a.topk_weights)
-          for (int64_t b = lane * 4; b < weight_row; b += 32 * 4)
-            *reinterpret_cast<uint32_t*>(slot + weights_offset + b) =
-                __ldg(reinterpret_cast<const unsigned*>(a.topk_weights + i * weight_row + b));
-      }
-    }
-    if (tid == 0) owners_mask = 0;
-    __syncthreads();
-    if (tid < num_ranks && tid != me && hi[tid] > lo[tid]) {
-      ctl->sent[tid][block] = send_round[tid];
-      store_release(&control(peer_base[tid])->ready[me][block], send_round[tid]);
-    }
-    // Owner side: which ranks hold some of my tokens [t0, t1)?
-    const int64_t end = t1 < a.num_tokens ? t1 : a.num_tokens;
-    int mask = 0;
-    for (int64_t i = t0 * num_ranks + tid; i < end * num_ranks; i += blockDim.x)
-      if (a.send_head[i] >= 0) mask |= 1 << (i % num_ranks);
-    if (mask) atomicOr(&owners_mask, mask);
-    __syncthreads();
-    if (tid < num_ranks && tid != me && ((owners_mask >> tid) & 1)) {
-      const uint64_t n = ctl->received[tid][block] + 1;
-      recv_round[tid] = n;
-      ok = wait_for(nvl, &ctl->ready[tid][block], n, tid);
-    }
-    if (!__syncthreads_and(ok)) return;
-    for (int64_t t = t0 + warp; t < end; t += kDataWarps) {
-      const uint8_t* sources[kMaxNvlRanks];
-      const uint8_t* weight_sources[kMaxNvlRanks];
-      int num_sources = 0;
-      for (int r = 0; r < num_ranks; ++r) {
-        const int row = a.send_head[t * num_ranks + r];
-        if (row < 0) continue;
-        if (r == me) {
-          sources[num_sources] = a.x + row * row_bytes;
-          weight_sources[num_sources] = a.topk_weights + row * weight_row;
-        } else {
-          const uint8_t* slot = st.slot(nvl.local, r, recv_round[r], t - window * per_window);
-          sources[num_sources] = slot;
-          weight_sources[num_sources] = slot + weights_offset;
+  // Software pipeline as in dispatch: step k stages window k, then reduces window k - 1.
+  for (int64_t step = 0; step <= windows; ++step) {
+    if (step < windows) {
+      const int64_t window = step;
+      const int64_t t0 = window * per_window + block * per_block, t1 = t0 + per_block;
+      // Expert side: stage my rows of tokens [t0, t1) of every owner at the slot of the token.
+      bool ok = true;
+      if (tid < num_ranks && tid != me) {
+        const int64_t begin = recv_offset[tid], end = begin + recv_count[tid];
+        lo[tid] = lower_bound(a.recv_src_idx, begin, end, t0);
+        hi[tid] = lower_bound(a.recv_src_idx, lo[tid], end, t1);
+        if (hi[tid] > lo[tid]) {
+          const uint64_t n = ctl->sent[tid][block] + 1;
+          send_round[tid] = n;
+          if (n >= 3) ok = wait_for(nvl, &ctl->consumed[tid][block], n - 2, tid);
         }
-        ++num_sources;
       }
-      reduce_token<T>(a, t, sources, weight_sources, num_sources, lane);
+      if (!__syncthreads_and(ok)) return;
+      for (int owner = 0; owner < num_ranks; ++owner) {
+        if (owner == me) continue;
+        for (int64_t i = lo[owner] + warp; i < hi[owner]; i += kDataWarps) {
+          const int64_t token = a.recv_src_idx[i];
+          uint8_t* slot =
+              st.slot(peer_base[owner], me, send_round[owner], token - window * per_window);
+          warp_copy(slot, a.x + i * row_bytes, row_bytes, row_bytes % 16 == 0 ? 16 : sizeof(T),
+                    lane);
+          if (a.num_topk > 0)
+            for (int64_t b = lane * 4; b < weight_row; b += 32 * 4)
+              *reinterpret_cast<uint32_t*>(slot + weights_offset + b) =
+                  __ldg(reinterpret_cast<const unsigned*>(a.topk_weights + i * weight_row + b));
+        }
+      }
+      __syncthreads();
+      if (tid < num_ranks && tid != me && hi[tid] > lo[tid]) {
+        ctl->sent[tid][block] = send_round[tid];
+        store_release(&control(peer_base[tid])->ready[me][block], send_round[tid]);
+      }
     }
-    __syncthreads();
-    if (tid < num_ranks && tid != me && ((owners_mask >> tid) & 1)) {
-      ctl->received[tid][block] = recv_round[tid];
-      store_release(&control(peer_base[tid])->consumed[me][block], recv_round[tid]);
+    if (step > 0) {
+      const int64_t window = step - 1;
+      const int64_t t0 = window * per_window + block * per_block, t1 = t0 + per_block;
+      // Owner side: which ranks hold some of my tokens [t0, t1)?
+      const int64_t end = t1 < a.num_tokens ? t1 : a.num_tokens;
+      if (tid == 0) owners_mask = 0;
+      __syncthreads();
+      int mask = 0;
+      for (int64_t i = t0 * num_ranks + tid; i < end * num_ranks; i += blockDim.x)
+        if (a.send_head[i] >= 0) mask |= 1 << (i % num_ranks);
+      if (mask) atomicOr(&owners_mask, mask);
+      __syncthreads();
+      const bool holds = tid < num_ranks && tid != me && ((owners_mask >> tid) & 1);
+      bool ok = true;
+      if (holds) {
+        const uint64_t n = ctl->received[tid][block] + 1;
+        recv_round[tid] = n;
+        ok = wait_for(nvl, &ctl->ready[tid][block], n, tid);
+      }
+      if (!__syncthreads_and(ok)) return;
+      for (int64_t t = t0 + warp; t < end; t += kDataWarps) {
+        const uint8_t* sources[kMaxNvlRanks];
+        const uint8_t* weight_sources[kMaxNvlRanks];
+        int num_sources = 0;
+        for (int r = 0; r < num_ranks; ++r) {
+          const int row = a.send_head[t * num_ranks + r];
+          if (row < 0) continue;
+          if (r == me) {
+            sources[num_sources] = a.x + row * row_bytes;
+            weight_sources[num_sources] = a.topk_weights + row * weight_row;
+          } else {
+            const uint8_t* slot = st.slot(nvl.local, r, recv_round[r], t - window * per_window);
+            sources[num_sources] = slot;
+            weight_sources[num_sources] = slot + weights_offset;
+          }
+          ++num_sources;
+        }
+        reduce_token<T>(a, t, sources, weight_sources, num_sources, lane);
+      }
+      __syncthreads();
+      if (holds) {
+        ctl->received[tid][block] = recv_round[tid];
+        store_release(&control(peer_base[tid])->consumed[me][block], recv_round[tid]);
+      }
     }
     __syncthreads();
   }
