@@ -129,7 +129,7 @@ template <int kBytes>
 __device__ __forceinline__ void warp_copy_words(uint8_t* dst, const uint8_t* src, int64_t bytes,
                                                 int lane) {
   using W = typename Word<kBytes>::type;
-  constexpr int kUnroll = 4;
+  constexpr int kUnroll = kBytes == 16 ? 8 : 4;
   const W* s = reinterpret_cast<const W*>(src);
   W* d = reinterpret_cast<W*>(dst);
   const int64_t n = bytes / kBytes;
@@ -613,25 +613,43 @@ __device__ void reduce_token(const CombineArgs& a, int64_t t, const uint8_t* con
   T* out = reinterpret_cast<T*>(a.combined_x) + t * a.hidden;
   const int64_t row_offset = t * a.hidden;
   if (a.hidden % kPerWord == 0) {
-    for (int w = lane; w < a.hidden / kPerWord; w += 32) {
-      Acc acc[kPerWord];
+    // kWords 16-byte words per lane and source in flight: the loop is latency-bound.
+    constexpr int kWords = 4;
+    const int num_words = a.hidden / kPerWord;
+    for (int w0 = lane; w0 < num_words; w0 += 32 * kWords) {
+      Acc acc[kWords][kPerWord];
 #pragma unroll
-      for (int e = 0; e < kPerWord; ++e) acc[e] = Acc(0);
+      for (int u = 0; u < kWords; ++u)
+#pragma unroll
+        for (int e = 0; e < kPerWord; ++e) acc[u][e] = Acc(0);
       for (int s = 0; s < num_sources; ++s) {
-        const int4 word = __ldcg(reinterpret_cast<const int4*>(sources[s]) + w);
-        const T* v = reinterpret_cast<const T*>(&word);
+        int4 words[kWords];
 #pragma unroll
-        for (int e = 0; e < kPerWord; ++e) acc[e] += S::to_acc(v[e]);
+        for (int u = 0; u < kWords; ++u)
+          if (w0 + u * 32 < num_words)
+            words[u] = __ldcg(reinterpret_cast<const int4*>(sources[s]) + w0 + u * 32);
+#pragma unroll
+        for (int u = 0; u < kWords; ++u) {
+          if (w0 + u * 32 >= num_words) continue;
+          const T* v = reinterpret_cast<const T*>(&words[u]);
+#pragma unroll
+          for (int e = 0; e < kPerWord; ++e) acc[u][e] += S::to_acc(v[e]);
+        }
       }
-      if (bias_0)
-        for (int e = 0; e < kPerWord; ++e) acc[e] += bias_0[row_offset + w * kPerWord + e];
-      if (bias_1)
-        for (int e = 0; e < kPerWord; ++e) acc[e] += bias_1[row_offset + w * kPerWord + e];
-      int4 result;
-      T* r = reinterpret_cast<T*>(&result);
 #pragma unroll
-      for (int e = 0; e < kPerWord; ++e) r[e] = S::from_acc(acc[e]);
-      reinterpret_cast<int4*>(out)[w] = result;
+      for (int u = 0; u < kWords; ++u) {
+        const int w = w0 + u * 32;
+        if (w >= num_words) continue;
+        if (bias_0)
+          for (int e = 0; e < kPerWord; ++e) acc[u][e] += bias_0[row_offset + w * kPerWord + e];
+        if (bias_1)
+          for (int e = 0; e < kPerWord; ++e) acc[u][e] += bias_1[row_offset + w * kPerWord + e];
+        int4 result;
+        T* r = reinterpret_cast<T*>(&result);
+#pragma unroll
+        for (int e = 0; e < kPerWord; ++e) r[e] = S::from_acc(acc[u][e]);
+        reinterpret_cast<int4*>(out)[w] = result;
+      }
     }
   } else {
     for (int e = lane; e < a.hidden; e += 32) {
