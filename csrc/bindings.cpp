@@ -22,6 +22,7 @@
 #include "kernels/api.h"
 #include "runtime.h"
 
+
 namespace deep_ep_ops {
 namespace {
 
@@ -736,6 +737,11 @@ TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA kernels of deep_ep_ops (registered for the deep_ep ops on import)";
+#ifdef DEEP_EP_OPS_WITH_NVSHMEM
+  module.attr("with_nvshmem") = true;
+#else
+  module.attr("with_nvshmem") = false;
+#endif
   module.def("intranode_create", &deep_ep_ops::intranode_create,
              "Allocate a buffer's NVLink memory; returns its IPC handle");
   module.def("intranode_open", &deep_ep_ops::intranode_open,

@@ -25,7 +25,13 @@ def build_info() -> str:
     """A short report of the installed backends."""
     lines = [f"deep_ep_ops: torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
     if HAS_CUDA_KERNELS:
-        lines.append(f"  CUDA kernels: built ({EXTENSION})")
+        lines.append(f"  CUDA kernels: built ({EXTENSION}): layout and intranode NVLink kernels")
+        lines.append(
+            "  NVSHMEM kernels: built" if _C.with_nvshmem else
+            "  NVSHMEM kernels: not built (none written yet, or the build found no NVSHMEM: "
+            "NVSHMEM_DIR or pip nvidia-nvshmem-cu<torch's CUDA major>); low-latency ops use the "
+            "NCCL reference"
+        )
         if CUDA_REFERENCE_OPS:
             lines.append(f"  CUDA ops still on the NCCL reference: {', '.join(CUDA_REFERENCE_OPS)}")
     else:
