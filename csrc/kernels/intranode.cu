@@ -33,7 +33,7 @@ constexpr int kThreads = 1024;             // count and notify kernels
 constexpr int kWarps = kThreads / 32;
 constexpr int kDataThreads = 512;          // data kernels: room for registers
 constexpr int kDataWarps = kDataThreads / 32;
-constexpr int kMaxRowsPerBlock = 32;  // rows a block moves per round: pipelining granularity
+constexpr int kMaxRowsPerBlock = 64;  // rows a block moves per round: pipelining granularity
 constexpr int kMaxChannels = kMaxBlocks / 2;
 
 struct Control {
