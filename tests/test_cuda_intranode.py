@@ -39,6 +39,7 @@ from deep_ep_ops import Buffer, Config, EventOverlap, _build, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
 from gpu_distributed import GpuRankPool, gpu_count, run_on_gpus
+from test_compile import _train_step
 
 WORLD_SIZES = (2, 4, 8)
 
@@ -752,15 +753,6 @@ def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> torch.Tenso
 def _finite_max(values) -> float:
     values = [float(v) for v in values]
     return math.inf if any(math.isnan(v) for v in values) else max(values)
-
-
-def _train_step(moe, fn, x):
-    """Forward and backward of ``fn`` (the module or its compiled form): output and grads."""
-    x = x.clone().requires_grad_()
-    moe.zero_grad()
-    out = fn(x)
-    (out**2).sum().backward()
-    return [out.detach(), x.grad] + [p.grad.clone() for p in moe.parameters()]
 
 
 def _moe_tokens(rank, step, num_tokens, device):
