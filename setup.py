@@ -3,7 +3,7 @@
 On a CPU-only torch this installs the pure-Python package (schemas, fakes, reference backend)
 with no compiler step. With a CUDA build of torch and ``nvcc`` (gated on ``torch.version.cuda``
 and ``CUDA_HOME``, not on a visible GPU) it also builds the ``deep_ep_ops._C`` extension from
-``csrc/``; NVSHMEM sources only when NVSHMEM is found. ``meta/`` installs as
+``csrc/`` and, when NVSHMEM is found, ``deep_ep_ops._C_nvshmem`` from ``csrc/nvshmem/``. ``meta/`` installs as
 ``deep_ep_ops.meta``.
 """
 
@@ -39,48 +39,70 @@ def _find_nvshmem(cuda_major: str):
     return None, f"{package} is installed but has no include/nvshmem.h"
 
 
-def _cuda_extension():
+_NVCC = ["-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90"]
+
+
+def _nvshmem_extension(cpp_extension, root: str, sources: list, include: list):
+    """``deep_ep_ops._C_nvshmem``: the low-latency kernels, relocatable device code linked
+    against NVSHMEM's device library (apart from ``_C`` so that its kernels keep whole-program
+    compilation)."""
+    lib = os.path.join(root, "lib")
+    hosts = sorted(glob.glob(os.path.join(lib, "libnvshmem_host.so*")))
+    if not hosts or not os.path.isfile(os.path.join(lib, "libnvshmem_device.a")):
+        print(f"deep_ep_ops: NVSHMEM at {root} lacks lib/libnvshmem_host.so or "
+              "lib/libnvshmem_device.a: low-latency kernels not built", file=sys.stderr)
+        return None
+    # torch's extension flags hide the bf16/half operators that NVSHMEM's headers use.
+    undefine = [f"-U__CUDA_NO_{name}__" for name in (
+        "HALF_OPERATORS", "HALF_CONVERSIONS", "HALF2_OPERATORS", "BFLOAT16_CONVERSIONS",
+        "BFLOAT16_OPERATORS")]
+    return cpp_extension.CUDAExtension(
+        "deep_ep_ops._C_nvshmem",
+        sources,
+        include_dirs=include + [os.path.join(root, "include")],
+        library_dirs=[lib],
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": _NVCC + ["-rdc=true"] + undefine},
+        extra_link_args=[os.path.join(lib, "libnvshmem_device.a"), hosts[0], f"-Wl,-rpath,{lib}"],
+        dlink=True,
+        dlink_libraries=["nvshmem_device"],
+    )
+
+
+def _cuda_extensions():
     import torch
     from torch.utils import cpp_extension
 
     if os.environ.get("DEEP_EP_OPS_NO_CUDA") == "1" or not torch.version.cuda:
-        return None
+        return []
     if cpp_extension.CUDA_HOME is None:
-        return None
+        return []
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
-    nvshmem_root, nvshmem_why = _find_nvshmem(torch.version.cuda.split(".")[0])
     nvshmem_sources = [s for s in sources if "/nvshmem/" in s]
     sources = [s for s in sources if "/nvshmem/" not in s]
-    if not sources:
-        return None
     include = [os.path.abspath("csrc"), os.path.join(cpp_extension.CUDA_HOME, "include", "cccl")]
-    # The intranode path never needs NVSHMEM; its own sources join only when it is found.
-    print(f"deep_ep_ops: NVSHMEM: {nvshmem_why}", file=sys.stderr)
-    define_macros = []
-    if nvshmem_root is not None and nvshmem_sources:
-        sources += nvshmem_sources
-        include.append(os.path.join(nvshmem_root, "include"))
-        define_macros.append(("DEEP_EP_OPS_WITH_NVSHMEM", "1"))
-    return cpp_extension.CUDAExtension(
+    extensions = [cpp_extension.CUDAExtension(
         "deep_ep_ops._C",
         sources,
         include_dirs=include,
-        define_macros=define_macros,
-        extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
-            "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_90,code=sm_90"],
-        },
-    )
+        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": _NVCC},
+    )]
+    # The intranode path never needs NVSHMEM; the low-latency kernels build only when found.
+    nvshmem_root, nvshmem_why = _find_nvshmem(torch.version.cuda.split(".")[0])
+    print(f"deep_ep_ops: NVSHMEM: {nvshmem_why}", file=sys.stderr)
+    if nvshmem_root is not None:
+        extension = _nvshmem_extension(cpp_extension, nvshmem_root, nvshmem_sources, include)
+        extensions += [extension] if extension is not None else []
+    return extensions
 
 
 try:
-    _ext = _cuda_extension()
+    ext_modules = _cuda_extensions()
 except ImportError:  # no torch at metadata time: pure-Python install
-    _ext = None
-if _ext is not None:
+    ext_modules = []
+if ext_modules:
     from torch.utils.cpp_extension import BuildExtension
 
-    ext_modules, cmdclass = [_ext], {"build_ext": BuildExtension}
+    cmdclass = {"build_ext": BuildExtension}
 
 setup(
     name="deep_ep_ops",

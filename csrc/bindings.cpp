@@ -21,60 +21,20 @@
 
 #include "kernels/api.h"
 #include "runtime.h"
+#include "torch_common.h"
 
 
 namespace deep_ep_ops {
 namespace {
 
-// Numbers enter messages through std::to_string: streaming an integer into an ostream from this
-// extension crashed (seen on the H200 image: torch 2.11, gcc 13 headers), as the extension's
-// instantiation of the ostream inserter does not match the process's libstdc++.
-std::string num(int64_t value) { return std::to_string(value); }
-
-std::string shape(const at::Tensor& t) {
-  std::string out = "(";
-  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + num(t.size(d));
-  return out + ")";
-}
-
-// Per-device state, allocated once and never freed (CUDA graphs may hold its addresses):
-// - the error word, in mapped pinned host memory: kernels store a DeviceError code, the next
-//   op call reads it without synchronising and raises;
-// - the layout kernel's partial histograms and its ticket counter.
-struct DeviceState {
-  int* error_host = nullptr;
-  int* error_device = nullptr;
-  int* layout_workspace = nullptr;  // one unsigned ticket, then the partial histograms
-  int layout_workspace_ints = 0;
-};
-
-// Allocation may happen during a CUDA graph capture (the first call of a process can be
-// captured); it is not part of the graph, so allow it for this thread.
-class RelaxedCapture {
- public:
-  RelaxedCapture() { C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode_)); }
-  ~RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }
-
- private:
-  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+// The layout kernel's partial histograms and its ticket counter, per device; allocated once
+// and never freed (CUDA graphs may hold the address).
+struct LayoutWorkspace {
+  int* ints = nullptr;  // one unsigned ticket, then the partial histograms
+  int capacity = 0;
 };
 
 std::mutex state_mutex;
-
-DeviceState& device_state(int device) {
-  static std::unordered_map<int, DeviceState> states;
-  std::lock_guard<std::mutex> lock(state_mutex);
-  DeviceState& state = states[device];
-  if (state.error_host == nullptr) {
-    RelaxedCapture relaxed;
-    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&state.error_host),
-                                 sizeof(int) * kErrorWordInts, cudaHostAllocMapped));
-    for (int i = 0; i < kErrorWordInts; ++i) state.error_host[i] = kErrorNone;
-    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&state.error_device),
-                                            state.error_host, 0));
-  }
-  return state;
-}
 
 const char* op_name(int op) {
   switch (op) {
@@ -90,12 +50,10 @@ void mark_broken(int device);
 
 // Raise (once) an error a kernel reported since the last call; returns the device word.
 int* checked_error_word(const char* op, int device) {
-  DeviceState& state = device_state(device);
-  volatile int* word = state.error_host;
-  const int code = word[0];
+  const DeviceReport report = take_device_report(device);
+  const int code = report.code;
   if (code != kErrorNone) {
-    const int reporter = word[1], peer = word[2], value = word[3];
-    word[0] = kErrorNone;
+    const int reporter = report.op, peer = report.peer, value = report.value;
     const std::string where = std::string(op_name(reporter)) + " on cuda:" + num(device);
     TORCH_CHECK_VALUE(code != kErrorExpertOutOfRange, "deep_ep::", op,
                       ": an earlier call on cuda:", num(device),
@@ -117,7 +75,7 @@ int* checked_error_word(const char* op, int device) {
     }
     TORCH_CHECK(false, "deep_ep::", op, ": an earlier kernel reported error code ", num(code));
   }
-  return state.error_device;
+  return error_word(device).device;
 }
 
 // The layout kernel's ticket counter (zero between launches) followed by room for at least
@@ -125,9 +83,10 @@ int* checked_error_word(const char* op, int device) {
 // place whatever its size. Grows, never shrinks (an old one stays allocated: a captured graph
 // may still use it).
 int* layout_workspace(int device, int ints) {
-  DeviceState& state = device_state(device);
+  static auto& workspaces = *new std::unordered_map<int, LayoutWorkspace>();
   std::lock_guard<std::mutex> lock(state_mutex);
-  if (state.layout_workspace_ints < ints) {
+  LayoutWorkspace& state = workspaces[device];
+  if (state.capacity < ints) {
     RelaxedCapture relaxed;
     const size_t bytes = sizeof(int) * (static_cast<size_t>(ints) + 1);
     int* workspace = nullptr;
@@ -137,10 +96,10 @@ int* layout_workspace(int device, int ints) {
     C10_CUDA_CHECK(cudaMemsetAsync(workspace, 0, bytes, side));
     C10_CUDA_CHECK(cudaStreamSynchronize(side));
     C10_CUDA_CHECK(cudaStreamDestroy(side));
-    state.layout_workspace = workspace;
-    state.layout_workspace_ints = ints;
+    state.ints = workspace;
+    state.capacity = ints;
   }
-  return state.layout_workspace;
+  return state.ints;
 }
 
 int num_sms(int device) {
@@ -189,7 +148,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
 std::mutex runtime_mutex;
 // Leaked on purpose: nothing here may be destroyed after the interpreter (or CUDA) shut down.
 auto& runtimes = *new std::unordered_map<std::string, std::unique_ptr<NvlRuntime>>();
-auto& fallbacks = *new std::unordered_map<std::string, py::object>();
 
 void mark_broken(int device) {
   std::lock_guard<std::mutex> lock(runtime_mutex);
@@ -256,30 +214,9 @@ void intranode_destroy(const std::string& name, bool free_memory) {
   }
 }
 
-void set_fallback(const std::string& op, py::object fn) { fallbacks[op] = std::move(fn); }
-
-// Ops on a buffer without an NVLink runtime (gloo, more than 8 ranks, no peer access) run the
-// reference backend's Python implementation.
-template <typename Result, typename... Args>
-Result call_fallback(const char* op, Args&&... args) {
-  py::gil_scoped_acquire gil;
-  auto it = fallbacks.find(op);
-  TORCH_CHECK(it != fallbacks.end(), "deep_ep::", op, " has no reference fallback registered");
-  return it->second(std::forward<Args>(args)...).template cast<Result>();
-}
-
 void check_device_errors(int device) { checked_error_word("check_device_errors", device); }
 
 // --- argument checks (the fakes in meta/ make the same ones while tracing) ------------------
-
-void check_tensor(const at::Tensor& t, const char* name, int64_t ndim,
-                  std::initializer_list<at::ScalarType> dtypes) {
-  TORCH_CHECK_VALUE(t.dim() == ndim, name, " must have ", num(ndim), " dims, got shape ",
-                    shape(t));
-  const bool ok = std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) != dtypes.end();
-  TORCH_CHECK_TYPE(ok, name, " has unsupported dtype ", c10::toString(t.scalar_type()));
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor");
-}
 
 void check_rows(const at::Tensor& t, const char* name, int64_t rows, const char* what) {
   TORCH_CHECK_VALUE(t.size(0) == rows, name, ".size(0) must equal ", what, " (", num(rows),
@@ -737,11 +674,6 @@ TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA kernels of deep_ep_ops (registered for the deep_ep ops on import)";
-#ifdef DEEP_EP_OPS_WITH_NVSHMEM
-  module.attr("with_nvshmem") = true;
-#else
-  module.attr("with_nvshmem") = false;
-#endif
   module.def("intranode_create", &deep_ep_ops::intranode_create,
              "Allocate a buffer's NVLink memory; returns its IPC handle");
   module.def("intranode_open", &deep_ep_ops::intranode_open,

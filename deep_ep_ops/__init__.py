@@ -17,6 +17,14 @@ if _build.HAS_CUDA_KERNELS:
     # path from inside the CUDA kernels' bindings.
     for _name in ("dispatch", "capacity_dispatch", "cached_dispatch", "combine"):
         _build._C.set_fallback(_name, getattr(reference, _name))
+if _build.HAS_LOW_LATENCY_KERNELS:
+    # Low-latency calls the NVSHMEM kernels do not take (see csrc/nvshmem/bindings.cpp).
+    for _name in (
+        "low_latency_dispatch", "low_latency_dispatch_send", "low_latency_dispatch_recv",
+        "low_latency_combine", "low_latency_combine_out", "low_latency_combine_send",
+        "low_latency_combine_recv", "clean_low_latency_buffer",
+    ):
+        _build._C_nvshmem.set_fallback(_name, getattr(reference, _name))
 _autograd.register()
 
 from .buffer import Buffer, EventOverlap  # noqa: E402

@@ -7,17 +7,23 @@ import importlib.util
 
 import torch
 
-EXTENSION = "deep_ep_ops._C"
 
-if importlib.util.find_spec(EXTENSION) is None:
-    _C, EXTENSION_ERROR = None, "not built"
-else:
-    try:  # registers the CUDA kernels for the deep_ep ops
-        _C, EXTENSION_ERROR = importlib.import_module(EXTENSION), None
+def _load(name: str):
+    """``(module or None, why not)``; importing registers the module's CUDA kernels."""
+    if importlib.util.find_spec(name) is None:
+        return None, "not built"
+    try:
+        return importlib.import_module(name), None
     except ImportError as error:  # built for another torch/CUDA, or a missing library
-        _C, EXTENSION_ERROR = None, f"built but failed to load ({error})"
+        return None, f"built but failed to load ({error})"
+
+
+EXTENSION, LOW_LATENCY_EXTENSION = "deep_ep_ops._C", "deep_ep_ops._C_nvshmem"
+_C, EXTENSION_ERROR = _load(EXTENSION)
+_C_nvshmem, LOW_LATENCY_EXTENSION_ERROR = _load(LOW_LATENCY_EXTENSION) if _C else (None, "not built")
 
 HAS_CUDA_KERNELS = _C is not None
+HAS_LOW_LATENCY_KERNELS = _C_nvshmem is not None
 CUDA_REFERENCE_OPS: tuple[str, ...] = ()  # filled by deep_ep_ops/__init__.py
 
 
@@ -27,8 +33,9 @@ def build_info() -> str:
     if HAS_CUDA_KERNELS:
         lines.append(f"  CUDA kernels: built ({EXTENSION}): layout and intranode NVLink kernels")
         lines.append(
-            "  NVSHMEM kernels: built" if _C.with_nvshmem else
-            "  NVSHMEM kernels: not built (none written yet, or the build found no NVSHMEM: "
+            f"  NVSHMEM kernels: built ({LOW_LATENCY_EXTENSION}): low-latency dispatch/combine"
+            if HAS_LOW_LATENCY_KERNELS else
+            f"  NVSHMEM kernels: {LOW_LATENCY_EXTENSION_ERROR} (the build needs NVSHMEM: "
             "NVSHMEM_DIR or pip nvidia-nvshmem-cu<torch's CUDA major>); low-latency ops use the "
             "NCCL reference"
         )

@@ -9,7 +9,9 @@ CPU, NCCL with one GPU per rank on CUDA), builds a ``deep_ep_ops.Buffer``, route
   ``--num-sms`` (``Config(num_sms=n)`` from ``get_dispatch_config`` / ``get_combine_config``;
   default 8 16 20 24 32 on GPUs, the default config on CPU);
 - low-latency mode: dispatch FP8, combine BF16, and the send/recv split (send, then receive)
-  of both.
+  of both; each as eager calls and, on CUDA (unless ``--no-graph``), as replays of CUDA graphs
+  (rows ``<op> [graph]``): every phase (the op, or the send and the receive half) is captured
+  into a graph of its own after warm-up, and the replays are timed like the eager calls.
 
 Rank 0 also times the op layer's host cost: eager ``get_dispatch_layout`` calls on 128 tokens
 (through the wrapper and through ``torch.ops`` directly) against ``torch.add`` on the same
@@ -22,14 +24,17 @@ received rows, low-latency ops the received ``(token, expert)`` rows (``sum(recv
 
 On CUDA every op is also timed on the reference backend (``deep_ep_ops.reference`` called
 directly on the same CUDA tensors over NCCL) for a side-by-side ratio; the reference does not
-depend on the SM count, so it is timed once per op and shown beside every SM row. On CPU both
-are the same code and the ratio columns show ``-``.
+depend on the SM count, so it is timed once per op and shown beside every SM row. A graph row
+sits beside the reference's graph replays; a backend whose calls do not capture (on any rank)
+gets ``n/a (not capturable)`` and the reason under the table, and the run goes on. On CPU both
+are the same code, the ratio columns show ``-`` and there are no graph rows.
 
-The last thing written to stdout is the report: the full table (one row per op, tokens and SM
-count), then a summary with one line per op (the best SM count within DESIGN.md §11's 24-SM
-budget, its time and GB/s against the target, and the speedup over the reference) and the host
-line. ``--out DIR`` also writes it as ``DIR/table.txt`` with ``DIR/results.json``, and
-``--plot FILE.png`` draws bandwidth against tokens per rank.
+The last thing written to stdout is the report: the full table (one row per op, tokens, SM
+count and eager/graph), then a summary with one line per op with a target, eager and graph
+apart (the best SM count within DESIGN.md §11's 24-SM budget, its time and GB/s against the
+target, and the speedup over the reference) and the host line. ``--out DIR`` also writes it as
+``DIR/table.txt`` with ``DIR/results.json``, and ``--plot FILE.png`` draws bandwidth against
+tokens per rank.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -57,6 +63,10 @@ from .config import Config, get_combine_config, get_dispatch_config
 
 NORMAL, LOW_LATENCY = "normal", "low-latency"
 MODES = (NORMAL, LOW_LATENCY)
+EAGER, GRAPH = "eager", "graph"  # how a row's calls were issued: one by one, or graph replays
+GRAPH_MODES = (LOW_LATENCY,)  # static shapes, no host sync: the modes timed as graphs on CUDA
+GRAPH_SIDE_WARMUP = 2  # calls on the capture stream before capturing (per-stream lazy state)
+NOT_CAPTURABLE = "n/a (not capturable)"
 FP8_GROUP = 128  # channels per FP8 scale
 DEFAULT_NUM_SMS = get_dispatch_config(1).num_sms  # what a call without a config uses
 SM_BUDGET = 24  # DESIGN.md §11: the normal-mode targets hold with at most this many SMs
@@ -104,10 +114,15 @@ class Settings:
     seed: int
     plot: Optional[str]
     out: Optional[str]
+    graph: bool = True  # also time CUDA-graph replays (low-latency mode, CUDA only)
 
     @property
     def on_gpu(self) -> bool:
         return self.backend == "nccl"
+
+    def graphed(self, mode: str) -> bool:
+        """Whether ``mode``'s ops are timed as CUDA-graph replays too."""
+        return self.graph and self.on_gpu and mode in GRAPH_MODES
 
 
 # DESIGN.md §11 shapes on GPUs; on CPU, small enough for a laptop (well under a minute).
@@ -154,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "auto: nccl when CUDA is available")
     parser.add_argument("--plot", metavar="FILE.png", help="plot GB/s against tokens per rank")
     parser.add_argument("--out", metavar="DIR", help="write results.json and table.txt here")
+    parser.add_argument("--no-graph", dest="graph", action="store_false",
+                        help="skip the CUDA-graph replays (rows '<op> [graph]') of the "
+                             "low-latency ops; CPU runs have none anyway")
     return parser
 
 
@@ -186,7 +204,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
         num_sms=tuple(sorted(set(pick("num_sms")))), hidden=pick("hidden"),
         num_topk=pick("num_topk"), num_experts=pick("num_experts"), num_iters=pick("num_iters"),
         num_warmup=pick("num_warmup"), backend=backend, seed=args.seed, plot=args.plot,
-        out=args.out,
+        out=args.out, graph=args.graph,
     )
     problem = _check_settings(settings)
     if problem:
@@ -585,6 +603,107 @@ def _time_cuda(phases, num_iters, group):
     return [[a.elapsed_time(b) / 1e3 for a, b in zip(marks, marks[1:])] for marks in events]
 
 
+class NotCapturable(Exception):
+    """A case's calls could not be captured in a CUDA graph on some rank (every rank raises)."""
+
+
+def capture_phases(phases: list[Phase], stream) -> list[Phase]:
+    """``phases`` captured on ``stream`` into one CUDA graph each, as phases replaying them.
+
+    A graph per phase keeps eager mode's per-phase timing (the send and the receive half of a
+    split op apart). Each graph is captured with the previous one's captured result as input and
+    replays into the same memory, so replaying them in order repeats the captured sequence;
+    the replay phases hold the graphs and their results alive. Capture runs the ops' host code
+    but no kernel, so nothing is exchanged between ranks here.
+    """
+    replays: list[Phase] = []
+    value = None
+    with warnings.catch_warnings():
+        # A receive half with nothing left to do on the device (the reference's) captures an
+        # empty graph: torch warns, and replaying it is a valid no-op.
+        warnings.filterwarnings("ignore", message=".*CUDA Graph is empty.*")
+        for name, fn in phases:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: the NCCL watchdog thread keeps querying events during our capture.
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                value = fn(value)
+            replays.append((name, _replayer(graph, value)))
+    return replays
+
+
+def _replayer(graph, output) -> Callable[[Any], Any]:
+    def replay(_):
+        graph.replay()
+        return output
+
+    return replay
+
+
+def describe_error(error: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, at most ``limit`` characters, for a table note."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _capture_cause(error: BaseException) -> BaseException:
+    """The call's own error where ending the capture raised again on top of it."""
+    # Leaving ``torch.cuda.graph`` ends the capture; after a call broke it, that raises its own
+    # "... during capture" error with the call's error as context, which says more.
+    context = error.__context__
+    if context is not None and "captur" in str(error).lower():
+        return context
+    return error
+
+
+def first_capture_failure(errors: Sequence[Optional[str]]) -> Optional[str]:
+    """What every rank reports given each rank's capture error (``None``: it captured).
+
+    One failing rank fails the case everywhere: the others' graphs would wait for it forever.
+    """
+    failed = [rank for rank, error in enumerate(errors) if error is not None]
+    if not failed:
+        return None
+    who = "every rank" if len(failed) == len(errors) else (
+        f"rank{'s' * (len(failed) > 1)} {', '.join(map(str, failed))}"
+    )
+    return f"{errors[failed[0]]} ({who})"
+
+
+def time_graph(
+    phases: list[Phase], num_warmup: int, num_iters: int, device: torch.device, group
+) -> list[list[float]]:
+    """Seconds each phase's CUDA-graph replay took on this rank, per timed iteration.
+
+    Captures ``phases`` (after warm-up calls on the capture stream, as torch recommends), then
+    times replays exactly as ``time_phases`` times eager calls: ``num_warmup`` untimed replays,
+    then CUDA events around every phase of ``num_iters`` back-to-back iterations. Raises
+    ``NotCapturable`` on every rank when capturing failed on any.
+    """
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # eager calls, with their collectives: on every rank
+        for _ in range(GRAPH_SIDE_WARMUP):
+            _run_phases(phases)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    # Every rank captures the same calls at the same point: a capture that registers buffers
+    # with its peers finds them capturing too.
+    torch.cuda.synchronize(device)
+    dist.barrier(group=group)
+    torch.cuda.synchronize(device)
+    replays, error = None, None
+    try:
+        replays = capture_phases(phases, stream)
+    except Exception as caught:  # noqa: BLE001 (any failure becomes a table note)
+        error = describe_error(_capture_cause(caught))
+    errors: list[Optional[str]] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    failure = first_capture_failure(errors)
+    if failure is not None:
+        raise NotCapturable(failure)
+    return time_phases(replays, num_warmup, num_iters, device, group)
+
+
 @dataclasses.dataclass
 class RankSample:
     """What one rank measured for one case."""
@@ -593,9 +712,31 @@ class RankSample:
     num_rows: Optional[int]
 
 
+def _row(
+    case: Case, tokens: int, s: Settings, label: str, num_sms: Optional[int], timing: str
+) -> dict:
+    """A result row with its identity filled in and every measurement ``None``."""
+    return {
+        "op": case.op, "mode": case.mode, "timing": timing, "tokens_per_rank": tokens,
+        "num_sms": num_sms, "hidden": s.hidden, "num_topk": s.num_topk,
+        "num_experts": s.num_experts, "num_ranks": s.num_ranks, "backend": label,
+        "median_us": None, "min_us": None, "max_us": None, "median_us_per_rank": None,
+        "gbps": None, "bytes_per_rank": None, "rows_per_rank": None, "phases_median_us": None,
+        "capture_error": None,
+    }
+
+
+def not_capturable_row(
+    case: Case, tokens: int, s: Settings, label: str, reason: str,
+    num_sms: Optional[int] = None,
+) -> dict:
+    """The graph row of a case whose calls did not capture: no times, and why."""
+    return dict(_row(case, tokens, s, label, num_sms, GRAPH), capture_error=reason)
+
+
 def summarize(
     case: Case, phase_names: list[str], per_rank: list[RankSample], tokens: int, s: Settings,
-    label: str, num_sms: Optional[int] = None,
+    label: str, num_sms: Optional[int] = None, timing: str = EAGER,
 ) -> dict:
     """One result row from every rank's samples.
 
@@ -606,15 +747,12 @@ def summarize(
     totals = [[sum(it) for it in r.samples] for r in per_rank]
     medians = [statistics.median(t) for t in totals]
     median = max(medians)
-    row = {
-        "op": case.op, "mode": case.mode, "tokens_per_rank": tokens, "num_sms": num_sms,
-        "hidden": s.hidden, "num_topk": s.num_topk, "num_experts": s.num_experts,
-        "num_ranks": s.num_ranks,
-        "backend": label, "median_us": median * 1e6,
-        "min_us": min(min(t) for t in totals) * 1e6, "max_us": max(max(t) for t in totals) * 1e6,
-        "median_us_per_rank": [m * 1e6 for m in medians],
-        "gbps": None, "bytes_per_rank": None, "rows_per_rank": None, "phases_median_us": None,
-    }
+    row = _row(case, tokens, s, label, num_sms, timing)
+    row.update(
+        median_us=median * 1e6,
+        min_us=min(min(t) for t in totals) * 1e6, max_us=max(max(t) for t in totals) * 1e6,
+        median_us_per_rank=[m * 1e6 for m in medians],
+    )
     if case.row_bytes is not None:
         rows = [r.num_rows for r in per_rank]
         num_bytes = [n * case.row_bytes(s.hidden) for n in rows]
@@ -677,6 +815,7 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
         return s.num_sms if case.sm_sweep else (None,)
 
     work = [(mode, t) for mode in s.modes for t in s.tokens[mode]]
+    # Graph rows ride along with the eager timing of the same case: no extra steps.
     total = sum(
         len(sm_counts(c)) + (reference_backend is not None)
         for mode, _ in work for c in CASES if c.mode == mode
@@ -687,36 +826,56 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
         if mode == LOW_LATENCY:
             # DeepEP needs this when one buffer serves normal and low-latency calls.
             ops.clean_low_latency_buffer(buffer.name, tokens, s.hidden, s.num_experts)
+        graph = s.graphed(mode)
+        also = ", eager + CUDA graph" if graph else ""
         for case in (c for c in CASES if c.mode == mode):
-            ref = None
+            ref = ref_graph = None
             if reference_backend is not None:
                 step += 1
                 _progress(rank, f"[{step}/{total}] {mode} {case.op} tokens={tokens} "
-                                f"({reference_backend.label}) ...")
-                ref = time_case(case, reference_backend, inputs, s, device, group)
+                                f"({reference_backend.label}{also}) ...")
+                ref, ref_graph = time_case(
+                    case, reference_backend, inputs, s, device, group, graph=graph
+                )
             for n in sm_counts(case):
                 step += 1
                 sms = "" if n is None else f" sms={n}"
                 _progress(rank, f"[{step}/{total}] {mode} {case.op} tokens={tokens}{sms} "
-                                f"({label}) ...")
+                                f"({label}{also}) ...")
                 backend = OpsBackend(buffer.name, s.num_ranks, s.num_experts, label, n)
-                results.append(_with_reference(
-                    time_case(case, backend, inputs, s, device, group, n), ref
-                ))
+                eager, graphed = time_case(case, backend, inputs, s, device, group, n, graph)
+                results.append(_with_reference(eager, ref))
+                if graphed is not None:  # beside its eager row
+                    results.append(_with_reference(graphed, ref_graph))
     return results
 
 
 def time_case(
     case: Case, backend: _Backend, inputs: Inputs, s: Settings, device, group,
-    num_sms: Optional[int] = None,
-) -> dict:
-    """Set up and time ``case`` on every rank; every rank returns the same result row."""
+    num_sms: Optional[int] = None, graph: bool = False,
+) -> tuple[dict, Optional[dict]]:
+    """Set up and time ``case`` on every rank: ``(eager row, graph row or None)``, the same
+    rows on every rank. With ``graph`` (CUDA only) the same calls are then captured and their
+    replays timed; a capture failure gives a ``not_capturable_row`` instead of raising."""
     prepared = case.prepare(backend, inputs)
-    samples = time_phases(prepared.phases, s.num_warmup, s.num_iters, device, group)
-    gathered = [None] * s.num_ranks
-    dist.all_gather_object(gathered, RankSample(samples, prepared.num_rows), group=group)
     names = [name for name, _ in prepared.phases]
-    return summarize(case, names, gathered, inputs.num_tokens, s, backend.label, num_sms)
+
+    def row(samples, timing):
+        gathered = [None] * s.num_ranks
+        dist.all_gather_object(gathered, RankSample(samples, prepared.num_rows), group=group)
+        return summarize(case, names, gathered, inputs.num_tokens, s, backend.label, num_sms,
+                         timing)
+
+    eager = row(time_phases(prepared.phases, s.num_warmup, s.num_iters, device, group), EAGER)
+    if not graph:
+        return eager, None
+    try:
+        samples = time_graph(prepared.phases, s.num_warmup, s.num_iters, device, group)
+    except NotCapturable as failure:
+        return eager, not_capturable_row(
+            case, inputs.num_tokens, s, backend.label, str(failure), num_sms
+        )
+    return eager, row(samples, GRAPH)
 
 
 def _with_reference(ours: dict, ref: Optional[dict] = None) -> dict:
@@ -724,15 +883,19 @@ def _with_reference(ours: dict, ref: Optional[dict] = None) -> dict:
 
     ``ratio_vs_reference`` is the speedup, reference time / our time; it also covers ops without
     a bandwidth, like the layout. ``gbps_ratio_vs_reference`` is our GB/s / reference GB/s (the
-    same number where both received the same rows, as they do here).
+    same number where both received the same rows, as they do here). ``ref`` is the row timed
+    the same way (eager or graph); ``reference_capture_error`` says why it has no time. Ratios
+    stay ``None`` when either side has no time.
     """
     ours = dict(ours, reference_median_us=None, reference_gbps=None, ratio_vs_reference=None,
-                gbps_ratio_vs_reference=None)
+                gbps_ratio_vs_reference=None, reference_capture_error=None)
     if ref is not None:
         ours.update(
             reference_median_us=ref["median_us"], reference_gbps=ref["gbps"],
-            ratio_vs_reference=ref["median_us"] / ours["median_us"],
+            reference_capture_error=ref.get("capture_error"),
         )
+        if ours["median_us"] and ref["median_us"]:
+            ours["ratio_vs_reference"] = ref["median_us"] / ours["median_us"]
         if ours["gbps"] is not None and ref["gbps"]:
             ours["gbps_ratio_vs_reference"] = ours["gbps"] / ref["gbps"]
     return ours
@@ -857,8 +1020,8 @@ def launch(s: Settings) -> dict:
 # --- output -----------------------------------------------------------------------------------
 
 TABLE_COLUMNS = (
-    "op", "mode", "tokens/rank", "SMs", "median us", "GB/s", "backend", "ref us", "ref GB/s",
-    "vs ref",
+    "op", "mode", "tokens/rank", "SMs", "median us", "send/recv us", "GB/s", "backend",
+    "ref us", "ref GB/s", "vs ref",
 )
 SUMMARY_COLUMNS = (
     "op", "mode", "tokens/rank", "best SMs", "median us", "GB/s", "target", "vs target",
@@ -872,6 +1035,33 @@ def _number(value: Optional[float], spec: str) -> str:
 
 def _ratio(value: Optional[float], spec: str = ".2f") -> str:
     return "-" if value is None else f"{value:{spec}}x"
+
+
+def op_label(row: dict) -> str:
+    """The op as the tables name it: ``dispatch fp8``, or ``dispatch fp8 [graph]`` for replays."""
+    return row["op"] + (" [graph]" if row.get("timing", EAGER) == GRAPH else "")
+
+
+def _median(row: dict) -> str:
+    return NOT_CAPTURABLE if row.get("capture_error") else _number(row["median_us"], ".1f")
+
+
+def _reference_median(row: dict) -> str:
+    if row.get("reference_capture_error"):
+        return NOT_CAPTURABLE
+    return _number(row["reference_median_us"], ".1f")
+
+
+def _speedup(row: dict, key: str) -> str:
+    if row[key] is None and (row.get("capture_error") or row.get("reference_capture_error")):
+        return "n/a"
+    return _ratio(row[key])
+
+
+def _phases(row: dict) -> str:
+    """``send/recv`` medians of a split op, in phase order (``-`` for single-phase ops)."""
+    phases = row.get("phases_median_us")
+    return "-" if not phases else "/".join(f"{us:.1f}" for us in phases.values())
 
 
 def _align_rows(columns: Sequence[str], rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
@@ -888,15 +1078,31 @@ def _align_rows(columns: Sequence[str], rows: list[tuple[str, ...]], right: set[
     return [header, "-" * len(header), *(line(r) for r in rows)]
 
 
+def capture_notes(rows: list[dict]) -> list[str]:
+    """One line per backend and op that did not capture in a CUDA graph, with the reason."""
+    notes = []
+    for r in rows:
+        failures = [(r["backend"], r.get("capture_error"))]
+        if r.get("reference_capture_error"):
+            failures.append(("reference/nccl", r["reference_capture_error"]))
+        for backend, error in failures:
+            note = (f"  {op_label(r)} ({r['mode']}, {r['tokens_per_rank']} tokens/rank) on "
+                    f"{backend}: {error}")
+            if error and note not in notes:  # the reference repeats beside every SM count
+                notes.append(note)
+    return ["not capturable in a CUDA graph (the rows show n/a):", *notes] if notes else []
+
+
 def format_table(report: dict) -> str:
-    """The full result table: one row per op, tokens per rank and SM count; ``-`` when n/a."""
+    """The full result table: one row per op, tokens per rank, SM count and eager/graph;
+    ``-`` when n/a; capture failures listed under it."""
     s = report["settings"]
     rows = [
         (
-            r["op"], r["mode"], str(r["tokens_per_rank"]), _number(r.get("num_sms"), "d"),
-            _number(r["median_us"], ".1f"), _number(r["gbps"], ".4g"), r["backend"],
-            _number(r["reference_median_us"], ".1f"), _number(r["reference_gbps"], ".4g"),
-            _ratio(r["ratio_vs_reference"]),
+            op_label(r), r["mode"], str(r["tokens_per_rank"]), _number(r.get("num_sms"), "d"),
+            _median(r), _phases(r), _number(r["gbps"], ".4g"), r["backend"],
+            _reference_median(r), _number(r["reference_gbps"], ".4g"),
+            _speedup(r, "ratio_vs_reference"),
         )
         for r in report["results"]
     ]
@@ -909,19 +1115,23 @@ def format_table(report: dict) -> str:
     legend = (
         "median us: max over ranks of each rank's median; GB/s: received payload per rank, own "
         "share included\nSMs: Config.num_sms; ref: the reference on NCCL (one run per op, shown "
-        "beside every SM count); vs ref: ref us / ours (= our GB/s / ref GB/s)"
+        "beside every SM count); vs ref: ref us / ours (= our GB/s / ref GB/s)\n"
+        "send/recv us: the two halves of a split op; [graph]: replays of the same calls "
+        "captured in CUDA graphs (one per half), beside the reference's replays"
     )
-    return "\n".join([title, legend, *_align_rows(TABLE_COLUMNS, rows, {2, 3, 4, 5, 7, 8, 9})])
+    lines = [title, legend, *_align_rows(TABLE_COLUMNS, rows, {2, 3, 4, 5, 6, 8, 9, 10})]
+    return "\n".join(lines + capture_notes(report["results"]))
 
 
 def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
-    """One row per op with a DESIGN.md §11 target, at its best SM count.
+    """One row per op with a DESIGN.md §11 target and per timing (eager, graph), at its best
+    SM count.
 
     Per mode, the tokens per rank of the targets (GPU defaults: 4096 normal, 128 low-latency)
     where swept, else the largest swept. The best SM count is the fastest within
     ``sm_budget`` (``over_budget`` is set when every swept count exceeds it: then the fastest
     of all). ``vs_target`` is >= 1 when the target is met: GB/s / target for bandwidth
-    targets, target / median us for time targets.
+    targets, target / median us for time targets; ``None`` for a graph that did not capture.
     """
     swept: dict[str, set[int]] = {}
     for r in report["results"]:
@@ -931,25 +1141,30 @@ def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
         mode: target_tokens[mode][0] if target_tokens[mode][0] in ts else max(ts)
         for mode, ts in swept.items()
     }
-    groups: dict[tuple[str, str, int], list[dict]] = {}
+    groups: dict[tuple[str, str, int, str], list[dict]] = {}
     for r in report["results"]:
         if (r["mode"], r["op"]) in TARGETS and r["tokens_per_rank"] == chosen[r["mode"]]:
-            groups.setdefault((r["mode"], r["op"], r["tokens_per_rank"]), []).append(r)
+            key = (r["mode"], r["op"], r["tokens_per_rank"], r.get("timing", EAGER))
+            groups.setdefault(key, []).append(r)
     summary = []
-    for (mode, op, tokens), rows in groups.items():
-        within = [r for r in rows if r.get("num_sms") is None or r["num_sms"] <= sm_budget]
-        best = min(within or rows, key=lambda r: r["median_us"])
+    for (mode, op, tokens, timing), rows in groups.items():
+        timed = [r for r in rows if r["median_us"] is not None] or rows
+        within = [r for r in timed if r.get("num_sms") is None or r["num_sms"] <= sm_budget]
+        best = min(within or timed, key=lambda r: r["median_us"] or 0.0)
         unit, bound = TARGETS[(mode, op)]
         if unit == "GB/s":
             vs_target = None if best["gbps"] is None else best["gbps"] / bound
         else:
-            vs_target = bound / best["median_us"]
+            vs_target = None if best["median_us"] is None else bound / best["median_us"]
         summary.append({
-            "op": op, "mode": mode, "tokens_per_rank": tokens, "num_sms": best.get("num_sms"),
-            "over_budget": not within, "sm_budget": sm_budget, "median_us": best["median_us"],
-            "gbps": best["gbps"], "target": {"unit": unit, "bound": bound},
-            "vs_target": vs_target, "reference_median_us": best["reference_median_us"],
+            "op": op, "mode": mode, "timing": timing, "tokens_per_rank": tokens,
+            "num_sms": best.get("num_sms"), "over_budget": not within, "sm_budget": sm_budget,
+            "median_us": best["median_us"], "gbps": best["gbps"],
+            "target": {"unit": unit, "bound": bound}, "vs_target": vs_target,
+            "reference_median_us": best["reference_median_us"],
             "speedup_vs_reference": best["ratio_vs_reference"],
+            "capture_error": best.get("capture_error"),
+            "reference_capture_error": best.get("reference_capture_error"),
         })
     return summary
 
@@ -966,7 +1181,8 @@ def _format_host(host: dict) -> str:
 
 
 def format_summary(report: dict) -> str:
-    """The short table: one line per op with a target, then the host line."""
+    """The short table: one line per op with a target (eager and graph apart), then the host
+    line."""
     summary = report.get("summary")
     if summary is None:
         summary = best_rows(report)
@@ -977,14 +1193,16 @@ def format_summary(report: dict) -> str:
             sms += f" (>{r['sm_budget']})"
         unit, bound = r["target"]["unit"], r["target"]["bound"]
         target = f">= {bound:g} GB/s" if unit == "GB/s" else f"<= {bound:g} us"
+        vs_target = "n/a" if r.get("capture_error") else _ratio(r["vs_target"], ".3g")
         rows.append((
-            r["op"], r["mode"], str(r["tokens_per_rank"]), sms, _number(r["median_us"], ".1f"),
-            _number(r["gbps"], ".4g"), target, _ratio(r["vs_target"], ".3g"),
-            _number(r["reference_median_us"], ".1f"), _ratio(r["speedup_vs_reference"]),
+            op_label(r), r["mode"], str(r["tokens_per_rank"]), sms, _median(r),
+            _number(r["gbps"], ".4g"), target, vs_target, _reference_median(r),
+            _speedup(r, "speedup_vs_reference"),
         ))
     lines = [
         f"summary: fastest SM count within {SM_BUDGET} SMs; targets of DESIGN.md §11 (4xH200, "
-        "4096 / 128 tokens per rank), vs target >= 1x meets it; speedup: ref us / ours",
+        "4096 / 128 tokens per rank), vs target >= 1x meets it; speedup: ref us / ours "
+        "(eager against eager, [graph] against the reference's graph replays)",
     ]
     if rows:
         lines += _align_rows(SUMMARY_COLUMNS, rows, {2, 4, 5, 7, 8, 9})
@@ -1011,8 +1229,8 @@ def write_outputs(report: dict, table: str, out_dir: str) -> list[str]:
 
 
 def plot_bandwidth(report: dict, path: str) -> None:
-    """GB/s against tokens per rank, one line per op and SM count (the reference dashed, once
-    per op, where timed)."""
+    """GB/s against tokens per rank, one line per op, SM count and eager/graph (the reference
+    dashed, once per op and timing, where timed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1021,7 +1239,8 @@ def plot_bandwidth(report: dict, path: str) -> None:
     series: dict[tuple[str, str, Optional[int]], list[dict]] = {}
     for row in report["results"]:
         if row["gbps"] is not None:
-            series.setdefault((row["mode"], row["op"], row.get("num_sms")), []).append(row)
+            key = (row["mode"], op_label(row), row.get("num_sms"))
+            series.setdefault(key, []).append(row)
     fig, ax = plt.subplots(figsize=(9, 5.5))
     drawn_reference = set()
     for (mode, op, num_sms), rows in series.items():
@@ -1030,9 +1249,11 @@ def plot_bandwidth(report: dict, path: str) -> None:
         sms = "" if num_sms is None else f", {num_sms} SMs"
         (line,) = ax.plot(tokens, [r["gbps"] for r in rows], marker="o" if mode == NORMAL else "s",
                           label=f"{mode} {op} ({rows[0]['backend']}{sms})")
-        if rows[0]["reference_gbps"] is not None and (mode, op) not in drawn_reference:
+        with_reference = [r for r in rows if r["reference_gbps"] is not None]
+        if with_reference and (mode, op) not in drawn_reference:
             drawn_reference.add((mode, op))
-            ax.plot(tokens, [r["reference_gbps"] for r in rows], marker="x", linestyle="--",
+            ax.plot([r["tokens_per_rank"] for r in with_reference],
+                    [r["reference_gbps"] for r in with_reference], marker="x", linestyle="--",
                     color=line.get_color(), label=f"{mode} {op} (reference baseline)")
     s = report["settings"]
     ax.set_xscale("log", base=2)

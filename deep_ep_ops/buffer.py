@@ -15,6 +15,8 @@ DeepEP runs after ``import deep_ep_ops as deep_ep``. Differences, all documented
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Callable, Optional, Union
 
 import torch
@@ -27,6 +29,13 @@ from .config import (
 )
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+# "1": the low-latency kernels reach every peer through NVSHMEM puts, even where NVLink loads
+# and stores would do (exercises the path taken between hosts).
+FORCE_PUT_ENV = "DEEP_EP_OPS_LL_FORCE_NVSHMEM_PUT"
+# Global ranks of the NVSHMEM job of this process (set when the first low-latency Buffer starts
+# it; NVSHMEM runs once per process).
+_NVSHMEM_MEMBERS: list[int] = []
 
 
 class EventOverlap:
@@ -106,21 +115,25 @@ class Buffer:
             torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
             else torch.device("cpu")
         )
-        # The low-latency workspace doubles as the zero-copy combine buffer. Its contents mean
-        # nothing until written (clean_low_latency_buffer zeroes it), so skip the fill.
-        workspace = torch.empty(
-            num_rdma_bytes if low_latency_mode else 0, dtype=torch.uint8, device=self.device
-        )
         self._nvl_memory: Optional[torch.Tensor] = None
         self._comm = _registry.create(
             group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
-            low_latency_mode=low_latency_mode, device=self.device, workspace=workspace,
+            low_latency_mode=low_latency_mode, device=self.device,
+            workspace=torch.empty(0, dtype=torch.uint8, device=self.device),
         )
         self.name = self._comm.name
         self._destroyed = False
-        self._has_nvl_runtime = False
+        self._has_nvl_runtime = self._has_ll_runtime = False
         if self._wants_nvl_runtime():
             self._create_nvl_runtime()
+        if self._wants_ll_runtime():
+            self._create_ll_runtime()
+        if low_latency_mode and not self._has_ll_runtime:
+            # The low-latency workspace doubles as the zero-copy combine buffer. Its contents
+            # mean nothing until written (clean_low_latency_buffer zeroes it): skip the fill.
+            self._comm.workspace = torch.empty(
+                num_rdma_bytes, dtype=torch.uint8, device=self.device
+            )
 
     def _wants_nvl_runtime(self) -> bool:
         """Normal-mode CUDA kernels need the extension, NCCL ranks on one NVLink domain and bytes."""
@@ -141,6 +154,47 @@ class Buffer:
         self._has_nvl_runtime = True
         dist.barrier(group=self.group)
 
+    def _wants_ll_runtime(self) -> bool:
+        """Low-latency kernels need the NVSHMEM extension, NCCL ranks and bytes."""
+        return (
+            _build.HAS_LOW_LATENCY_KERNELS and self.device.type == "cuda"
+            and self.low_latency_mode and self.num_rdma_bytes > 0
+        )
+
+    def _create_ll_runtime(self) -> None:
+        """Collective: join NVSHMEM (once per process, the PEs being this group's ranks) and
+        allocate the symmetric buffer. A group other than the one NVSHMEM was started on keeps
+        the NCCL reference (with a warning)."""
+        nvshmem = _build._C_nvshmem
+        members = dist.get_process_group_ranks(self.group)
+        if nvshmem.world()[1] == 0:
+            # The symmetric heap is sized at start-up: room for this buffer twice and more.
+            os.environ.setdefault(
+                "NVSHMEM_SYMMETRIC_SIZE", str(max(2 << 30, 2 * self.num_rdma_bytes + (256 << 20)))
+            )
+            unique_id = [nvshmem.unique_id() if self.rank == 0 else None]
+            dist.broadcast_object_list(unique_id, src=members[0], group=self.group)
+            nvshmem.join(unique_id[0], self.rank, self.group_size, self.device.index)
+            _NVSHMEM_MEMBERS.extend(members)
+        if members != _NVSHMEM_MEMBERS:
+            warnings.warn(
+                f"Buffer {self.name}: NVSHMEM runs on ranks {_NVSHMEM_MEMBERS}, this group has "
+                f"{members}; its low-latency ops use the NCCL reference", stacklevel=3,
+            )
+            return
+        force_put = os.environ.get(FORCE_PUT_ENV, "0") == "1"
+        timeout_s = self._comm.timeout.total_seconds()
+        self._comm.workspace = nvshmem.create(
+            self.name, self.device.index, self.num_rdma_bytes, timeout_s, force_put
+        )
+        self._has_ll_runtime = True
+        dist.barrier(group=self.group)
+
+    def low_latency_peers_mapped(self) -> int:
+        """Ranks the low-latency kernels reach with NVLink loads/stores (the others through
+        NVSHMEM puts); 0 without the low-latency kernels."""
+        return _build._C_nvshmem.mapped_peers(self.name) if self._has_ll_runtime else 0
+
     # --- life cycle ---------------------------------------------------------------------
 
     def destroy(self) -> None:
@@ -159,6 +213,9 @@ class Buffer:
             # and leave the memory to the process exit.
             _build._C.intranode_destroy(self.name, free_memory)
             self._has_nvl_runtime = False
+        if self._has_ll_runtime:
+            _build._C_nvshmem.destroy(self.name, free_memory)
+            self._has_ll_runtime = False
         _registry.remove(self.name)
         self._comm.workspace = torch.empty(0, dtype=torch.uint8)
         self._nvl_memory = None

@@ -90,14 +90,32 @@ def get_combine_config(num_ranks: int, num_sms: int = 20) -> Config:
     return Config(num_sms, send, 256, 6, 128)
 
 
+def _low_latency_kernel_bytes(num_max: int, hidden: int, num_ranks: int) -> int:
+    """Bytes of the low-latency kernels' region; mirrors ``low_latency_layout`` in
+    csrc/nvshmem/low_latency.cu (keep the two in step).
+
+    Double-buffered (two halves): a dispatch message per (source rank, token) of 64 bytes of
+    top-k and a BF16-sized payload, a combine partial row and a route (top-k and weights) per
+    (rank, token), 8-byte flags for each, count words and acks per rank; then the staging
+    copies that NVSHMEM puts send from, and the counters.
+    """
+    slots, row = 2 * num_ranks * num_max, 2 * hidden
+    message = 4 * NUM_MAX_TOPK + row
+    regions = (
+        slots * message, slots * row, slots * 8 * NUM_MAX_TOPK, slots * 8, slots * 8, slots * 8,
+        2 * num_ranks * 8, 2 * num_ranks * 8, num_ranks * 8, num_ranks * 8, num_ranks * 8,
+        num_max * message, num_max * 8 * NUM_MAX_TOPK, num_ranks * num_max * row, 64,
+    )
+    return sum(_align(size) for size in regions)
+
+
 def get_low_latency_rdma_size_hint(
     num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
 ) -> int:
     """Bytes of symmetric buffer the low-latency ops need.
 
-    Dispatch receives each token once per rank (``R·M`` messages of BF16 payload, scales and
-    source index); combine stages ``[E/R, R·M, hidden]`` BF16 rows (the zero-copy buffer) and
-    per-expert counters.
+    The zero-copy combine area (``[E/R, R·M, hidden]`` BF16 rows,
+    ``Buffer.get_next_low_latency_combine_buffer``) followed by the kernels' region.
     """
     num_max = num_max_dispatch_tokens_per_rank
     for name, value in (
@@ -106,6 +124,5 @@ def get_low_latency_rdma_size_hint(
     ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
-    dispatch_message = 2 * hidden + 4 * (-(-hidden // 128)) + 16
-    combine_rows = num_experts * num_max * 2 * hidden
-    return _align(num_ranks * num_max * dispatch_message + combine_rows + 2 * 4 * num_experts)
+    zero_copy = _align(num_experts * num_max * 2 * hidden)
+    return zero_copy + _low_latency_kernel_bytes(num_max, hidden, num_ranks)

@@ -198,7 +198,10 @@ def check_device_errors(device: Optional[torch.device] = None) -> None:
     """
     if _build.HAS_CUDA_KERNELS and torch.cuda.is_available():
         index = torch.device(device).index if device is not None else None
-        _build._C.check_device_errors(torch.cuda.current_device() if index is None else index)
+        index = torch.cuda.current_device() if index is None else index
+        _build._C.check_device_errors(index)
+        if _build.HAS_LOW_LATENCY_KERNELS:
+            _build._C_nvshmem.check_device_errors(index)
 
 
 def _num_ranks(buffer: str) -> int:

@@ -1,5 +1,6 @@
 """The benchmark CLI: a tiny two-rank run end to end, its argument errors and its summary."""
 
+import dataclasses
 import json
 import os
 import re
@@ -70,11 +71,20 @@ def test_bench_cli_two_ranks(tmp_path):
     for row in full:
         assert float(row["median us"]) > 0
         assert row["backend"] == "reference/gloo"
+        if "send+recv" in row["op"]:  # both halves, each timed
+            send, recv = map(float, row["send/recv us"].split("/"))
+            assert send > 0 and recv > 0
+        else:
+            assert row["send/recv us"] == "-"
         assert row["ref us"] == row["ref GB/s"] == row["vs ref"] == "-"  # CPU: ours is the ref
         if row["op"] == "layout":
             assert row["GB/s"] == "-"
         else:
             assert float(row["GB/s"]) > 0
+
+    # CUDA graphs are timed on CUDA only: no graph rows, so no capture notes either.
+    assert not any(r["op"].endswith("[graph]") for r in full + summary)
+    assert "not capturable" not in proc.stdout
 
     # Summary: one line per op with a target, at the largest tokens swept (4096/128 not swept).
     assert [(r["op"], r["mode"], r["tokens/rank"]) for r in summary] == [
@@ -102,6 +112,7 @@ def test_bench_cli_two_ranks(tmp_path):
 
     report = json.loads((out_dir / "results.json").read_text())
     assert report["settings"]["num_sms"] == list(NUM_SMS)
+    assert report["settings"]["graph"] is True  # asked for, but there are no graphs on CPU
     assert set(report["host"]["host_us"]) == {"wrapper", "torch.ops", "torch.add"}
     assert all(v > 0 for v in report["host"]["host_us"].values())
     assert len(report["summary"]) == len(summary)
@@ -111,6 +122,7 @@ def test_bench_cli_two_ranks(tmp_path):
         swept = (result["mode"], result["op"]) in SM_SWEPT
         assert result["num_sms"] in (NUM_SMS if swept else (None,))
         assert result["ratio_vs_reference"] is None and result["gbps_ratio_vs_reference"] is None
+        assert result["timing"] == "eager" and result["capture_error"] is None
         if result["op"] == "layout":
             continue
         row_bytes = fp8_row if "fp8" in result["op"] else 2 * HIDDEN
@@ -153,6 +165,45 @@ def test_bench_num_sms_parsing():
     assert bench.GPU_DEFAULTS["num_sms"] == (8, 16, 20, 24, 32)
     swept = bench.parse_args(["--backend", "gloo", "--num-sms", "24", "2", "8", "24"])
     assert swept.num_sms == (2, 8, 24)  # sorted, duplicates dropped
+
+
+def test_bench_no_graph_flag():
+    default = bench.parse_args(["--backend", "gloo", "--mode", "low-latency"])
+    assert default.graph and not bench.parse_args(["--backend", "gloo", "--no-graph"]).graph
+    assert not default.graphed("low-latency")  # CPU: never
+    # On GPUs (backend nccl) graphs time the low-latency ops only, unless --no-graph.
+    gpu = dataclasses.replace(default, backend="nccl")
+    assert gpu.graphed("low-latency") and not gpu.graphed("normal")
+    assert not dataclasses.replace(gpu, graph=False).graphed("low-latency")
+
+
+def test_bench_capture_failure_reporting():
+    assert bench.first_capture_failure([None, None]) is None
+    assert bench.first_capture_failure(["E: a", "E: b"]) == "E: a (every rank)"
+    assert bench.first_capture_failure([None, "E: b", None, "E: d"]) == "E: b (ranks 1, 3)"
+    assert bench.first_capture_failure([None, "E: b"]) == "E: b (rank 1)"
+
+    first_line = bench.describe_error(RuntimeError("\n  first line\nsecond"))
+    assert first_line == "RuntimeError: first line"
+    assert bench.describe_error(ValueError()) == "ValueError"
+    long = bench.describe_error(RuntimeError("x" * 500), limit=50)
+    assert len(long) == 50 and long.endswith("...")
+
+    # Ending a capture that a call broke raises again; the call's error is the one to report.
+    try:
+        try:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        except RuntimeError:
+            raise RuntimeError("operation failed due to a previous error during capture")
+    except RuntimeError as error:
+        assert "not permitted" in bench.describe_error(bench._capture_cause(error))
+    try:
+        try:
+            raise KeyError("internal")
+        except KeyError:
+            raise ValueError("a bad argument")
+    except ValueError as error:
+        assert bench._capture_cause(error) is error
 
 
 def test_bench_buffer_covers_every_swept_config():
@@ -207,3 +258,89 @@ def test_bench_summary_best_sms_and_targets():
         "torch.ops 12.2; torch.add 7.0 -> op layer adds 6.0 (wrapper) / 5.2 (torch.ops), "
         "target <= 5"
     )
+
+
+LL_CASES = {c.op: c for c in bench.CASES if c.mode == "low-latency"}
+
+
+def _timed(op, us, label="cuda", timing="eager", phases_us=None):
+    """A result row as ``time_case`` makes it, from one rank's made-up samples."""
+    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "1"])
+    names, per_phase = (["send", "recv"], phases_us) if phases_us else ([op], (us,))
+    samples = [[t * 1e-6 for t in per_phase]] * 3
+    return bench.summarize(LL_CASES[op], names, [bench.RankSample(samples, 1000)], 128, s, label,
+                           None, timing)
+
+
+def _failed(op, reason, label="cuda"):
+    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "1"])
+    return bench.not_capturable_row(LL_CASES[op], 128, s, label, reason)
+
+
+def _ref(op, us, timing="eager"):
+    return _timed(op, us, "reference/nccl", timing)
+
+
+def test_bench_graph_rows_table_and_summary():
+    ref_failure = "AcceleratorError: operation not permitted when stream is capturing (every rank)"
+    ours_failure = "RuntimeError: boom (rank 1)"
+    results = [
+        bench._with_reference(_timed("dispatch fp8", 40.0), _ref("dispatch fp8", 200.0)),
+        bench._with_reference(_timed("dispatch fp8", 12.0, timing="graph"),
+                              _ref("dispatch fp8", 150.0, "graph")),
+        bench._with_reference(_timed("combine bf16", 60.0), _ref("combine bf16", 100.0)),
+        bench._with_reference(_timed("combine bf16", 20.0, timing="graph"),
+                              _failed("combine bf16", ref_failure, "reference/nccl")),
+        bench._with_reference(_timed("dispatch fp8 send+recv", None, phases_us=(10.0, 5.5))),
+        bench._with_reference(_failed("dispatch fp8 send+recv", ours_failure),
+                              _ref("dispatch fp8 send+recv", 90.0, "graph")),
+    ]
+    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "1", "--mode", "low-latency"])
+    report = {"settings": dataclasses.asdict(s), "device": "NVIDIA H200", "results": results,
+              "host": None}
+    report["summary"] = bench.best_rows(report)
+    text = bench.format_report(report)
+    full, summary = _parse_tables(text)
+    na = "n/a (not capturable)"
+    assert [(r["op"], r["median us"], r["send/recv us"], r["ref us"], r["vs ref"])
+            for r in full] == [
+        ("dispatch fp8", "40.0", "-", "200.0", "5.00x"),
+        ("dispatch fp8 [graph]", "12.0", "-", "150.0", "12.50x"),
+        ("combine bf16", "60.0", "-", "100.0", "1.67x"),
+        ("combine bf16 [graph]", "20.0", "-", na, "n/a"),
+        ("dispatch fp8 send+recv", "15.5", "10.0/5.5", "-", "-"),
+        ("dispatch fp8 send+recv [graph]", na, "-", "90.0", "n/a"),
+    ]
+    assert all(r["mode"] == "low-latency" and r["SMs"] == "-" for r in full)
+    lines = text.splitlines()
+    notes = lines.index("not capturable in a CUDA graph (the rows show n/a):")
+    assert lines[notes + 1 : notes + 3] == [
+        f"  combine bf16 [graph] (low-latency, 128 tokens/rank) on reference/nccl: {ref_failure}",
+        f"  dispatch fp8 send+recv [graph] (low-latency, 128 tokens/rank) on cuda: {ours_failure}",
+    ]
+    assert lines[notes - 1].startswith("dispatch fp8 send+recv [graph]")  # right under the table
+
+    # Summary: eager and graph apart, each against the target and its own kind of reference.
+    assert [(r["op"], r["median us"], r["target"], r["vs target"], r["ref us"], r["speedup"])
+            for r in summary] == [
+        ("dispatch fp8", "40.0", "<= 18 us", "0.45x", "200.0", "5.00x"),
+        ("dispatch fp8 [graph]", "12.0", "<= 18 us", "1.5x", "150.0", "12.50x"),
+        ("combine bf16", "60.0", "<= 30 us", "0.5x", "100.0", "1.67x"),
+        ("combine bf16 [graph]", "20.0", "<= 30 us", "1.5x", na, "n/a"),
+    ]
+    by_timing = {(r["op"], r["timing"]): r for r in report["summary"]}
+    assert by_timing[("dispatch fp8", "graph")]["vs_target"] == pytest.approx(1.5)
+    assert by_timing[("combine bf16", "graph")]["reference_capture_error"] == ref_failure
+    json.dumps(report)  # results.json holds all of it
+
+    # A graph of ours that did not capture: no time, no ratio, and the summary says n/a.
+    failed = {"settings": report["settings"], "device": "NVIDIA H200", "host": None, "results": [
+        bench._with_reference(_failed("dispatch fp8", ours_failure),
+                              _ref("dispatch fp8", 150.0, "graph")),
+    ]}
+    (row,) = bench.best_rows(failed)
+    assert row["median_us"] is None and row["vs_target"] is None
+    (rows,) = _parse_tables(bench.format_summary(failed))
+    assert [(r["op"], r["median us"], r["vs target"], r["ref us"], r["speedup"]) for r in rows] == [
+        ("dispatch fp8 [graph]", na, "n/a", "150.0", "n/a"),
+    ]

@@ -25,6 +25,7 @@
 #include <cuda_fp16.h>
 
 #include "kernels/api.h"
+#include "kernels/device_utils.cuh"
 
 namespace deep_ep_ops {
 namespace {
@@ -54,29 +55,8 @@ __device__ __forceinline__ Control* control(uint8_t* base) {
   return reinterpret_cast<Control*>(base);
 }
 
-__device__ __forceinline__ uint64_t load_acquire(const uint64_t* p) {
-  uint64_t v;
-  asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-  return v;
-}
-
-__device__ __forceinline__ void store_release(uint64_t* p, uint64_t v) {
-  asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ uint64_t now_ns() {
-  uint64_t t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
 __device__ void report(const Intranode& nvl, int code, int peer, int value) {
-  volatile int* word = nvl.error;
-  word[1] = nvl.op;
-  word[2] = peer;
-  word[3] = value;
-  __threadfence_system();
-  word[0] = code;
+  report_error(nvl.error, nvl.op, code, peer, value);
 }
 
 __device__ __forceinline__ bool is_aborted(const Intranode& nvl) {

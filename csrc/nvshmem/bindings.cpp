@@ -1,0 +1,579 @@
+// Torch bindings of the low-latency kernels (extension deep_ep_ops._C_nvshmem): argument
+// checks, output allocation, launch on the current stream, registration for the CUDA dispatch
+// key. Calls the kernels do not take (no NVSHMEM runtime for the buffer, x not bfloat16, top-k
+// above 16, more than 1024 tokens per rank) run the reference backend's Python implementation.
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "nvshmem/api.h"
+#include "nvshmem/runtime.h"
+#include "torch_common.h"
+
+namespace deep_ep_ops {
+namespace {
+
+std::mutex runtime_mutex;
+// Leaked on purpose: nothing here may be destroyed after the interpreter (or CUDA) shut down.
+auto& runtimes = *new std::unordered_map<std::string, std::unique_ptr<LowLatencyRuntime>>();
+
+const char* op_name(int op) {
+  return op == kOpLowLatencyCombine ? "deep_ep::low_latency_combine"
+                                    : "deep_ep::low_latency_dispatch";
+}
+
+void mark_broken(int device) {
+  std::lock_guard<std::mutex> lock(runtime_mutex);
+  for (auto& entry : runtimes)
+    if (entry.second->device == device) entry.second->broken = true;
+}
+
+// Raise (once) an error a kernel reported since the last call; returns the device word.
+int* checked_error_word(const std::string& op, int device) {
+  const DeviceReport report = take_device_report(device);
+  if (report.code != kErrorNone) {
+    const std::string where = std::string(op_name(report.op)) + " on cuda:" + num(device);
+    TORCH_CHECK_VALUE(report.code != kErrorExpertOutOfRange, "deep_ep::", op,
+                      ": an earlier low-latency call on cuda:", num(device), " saw topk_idx entry ",
+                      num(report.value), " outside [-1, num_experts); it was treated as -1");
+    TORCH_CHECK_VALUE(report.code != kErrorBadHandle, where, ": token ", num(report.value),
+                      " of rank ", num(report.peer), " is routed to an expert here that the "
+                      "handle holds no row for: topk_idx does not match the dispatch of the handle");
+    if (report.code == kErrorTimeout) {
+      mark_broken(device);
+      TORCH_CHECK(false, where, ": timed out after ", num(report.value), " s waiting for rank ",
+                  num(report.peer), " (it never reached the matching call); every low-latency "
+                  "buffer on this device is unusable now. Set DEEP_EP_OPS_TIMEOUT_S to change "
+                  "the limit.");
+    }
+    TORCH_CHECK(false, "deep_ep::", op, ": an earlier kernel reported error code ",
+                num(report.code));
+  }
+  return error_word(device).device;
+}
+
+LowLatencyRuntime* find_runtime(const std::string& name) {
+  std::lock_guard<std::mutex> lock(runtime_mutex);
+  auto it = runtimes.find(name);
+  return it == runtimes.end() ? nullptr : it->second.get();
+}
+
+// --- runtime life cycle (called by deep_ep_ops.buffer) ---------------------------------------
+
+py::bytes unique_id() {
+  const std::string id = nvshmem_unique_id();
+  TORCH_CHECK(!id.empty(), "nvshmemx_get_uniqueid failed");
+  return py::bytes(id);
+}
+
+void join(const std::string& id, int rank, int num_ranks, int device) {
+  const std::string why = nvshmem_join(id, rank, num_ranks, device);
+  TORCH_CHECK(why.empty(), "NVSHMEM initialisation failed: ", why);
+}
+
+std::tuple<int, int> world() {
+  const auto w = nvshmem_world();
+  return {w.first, w.second};
+}
+
+// Collective: the symmetric allocation of a buffer, returned as a uint8 tensor over it (the
+// workspace of the low-latency ops and the zero-copy combine buffer).
+at::Tensor create(const std::string& name, int device, int64_t bytes, double timeout_s,
+                  bool force_put) {
+  TORCH_CHECK_VALUE(find_runtime(name) == nullptr, "buffer ", name, " already has a runtime");
+  TORCH_CHECK_VALUE(nvshmem_world().second > 0, "NVSHMEM is not initialised");
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  auto runtime = std::make_unique<LowLatencyRuntime>(
+      name, device, bytes, static_cast<uint64_t>(timeout_s * 1e9), force_put);
+  TORCH_CHECK(runtime->memory != nullptr, "buffer ", name, ": nvshmem_malloc of ", num(bytes),
+              " bytes failed; raise NVSHMEM_SYMMETRIC_SIZE (set before the first low-latency "
+              "Buffer)");
+  at::Tensor memory = at::from_blob(
+      runtime->memory, {bytes}, [](void*) {},
+      at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+  std::lock_guard<std::mutex> lock(runtime_mutex);
+  runtimes.emplace(name, std::move(runtime));
+  return memory;
+}
+
+int mapped_peers(const std::string& name) {
+  LowLatencyRuntime* runtime = find_runtime(name);
+  TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", name, " has no low-latency runtime");
+  return runtime->num_mapped_peers();
+}
+
+// Collective teardown (the caller synchronised the device and the peers) when free_memory;
+// otherwise (garbage collection, interpreter exit) only forget the name.
+void destroy(const std::string& name, bool free_memory) {
+  std::unique_ptr<LowLatencyRuntime> runtime;
+  {
+    std::lock_guard<std::mutex> lock(runtime_mutex);
+    auto it = runtimes.find(name);
+    if (it == runtimes.end()) return;
+    runtime = std::move(it->second);
+    runtimes.erase(it);
+  }
+  if (free_memory) {
+    runtime->release();
+  } else {
+    runtime.release();  // leak: a peer may still write into this memory
+  }
+}
+
+void check_device_errors(int device) { checked_error_word("check_device_errors", device); }
+
+// --- argument checks (mirror meta/__init__.py) -----------------------------------------------
+
+int64_t check_low_latency(const at::Tensor& topk_idx, int64_t num_ranks, int64_t num_max,
+                          int64_t num_experts) {
+  check_tensor(topk_idx, "topk_idx", 2, {at::kLong});
+  TORCH_CHECK_VALUE(num_ranks >= 1, "num_ranks must be >= 1, got ", num(num_ranks));
+  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts % num_ranks == 0, "num_experts (",
+                    num(num_experts), ") must be a positive multiple of num_ranks (",
+                    num(num_ranks), ")");
+  TORCH_CHECK_VALUE(num_max >= 1, "num_max_dispatch_tokens_per_rank must be >= 1, got ",
+                    num(num_max));
+  TORCH_CHECK_VALUE(topk_idx.size(0) <= num_max, "topk_idx has ", num(topk_idx.size(0)),
+                    " tokens, more than num_max_dispatch_tokens_per_rank (", num(num_max), ")");
+  return num_experts / num_ranks;
+}
+
+void check_handle(const at::Tensor& src_info, const at::Tensor& layout_range, int64_t num_ranks,
+                  int64_t num_max, int64_t num_local) {
+  check_tensor(src_info, "handle.src_info", 2, {at::kInt});
+  check_tensor(layout_range, "handle.layout_range", 2, {at::kLong});
+  TORCH_CHECK_VALUE(src_info.size(0) == num_local && src_info.size(1) == num_ranks * num_max,
+                    "handle.src_info must have shape (", num(num_local), ", ",
+                    num(num_ranks * num_max), "), got ", shape(src_info),
+                    ": handle does not match num_max_dispatch_tokens_per_rank / num_experts / "
+                    "num_ranks");
+  TORCH_CHECK_VALUE(layout_range.size(0) == num_local && layout_range.size(1) == num_ranks,
+                    "handle.layout_range must have shape (", num(num_local), ", ",
+                    num(num_ranks), "), got ", shape(layout_range));
+}
+
+const std::initializer_list<at::ScalarType> kFloats = {at::kBFloat16, at::kHalf, at::kFloat,
+                                                       at::kDouble};
+
+// The runtime for a kernel call on `buffer`, or nullptr where the reference must run. Pins the
+// call shape (num_max, hidden, num_experts) of the buffer's kernel region.
+LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const at::Tensor& x,
+                               int64_t hidden, int64_t num_topk, int64_t num_ranks,
+                               int64_t num_max, int64_t num_experts) {
+  LowLatencyRuntime* runtime = find_runtime(buffer);
+  if (runtime == nullptr) return nullptr;
+  TORCH_CHECK(!runtime->broken, "deep_ep::", op, ": buffer ", buffer,
+              " is unusable after a timeout; destroy it and create a new one");
+  TORCH_CHECK_VALUE(x.get_device() == runtime->device, "deep_ep::", op, ": tensors are on cuda:",
+                    num(x.get_device()), " but buffer ", buffer, " lives on cuda:",
+                    num(runtime->device));
+  TORCH_CHECK_VALUE(num_ranks == runtime->num_ranks, "deep_ep::", op, ": num_ranks=",
+                    num(num_ranks), " but buffer ", buffer, " has ", num(runtime->num_ranks));
+  if (x.scalar_type() != at::kBFloat16 || hidden % 8 != 0 || num_topk > kLowLatencyMaxTopk ||
+      num_max > kLowLatencyMaxTokens)
+    return nullptr;
+  if (runtime->num_max_tokens == 0) {
+    runtime->num_max_tokens = static_cast<int>(num_max);
+    runtime->hidden = static_cast<int>(hidden);
+    runtime->num_experts = static_cast<int>(num_experts);
+  }
+  TORCH_CHECK_VALUE(
+      runtime->num_max_tokens == num_max && runtime->hidden == hidden &&
+          runtime->num_experts == num_experts,
+      "deep_ep::", op, ": buffer ", buffer, " serves num_max_dispatch_tokens_per_rank=",
+      num(runtime->num_max_tokens), ", hidden=", num(runtime->hidden), ", num_experts=",
+      num(runtime->num_experts), " (fixed by its first low-latency call), got ", num(num_max),
+      ", ", num(hidden), ", ", num(num_experts),
+      "; call clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts) "
+      "on every rank to switch");
+  const int64_t zero_copy = (num_experts * num_max * 2 * hidden + 127) / 128 * 128;
+  const int64_t needed = zero_copy + low_latency_layout(static_cast<int>(num_ranks),
+                                                        static_cast<int>(num_max),
+                                                        static_cast<int>(hidden)).bytes;
+  TORCH_CHECK_VALUE(needed <= runtime->bytes, "deep_ep::", op, ": buffer ", buffer,
+                    " has num_rdma_bytes=", num(runtime->bytes), " but num_max_dispatch_tokens_"
+                    "per_rank=", num(num_max), ", hidden=", num(hidden), ", num_experts=",
+                    num(num_experts), " need ", num(needed), " (get_low_latency_rdma_size_hint)");
+  return runtime;
+}
+
+LowLatency view_for(const LowLatencyRuntime& runtime, const char* op, int kind) {
+  int* error = checked_error_word(op, runtime.device);
+  const int sms = at::cuda::getDeviceProperties(runtime.device)->multiProcessorCount;
+  return runtime.view(runtime.num_max_tokens, runtime.hidden, error, kind, sms);
+}
+
+using DispatchOutputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// Outputs as meta.new_low_latency_dispatch_outputs: scales [L, R*M, S] column-major in the last
+// two dims (S = 0 for BF16).
+DispatchOutputs new_dispatch_outputs(const at::Tensor& x, int64_t num_ranks, int64_t num_max,
+                                     int64_t num_local, bool use_fp8, bool use_ue8m0) {
+  const int64_t rows = num_ranks * num_max, hidden = x.size(1);
+  const int64_t columns = use_fp8 ? (use_ue8m0 ? hidden / 512 : hidden / 128) : 0;
+  const auto options = x.options();
+  return {
+      at::empty({num_local, rows, hidden}, options.dtype(use_fp8 ? at::kFloat8_e4m3fn : x.scalar_type())),
+      at::empty({num_local, columns, rows}, options.dtype(use_ue8m0 ? at::kInt : at::kFloat))
+          .transpose(1, 2),
+      at::empty({num_local}, options.dtype(at::kInt)),
+      at::empty({num_local, rows}, options.dtype(at::kInt)),
+      at::empty({num_local, num_ranks}, options.dtype(at::kLong)),
+  };
+}
+
+void check_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, int64_t num_ranks,
+                    int64_t num_max, int64_t num_experts, bool use_fp8, bool round_scale,
+                    bool use_ue8m0) {
+  check_low_latency(topk_idx, num_ranks, num_max, num_experts);
+  check_tensor(x, "x", 2, kFloats);
+  TORCH_CHECK_VALUE(x.size(0) == topk_idx.size(0), "x.size(0) must equal topk_idx.size(0) (",
+                    num(topk_idx.size(0)), "), got shape ", shape(x));
+  if (use_fp8) {
+    TORCH_CHECK_VALUE(x.size(1) % 128 == 0, "hidden (", num(x.size(1)),
+                      ") must be a multiple of 128 for the FP8 cast");
+    if (use_ue8m0) {
+      TORCH_CHECK_VALUE(round_scale, "use_ue8m0=True requires round_scale=True");
+      TORCH_CHECK_VALUE(x.size(1) % 512 == 0, "hidden (", num(x.size(1)),
+                        ") must be a multiple of 512 for UE8M0 scales");
+    }
+  } else {
+    TORCH_CHECK_VALUE(!use_ue8m0 && !round_scale, "round_scale/use_ue8m0 need use_fp8=True");
+  }
+}
+
+// Launches the send half; the outputs are filled by the receive half.
+void dispatch_send_kernels(LowLatencyRuntime& runtime, const at::Tensor& x,
+                           const at::Tensor& topk_idx, int64_t num_experts, bool use_fp8,
+                           bool round_scale, cudaStream_t stream) {
+  const LowLatency ll = view_for(runtime, "low_latency_dispatch", kOpLowLatencyDispatch);
+  const at::Tensor xc = x.contiguous(), topk = topk_idx.contiguous();
+  LowLatencyDispatchSend args{};
+  args.x = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  args.topk_idx = topk.data_ptr<int64_t>();
+  args.num_tokens = static_cast<int>(topk.size(0));
+  args.num_topk = static_cast<int>(topk.size(1));
+  args.num_experts = static_cast<int>(num_experts);
+  args.use_fp8 = use_fp8;
+  args.round_scale = round_scale;
+  C10_CUDA_CHECK(launch_low_latency_dispatch_send(ll, args, stream));
+}
+
+void dispatch_recv_kernels(LowLatencyRuntime& runtime, const at::Tensor& recv_x,
+                           const at::Tensor& recv_x_scales, const at::Tensor& recv_count,
+                           const at::Tensor& src_info, const at::Tensor& layout_range,
+                           const c10::optional<at::Tensor>& stats, cudaStream_t stream) {
+  const LowLatency ll = view_for(runtime, "low_latency_dispatch", kOpLowLatencyDispatch);
+  const bool use_fp8 = recv_x.scalar_type() == at::kFloat8_e4m3fn;
+  // The receive writes straight into the outputs: they must have the layout the send half
+  // allocated (a user may hand in others through the Buffer hook only by misuse).
+  TORCH_CHECK_VALUE(recv_x.is_contiguous() && src_info.is_contiguous() &&
+                        recv_count.is_contiguous() && layout_range.is_contiguous(),
+                    "low_latency_dispatch_recv: the outputs of low_latency_dispatch_send must be "
+                    "passed unchanged");
+  TORCH_CHECK_VALUE(!use_fp8 || recv_x_scales.transpose(1, 2).is_contiguous(),
+                    "low_latency_dispatch_recv: recv_x_scales must be column-major as allocated "
+                    "by low_latency_dispatch_send");
+  LowLatencyDispatchRecv args{};
+  args.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+  args.recv_x_scales = use_fp8 ? recv_x_scales.data_ptr() : nullptr;
+  args.recv_count = recv_count.data_ptr<int>();
+  args.src_info = src_info.data_ptr<int>();
+  args.layout_range = layout_range.data_ptr<int64_t>();
+  args.cumulative_stats = stats ? stats->data_ptr<int>() : nullptr;
+  args.num_local_experts = static_cast<int>(recv_x.size(0));
+  args.use_fp8 = use_fp8;
+  args.use_ue8m0 = recv_x_scales.scalar_type() == at::kInt;
+  C10_CUDA_CHECK(launch_low_latency_dispatch_recv(ll, args, stream));
+}
+
+DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
+                              const at::Tensor& topk_idx, const std::string& buffer,
+                              int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                              bool use_fp8, bool round_scale, bool use_ue8m0) {
+  check_dispatch(x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0);
+  LowLatencyRuntime* runtime = runtime_for(op, buffer, x, x.size(1), topk_idx.size(1), num_ranks,
+                                           num_max, num_experts);
+  if (runtime == nullptr) {
+    if (split && find_runtime(buffer) != nullptr) find_runtime(buffer)->pending_dispatch.push_back(false);
+    return call_fallback<DispatchOutputs>(op, x, topk_idx, buffer, num_ranks, num_max,
+                                          num_experts, use_fp8, round_scale, use_ue8m0);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
+  DispatchOutputs out = new_dispatch_outputs(x, num_ranks, num_max, num_experts / num_ranks,
+                                             use_fp8, use_ue8m0);
+  dispatch_send_kernels(*runtime, x, topk_idx, num_experts, use_fp8, round_scale, stream);
+  if (split) {
+    runtime->pending_dispatch.push_back(true);
+  } else {
+    dispatch_recv_kernels(*runtime, std::get<0>(out), std::get<1>(out), std::get<2>(out),
+                          std::get<3>(out), std::get<4>(out), c10::nullopt, stream);
+  }
+  return out;
+}
+
+DispatchOutputs low_latency_dispatch(const at::Tensor& x, const at::Tensor& topk_idx,
+                                     const std::string& buffer, int64_t num_ranks,
+                                     int64_t num_max, int64_t num_experts, bool use_fp8,
+                                     bool round_scale, bool use_ue8m0) {
+  return dispatch_impl("low_latency_dispatch", false, x, topk_idx, buffer, num_ranks, num_max,
+                       num_experts, use_fp8, round_scale, use_ue8m0);
+}
+
+DispatchOutputs low_latency_dispatch_send(const at::Tensor& x, const at::Tensor& topk_idx,
+                                          const std::string& buffer, int64_t num_ranks,
+                                          int64_t num_max, int64_t num_experts, bool use_fp8,
+                                          bool round_scale, bool use_ue8m0) {
+  return dispatch_impl("low_latency_dispatch_send", true, x, topk_idx, buffer, num_ranks,
+                       num_max, num_experts, use_fp8, round_scale, use_ue8m0);
+}
+
+// Whether the oldest pending send half of `queue` ran on the kernels (false: the reference).
+bool take_pending(std::deque<bool>& queue, const char* op, const std::string& buffer) {
+  TORCH_CHECK_VALUE(!queue.empty(), "deep_ep::", op, ": buffer ", buffer,
+                    " has no send half waiting for this receive (call the matching _send op "
+                    "first, once per receive)");
+  const bool kernels = queue.front();
+  queue.pop_front();
+  return kernels;
+}
+
+void low_latency_dispatch_recv(const at::Tensor& recv_x, const at::Tensor& recv_x_scales,
+                               const at::Tensor& recv_count, const at::Tensor& src_info,
+                               const at::Tensor& layout_range,
+                               const c10::optional<at::Tensor>& stats,
+                               const std::string& buffer) {
+  const char* op = "low_latency_dispatch_recv";
+  if (stats) {
+    check_tensor(*stats, "cumulative_local_expert_recv_stats", 1, {at::kInt});
+    TORCH_CHECK_VALUE(stats->size(0) == recv_count.size(0) && stats->is_contiguous(),
+                      "cumulative_local_expert_recv_stats must be a contiguous (",
+                      num(recv_count.size(0)), ",) tensor, got shape ", shape(*stats));
+  }
+  LowLatencyRuntime* runtime = find_runtime(buffer);
+  if (runtime == nullptr || !take_pending(runtime->pending_dispatch, op, buffer)) {
+    call_fallback<py::object>(op, recv_x, recv_x_scales, recv_count, src_info, layout_range,
+                              stats, buffer);
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(recv_x.device());
+  dispatch_recv_kernels(*runtime, recv_x, recv_x_scales, recv_count, src_info, layout_range,
+                        stats, at::cuda::getCurrentCUDAStream(runtime->device));
+}
+
+// --- combine ----------------------------------------------------------------------------------
+
+void check_combine(const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                   const at::Tensor& src_info, const at::Tensor& layout_range, int64_t num_ranks,
+                   int64_t num_max, int64_t num_experts) {
+  const int64_t num_local = check_low_latency(topk_idx, num_ranks, num_max, num_experts);
+  check_handle(src_info, layout_range, num_ranks, num_max, num_local);
+  check_tensor(x, "x", 3, kFloats);
+  TORCH_CHECK_VALUE(x.size(0) == num_local && x.size(1) == num_ranks * num_max,
+                    "x must have shape (num_local_experts, num_ranks * "
+                    "num_max_dispatch_tokens_per_rank, hidden) = (", num(num_local), ", ",
+                    num(num_ranks * num_max), ", hidden), got ", shape(x));
+  check_tensor(topk_weights, "topk_weights", 2, {at::kFloat, at::kDouble});
+  TORCH_CHECK_VALUE(topk_weights.sizes() == topk_idx.sizes(),
+                    "topk_weights must have the shape of topk_idx ", shape(topk_idx), ", got ",
+                    shape(topk_weights));
+}
+
+void combine_send_kernels(LowLatencyRuntime& runtime, const at::Tensor& x,
+                          const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                          const at::Tensor& src_info, const at::Tensor& layout_range,
+                          cudaStream_t stream) {
+  const LowLatency ll = view_for(runtime, "low_latency_combine", kOpLowLatencyCombine);
+  const at::Tensor xc = x.contiguous(), topk = topk_idx.contiguous();
+  const at::Tensor weights = topk_weights.contiguous(), info = src_info.contiguous();
+  const at::Tensor range = layout_range.contiguous();
+  LowLatencyCombineSend args{};
+  args.x = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  args.src_info = info.data_ptr<int>();
+  args.layout_range = range.data_ptr<int64_t>();
+  args.topk_idx = topk.data_ptr<int64_t>();
+  args.topk_weights = weights.data_ptr<float>();
+  args.num_tokens = static_cast<int>(topk.size(0));
+  args.num_topk = static_cast<int>(topk.size(1));
+  args.num_local_experts = static_cast<int>(x.size(0));
+  C10_CUDA_CHECK(launch_low_latency_combine_send(ll, args, stream));
+}
+
+void combine_recv_kernels(LowLatencyRuntime& runtime, const at::Tensor& combined_x,
+                          const at::Tensor& topk_idx, cudaStream_t stream) {
+  const LowLatency ll = view_for(runtime, "low_latency_combine", kOpLowLatencyCombine);
+  const at::Tensor topk = topk_idx.contiguous();
+  LowLatencyCombineRecv args{};
+  args.combined_x = reinterpret_cast<uint16_t*>(combined_x.data_ptr());
+  args.topk_idx = topk.data_ptr<int64_t>();
+  args.num_tokens = static_cast<int>(topk.size(0));
+  args.num_topk = static_cast<int>(topk.size(1));
+  args.num_local_experts = runtime.num_experts / runtime.num_ranks;
+  C10_CUDA_CHECK(launch_low_latency_combine_recv(ll, args, stream));
+}
+
+// The kernels' runtime for a combine call, or nullptr (reference).
+LowLatencyRuntime* combine_runtime(const char* op, const std::string& buffer, const at::Tensor& x,
+                                   const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+                                   int64_t num_ranks, int64_t num_max, int64_t num_experts) {
+  if (topk_weights.scalar_type() != at::kFloat) return nullptr;
+  return runtime_for(op, buffer, x, x.size(2), topk_idx.size(1), num_ranks, num_max, num_experts);
+}
+
+// combine into `out` (a contiguous [num_tokens, hidden] bfloat16 tensor) with the kernels.
+void combine_kernels(LowLatencyRuntime& runtime, const at::Tensor& x, const at::Tensor& topk_idx,
+                     const at::Tensor& topk_weights, const at::Tensor& src_info,
+                     const at::Tensor& layout_range, const at::Tensor& out) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime.device);
+  combine_send_kernels(runtime, x, topk_idx, topk_weights, src_info, layout_range, stream);
+  combine_recv_kernels(runtime, out, topk_idx, stream);
+}
+
+at::Tensor low_latency_combine(const at::Tensor& x, const at::Tensor& topk_idx,
+                               const at::Tensor& topk_weights, const at::Tensor& src_info,
+                               const at::Tensor& layout_range, const std::string& buffer,
+                               int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                               bool zero_copy) {
+  const char* op = "low_latency_combine";
+  check_combine(x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts);
+  LowLatencyRuntime* runtime =
+      combine_runtime(op, buffer, x, topk_idx, topk_weights, num_ranks, num_max, num_experts);
+  if (runtime == nullptr)
+    return call_fallback<at::Tensor>(op, x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                     num_ranks, num_max, num_experts, zero_copy);
+  at::Tensor out = at::empty({topk_idx.size(0), x.size(2)}, x.options());
+  combine_kernels(*runtime, x, topk_idx, topk_weights, src_info, layout_range, out);
+  return out;
+}
+
+void low_latency_combine_out(const at::Tensor& x, const at::Tensor& topk_idx,
+                             const at::Tensor& topk_weights, const at::Tensor& src_info,
+                             const at::Tensor& layout_range, const std::string& buffer,
+                             int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                             bool zero_copy, const at::Tensor& out) {
+  const char* op = "low_latency_combine_out";
+  check_combine(x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts);
+  check_tensor(out, "out", 2, {x.scalar_type()});
+  TORCH_CHECK_VALUE(out.size(0) == topk_idx.size(0) && out.size(1) == x.size(2),
+                    "out must have shape (num_tokens, hidden) = (", num(topk_idx.size(0)), ", ",
+                    num(x.size(2)), "), got ", shape(out));
+  LowLatencyRuntime* runtime =
+      combine_runtime(op, buffer, x, topk_idx, topk_weights, num_ranks, num_max, num_experts);
+  if (runtime == nullptr) {
+    call_fallback<py::object>(op, x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                              num_ranks, num_max, num_experts, zero_copy, out);
+    return;
+  }
+  if (out.is_contiguous()) {
+    combine_kernels(*runtime, x, topk_idx, topk_weights, src_info, layout_range, out);
+  } else {
+    at::Tensor combined = at::empty(out.sizes(), out.options());
+    combine_kernels(*runtime, x, topk_idx, topk_weights, src_info, layout_range, combined);
+    out.copy_(combined);
+  }
+}
+
+at::Tensor low_latency_combine_send(const at::Tensor& x, const at::Tensor& topk_idx,
+                                    const at::Tensor& topk_weights, const at::Tensor& src_info,
+                                    const at::Tensor& layout_range, const std::string& buffer,
+                                    int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                                    bool zero_copy) {
+  const char* op = "low_latency_combine_send";
+  check_combine(x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts);
+  LowLatencyRuntime* runtime =
+      combine_runtime(op, buffer, x, topk_idx, topk_weights, num_ranks, num_max, num_experts);
+  if (runtime == nullptr) {
+    if (LowLatencyRuntime* r = find_runtime(buffer)) r->pending_combine.push_back(false);
+    return call_fallback<at::Tensor>(op, x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                     num_ranks, num_max, num_experts, zero_copy);
+  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  combine_send_kernels(*runtime, x, topk_idx, topk_weights, src_info, layout_range,
+                       at::cuda::getCurrentCUDAStream(runtime->device));
+  runtime->pending_combine.push_back(true);
+  return at::empty({topk_idx.size(0), x.size(2)}, x.options());
+}
+
+void low_latency_combine_recv(const at::Tensor& combined_x, const at::Tensor& topk_idx,
+                              const at::Tensor& topk_weights, const std::string& buffer) {
+  const char* op = "low_latency_combine_recv";
+  LowLatencyRuntime* runtime = find_runtime(buffer);
+  if (runtime == nullptr || !take_pending(runtime->pending_combine, op, buffer)) {
+    call_fallback<py::object>(op, combined_x, topk_idx, topk_weights, buffer);
+    return;
+  }
+  check_tensor(topk_idx, "topk_idx", 2, {at::kLong});
+  check_tensor(combined_x, "combined_x", 2, {at::kBFloat16});
+  TORCH_CHECK_VALUE(combined_x.is_contiguous() && combined_x.size(0) == topk_idx.size(0) &&
+                        combined_x.size(1) == runtime->hidden,
+                    "low_latency_combine_recv: combined_x must be the tensor "
+                    "low_latency_combine_send returned, got shape ", shape(combined_x));
+  const c10::cuda::CUDAGuard guard(combined_x.device());
+  combine_recv_kernels(*runtime, combined_x, topk_idx,
+                       at::cuda::getCurrentCUDAStream(runtime->device));
+}
+
+// Collective reset: every rank's kernel state back to zero, the pinned shape forgotten.
+void clean_low_latency_buffer(const at::Tensor& workspace, const std::string& buffer,
+                              int64_t num_max, int64_t hidden, int64_t num_experts) {
+  const char* op = "clean_low_latency_buffer";
+  LowLatencyRuntime* runtime = find_runtime(buffer);
+  if (runtime == nullptr) {
+    call_fallback<py::object>(op, workspace, buffer, num_max, hidden, num_experts);
+    return;
+  }
+  TORCH_CHECK(!runtime->broken, "deep_ep::", op, ": buffer ", buffer,
+              " is unusable after a timeout; destroy it and create a new one");
+  TORCH_CHECK_VALUE(workspace.data_ptr() == runtime->memory, "deep_ep::", op,
+                    ": workspace is not the symmetric memory of buffer ", buffer);
+  const c10::cuda::CUDAGuard guard(workspace.device());
+  checked_error_word(op, runtime->device);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
+  C10_CUDA_CHECK(runtime->clean(stream));
+  runtime->num_max_tokens = runtime->hidden = runtime->num_experts = 0;
+  runtime->pending_dispatch.clear();
+  runtime->pending_combine.clear();
+}
+
+}  // namespace
+}  // namespace deep_ep_ops
+
+TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
+  m.impl("low_latency_dispatch", &deep_ep_ops::low_latency_dispatch);
+  m.impl("low_latency_dispatch_send", &deep_ep_ops::low_latency_dispatch_send);
+  m.impl("low_latency_dispatch_recv", &deep_ep_ops::low_latency_dispatch_recv);
+  m.impl("low_latency_combine", &deep_ep_ops::low_latency_combine);
+  m.impl("low_latency_combine_out", &deep_ep_ops::low_latency_combine_out);
+  m.impl("low_latency_combine_send", &deep_ep_ops::low_latency_combine_send);
+  m.impl("low_latency_combine_recv", &deep_ep_ops::low_latency_combine_recv);
+  m.impl("clean_low_latency_buffer", &deep_ep_ops::clean_low_latency_buffer);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.doc() = "Low-latency NVSHMEM kernels of deep_ep_ops (registered for the deep_ep ops on "
+                 "import)";
+  module.def("unique_id", &deep_ep_ops::unique_id, "NVSHMEM unique id bytes (rank 0 makes it)");
+  module.def("join", &deep_ep_ops::join, "Join the NVSHMEM job: (unique_id, rank, num_ranks, device)");
+  module.def("world", &deep_ep_ops::world, "(my PE, number of PEs), (-1, 0) before join");
+  module.def("create", &deep_ep_ops::create,
+             "Collective: a buffer's symmetric memory, as a uint8 CUDA tensor");
+  module.def("mapped_peers", &deep_ep_ops::mapped_peers,
+             "Peers of a buffer reached with loads/stores (the others through NVSHMEM puts)");
+  module.def("destroy", &deep_ep_ops::destroy,
+             "Forget a buffer's runtime; free its memory (collective) when free_memory is true");
+  module.def("set_fallback", &deep_ep_ops::set_fallback,
+             "Python implementation of an op for calls the kernels do not take");
+  module.def("check_device_errors", &deep_ep_ops::check_device_errors,
+             "Raise an error a low-latency kernel on this device reported since the last call");
+}

@@ -1,0 +1,691 @@
+// Low-latency (decode) dispatch and combine over NVSHMEM. Torch-free: raw pointers and a stream;
+// csrc/nvshmem/bindings.cpp checks arguments and allocates.
+//
+// Dispatch sends each token once per destination rank (not once per expert): the sender casts
+// the token to FP8 once and writes the message (its top-k row and the payload) into the slot
+// [half][sender][token] of every rank that owns one of its experts; every other rank gets the
+// top-k row only. The receiver expands: one block per local expert scans the sources in
+// ascending rank order and their tokens in ascending order, and copies the members' rows out of
+// the symmetric buffer into the outputs, so rows come out exactly in the reference backend's
+// order (source rank major, ascending source token).
+//
+// Combine runs the other way and also sends once per (token, rank): each source first sends
+// every rank its top-k row and weights (the "route"); each owner reduces, for every source
+// token with experts here, w_k * x[e_k][row] over its experts in top-k order in fp32 and sends
+// the partial row, rounded to BF16, back to the source; the source adds the partials in fp32 in
+// ascending owner order and rounds once. (That is within BF16 rounding of the reference, not bit
+// identical: the partial sums are rounded once more.)
+//
+// Graph safety: every call reads its sequence number from this rank's counters on the device
+// (one counter per direction and half of the op), so a captured call and an eager call
+// interleave freely and an odd number of calls may sit in a graph. Flags hold the sequence
+// number of the call that wrote them; a call writes the half `seq & 1` of a peer only after
+// that peer acknowledged reading the same half two calls earlier (acks, also sequence numbers).
+//
+// Peers with a load/store mapping (NVLink peer to peer, nvshmem_ptr) are written with plain
+// 16-byte stores and a release store of the flag; others through a local staging copy and
+// nvshmemx_putmem_signal_nbi_warp (the network transports, or DEEP_EP_OPS_LL_FORCE_NVSHMEM_PUT).
+//
+// Waits read %globaltimer and give up after the timeout: the kernel records the op and the peer
+// in the error word, marks the buffer aborted (later kernels return at once) and exits.
+
+#include <algorithm>
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "kernels/api.h"
+#include "kernels/device_utils.cuh"
+#include "nvshmem/api.h"
+
+namespace deep_ep_ops {
+
+LowLatencyLayout low_latency_layout(int num_ranks, int num_max_tokens, int hidden) {
+  // Mirrored by deep_ep_ops.config._low_latency_kernel_bytes: keep the two in step.
+  LowLatencyLayout l{};
+  auto align = [](int64_t n) { return (n + 127) / 128 * 128; };
+  const int64_t slots = 2LL * num_ranks * num_max_tokens, row = 2LL * hidden;
+  l.message_bytes = 4 * kLowLatencyMaxTopk + row;
+  int64_t offset = 0;
+  auto take = [&](int64_t bytes) {
+    const int64_t at = offset;
+    offset += align(bytes);
+    return at;
+  };
+  l.dispatch_messages = take(slots * l.message_bytes);
+  l.combine_rows = take(slots * row);
+  l.combine_routes = take(slots * 8 * kLowLatencyMaxTopk);
+  l.dispatch_flags = take(slots * 8);
+  l.combine_route_flags = take(slots * 8);
+  l.combine_row_flags = take(slots * 8);
+  l.dispatch_counts = take(2LL * num_ranks * 8);
+  l.combine_counts = take(2LL * num_ranks * 8);
+  l.dispatch_acks = take(num_ranks * 8LL);
+  l.combine_route_acks = take(num_ranks * 8LL);
+  l.combine_row_acks = take(num_ranks * 8LL);
+  l.staging_messages = take(num_max_tokens * l.message_bytes);
+  l.staging_routes = take(num_max_tokens * 8LL * kLowLatencyMaxTopk);
+  l.staging_rows = take(static_cast<int64_t>(num_ranks) * num_max_tokens * row);
+  l.counters = take(64);
+  l.bytes = offset;
+  return l;
+}
+
+namespace {
+
+static_assert(sizeof(LowLatencyCounters) <= 64, "counters outgrew their region");
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kRouteBytes = 8 * kLowLatencyMaxTopk;  // int32 top-k, then float32 weights
+constexpr int kFp8Group = 128;
+
+__device__ __forceinline__ LowLatencyCounters* counters(const LowLatency& ll) {
+  return reinterpret_cast<LowLatencyCounters*>(ll.base + ll.layout.counters);
+}
+
+__device__ __forceinline__ bool is_aborted(const LowLatency& ll) {
+  return *reinterpret_cast<volatile int*>(&counters(ll)->aborted) != 0;
+}
+
+__device__ __forceinline__ uint64_t* local_word(const LowLatency& ll, int64_t offset) {
+  return reinterpret_cast<uint64_t*>(ll.base + offset);
+}
+
+// Where `offset` of rank `pe`'s region is mapped here, or nullptr (reach it with puts).
+__device__ __forceinline__ uint8_t* mapped(const LowLatency& ll, int pe, int64_t offset) {
+  uint8_t* peer = ll.peers[pe];
+  return peer == nullptr ? nullptr : peer + ll.region + offset;
+}
+
+// Set a 64-bit flag of rank `pe`, after every write this block made before (the caller
+// synchronised the block).
+__device__ __forceinline__ void signal(const LowLatency& ll, int pe, int64_t offset,
+                                       uint64_t value) {
+  if (uint8_t* p = mapped(ll, pe, offset)) {
+    __threadfence_system();
+    store_release(reinterpret_cast<uint64_t*>(p), value);
+  } else {
+    nvshmem_fence();
+    nvshmemx_signal_op(local_word(ll, offset), value, NVSHMEM_SIGNAL_SET, pe);
+  }
+}
+
+// One thread spins until (*flag >> shift) >= target. False when `peer` did not arrive in time
+// (the error is recorded, the buffer marked aborted) or another wait timed out.
+__device__ bool wait_at_least(const LowLatency& ll, int64_t offset, uint64_t target, int peer,
+                              int shift = 0) {
+  const uint64_t* flag = local_word(ll, offset);
+  uint64_t start = 0;
+  while ((load_acquire(flag) >> shift) < target) {
+    if (is_aborted(ll)) return false;
+    const uint64_t t = now_ns();
+    if (start == 0) {
+      start = t;
+    } else if (t - start > ll.timeout_ns) {
+      if (atomicExch(&counters(ll)->aborted, 1) == 0)
+        report_error(ll.error, ll.op, kErrorTimeout, peer,
+                     static_cast<int>(ll.timeout_ns / 1000000000ull));
+      return false;
+    }
+  }
+  return true;
+}
+
+// True in every thread of the block that finishes last (the others are done with their work).
+__device__ bool last_block(unsigned* ticket) {
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+    if (last) atomicExch(ticket, 0u);
+  }
+  __syncthreads();
+  return last;
+}
+
+// Exclusive prefix of `flag` over the block; `total` gets the block's count.
+__device__ int block_prefix(bool flag, int* warp_counts, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// A top-k entry, or -1 (with an error report) when it is outside [-1, num_experts).
+__device__ int checked_expert(const LowLatency& ll, int64_t e, int num_experts) {
+  if (e >= -1 && e < num_experts) return static_cast<int>(e);
+  report_error(ll.error, ll.op, kErrorExpertOutOfRange, ll.rank, static_cast<int>(e));
+  return -1;
+}
+
+// The distinct owner ranks of a top-k row, ascending; returns how many.
+__device__ int owners_of(const int* topk, int num_topk, int num_local, int* owners) {
+  int n = 0;
+  for (int k = 0; k < num_topk; ++k) {
+    if (topk[k] < 0) continue;
+    const int owner = topk[k] / num_local;
+    int at = n;
+    while (at > 0 && owners[at - 1] > owner) --at;
+    if (at > 0 && owners[at - 1] == owner) continue;
+    for (int i = n; i > at; --i) owners[i] = owners[i - 1];
+    owners[at] = owner;
+    ++n;
+  }
+  return n;
+}
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) {
+  return __uint_as_float(bits16 << 16);
+}
+
+__device__ __forceinline__ void unpack_bf16x8(const int4& w, float* v) {
+  const uint32_t words[4] = {static_cast<uint32_t>(w.x), static_cast<uint32_t>(w.y),
+                             static_cast<uint32_t>(w.z), static_cast<uint32_t>(w.w)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    v[2 * i] = bf16_bits_to_float(words[i] & 0xffffu);
+    v[2 * i + 1] = bf16_bits_to_float(words[i] >> 16);
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float* v) {
+  uint32_t words[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const __nv_bfloat162 pair = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    words[i] = *reinterpret_cast<const uint32_t*>(&pair);
+  }
+  return make_int4(words[0], words[1], words[2], words[3]);
+}
+
+// The FP8 cast of DESIGN.md §5, bit for bit: per 128 channels amax = max(1e-4, max|x|),
+// scale = 448 / amax (or a power of two with round_scale), values clamped to ±448.
+struct Fp8Scale {
+  float scale, scale_inv;
+};
+
+__device__ __forceinline__ Fp8Scale fp8_scale(float amax, bool round_scale) {
+  amax = fmaxf(amax, 1e-4f);
+  const float inv = __fmul_rn(amax, 1.0f / 448.0f);
+  if (!round_scale) return {__fdiv_rn(448.0f, amax), inv};
+  const uint32_t bits = __float_as_uint(inv);
+  const uint32_t exponent = ((bits >> 23) & 0xffu) + ((bits & 0x7fffffu) != 0 ? 1u : 0u);
+  return {__uint_as_float((254u - exponent) << 23), __uint_as_float(exponent << 23)};
+}
+
+__device__ __forceinline__ uint32_t fp8x4(const float* v, float scale) {
+  uint32_t out = 0;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float a = fminf(fmaxf(__fmul_rn(v[2 * i], scale), -448.0f), 448.0f);
+    const float b = fminf(fmaxf(__fmul_rn(v[2 * i + 1], scale), -448.0f), 448.0f);
+    const __nv_fp8x2_storage_t pair =
+        __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);
+    out |= static_cast<uint32_t>(pair) << (16 * i);
+  }
+  return out;
+}
+
+// --- dispatch ---------------------------------------------------------------------------------
+
+struct TokenRoute {
+  int topk[kLowLatencyMaxTopk];
+  int owners[kLowLatencyMaxTopk];
+  int num_owners;
+};
+
+__global__ void __launch_bounds__(kThreads)
+    dispatch_send_kernel(LowLatency ll, LowLatencyDispatchSend a) {
+  if (is_aborted(ll)) return;
+  LowLatencyCounters* ctr = counters(ll);
+  const uint64_t seq = ctr->dispatch_sent + 1;
+  const int half = static_cast<int>(seq & 1), me = ll.rank, num_ranks = ll.num_ranks;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int hidden = ll.hidden, num_local = a.num_experts / num_ranks;
+  const int64_t message = ll.layout.message_bytes;
+  const bool staged = !ll.all_peers_mapped;
+  __shared__ TokenRoute route;
+  __shared__ int ok;
+
+  // The receivers' half must be free: each finished reading my call seq - 2.
+  if (tid == 0) ok = 1;
+  __syncthreads();
+  if (seq > 2)
+    for (int d = tid; d < num_ranks; d += kThreads)
+      if (!wait_at_least(ll, ll.layout.dispatch_acks + 8LL * d, seq - 2, d)) ok = 0;
+  __syncthreads();
+  if (!ok) return;
+  if (blockIdx.x == 0)
+    for (int d = tid; d < num_ranks; d += kThreads)
+      signal(ll, d, ll.layout.dispatch_counts + 8LL * (half * num_ranks + me),
+             (seq << 32) | (static_cast<uint64_t>(a.num_topk) << 16) |
+                 static_cast<uint64_t>(a.num_tokens));
+
+  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+    const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * ll.num_max_tokens + t;
+    const int64_t at = ll.layout.dispatch_messages + slot * message;
+    uint8_t* staging = ll.base + ll.layout.staging_messages + t * message;
+    if (tid < kLowLatencyMaxTopk)
+      route.topk[tid] = tid < a.num_topk
+                            ? checked_expert(ll, a.topk_idx[int64_t(t) * a.num_topk + tid],
+                                             a.num_experts)
+                            : -1;
+    __syncthreads();
+    if (tid == 0) route.num_owners = owners_of(route.topk, a.num_topk, num_local, route.owners);
+    // Every rank gets the top-k row: receivers decide membership from it.
+    for (int i = tid; i < num_ranks * kLowLatencyMaxTopk; i += kThreads)
+      if (uint8_t* p = mapped(ll, i / kLowLatencyMaxTopk, at))
+        reinterpret_cast<int*>(p)[i % kLowLatencyMaxTopk] = route.topk[i % kLowLatencyMaxTopk];
+    if (staged && tid < kLowLatencyMaxTopk) reinterpret_cast<int*>(staging)[tid] = route.topk[tid];
+    __syncthreads();
+    const int num_owners = route.num_owners;
+    const uint16_t* x = a.x + static_cast<int64_t>(t) * hidden;
+    const int64_t payload = at + 4 * kLowLatencyMaxTopk;
+    if (a.use_fp8) {
+      // 8 lanes per 128-channel group, 16 channels each: 4 groups per warp and step.
+      const int num_groups = hidden / kFp8Group, sub = lane % 8;
+      for (int step = warp; step * 4 < num_groups; step += kWarps) {
+        const int g = step * 4 + lane / 8;
+        const bool valid = g < num_groups;
+        float v[16];
+        float amax = 0.0f;
+        if (valid) {
+          const int4* src = reinterpret_cast<const int4*>(x + g * kFp8Group + sub * 16);
+          unpack_bf16x8(src[0], v);
+          unpack_bf16x8(src[1], v + 8);
+#pragma unroll
+          for (int i = 0; i < 16; ++i) amax = fmaxf(amax, fabsf(v[i]));
+        }
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+        amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+        if (!valid) continue;
+        const Fp8Scale s = fp8_scale(amax, a.round_scale);
+        const int4 bytes = make_int4(fp8x4(v, s.scale), fp8x4(v + 4, s.scale),
+                                     fp8x4(v + 8, s.scale), fp8x4(v + 12, s.scale));
+        const int64_t value_at = g * kFp8Group + sub * 16, scale_at = hidden + 4LL * g;
+        for (int o = 0; o < num_owners; ++o) {
+          if (uint8_t* p = mapped(ll, route.owners[o], payload)) {
+            *reinterpret_cast<int4*>(p + value_at) = bytes;
+            if (sub == 0) *reinterpret_cast<float*>(p + scale_at) = s.scale_inv;
+          }
+        }
+        if (staged) {
+          uint8_t* p = staging + 4 * kLowLatencyMaxTopk;
+          *reinterpret_cast<int4*>(p + value_at) = bytes;
+          if (sub == 0) *reinterpret_cast<float*>(p + scale_at) = s.scale_inv;
+        }
+      }
+    } else {
+      for (int i = tid; i < hidden / 8; i += kThreads) {
+        const int4 v = reinterpret_cast<const int4*>(x)[i];
+        for (int o = 0; o < num_owners; ++o)
+          if (uint8_t* p = mapped(ll, route.owners[o], payload))
+            reinterpret_cast<int4*>(p)[i] = v;
+        if (staged) reinterpret_cast<int4*>(staging + 4 * kLowLatencyMaxTopk)[i] = v;
+      }
+    }
+    __syncthreads();
+    const int64_t flag = ll.layout.dispatch_flags + 8 * slot;
+    for (int d = tid; d < num_ranks; d += kThreads)
+      if (ll.peers[d] != nullptr) signal(ll, d, flag, seq);
+    if (staged) {
+      for (int d = warp; d < num_ranks; d += kWarps) {
+        if (ll.peers[d] != nullptr) continue;
+        bool owner = false;
+        for (int o = 0; o < num_owners; ++o) owner |= route.owners[o] == d;
+        nvshmemx_putmem_signal_nbi_warp(ll.base + at, staging, owner ? message : 4 * kLowLatencyMaxTopk,
+                                        local_word(ll, flag), seq, NVSHMEM_SIGNAL_SET, d);
+      }
+    }
+    __syncthreads();
+  }
+  if (staged) nvshmem_quiet();  // the staging copies are read before the next call rewrites them
+  if (last_block(&ctr->tickets[0]) && tid == 0) ctr->dispatch_sent = seq;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    dispatch_recv_kernel(LowLatency ll, LowLatencyDispatchRecv a) {
+  if (is_aborted(ll)) return;
+  LowLatencyCounters* ctr = counters(ll);
+  const uint64_t seq = ctr->dispatch_received + 1;
+  const int half = static_cast<int>(seq & 1), me = ll.rank, num_ranks = ll.num_ranks;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int hidden = ll.hidden, num_max = ll.num_max_tokens;
+  const int64_t rows = static_cast<int64_t>(num_ranks) * num_max;
+  const int64_t message = ll.layout.message_bytes;
+  const int num_groups = hidden / kFp8Group;
+  const int64_t row_bytes = a.use_fp8 ? hidden : 2LL * hidden;
+  __shared__ int members[kLowLatencyMaxTokens];
+  __shared__ int warp_counts[kWarps];
+  __shared__ int source_tokens, source_topk, ok;
+
+  for (int e = blockIdx.x; e < a.num_local_experts; e += gridDim.x) {
+    const int expert = me * a.num_local_experts + e;
+    int first_row = 0;
+    for (int r = 0; r < num_ranks; ++r) {
+      const int64_t source = static_cast<int64_t>(half) * num_ranks + r;
+      if (tid == 0) {
+        const int64_t count = ll.layout.dispatch_counts + 8 * source;
+        ok = wait_at_least(ll, count, seq, r, 32);
+        const uint64_t word = load_acquire(local_word(ll, count));
+        source_tokens = static_cast<int>(word & 0xffffu);
+        source_topk = static_cast<int>((word >> 16) & 0xffu);
+      }
+      __syncthreads();
+      if (!ok) return;
+      const int num_tokens = source_tokens, num_topk = source_topk;
+      int taken = 0;
+      for (int begin = 0; begin < num_tokens; begin += kThreads) {
+        const int t = begin + tid;
+        bool member = false;
+        if (t < num_tokens) {
+          const int64_t slot = source * num_max + t;
+          if (wait_at_least(ll, ll.layout.dispatch_flags + 8 * slot, seq, r)) {
+            const int* topk =
+                reinterpret_cast<const int*>(ll.base + ll.layout.dispatch_messages + slot * message);
+            for (int k = 0; k < num_topk; ++k) member |= __ldcg(topk + k) == expert;
+          } else {
+            ok = 0;
+          }
+        }
+        int total;
+        const int position = block_prefix(member, warp_counts, total);
+        if (member) members[taken + position] = t;
+        taken += total;
+      }
+      __syncthreads();
+      if (!ok) return;
+      for (int i = warp; i < taken; i += kWarps) {
+        const int t = members[i];
+        const int64_t row = e * rows + first_row + i;
+        const uint8_t* payload = ll.base + ll.layout.dispatch_messages +
+                                 (source * num_max + t) * message + 4 * kLowLatencyMaxTopk;
+        const int4* src = reinterpret_cast<const int4*>(payload);
+        int4* dst = reinterpret_cast<int4*>(a.recv_x + row * row_bytes);
+        for (int64_t w = lane; w < row_bytes / 16; w += 32) dst[w] = __ldcg(src + w);
+        if (lane == 0) a.src_info[row] = t;
+        if (!a.use_fp8) continue;
+        const float* scales = reinterpret_cast<const float*>(payload + hidden);
+        const int64_t local_row = first_row + i;
+        if (!a.use_ue8m0) {
+          float* out = static_cast<float*>(a.recv_x_scales);
+          for (int g = lane; g < num_groups; g += 32)
+            out[(static_cast<int64_t>(e) * num_groups + g) * rows + local_row] = __ldcg(scales + g);
+        } else {
+          int* out = static_cast<int*>(a.recv_x_scales);
+          const int packs = num_groups / 4;
+          for (int j = lane; j < packs; j += 32) {
+            uint32_t word = 0;
+            for (int b = 0; b < 4; ++b)
+              word |= ((__float_as_uint(__ldcg(scales + 4 * j + b)) >> 23) & 0xffu) << (8 * b);
+            out[(static_cast<int64_t>(e) * packs + j) * rows + local_row] = static_cast<int>(word);
+          }
+        }
+      }
+      if (tid == 0)
+        a.layout_range[static_cast<int64_t>(e) * num_ranks + r] =
+            (static_cast<int64_t>(first_row) << 32) | taken;
+      first_row += taken;
+      __syncthreads();
+    }
+    if (tid == 0) {
+      a.recv_count[e] = first_row;
+      if (a.cumulative_stats != nullptr) a.cumulative_stats[e] += first_row;
+    }
+  }
+  if (last_block(&ctr->tickets[1])) {
+    if (tid == 0) ctr->dispatch_received = seq;
+    for (int d = tid; d < num_ranks; d += kThreads)
+      signal(ll, d, ll.layout.dispatch_acks + 8LL * me, seq);
+  }
+}
+
+// --- combine ----------------------------------------------------------------------------------
+
+// Row of (local expert, source rank, source token) in the dispatch layout given by the handle,
+// or -1. Rows of one source are ascending in token order when they come from our dispatch;
+// other orders are found by a linear scan.
+__device__ int64_t find_row(const LowLatencyCombineSend& a, int num_ranks, int64_t rows, int local,
+                            int source, int token) {
+  const int64_t range = a.layout_range[static_cast<int64_t>(local) * num_ranks + source];
+  const int64_t begin = range >> 32, count = range & 0xffffffffLL;
+  const int* info = a.src_info + local * rows;
+  if (begin < 0 || count < 0 || begin + count > rows) return -1;
+  int64_t lo = begin, hi = begin + count;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (info[mid] < token) lo = mid + 1; else hi = mid;
+  }
+  if (lo < begin + count && info[lo] == token) return lo;
+  for (int64_t j = begin; j < begin + count; ++j)
+    if (info[j] == token) return j;
+  return -1;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    combine_send_kernel(LowLatency ll, LowLatencyCombineSend a) {
+  if (is_aborted(ll)) return;
+  LowLatencyCounters* ctr = counters(ll);
+  const uint64_t seq = ctr->combine_sent + 1;
+  const int half = static_cast<int>(seq & 1), me = ll.rank, num_ranks = ll.num_ranks;
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int hidden = ll.hidden, num_max = ll.num_max_tokens, num_local = a.num_local_experts;
+  const int64_t rows = static_cast<int64_t>(num_ranks) * num_max, row_bytes = 2LL * hidden;
+  const bool staged = !ll.all_peers_mapped;
+  __shared__ int ok, skip, source_tokens, source_topk;
+  __shared__ int local_of[kLowLatencyMaxTopk];
+  __shared__ int64_t row_of[kLowLatencyMaxTopk];
+  __shared__ float weight_of[kLowLatencyMaxTopk];
+
+  // Routes: every rank must have finished reading my routes of call seq - 2.
+  if (tid == 0) ok = 1;
+  __syncthreads();
+  if (seq > 2)
+    for (int d = tid; d < num_ranks; d += kThreads)
+      if (!wait_at_least(ll, ll.layout.combine_route_acks + 8LL * d, seq - 2, d)) ok = 0;
+  __syncthreads();
+  if (!ok) return;
+  if (blockIdx.x == 0)
+    for (int d = tid; d < num_ranks; d += kThreads)
+      signal(ll, d, ll.layout.combine_counts + 8LL * (half * num_ranks + me),
+             (seq << 32) | (static_cast<uint64_t>(a.num_topk) << 16) |
+                 static_cast<uint64_t>(a.num_tokens));
+  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+    const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * num_max + t;
+    const int64_t at = ll.layout.combine_routes + slot * kRouteBytes;
+    uint8_t* staging = ll.base + ll.layout.staging_routes + static_cast<int64_t>(t) * kRouteBytes;
+    for (int i = tid; i < num_ranks * 2 * kLowLatencyMaxTopk; i += kThreads) {
+      const int d = i / (2 * kLowLatencyMaxTopk), word = i % (2 * kLowLatencyMaxTopk);
+      const int k = word % kLowLatencyMaxTopk;
+      int value = -1;
+      if (word < kLowLatencyMaxTopk && k < a.num_topk)
+        value = checked_expert(ll, a.topk_idx[int64_t(t) * a.num_topk + k], num_ranks * num_local);
+      else if (word >= kLowLatencyMaxTopk)
+        value = k < a.num_topk ? __float_as_int(a.topk_weights[int64_t(t) * a.num_topk + k]) : 0;
+      if (uint8_t* p = mapped(ll, d, at)) reinterpret_cast<int*>(p)[word] = value;
+      if (staged && d == 0) reinterpret_cast<int*>(staging)[word] = value;
+    }
+    __syncthreads();
+    const int64_t flag = ll.layout.combine_route_flags + 8 * slot;
+    for (int d = tid; d < num_ranks; d += kThreads)
+      if (ll.peers[d] != nullptr) signal(ll, d, flag, seq);
+    if (staged)
+      for (int d = warp; d < num_ranks; d += kWarps)
+        if (ll.peers[d] == nullptr)
+          nvshmemx_putmem_signal_nbi_warp(ll.base + at, staging, kRouteBytes, local_word(ll, flag),
+                                          seq, NVSHMEM_SIGNAL_SET, d);
+    __syncthreads();
+  }
+
+  // Partial rows: unit u is token u / R of source u % R.
+  for (int u = blockIdx.x; u < num_ranks * num_max; u += gridDim.x) {
+    const int source = u % num_ranks, t = u / num_ranks;
+    const int64_t from = static_cast<int64_t>(half) * num_ranks + source;
+    __syncthreads();  // the shared words of the previous unit are read
+    if (tid == 0) {
+      const int64_t count = ll.layout.combine_counts + 8 * from;
+      ok = wait_at_least(ll, count, seq, source, 32);
+      const uint64_t word = load_acquire(local_word(ll, count));
+      source_tokens = static_cast<int>(word & 0xffffu);
+      source_topk = static_cast<int>((word >> 16) & 0xffu);
+      skip = t >= source_tokens;
+      if (ok && !skip) ok = wait_at_least(ll, ll.layout.combine_route_flags + 8 * (from * num_max + t), seq, source);
+    }
+    __syncthreads();
+    if (!ok) return;
+    if (skip) continue;
+    const int* route = reinterpret_cast<const int*>(ll.base + ll.layout.combine_routes +
+                                                    (from * num_max + t) * kRouteBytes);
+    if (tid < kLowLatencyMaxTopk) {
+      const int e = tid < source_topk ? __ldcg(route + tid) : -1;
+      local_of[tid] = -1;
+      if (e >= 0 && e / num_local == me) {
+        const int64_t row = find_row(a, num_ranks, rows, e % num_local, source, t);
+        if (row < 0) {
+          report_error(ll.error, ll.op, kErrorBadHandle, source, t);
+        } else {
+          local_of[tid] = e % num_local;
+          row_of[tid] = row;
+          weight_of[tid] = __int_as_float(__ldcg(route + kLowLatencyMaxTopk + tid));
+        }
+      }
+    }
+    __syncthreads();
+    bool any = false;
+    for (int k = 0; k < source_topk; ++k) any |= local_of[k] >= 0;
+    if (!any) continue;  // nothing of this token here: the source does not wait for me
+    if (tid == 0)
+      ok = seq <= 2 || wait_at_least(ll, ll.layout.combine_row_acks + 8LL * source, seq - 2, source);
+    __syncthreads();
+    if (!ok) return;
+    const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * num_max + t;
+    uint8_t* peer_row = mapped(ll, source, ll.layout.combine_rows + slot * row_bytes);
+    uint8_t* out = peer_row != nullptr ? peer_row
+                                       : ll.base + ll.layout.staging_rows +
+                                             (static_cast<int64_t>(source) * num_max + t) * row_bytes;
+    for (int i = tid; i < hidden / 8; i += kThreads) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int k = 0; k < source_topk; ++k) {
+        if (local_of[k] < 0) continue;
+        const int4 w = reinterpret_cast<const int4*>(
+            a.x + (static_cast<int64_t>(local_of[k]) * rows + row_of[k]) * hidden)[i];
+        float v[8];
+        unpack_bf16x8(w, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(weight_of[k], v[j]));
+      }
+      reinterpret_cast<int4*>(out)[i] = pack_bf16x8(acc);
+    }
+    __syncthreads();
+    const int64_t flag = ll.layout.combine_row_flags + 8 * slot;
+    if (peer_row != nullptr) {
+      if (tid == 0) signal(ll, source, flag, seq);
+    } else if (warp == 0) {
+      nvshmemx_putmem_signal_nbi_warp(ll.base + ll.layout.combine_rows + slot * row_bytes, out,
+                                      row_bytes, local_word(ll, flag), seq, NVSHMEM_SIGNAL_SET,
+                                      source);
+    }
+  }
+  if (staged) nvshmem_quiet();
+  if (last_block(&ctr->tickets[2])) {
+    if (tid == 0) ctr->combine_sent = seq;
+    for (int d = tid; d < num_ranks; d += kThreads)
+      signal(ll, d, ll.layout.combine_route_acks + 8LL * me, seq);
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    combine_recv_kernel(LowLatency ll, LowLatencyCombineRecv a) {
+  if (is_aborted(ll)) return;
+  LowLatencyCounters* ctr = counters(ll);
+  const uint64_t seq = ctr->combine_received + 1;
+  const int half = static_cast<int>(seq & 1), num_ranks = ll.num_ranks, tid = threadIdx.x;
+  const int hidden = ll.hidden, num_max = ll.num_max_tokens;
+  const int64_t row_bytes = 2LL * hidden;
+  __shared__ TokenRoute route;
+  __shared__ int ok;
+
+  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+    if (tid < kLowLatencyMaxTopk) {
+      const int64_t e = tid < a.num_topk ? a.topk_idx[int64_t(t) * a.num_topk + tid] : -1;
+      route.topk[tid] = e >= 0 && e < int64_t(num_ranks) * a.num_local_experts ? int(e) : -1;
+    }
+    if (tid == 0) ok = 1;
+    __syncthreads();
+    if (tid == 0) route.num_owners = owners_of(route.topk, a.num_topk, a.num_local_experts, route.owners);
+    __syncthreads();
+    const int num_owners = route.num_owners;
+    if (tid < num_owners) {
+      const int owner = route.owners[tid];
+      const int64_t slot = (static_cast<int64_t>(half) * num_ranks + owner) * num_max + t;
+      if (!wait_at_least(ll, ll.layout.combine_row_flags + 8 * slot, seq, owner)) ok = 0;
+    }
+    __syncthreads();
+    if (!ok) return;
+    for (int i = tid; i < hidden / 8; i += kThreads) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int o = 0; o < num_owners; ++o) {
+        const int64_t slot = (static_cast<int64_t>(half) * num_ranks + route.owners[o]) * num_max + t;
+        const int4 w = __ldcg(reinterpret_cast<const int4*>(ll.base + ll.layout.combine_rows +
+                                                            slot * row_bytes) + i);
+        float v[8];
+        unpack_bf16x8(w, v);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], v[j]);
+      }
+      reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * hidden)[i] = pack_bf16x8(acc);
+    }
+    __syncthreads();
+  }
+  if (last_block(&ctr->tickets[3])) {
+    if (tid == 0) ctr->combine_received = seq;
+    for (int d = tid; d < num_ranks; d += kThreads)
+      signal(ll, d, ll.layout.combine_row_acks + 8LL * ll.rank, seq);
+  }
+}
+
+int grid(const LowLatency& ll, int64_t work) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, ll.num_sms)));
+}
+
+}  // namespace
+
+cudaError_t launch_low_latency_dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend& a,
+                                             cudaStream_t stream) {
+  dispatch_send_kernel<<<grid(ll, a.num_tokens), kThreads, 0, stream>>>(ll, a);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv& a,
+                                             cudaStream_t stream) {
+  dispatch_recv_kernel<<<grid(ll, a.num_local_experts), kThreads, 0, stream>>>(ll, a);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_combine_send(const LowLatency& ll, const LowLatencyCombineSend& a,
+                                            cudaStream_t stream) {
+  combine_send_kernel<<<grid(ll, int64_t(ll.num_ranks) * ll.num_max_tokens), kThreads, 0, stream>>>(
+      ll, a);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_low_latency_combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& a,
+                                            cudaStream_t stream) {
+  combine_recv_kernel<<<grid(ll, a.num_tokens), kThreads, 0, stream>>>(ll, a);
+  return cudaGetLastError();
+}
+
+}  // namespace deep_ep_ops

@@ -1,0 +1,104 @@
+// Torch-side helpers shared by the bindings of both extensions (csrc/bindings.cpp for the NVLink
+// kernels, csrc/nvshmem/bindings.cpp for the NVSHMEM ones). Everything sits in an unnamed
+// namespace: each extension keeps its own copy of the state (error words, fallbacks).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+
+#include "kernels/api.h"
+
+namespace deep_ep_ops {
+namespace {
+
+// Numbers enter messages through std::to_string: streaming an integer into an ostream from this
+// extension crashed (seen on the H200 image: torch 2.11, gcc 13 headers), as the extension's
+// instantiation of the ostream inserter does not match the process's libstdc++.
+std::string num(int64_t value) { return std::to_string(value); }
+
+std::string shape(const at::Tensor& t) {
+  std::string out = "(";
+  for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + num(t.size(d));
+  return out + ")";
+}
+
+// Allocation may happen during a CUDA graph capture (the first call of a process can be
+// captured); it is not part of the graph, so allow it for this thread.
+class RelaxedCapture {
+ public:
+  RelaxedCapture() { C10_CUDA_CHECK(cudaThreadExchangeStreamCaptureMode(&mode_)); }
+  ~RelaxedCapture() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
+// The device error word of one device, in mapped pinned host memory: kernels store a
+// DeviceError code, the next op call reads it without synchronising and raises. Allocated once,
+// never freed (CUDA graphs may hold its address).
+struct ErrorWord {
+  int* host = nullptr;
+  int* device = nullptr;
+};
+
+std::mutex error_word_mutex;
+
+ErrorWord& error_word(int device) {
+  static auto& words = *new std::unordered_map<int, ErrorWord>();
+  std::lock_guard<std::mutex> lock(error_word_mutex);
+  ErrorWord& word = words[device];
+  if (word.host == nullptr) {
+    RelaxedCapture relaxed;
+    C10_CUDA_CHECK(cudaHostAlloc(reinterpret_cast<void**>(&word.host),
+                                 sizeof(int) * kErrorWordInts, cudaHostAllocMapped));
+    for (int i = 0; i < kErrorWordInts; ++i) word.host[i] = kErrorNone;
+    C10_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&word.device), word.host, 0));
+  }
+  return word;
+}
+
+// An error a kernel reported since the last call, cleared as it is taken.
+struct DeviceReport {
+  int code, op, peer, value;
+};
+
+DeviceReport take_device_report(int device) {
+  volatile int* word = error_word(device).host;
+  DeviceReport report{word[0], word[1], word[2], word[3]};
+  if (report.code != kErrorNone) word[0] = kErrorNone;
+  return report;
+}
+
+// Python implementations (the reference backend) of ops, for calls the kernels do not take.
+// Leaked on purpose: nothing here may be destroyed after the interpreter shut down.
+auto& fallbacks = *new std::unordered_map<std::string, py::object>();
+
+void set_fallback(const std::string& op, py::object fn) { fallbacks[op] = std::move(fn); }
+
+template <typename Result, typename... Args>
+Result call_fallback(const char* op, Args&&... args) {
+  py::gil_scoped_acquire gil;
+  auto it = fallbacks.find(op);
+  TORCH_CHECK(it != fallbacks.end(), "deep_ep::", op, " has no reference fallback registered");
+  return it->second(std::forward<Args>(args)...).template cast<Result>();
+}
+
+// --- argument checks (the fakes in meta/ make the same ones while tracing) ------------------
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t ndim,
+                  std::initializer_list<at::ScalarType> dtypes) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, name, " must have ", num(ndim), " dims, got shape ",
+                    shape(t));
+  const bool ok = std::find(dtypes.begin(), dtypes.end(), t.scalar_type()) != dtypes.end();
+  TORCH_CHECK_TYPE(ok, name, " has unsupported dtype ", c10::toString(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor");
+}
+
+}  // namespace
+}  // namespace deep_ep_ops
