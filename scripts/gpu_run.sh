@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# On a GPU machine: build the extension, run the GPU tests and the benchmark, write logs to the
+# On a GPU machine: build the extensions, run the GPU tests and the benchmark, write logs to the
 # directory given as the argument and print a short table last.
-#   scripts/gpu_run.sh OUT_DIR [bench arguments...]
-# Python wheels the machine lacks (expecttest) may be carried in .whl/.
+#   scripts/gpu_run.sh OUT_DIR [extra bench arguments...]
+# Environment: GPU_TESTS (pytest targets, default "tests"; "none" skips the tests),
+# BENCH_MODES (default "normal low-latency"; "none" skips the benchmark), GPU_TESTS_TIMEOUT_S,
+# BENCH_TIMEOUT_S. Python wheels the machine lacks (expecttest) may be carried in .whl/.
 set -uo pipefail
-out=${1:?usage: scripts/gpu_run.sh OUT_DIR [bench arguments...]}
+out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
 shift
 mkdir -p "$out"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -16,15 +18,30 @@ fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpus.txt"
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
-  tail -40 "$out/build.log"; echo "BUILD FAILED"; exit 1
+  grep -B2 -A8 "error" "$out/build.log" | head -60; echo "BUILD FAILED"; exit 1
 fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import deep_ep_ops; print(deep_ep_ops.build_info())" | tee "$out/build_info.txt"
-timeout ${GPU_TESTS_TIMEOUT_S:-420} python3 -m pytest -q -m gpu --durations=12 tests > "$out/gpu_tests.log" 2>&1
-tests_rc=$?
-tail -25 "$out/gpu_tests.log"
-timeout ${BENCH_TIMEOUT_S:-240} python3 -m deep_ep_ops.bench --out "$out/bench" "$@" > "$out/bench.log" 2> "$out/bench.err"
-bench_rc=$?
-[ $bench_rc -ne 0 ] && tail -20 "$out/bench.err"
-echo "gpu tests rc=$tests_rc bench rc=$bench_rc"
-cat "$out/bench/table.txt" 2>/dev/null
+tests_rc=skipped
+if [ "${GPU_TESTS:-tests}" != none ]; then
+  # shellcheck disable=SC2086
+  timeout "${GPU_TESTS_TIMEOUT_S:-420}" python3 -m pytest -q -m gpu --durations=15 ${GPU_TESTS:-tests} \
+    > "$out/gpu_tests.log" 2>&1
+  tests_rc=$?
+  grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -3
+  grep -E "^(FAILED|ERROR)" "$out/gpu_tests.log" | head -20
+fi
+bench_rc=""
+for mode in ${BENCH_MODES:-normal low-latency}; do
+  [ "$mode" = none ] && break
+  sweep=(); [ "$mode" = normal ] && sweep=(--num-sms 16 24 32)
+  timeout "${BENCH_TIMEOUT_S:-240}" python3 -m deep_ep_ops.bench --mode "$mode" "${sweep[@]}" \
+    --out "$out/bench-$mode" "$@" > "$out/bench-$mode.log" 2> "$out/bench-$mode.err"
+  rc=$?
+  bench_rc="$bench_rc $mode=$rc"
+  [ $rc -ne 0 ] && tail -20 "$out/bench-$mode.err"
+done
+echo "gpu tests rc=$tests_rc bench rc:$bench_rc"
+for mode in ${BENCH_MODES:-normal low-latency}; do
+  [ "$mode" = none ] || cat "$out/bench-$mode/table.txt" 2>/dev/null
+done

@@ -96,34 +96,6 @@ __device__ bool drain(const Intranode& nvl) {
 
 // --- warp-wide copies ------------------------------------------------------------------------
 
-template <int kBytes> struct Word;
-template <> struct Word<16> { using type = int4; };
-template <> struct Word<8> { using type = int2; };
-template <> struct Word<4> { using type = int; };
-template <> struct Word<2> { using type = short; };
-template <> struct Word<1> { using type = signed char; };
-
-// Several loads in flight per lane before the stores; __ldcg skips L1, whose lines may be
-// stale for memory peers write.
-template <int kBytes>
-__device__ __forceinline__ void warp_copy_words(uint8_t* dst, const uint8_t* src, int64_t bytes,
-                                                int lane) {
-  using W = typename Word<kBytes>::type;
-  constexpr int kUnroll = kBytes == 16 ? 8 : 4;
-  const W* s = reinterpret_cast<const W*>(src);
-  W* d = reinterpret_cast<W*>(dst);
-  const int64_t n = bytes / kBytes;
-  for (int64_t i = lane; i < n; i += 32 * kUnroll) {
-    W v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (i + u * 32 < n) v[u] = __ldcg(s + i + u * 32);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (i + u * 32 < n) d[i + u * 32] = v[u];
-  }
-}
-
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
                                           int vector_bytes, int lane) {
   switch (vector_bytes) {

@@ -10,6 +10,8 @@ namespace deep_ep_ops {
 
 constexpr int kLowLatencyMaxTopk = 16;      // top-k entries a message carries
 constexpr int kLowLatencyMaxTokens = 1024;  // tokens per rank (num_max_dispatch_tokens_per_rank)
+constexpr int kLowLatencyMaxRanks = 64;
+constexpr int kLowLatencyMaxMembers = 8192;  // num_ranks * num_max_dispatch_tokens_per_rank
 
 enum LowLatencyOp : int {
   kOpLowLatencyDispatch = 11,
@@ -94,6 +96,9 @@ struct LowLatencyDispatchRecv {
 };
 cudaError_t launch_low_latency_dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv& a,
                                              cudaStream_t stream);
+// Both halves in one kernel.
+cudaError_t launch_low_latency_dispatch(const LowLatency& ll, const LowLatencyDispatchSend& send,
+                                        const LowLatencyDispatchRecv& recv, cudaStream_t stream);
 
 struct LowLatencyCombineSend {
   const uint16_t* x;           // [L, R*M, hidden] bfloat16, contiguous
@@ -117,5 +122,8 @@ struct LowLatencyCombineRecv {
 };
 cudaError_t launch_low_latency_combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& a,
                                             cudaStream_t stream);
+// Both halves in one kernel.
+cudaError_t launch_low_latency_combine(const LowLatency& ll, const LowLatencyCombineSend& send,
+                                       const LowLatencyCombineRecv& recv, cudaStream_t stream);
 
 }  // namespace deep_ep_ops

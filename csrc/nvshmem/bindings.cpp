@@ -1,7 +1,8 @@
 // Torch bindings of the low-latency kernels (extension deep_ep_ops._C_nvshmem): argument
 // checks, output allocation, launch on the current stream, registration for the CUDA dispatch
-// key. Calls the kernels do not take (no NVSHMEM runtime for the buffer, x not bfloat16, top-k
-// above 16, more than 1024 tokens per rank) run the reference backend's Python implementation.
+// key. Calls the kernels do not take (no NVSHMEM runtime for the buffer, x not bfloat16, hidden
+// not a multiple of 8, top-k above 16, more than 1024 tokens per rank, more than 64 ranks or
+// 8192 rows per expert) run the reference backend's Python implementation.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -179,7 +180,8 @@ LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const 
   TORCH_CHECK_VALUE(num_ranks == runtime->num_ranks, "deep_ep::", op, ": num_ranks=",
                     num(num_ranks), " but buffer ", buffer, " has ", num(runtime->num_ranks));
   if (x.scalar_type() != at::kBFloat16 || hidden % 8 != 0 || num_topk > kLowLatencyMaxTopk ||
-      num_max > kLowLatencyMaxTokens)
+      num_max > kLowLatencyMaxTokens || num_ranks > kLowLatencyMaxRanks ||
+      num_ranks * num_max > kLowLatencyMaxMembers)
     return nullptr;
   if (runtime->num_max_tokens == 0) {
     runtime->num_max_tokens = static_cast<int>(num_max);
@@ -206,7 +208,7 @@ LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const 
   return runtime;
 }
 
-LowLatency view_for(const LowLatencyRuntime& runtime, const char* op, int kind) {
+LowLatency view_for(const LowLatencyRuntime& runtime, const std::string& op, int kind) {
   int* error = checked_error_word(op, runtime.device);
   const int sms = at::cuda::getDeviceProperties(runtime.device)->multiProcessorCount;
   return runtime.view(runtime.num_max_tokens, runtime.hidden, error, kind, sms);
@@ -251,31 +253,26 @@ void check_dispatch(const at::Tensor& x, const at::Tensor& topk_idx, int64_t num
   }
 }
 
-// Launches the send half; the outputs are filled by the receive half.
-void dispatch_send_kernels(LowLatencyRuntime& runtime, const at::Tensor& x,
-                           const at::Tensor& topk_idx, int64_t num_experts, bool use_fp8,
-                           bool round_scale, cudaStream_t stream) {
-  const LowLatency ll = view_for(runtime, "low_latency_dispatch", kOpLowLatencyDispatch);
-  const at::Tensor xc = x.contiguous(), topk = topk_idx.contiguous();
+LowLatencyDispatchSend dispatch_send_args(const at::Tensor& x, const at::Tensor& topk,
+                                          int64_t num_experts, bool use_fp8, bool round_scale) {
   LowLatencyDispatchSend args{};
-  args.x = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  args.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
   args.topk_idx = topk.data_ptr<int64_t>();
   args.num_tokens = static_cast<int>(topk.size(0));
   args.num_topk = static_cast<int>(topk.size(1));
   args.num_experts = static_cast<int>(num_experts);
   args.use_fp8 = use_fp8;
   args.round_scale = round_scale;
-  C10_CUDA_CHECK(launch_low_latency_dispatch_send(ll, args, stream));
+  return args;
 }
 
-void dispatch_recv_kernels(LowLatencyRuntime& runtime, const at::Tensor& recv_x,
-                           const at::Tensor& recv_x_scales, const at::Tensor& recv_count,
-                           const at::Tensor& src_info, const at::Tensor& layout_range,
-                           const c10::optional<at::Tensor>& stats, cudaStream_t stream) {
-  const LowLatency ll = view_for(runtime, "low_latency_dispatch", kOpLowLatencyDispatch);
+LowLatencyDispatchRecv dispatch_recv_args(const at::Tensor& recv_x, const at::Tensor& recv_x_scales,
+                                          const at::Tensor& recv_count, const at::Tensor& src_info,
+                                          const at::Tensor& layout_range,
+                                          const c10::optional<at::Tensor>& stats) {
   const bool use_fp8 = recv_x.scalar_type() == at::kFloat8_e4m3fn;
   // The receive writes straight into the outputs: they must have the layout the send half
-  // allocated (a user may hand in others through the Buffer hook only by misuse).
+  // allocated.
   TORCH_CHECK_VALUE(recv_x.is_contiguous() && src_info.is_contiguous() &&
                         recv_count.is_contiguous() && layout_range.is_contiguous(),
                     "low_latency_dispatch_recv: the outputs of low_latency_dispatch_send must be "
@@ -293,7 +290,7 @@ void dispatch_recv_kernels(LowLatencyRuntime& runtime, const at::Tensor& recv_x,
   args.num_local_experts = static_cast<int>(recv_x.size(0));
   args.use_fp8 = use_fp8;
   args.use_ue8m0 = recv_x_scales.scalar_type() == at::kInt;
-  C10_CUDA_CHECK(launch_low_latency_dispatch_recv(ll, args, stream));
+  return args;
 }
 
 DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
@@ -312,12 +309,17 @@ DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
   DispatchOutputs out = new_dispatch_outputs(x, num_ranks, num_max, num_experts / num_ranks,
                                              use_fp8, use_ue8m0);
-  dispatch_send_kernels(*runtime, x, topk_idx, num_experts, use_fp8, round_scale, stream);
+  const LowLatency ll = view_for(*runtime, op, kOpLowLatencyDispatch);
+  const at::Tensor xc = x.contiguous(), topk = topk_idx.contiguous();
+  const LowLatencyDispatchSend send = dispatch_send_args(xc, topk, num_experts, use_fp8, round_scale);
   if (split) {
+    C10_CUDA_CHECK(launch_low_latency_dispatch_send(ll, send, stream));
     runtime->pending_dispatch.push_back(true);
   } else {
-    dispatch_recv_kernels(*runtime, std::get<0>(out), std::get<1>(out), std::get<2>(out),
-                          std::get<3>(out), std::get<4>(out), c10::nullopt, stream);
+    const LowLatencyDispatchRecv recv =
+        dispatch_recv_args(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
+                           std::get<4>(out), c10::nullopt);
+    C10_CUDA_CHECK(launch_low_latency_dispatch(ll, send, recv, stream));
   }
   return out;
 }
@@ -367,8 +369,10 @@ void low_latency_dispatch_recv(const at::Tensor& recv_x, const at::Tensor& recv_
     return;
   }
   const c10::cuda::CUDAGuard guard(recv_x.device());
-  dispatch_recv_kernels(*runtime, recv_x, recv_x_scales, recv_count, src_info, layout_range,
-                        stats, at::cuda::getCurrentCUDAStream(runtime->device));
+  const LowLatency ll = view_for(*runtime, op, kOpLowLatencyDispatch);
+  C10_CUDA_CHECK(launch_low_latency_dispatch_recv(
+      ll, dispatch_recv_args(recv_x, recv_x_scales, recv_count, src_info, layout_range, stats),
+      at::cuda::getCurrentCUDAStream(runtime->device)));
 }
 
 // --- combine ----------------------------------------------------------------------------------
@@ -389,37 +393,39 @@ void check_combine(const at::Tensor& x, const at::Tensor& topk_idx, const at::Te
                     shape(topk_weights));
 }
 
-void combine_send_kernels(LowLatencyRuntime& runtime, const at::Tensor& x,
-                          const at::Tensor& topk_idx, const at::Tensor& topk_weights,
-                          const at::Tensor& src_info, const at::Tensor& layout_range,
-                          cudaStream_t stream) {
-  const LowLatency ll = view_for(runtime, "low_latency_combine", kOpLowLatencyCombine);
-  const at::Tensor xc = x.contiguous(), topk = topk_idx.contiguous();
-  const at::Tensor weights = topk_weights.contiguous(), info = src_info.contiguous();
-  const at::Tensor range = layout_range.contiguous();
-  LowLatencyCombineSend args{};
-  args.x = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  args.src_info = info.data_ptr<int>();
-  args.layout_range = range.data_ptr<int64_t>();
-  args.topk_idx = topk.data_ptr<int64_t>();
-  args.topk_weights = weights.data_ptr<float>();
-  args.num_tokens = static_cast<int>(topk.size(0));
-  args.num_topk = static_cast<int>(topk.size(1));
-  args.num_local_experts = static_cast<int>(x.size(0));
-  C10_CUDA_CHECK(launch_low_latency_combine_send(ll, args, stream));
+// The tensors a combine send reads, kept alive (contiguous copies) for the launch.
+struct CombineInputs {
+  at::Tensor x, topk, weights, info, range;
+  LowLatencyCombineSend args() const {
+    LowLatencyCombineSend a{};
+    a.x = reinterpret_cast<const uint16_t*>(x.data_ptr());
+    a.src_info = info.data_ptr<int>();
+    a.layout_range = range.data_ptr<int64_t>();
+    a.topk_idx = topk.data_ptr<int64_t>();
+    a.topk_weights = weights.data_ptr<float>();
+    a.num_tokens = static_cast<int>(topk.size(0));
+    a.num_topk = static_cast<int>(topk.size(1));
+    a.num_local_experts = static_cast<int>(x.size(0));
+    return a;
+  }
+};
+
+CombineInputs combine_inputs(const at::Tensor& x, const at::Tensor& topk_idx,
+                             const at::Tensor& topk_weights, const at::Tensor& src_info,
+                             const at::Tensor& layout_range) {
+  return {x.contiguous(), topk_idx.contiguous(), topk_weights.contiguous(), src_info.contiguous(),
+          layout_range.contiguous()};
 }
 
-void combine_recv_kernels(LowLatencyRuntime& runtime, const at::Tensor& combined_x,
-                          const at::Tensor& topk_idx, cudaStream_t stream) {
-  const LowLatency ll = view_for(runtime, "low_latency_combine", kOpLowLatencyCombine);
-  const at::Tensor topk = topk_idx.contiguous();
+LowLatencyCombineRecv combine_recv_args(const LowLatencyRuntime& runtime,
+                                        const at::Tensor& combined_x, const at::Tensor& topk) {
   LowLatencyCombineRecv args{};
   args.combined_x = reinterpret_cast<uint16_t*>(combined_x.data_ptr());
   args.topk_idx = topk.data_ptr<int64_t>();
   args.num_tokens = static_cast<int>(topk.size(0));
   args.num_topk = static_cast<int>(topk.size(1));
   args.num_local_experts = runtime.num_experts / runtime.num_ranks;
-  C10_CUDA_CHECK(launch_low_latency_combine_recv(ll, args, stream));
+  return args;
 }
 
 // The kernels' runtime for a combine call, or nullptr (reference).
@@ -435,9 +441,11 @@ void combine_kernels(LowLatencyRuntime& runtime, const at::Tensor& x, const at::
                      const at::Tensor& topk_weights, const at::Tensor& src_info,
                      const at::Tensor& layout_range, const at::Tensor& out) {
   const c10::cuda::CUDAGuard guard(x.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime.device);
-  combine_send_kernels(runtime, x, topk_idx, topk_weights, src_info, layout_range, stream);
-  combine_recv_kernels(runtime, out, topk_idx, stream);
+  const LowLatency ll = view_for(runtime, "low_latency_combine", kOpLowLatencyCombine);
+  const CombineInputs inputs = combine_inputs(x, topk_idx, topk_weights, src_info, layout_range);
+  C10_CUDA_CHECK(launch_low_latency_combine(ll, inputs.args(),
+                                            combine_recv_args(runtime, out, inputs.topk),
+                                            at::cuda::getCurrentCUDAStream(runtime.device)));
 }
 
 at::Tensor low_latency_combine(const at::Tensor& x, const at::Tensor& topk_idx,
@@ -499,8 +507,10 @@ at::Tensor low_latency_combine_send(const at::Tensor& x, const at::Tensor& topk_
                                      num_ranks, num_max, num_experts, zero_copy);
   }
   const c10::cuda::CUDAGuard guard(x.device());
-  combine_send_kernels(*runtime, x, topk_idx, topk_weights, src_info, layout_range,
-                       at::cuda::getCurrentCUDAStream(runtime->device));
+  const LowLatency ll = view_for(*runtime, op, kOpLowLatencyCombine);
+  const CombineInputs inputs = combine_inputs(x, topk_idx, topk_weights, src_info, layout_range);
+  C10_CUDA_CHECK(launch_low_latency_combine_send(ll, inputs.args(),
+                                                 at::cuda::getCurrentCUDAStream(runtime->device)));
   runtime->pending_combine.push_back(true);
   return at::empty({topk_idx.size(0), x.size(2)}, x.options());
 }
@@ -520,8 +530,10 @@ void low_latency_combine_recv(const at::Tensor& combined_x, const at::Tensor& to
                     "low_latency_combine_recv: combined_x must be the tensor "
                     "low_latency_combine_send returned, got shape ", shape(combined_x));
   const c10::cuda::CUDAGuard guard(combined_x.device());
-  combine_recv_kernels(*runtime, combined_x, topk_idx,
-                       at::cuda::getCurrentCUDAStream(runtime->device));
+  const LowLatency ll = view_for(*runtime, op, kOpLowLatencyCombine);
+  const at::Tensor topk = topk_idx.contiguous();
+  C10_CUDA_CHECK(launch_low_latency_combine_recv(ll, combine_recv_args(*runtime, combined_x, topk),
+                                                 at::cuda::getCurrentCUDAStream(runtime->device)));
 }
 
 // Collective reset: every rank's kernel state back to zero, the pinned shape forgotten.

@@ -101,11 +101,10 @@ __device__ __forceinline__ uint8_t* mapped(const LowLatency& ll, int pe, int64_t
 }
 
 // Set a 64-bit flag of rank `pe`, after every write this block made before (the caller
-// synchronised the block).
+// synchronised the block; a system-scope release is cumulative over what the barrier ordered).
 __device__ __forceinline__ void signal(const LowLatency& ll, int pe, int64_t offset,
                                        uint64_t value) {
   if (uint8_t* p = mapped(ll, pe, offset)) {
-    __threadfence_system();
     store_release(reinterpret_cast<uint64_t*>(p), value);
   } else {
     nvshmem_fence();
@@ -246,8 +245,7 @@ struct TokenRoute {
   int num_owners;
 };
 
-__global__ void __launch_bounds__(kThreads)
-    dispatch_send_kernel(LowLatency ll, LowLatencyDispatchSend a) {
+__device__ void dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend& a) {
   if (is_aborted(ll)) return;
   LowLatencyCounters* ctr = counters(ll);
   const uint64_t seq = ctr->dispatch_sent + 1;
@@ -356,8 +354,10 @@ __global__ void __launch_bounds__(kThreads)
   if (last_block(&ctr->tickets[0]) && tid == 0) ctr->dispatch_sent = seq;
 }
 
-__global__ void __launch_bounds__(kThreads)
-    dispatch_recv_kernel(LowLatency ll, LowLatencyDispatchRecv a) {
+// One block per (local expert, part): every part scans all (source rank, token) pairs, so all
+// know each member's row (its index in source-major, token order); part p copies rows p, p +
+// parts, ... (in warp units).
+__device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv& a, int parts) {
   if (is_aborted(ll)) return;
   LowLatencyCounters* ctr = counters(ll);
   const uint64_t seq = ctr->dispatch_received + 1;
@@ -368,83 +368,95 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t message = ll.layout.message_bytes;
   const int num_groups = hidden / kFp8Group;
   const int64_t row_bytes = a.use_fp8 ? hidden : 2LL * hidden;
-  __shared__ int members[kLowLatencyMaxTokens];
+  __shared__ int members[kLowLatencyMaxMembers];  // (source << 16) | token, in row order
   __shared__ int warp_counts[kWarps];
-  __shared__ int source_tokens, source_topk, ok;
+  __shared__ int first_pair[kLowLatencyMaxRanks + 1], topk_of[kLowLatencyMaxRanks];
+  __shared__ int per_source[kLowLatencyMaxRanks];
+  __shared__ int ok;
 
-  for (int e = blockIdx.x; e < a.num_local_experts; e += gridDim.x) {
-    const int expert = me * a.num_local_experts + e;
-    int first_row = 0;
-    for (int r = 0; r < num_ranks; ++r) {
-      const int64_t source = static_cast<int64_t>(half) * num_ranks + r;
-      if (tid == 0) {
-        const int64_t count = ll.layout.dispatch_counts + 8 * source;
-        ok = wait_at_least(ll, count, seq, r, 32);
-        const uint64_t word = load_acquire(local_word(ll, count));
-        source_tokens = static_cast<int>(word & 0xffffu);
-        source_topk = static_cast<int>((word >> 16) & 0xffu);
-      }
-      __syncthreads();
-      if (!ok) return;
-      const int num_tokens = source_tokens, num_topk = source_topk;
-      int taken = 0;
-      for (int begin = 0; begin < num_tokens; begin += kThreads) {
-        const int t = begin + tid;
-        bool member = false;
-        if (t < num_tokens) {
-          const int64_t slot = source * num_max + t;
-          if (wait_at_least(ll, ll.layout.dispatch_flags + 8 * slot, seq, r)) {
-            const int* topk =
-                reinterpret_cast<const int*>(ll.base + ll.layout.dispatch_messages + slot * message);
-            for (int k = 0; k < num_topk; ++k) member |= __ldcg(topk + k) == expert;
-          } else {
-            ok = 0;
-          }
-        }
-        int total;
-        const int position = block_prefix(member, warp_counts, total);
-        if (member) members[taken + position] = t;
-        taken += total;
-      }
-      __syncthreads();
-      if (!ok) return;
-      for (int i = warp; i < taken; i += kWarps) {
-        const int t = members[i];
-        const int64_t row = e * rows + first_row + i;
-        const uint8_t* payload = ll.base + ll.layout.dispatch_messages +
-                                 (source * num_max + t) * message + 4 * kLowLatencyMaxTopk;
-        const int4* src = reinterpret_cast<const int4*>(payload);
-        int4* dst = reinterpret_cast<int4*>(a.recv_x + row * row_bytes);
-        for (int64_t w = lane; w < row_bytes / 16; w += 32) dst[w] = __ldcg(src + w);
-        if (lane == 0) a.src_info[row] = t;
-        if (!a.use_fp8) continue;
-        const float* scales = reinterpret_cast<const float*>(payload + hidden);
-        const int64_t local_row = first_row + i;
-        if (!a.use_ue8m0) {
-          float* out = static_cast<float*>(a.recv_x_scales);
-          for (int g = lane; g < num_groups; g += 32)
-            out[(static_cast<int64_t>(e) * num_groups + g) * rows + local_row] = __ldcg(scales + g);
-        } else {
-          int* out = static_cast<int*>(a.recv_x_scales);
-          const int packs = num_groups / 4;
-          for (int j = lane; j < packs; j += 32) {
-            uint32_t word = 0;
-            for (int b = 0; b < 4; ++b)
-              word |= ((__float_as_uint(__ldcg(scales + 4 * j + b)) >> 23) & 0xffu) << (8 * b);
-            out[(static_cast<int64_t>(e) * packs + j) * rows + local_row] = static_cast<int>(word);
-          }
-        }
-      }
-      if (tid == 0)
-        a.layout_range[static_cast<int64_t>(e) * num_ranks + r] =
-            (static_cast<int64_t>(first_row) << 32) | taken;
-      first_row += taken;
-      __syncthreads();
+  for (int unit = blockIdx.x; unit < a.num_local_experts * parts; unit += gridDim.x) {
+    const int e = unit / parts, part = unit % parts, expert = me * a.num_local_experts + e;
+    if (tid == 0) ok = 1;
+    __syncthreads();
+    for (int r = tid; r < num_ranks; r += kThreads) {
+      const int64_t count = ll.layout.dispatch_counts + 8 * (int64_t(half) * num_ranks + r);
+      if (!wait_at_least(ll, count, seq, r, 32)) ok = 0;
+      const uint64_t word = load_acquire(local_word(ll, count));
+      first_pair[r + 1] = static_cast<int>(word & 0xffffu);
+      topk_of[r] = static_cast<int>((word >> 16) & 0xffu);
+      per_source[r] = 0;
     }
+    __syncthreads();
+    if (!ok) return;
     if (tid == 0) {
-      a.recv_count[e] = first_row;
-      if (a.cumulative_stats != nullptr) a.cumulative_stats[e] += first_row;
+      first_pair[0] = 0;
+      for (int r = 0; r < num_ranks; ++r) first_pair[r + 1] += first_pair[r];
     }
+    __syncthreads();
+    const int pairs = first_pair[num_ranks];
+    int taken = 0;
+    for (int begin = 0; begin < pairs; begin += kThreads) {
+      const int p = begin + tid;
+      bool member = false;
+      int r = 0, t = 0;
+      if (p < pairs) {
+        while (first_pair[r + 1] <= p) ++r;
+        t = p - first_pair[r];
+        const int64_t slot = (static_cast<int64_t>(half) * num_ranks + r) * num_max + t;
+        if (wait_at_least(ll, ll.layout.dispatch_flags + 8 * slot, seq, r)) {
+          const int* topk =
+              reinterpret_cast<const int*>(ll.base + ll.layout.dispatch_messages + slot * message);
+          for (int k = 0; k < topk_of[r]; ++k) member |= __ldcg(topk + k) == expert;
+        } else {
+          ok = 0;
+        }
+      }
+      int total;
+      const int position = block_prefix(member, warp_counts, total);
+      if (member) {
+        members[taken + position] = (r << 16) | t;
+        atomicAdd(&per_source[r], 1);
+      }
+      taken += total;
+    }
+    __syncthreads();
+    if (!ok) return;
+    if (part == 0 && tid == 0) {
+      int64_t first_row = 0;
+      for (int r = 0; r < num_ranks; ++r) {
+        a.layout_range[static_cast<int64_t>(e) * num_ranks + r] = (first_row << 32) | per_source[r];
+        first_row += per_source[r];
+      }
+      a.recv_count[e] = taken;
+      if (a.cumulative_stats != nullptr) a.cumulative_stats[e] += taken;
+    }
+    for (int i = part * kWarps + warp; i < taken; i += parts * kWarps) {
+      const int r = members[i] >> 16, t = members[i] & 0xffff;
+      const int64_t row = e * rows + i;
+      const uint8_t* payload =
+          ll.base + ll.layout.dispatch_messages +
+          ((static_cast<int64_t>(half) * num_ranks + r) * num_max + t) * message +
+          4 * kLowLatencyMaxTopk;
+      warp_copy_words<16>(a.recv_x + row * row_bytes, payload, row_bytes, lane);
+      if (lane == 0) a.src_info[row] = t;
+      if (!a.use_fp8) continue;
+      const float* scales = reinterpret_cast<const float*>(payload + hidden);
+      if (!a.use_ue8m0) {
+        float* out = static_cast<float*>(a.recv_x_scales);
+        for (int g = lane; g < num_groups; g += 32)
+          out[(static_cast<int64_t>(e) * num_groups + g) * rows + i] = __ldcg(scales + g);
+      } else {
+        int* out = static_cast<int*>(a.recv_x_scales);
+        const int packs = num_groups / 4;
+        for (int j = lane; j < packs; j += 32) {
+          uint32_t word = 0;
+          for (int b = 0; b < 4; ++b)
+            word |= ((__float_as_uint(__ldcg(scales + 4 * j + b)) >> 23) & 0xffu) << (8 * b);
+          out[(static_cast<int64_t>(e) * packs + j) * rows + i] = static_cast<int>(word);
+        }
+      }
+    }
+    __syncthreads();
   }
   if (last_block(&ctr->tickets[1])) {
     if (tid == 0) ctr->dispatch_received = seq;
@@ -475,31 +487,76 @@ __device__ int64_t find_row(const LowLatencyCombineSend& a, int num_ranks, int64
   return -1;
 }
 
-__global__ void __launch_bounds__(kThreads)
-    combine_send_kernel(LowLatency ll, LowLatencyCombineSend a) {
+// acc[h] += (weights[j] *) rows[j][chunk h] over up to 16 rows of 8 BF16 channels, in row order,
+// for two chunks at once (the second may be absent: -1), with four rows' loads ahead of the
+// adds. Unweighted rows (weights == nullptr) are partial rows peers wrote here: read past L1.
+__device__ __forceinline__ void add_rows(float (&acc)[2][8], const int4* const* rows,
+                                         const float* weights, int num_rows, int64_t chunk0,
+                                         int64_t chunk1) {
+  for (int j = 0; j < num_rows; j += 4) {
+    int4 w[4][2];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (j + u >= num_rows) continue;
+      const int4* row = rows[j + u];
+      w[u][0] = weights == nullptr ? __ldcg(row + chunk0) : row[chunk0];
+      if (chunk1 >= 0) w[u][1] = weights == nullptr ? __ldcg(row + chunk1) : row[chunk1];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (j + u >= num_rows) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (h == 1 && chunk1 < 0) continue;
+        float v[8];
+        unpack_bf16x8(w[u][h], v);
+#pragma unroll
+        for (int c = 0; c < 8; ++c)
+          acc[h][c] = __fadd_rn(acc[h][c],
+                                weights == nullptr ? v[c] : __fmul_rn(weights[j + u], v[c]));
+      }
+    }
+  }
+}
+
+// out[chunk] = bf16(sum of add_rows) for every chunk of a row, two per thread and step.
+__device__ __forceinline__ void reduce_rows(int4* out, const int4* const* rows, const float* weights,
+                                            int num_rows, int num_chunks, int threads) {
+  for (int i = threadIdx.x; i < num_chunks; i += 2 * threads) {
+    const int64_t second = i + threads < num_chunks ? i + threads : -1;
+    float acc[2][8] = {};
+    add_rows(acc, rows, weights, num_rows, i, second);
+    out[i] = pack_bf16x8(acc[0]);
+    if (second >= 0) out[second] = pack_bf16x8(acc[1]);
+  }
+}
+
+constexpr int kCombineThreads = 256;  // small blocks: every (source, token) unit at once
+
+__device__ void combine_send(const LowLatency& ll, const LowLatencyCombineSend& a) {
   if (is_aborted(ll)) return;
   LowLatencyCounters* ctr = counters(ll);
   const uint64_t seq = ctr->combine_sent + 1;
   const int half = static_cast<int>(seq & 1), me = ll.rank, num_ranks = ll.num_ranks;
   const int tid = threadIdx.x, warp = tid / 32;
+  constexpr int kBlockWarps = kCombineThreads / 32;
   const int hidden = ll.hidden, num_max = ll.num_max_tokens, num_local = a.num_local_experts;
   const int64_t rows = static_cast<int64_t>(num_ranks) * num_max, row_bytes = 2LL * hidden;
   const bool staged = !ll.all_peers_mapped;
-  __shared__ int ok, skip, source_tokens, source_topk;
-  __shared__ int local_of[kLowLatencyMaxTopk];
-  __shared__ int64_t row_of[kLowLatencyMaxTopk];
+  __shared__ int ok, skip, source_topk, num_rows;
+  __shared__ const int4* row_of[kLowLatencyMaxTopk];
   __shared__ float weight_of[kLowLatencyMaxTopk];
 
   // Routes: every rank must have finished reading my routes of call seq - 2.
   if (tid == 0) ok = 1;
   __syncthreads();
   if (seq > 2)
-    for (int d = tid; d < num_ranks; d += kThreads)
+    for (int d = tid; d < num_ranks; d += kCombineThreads)
       if (!wait_at_least(ll, ll.layout.combine_route_acks + 8LL * d, seq - 2, d)) ok = 0;
   __syncthreads();
   if (!ok) return;
   if (blockIdx.x == 0)
-    for (int d = tid; d < num_ranks; d += kThreads)
+    for (int d = tid; d < num_ranks; d += kCombineThreads)
       signal(ll, d, ll.layout.combine_counts + 8LL * (half * num_ranks + me),
              (seq << 32) | (static_cast<uint64_t>(a.num_topk) << 16) |
                  static_cast<uint64_t>(a.num_tokens));
@@ -507,7 +564,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * num_max + t;
     const int64_t at = ll.layout.combine_routes + slot * kRouteBytes;
     uint8_t* staging = ll.base + ll.layout.staging_routes + static_cast<int64_t>(t) * kRouteBytes;
-    for (int i = tid; i < num_ranks * 2 * kLowLatencyMaxTopk; i += kThreads) {
+    for (int i = tid; i < num_ranks * 2 * kLowLatencyMaxTopk; i += kCombineThreads) {
       const int d = i / (2 * kLowLatencyMaxTopk), word = i % (2 * kLowLatencyMaxTopk);
       const int k = word % kLowLatencyMaxTopk;
       int value = -1;
@@ -520,10 +577,10 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     const int64_t flag = ll.layout.combine_route_flags + 8 * slot;
-    for (int d = tid; d < num_ranks; d += kThreads)
+    for (int d = tid; d < num_ranks; d += kCombineThreads)
       if (ll.peers[d] != nullptr) signal(ll, d, flag, seq);
     if (staged)
-      for (int d = warp; d < num_ranks; d += kWarps)
+      for (int d = warp; d < num_ranks; d += kBlockWarps)
         if (ll.peers[d] == nullptr)
           nvshmemx_putmem_signal_nbi_warp(ll.base + at, staging, kRouteBytes, local_word(ll, flag),
                                           seq, NVSHMEM_SIGNAL_SET, d);
@@ -539,34 +596,37 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t count = ll.layout.combine_counts + 8 * from;
       ok = wait_at_least(ll, count, seq, source, 32);
       const uint64_t word = load_acquire(local_word(ll, count));
-      source_tokens = static_cast<int>(word & 0xffffu);
       source_topk = static_cast<int>((word >> 16) & 0xffu);
-      skip = t >= source_tokens;
-      if (ok && !skip) ok = wait_at_least(ll, ll.layout.combine_route_flags + 8 * (from * num_max + t), seq, source);
+      skip = t >= static_cast<int>(word & 0xffffu);
+      if (ok && !skip)
+        ok = wait_at_least(ll, ll.layout.combine_route_flags + 8 * (from * num_max + t), seq, source);
+      num_rows = 0;
     }
     __syncthreads();
     if (!ok) return;
     if (skip) continue;
     const int* route = reinterpret_cast<const int*>(ll.base + ll.layout.combine_routes +
                                                     (from * num_max + t) * kRouteBytes);
-    if (tid < kLowLatencyMaxTopk) {
-      const int e = tid < source_topk ? __ldcg(route + tid) : -1;
-      local_of[tid] = -1;
+    // The token's experts here, in top-k order (a warp: lanes are k).
+    if (warp == 0) {
+      const int k = tid;
+      const int e = k < source_topk && k < kLowLatencyMaxTopk ? __ldcg(route + k) : -1;
+      int64_t row = -1;
       if (e >= 0 && e / num_local == me) {
-        const int64_t row = find_row(a, num_ranks, rows, e % num_local, source, t);
-        if (row < 0) {
-          report_error(ll.error, ll.op, kErrorBadHandle, source, t);
-        } else {
-          local_of[tid] = e % num_local;
-          row_of[tid] = row;
-          weight_of[tid] = __int_as_float(__ldcg(route + kLowLatencyMaxTopk + tid));
-        }
+        row = find_row(a, num_ranks, rows, e % num_local, source, t);
+        if (row < 0) report_error(ll.error, ll.op, kErrorBadHandle, source, t);
       }
+      const unsigned local = __ballot_sync(0xffffffffu, row >= 0);
+      if (row >= 0) {
+        const int at = __popc(local & ((1u << k) - 1u));
+        row_of[at] = reinterpret_cast<const int4*>(
+            a.x + (static_cast<int64_t>(e % num_local) * rows + row) * hidden);
+        weight_of[at] = __int_as_float(__ldcg(route + kLowLatencyMaxTopk + k));
+      }
+      if (k == 0) num_rows = __popc(local);
     }
     __syncthreads();
-    bool any = false;
-    for (int k = 0; k < source_topk; ++k) any |= local_of[k] >= 0;
-    if (!any) continue;  // nothing of this token here: the source does not wait for me
+    if (num_rows == 0) continue;  // nothing of this token here: the source does not wait for me
     if (tid == 0)
       ok = seq <= 2 || wait_at_least(ll, ll.layout.combine_row_acks + 8LL * source, seq - 2, source);
     __syncthreads();
@@ -576,19 +636,8 @@ __global__ void __launch_bounds__(kThreads)
     uint8_t* out = peer_row != nullptr ? peer_row
                                        : ll.base + ll.layout.staging_rows +
                                              (static_cast<int64_t>(source) * num_max + t) * row_bytes;
-    for (int i = tid; i < hidden / 8; i += kThreads) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int k = 0; k < source_topk; ++k) {
-        if (local_of[k] < 0) continue;
-        const int4 w = reinterpret_cast<const int4*>(
-            a.x + (static_cast<int64_t>(local_of[k]) * rows + row_of[k]) * hidden)[i];
-        float v[8];
-        unpack_bf16x8(w, v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], __fmul_rn(weight_of[k], v[j]));
-      }
-      reinterpret_cast<int4*>(out)[i] = pack_bf16x8(acc);
-    }
+    reduce_rows(reinterpret_cast<int4*>(out), row_of, weight_of, num_rows, hidden / 8,
+                kCombineThreads);
     __syncthreads();
     const int64_t flag = ll.layout.combine_row_flags + 8 * slot;
     if (peer_row != nullptr) {
@@ -602,13 +651,12 @@ __global__ void __launch_bounds__(kThreads)
   if (staged) nvshmem_quiet();
   if (last_block(&ctr->tickets[2])) {
     if (tid == 0) ctr->combine_sent = seq;
-    for (int d = tid; d < num_ranks; d += kThreads)
+    for (int d = tid; d < num_ranks; d += kCombineThreads)
       signal(ll, d, ll.layout.combine_route_acks + 8LL * me, seq);
   }
 }
 
-__global__ void __launch_bounds__(kThreads)
-    combine_recv_kernel(LowLatency ll, LowLatencyCombineRecv a) {
+__device__ void combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& a) {
   if (is_aborted(ll)) return;
   LowLatencyCounters* ctr = counters(ll);
   const uint64_t seq = ctr->combine_received + 1;
@@ -635,57 +683,118 @@ __global__ void __launch_bounds__(kThreads)
     }
     __syncthreads();
     if (!ok) return;
-    for (int i = tid; i < hidden / 8; i += kThreads) {
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int o = 0; o < num_owners; ++o) {
-        const int64_t slot = (static_cast<int64_t>(half) * num_ranks + route.owners[o]) * num_max + t;
-        const int4 w = __ldcg(reinterpret_cast<const int4*>(ll.base + ll.layout.combine_rows +
-                                                            slot * row_bytes) + i);
-        float v[8];
-        unpack_bf16x8(w, v);
-#pragma unroll
-        for (int j = 0; j < 8; ++j) acc[j] = __fadd_rn(acc[j], v[j]);
-      }
-      reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * hidden)[i] = pack_bf16x8(acc);
-    }
+    __shared__ const int4* owner_rows[kLowLatencyMaxTopk];
+    if (tid < num_owners)
+      owner_rows[tid] = reinterpret_cast<const int4*>(
+          ll.base + ll.layout.combine_rows +
+          ((static_cast<int64_t>(half) * num_ranks + route.owners[tid]) * num_max + t) * row_bytes);
+    __syncthreads();
+    reduce_rows(reinterpret_cast<int4*>(a.combined_x + static_cast<int64_t>(t) * hidden),
+                owner_rows, nullptr, num_owners, hidden / 8, kCombineThreads);
     __syncthreads();
   }
   if (last_block(&ctr->tickets[3])) {
     if (tid == 0) ctr->combine_received = seq;
-    for (int d = tid; d < num_ranks; d += kThreads)
+    for (int d = tid; d < num_ranks; d += kCombineThreads)
       signal(ll, d, ll.layout.combine_row_acks + 8LL * ll.rank, seq);
   }
 }
 
-int grid(const LowLatency& ll, int64_t work) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(work, ll.num_sms)));
+// A send and a receive half in one kernel wait for each other's blocks (through the peers):
+// launch at most the blocks that are resident at once.
+template <bool kSend, bool kRecv>
+__global__ void __launch_bounds__(kThreads)
+    dispatch_kernel(LowLatency ll, LowLatencyDispatchSend send, LowLatencyDispatchRecv recv,
+                    int parts) {
+  if (kSend) dispatch_send(ll, send);
+  if (kRecv) dispatch_recv(ll, recv, parts);
+}
+
+template <bool kSend, bool kRecv>
+__global__ void __launch_bounds__(kCombineThreads, 2)
+    combine_kernel(LowLatency ll, LowLatencyCombineSend send, LowLatencyCombineRecv recv) {
+  if (kSend) combine_send(ll, send);
+  if (kRecv) combine_recv(ll, recv);
+}
+
+// Blocks of `kernel` resident at once on the device (queried once per kernel).
+template <typename Kernel>
+int64_t resident_blocks(Kernel kernel, int threads, int num_sms, cudaError_t* status) {
+  static int per_sm = 0;
+  if (per_sm == 0) {
+    *status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+    per_sm = std::max(1, per_sm);
+  }
+  return static_cast<int64_t>(per_sm) * num_sms;
+}
+
+// Blocks for `work` units: all resident, at most `work`.
+template <typename Kernel>
+int blocks_for(Kernel kernel, int threads, const LowLatency& ll, int64_t work, cudaError_t* status) {
+  const int64_t resident = resident_blocks(kernel, threads, ll.num_sms, status);
+  return static_cast<int>(std::max<int64_t>(1, std::min(work, resident)));
+}
+
+// Parts per expert in the dispatch receive: enough blocks to cover the SMs.
+int recv_parts(const LowLatency& ll, int num_local_experts) {
+  return std::max(1, std::min(8, ll.num_sms / std::max(1, num_local_experts)));
+}
+
+template <bool kSend, bool kRecv>
+cudaError_t launch_dispatch(const LowLatency& ll, const LowLatencyDispatchSend& send,
+                            const LowLatencyDispatchRecv& recv, cudaStream_t stream) {
+  const int parts = recv_parts(ll, recv.num_local_experts);
+  const int64_t work = std::max<int64_t>(kSend ? send.num_tokens : 0,
+                                         kRecv ? int64_t(recv.num_local_experts) * parts : 0);
+  cudaError_t status = cudaSuccess;
+  const int blocks = blocks_for(dispatch_kernel<kSend, kRecv>, kThreads, ll, work, &status);
+  if (status != cudaSuccess) return status;
+  dispatch_kernel<kSend, kRecv><<<blocks, kThreads, 0, stream>>>(ll, send, recv, parts);
+  return cudaGetLastError();
+}
+
+template <bool kSend, bool kRecv>
+cudaError_t launch_combine(const LowLatency& ll, const LowLatencyCombineSend& send,
+                           const LowLatencyCombineRecv& recv, cudaStream_t stream) {
+  const int64_t work = std::max<int64_t>(kSend ? int64_t(ll.num_ranks) * ll.num_max_tokens : 0,
+                                         kRecv ? recv.num_tokens : 0);
+  cudaError_t status = cudaSuccess;
+  const int blocks = blocks_for(combine_kernel<kSend, kRecv>, kCombineThreads, ll, work, &status);
+  if (status != cudaSuccess) return status;
+  combine_kernel<kSend, kRecv><<<blocks, kCombineThreads, 0, stream>>>(ll, send, recv);
+  return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t launch_low_latency_dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend& a,
                                              cudaStream_t stream) {
-  dispatch_send_kernel<<<grid(ll, a.num_tokens), kThreads, 0, stream>>>(ll, a);
-  return cudaGetLastError();
+  return launch_dispatch<true, false>(ll, a, LowLatencyDispatchRecv{}, stream);
 }
 
 cudaError_t launch_low_latency_dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv& a,
                                              cudaStream_t stream) {
-  dispatch_recv_kernel<<<grid(ll, a.num_local_experts), kThreads, 0, stream>>>(ll, a);
-  return cudaGetLastError();
+  return launch_dispatch<false, true>(ll, LowLatencyDispatchSend{}, a, stream);
+}
+
+cudaError_t launch_low_latency_dispatch(const LowLatency& ll, const LowLatencyDispatchSend& send,
+                                        const LowLatencyDispatchRecv& recv, cudaStream_t stream) {
+  return launch_dispatch<true, true>(ll, send, recv, stream);
 }
 
 cudaError_t launch_low_latency_combine_send(const LowLatency& ll, const LowLatencyCombineSend& a,
                                             cudaStream_t stream) {
-  combine_send_kernel<<<grid(ll, int64_t(ll.num_ranks) * ll.num_max_tokens), kThreads, 0, stream>>>(
-      ll, a);
-  return cudaGetLastError();
+  return launch_combine<true, false>(ll, a, LowLatencyCombineRecv{}, stream);
 }
 
 cudaError_t launch_low_latency_combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& a,
                                             cudaStream_t stream) {
-  combine_recv_kernel<<<grid(ll, a.num_tokens), kThreads, 0, stream>>>(ll, a);
-  return cudaGetLastError();
+  return launch_combine<false, true>(ll, LowLatencyCombineSend{}, a, stream);
+}
+
+cudaError_t launch_low_latency_combine(const LowLatency& ll, const LowLatencyCombineSend& send,
+                                       const LowLatencyCombineRecv& recv, cudaStream_t stream) {
+  return launch_combine<true, true>(ll, send, recv, stream);
 }
 
 }  // namespace deep_ep_ops
