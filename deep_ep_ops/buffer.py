@@ -466,18 +466,17 @@ class Buffer:
             raise NotImplementedError("use_logfmt (LogFMT-compressed combine) is not supported")
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
-            combined = ops.low_latency_combine_send(
+            pending = ops.low_latency_combine_send(
                 self.name, x, topk_idx, topk_weights, handle, zero_copy=zero_copy
             )
 
             def receive() -> None:
-                ops.low_latency_combine_recv(self.name, combined, topk_idx, topk_weights)
+                ops.low_latency_combine_recv(self.name, pending, topk_idx, topk_weights)
                 if out is not None:
-                    out.copy_(combined)
+                    out.copy_(pending)
 
             hook = receive
-
-            combined = combined if out is None else out
+            combined = pending if out is None else out
         else:
             combined = ops.low_latency_combine(
                 self.name, x, topk_idx, topk_weights, handle, zero_copy=zero_copy, out=out

@@ -44,6 +44,7 @@ import test_cuda_intranode
 import test_semantics as semantics
 from deep_ep_ops import Buffer, _build, _registry, meta, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
+from deep_ep_ops.buffer import FORCE_PUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
 from gpu_distributed import GpuRankPool, gpu_count, run_on_gpus
 from test_cuda_intranode import (
@@ -72,7 +73,6 @@ PAYLOADS = {  # payload -> (use_fp8, round_scale, use_ue8m0)
 }
 COMBINE_RTOL, COMBINE_ATOL = 2.0 ** -8, 1e-6
 SKEW_CYCLES = 20_000_000  # rank 0 starts its send this late: the receive halves must wait
-FORCE_PUT_ENV = "DEEP_EP_OPS_LL_FORCE_NVSHMEM_PUT"
 NAN = float("nan")
 
 
@@ -84,30 +84,41 @@ def _flags(payload: str) -> dict:
 
 
 @contextlib.contextmanager
-def _timeout_env(timeout_s):
-    """DEEP_EP_OPS_TIMEOUT_S for the buffers created inside (it is read at creation)."""
-    if timeout_s is None:
-        yield
-        return
-    previous = os.environ.get(TIMEOUT_ENV)
-    os.environ[TIMEOUT_ENV] = str(timeout_s)
+def _scoped_env(values: dict):
+    """Environment variables set only inside (the Buffer reads its settings at creation)."""
+    previous = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if previous is None:
-            del os.environ[TIMEOUT_ENV]
-        else:
-            os.environ[TIMEOUT_ENV] = previous
+        for key, value in previous.items():
+            if value is None:
+                del os.environ[key]
+            else:
+                os.environ[key] = value
 
 
-def _ll_buffer(shapes, num_ranks: int, timeout_s=None, num_rdma_bytes=None) -> Buffer:
-    """A low-latency buffer on the pool's NCCL group, sized for every ``(M, hidden, E)``."""
+def _ll_buffer(shapes, num_ranks: int, timeout_s=None, num_rdma_bytes=None,
+               force_put=False) -> Buffer:
+    """A low-latency buffer on the pool's NCCL group, sized for every ``(M, hidden, E)``;
+    ``timeout_s`` overrides DEEP_EP_OPS_TIMEOUT_S, ``force_put`` sets
+    DEEP_EP_OPS_LL_FORCE_NVSHMEM_PUT=1 (both read at creation, for this buffer only)."""
     if num_rdma_bytes is None:
         num_rdma_bytes = max(
             Buffer.get_low_latency_rdma_size_hint(m, h, num_ranks, e) for m, h, e in shapes
         )
-    with _timeout_env(timeout_s):
+    env = {} if timeout_s is None else {TIMEOUT_ENV: str(timeout_s)}
+    if force_put:
+        env[FORCE_PUT_ENV] = "1"
+    with _scoped_env(env):
         return Buffer(dist.group.WORLD, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True)
+
+
+def _check_put_path(diffs: Diffs, rank: int, buffer: Buffer) -> None:
+    """With DEEP_EP_OPS_LL_FORCE_NVSHMEM_PUT=1 no peer is reached with loads/stores."""
+    mapped = buffer.low_latency_peers_mapped()
+    diffs.check(f"rank {rank} low_latency_peers_mapped() with {FORCE_PUT_ENV}=1", mapped == 0,
+                f"{mapped} peers reached with NVLink loads/stores, expected 0 (all puts)")
 
 
 def _token_rows(num_tokens: int, hidden: int, g, device) -> torch.Tensor:
@@ -554,14 +565,12 @@ def _check_ll_case(buffer: Buffer, rank: int, num_ranks: int, case, diffs: Diffs
     same("Buffer.low_latency_combine(return_recv_hook=True, out=)", out)
 
 
-def _semantics_job(rank, num_ranks, cases, expect_mapped_peers=None):
+def _semantics_job(rank, num_ranks, cases, force_put=False):
     shapes = [(c["max_tokens"], c["hidden"], _num_experts(c, num_ranks)) for c in cases]
-    buffer = _ll_buffer(shapes, num_ranks)
+    buffer = _ll_buffer(shapes, num_ranks, force_put=force_put)
     diffs = Diffs()
-    if expect_mapped_peers is not None:
-        mapped = buffer.low_latency_peers_mapped()
-        diffs.check(f"rank {rank} low_latency_peers_mapped", mapped == expect_mapped_peers,
-                    f"{mapped} peers reached with loads/stores, expected {expect_mapped_peers}")
+    if force_put:
+        _check_put_path(diffs, rank, buffer)
     state = {}
     for case in cases:
         _check_ll_case(buffer, rank, num_ranks, case, diffs, state)
@@ -1204,13 +1213,16 @@ def _pressure_tokens(rng: random.Random, num_max: int) -> int:
     return num_max if draw < 0.6 else (0 if draw < 0.65 else rng.randint(1, num_max))
 
 
-def _pressure_job(rank, num_ranks, iterations, seed):
+def _pressure_job(rank, num_ranks, iterations, seed, force_put=False):
     device = _device()
     num_max, hidden, num_local, num_topk = (
         PRESSURE_MAX_TOKENS, PRESSURE_HIDDEN, PRESSURE_LOCAL_EXPERTS, PRESSURE_TOPK
     )
     num_experts = num_local * num_ranks
-    buffer = _ll_buffer([(num_max, hidden, num_experts)], num_ranks)
+    buffer = _ll_buffer([(num_max, hidden, num_experts)], num_ranks, force_put=force_put)
+    put_path = Diffs()
+    if force_put:
+        _check_put_path(put_path, rank, buffer)
     name = buffer.name
     g = torch.Generator(device=device).manual_seed(seed)  # the same on every rank
     rng = random.Random(seed)
@@ -1276,12 +1288,14 @@ def _pressure_job(rank, num_ranks, iterations, seed):
     ops.check_device_errors()
     elapsed = time.monotonic() - start
     bad = flags_per_it[:done].nonzero().tolist()
-    details = [f"iteration {i} ({labels[i]}): {CHECKS[k]}: {int(flags_per_it[i, k])}"
-               for i, k in bad[:30]]
+    details = put_path.messages + [
+        f"iteration {i} ({labels[i]}): {CHECKS[k]}: {int(flags_per_it[i, k])}" for i, k in bad[:30]
+    ]
     stats_ok = bool((stats.long() == expected_stats).all())
     buffer.destroy()
     return dict(
-        iterations=done, mismatches=len(bad), details=details, stats_ok=stats_ok,
+        iterations=done, mismatches=len(bad) + len(put_path.messages), details=details,
+        stats_ok=stats_ok,
         rows=int(rows), holes=int(holes), repeats=int(repeats), elapsed=elapsed,
     )
 
@@ -1359,6 +1373,14 @@ def _ll_opcheck_job(rank, num_ranks, op_name):
             for util, error in results.items() if error != "SUCCESS"
         )
 
+    def other_half(what, call):
+        """The receive half of the one send a util made (reported if it cannot run)."""
+        try:
+            call()
+        except Exception as error:  # noqa: BLE001
+            failures.append(f"rank {rank} {op_name}[{what}]: the matching receive raised "
+                            f"{type(error).__name__}: {str(error)[:300]}")
+
     def dispatched():
         out = ops.low_latency_dispatch(name, x, every, num_max, num_experts, use_fp8=False)
         y = torch.randn(out.recv_x.shape, generator=g, device=device).bfloat16()
@@ -1373,11 +1395,11 @@ def _ll_opcheck_job(rank, num_ranks, op_name):
         for payload in ("bf16", "fp8_ue8m0"):
             for util in SPLIT_OPCHECK_UTILS:
                 opcheck(payload, (x, every, *ll, *PAYLOADS[payload]), (util,))
-                # The receive half of the one send the util made.
                 outputs = meta.new_low_latency_dispatch_outputs(
                     x, num_ranks, num_max, num_experts, PAYLOADS[payload][0],
                     PAYLOADS[payload][2])
-                _ops.low_latency_dispatch_recv(*outputs, None, name)
+                other_half(f"{payload} {util}",
+                           lambda: _ops.low_latency_dispatch_recv(*outputs, None, name))
     elif op_name == "low_latency_dispatch_recv":
         for payload in ("fp8", "bf16"):
             for with_stats in (True, False):
@@ -1414,9 +1436,9 @@ def _ll_opcheck_job(rank, num_ranks, op_name):
         for util in SPLIT_OPCHECK_UTILS:
             opcheck("bf16", (y, every, weights, handle.src_info, handle.layout_range, *ll, False),
                     (util,))
-            _ops.low_latency_combine_recv(
+            other_half(f"bf16 {util}", lambda: _ops.low_latency_combine_recv(
                 torch.empty(num_max, hidden, dtype=torch.bfloat16, device=device), every,
-                weights, name)
+                weights, name))
     elif op_name == "low_latency_combine_recv":
         handle, y = dispatched()
         for util in SPLIT_OPCHECK_UTILS:
@@ -1643,16 +1665,16 @@ PUT_PATH_CASES = [
 PUT_PATH_PRESSURE_ITERATIONS = 1000
 
 
-def test_nvshmem_put_path_matches_reference():
-    """With DEEP_EP_OPS_LL_FORCE_NVSHMEM_PUT=1 (every peer reached through NVSHMEM puts and
-    signals instead of NVLink stores; checked: no peer mapped) at 2 ranks: the semantic cases of
-    test_low_latency_matches_reference and a short pressure run."""
-    pool = GpuRankPool(2, env={FORCE_PUT_ENV: "1"})
-    try:
-        per_rank = pool.run(_semantics_job, PUT_PATH_CASES, 0, timeout=600)
-        pressure = pool.run(_pressure_job, PUT_PATH_PRESSURE_ITERATIONS, PRESSURE_SEED + 1,
-                            timeout=600)
-    finally:
-        pool.close(kill=pool.broken)
-    _assert_no_diffs(per_rank)
-    _assert_pressure(pressure, PUT_PATH_PRESSURE_ITERATIONS)
+def test_nvshmem_put_path_matches_reference(world_size):
+    """Buffers created with DEEP_EP_OPS_LL_FORCE_NVSHMEM_PUT=1 reach every peer through NVSHMEM
+    puts and signals instead of NVLink stores (checked: no peer mapped): the semantic cases of
+    test_low_latency_matches_reference (BF16, FP8, DeepSeek shapes, 1024 tokens with top-16,
+    nothing moving) and a short pressure run, at 2 ranks."""
+    if world_size != 2:
+        pytest.skip("the put path is checked at 2 ranks")
+    _assert_no_diffs(run_on_gpus(world_size, _semantics_job, PUT_PATH_CASES, True, timeout=600))
+    _assert_pressure(
+        run_on_gpus(world_size, _pressure_job, PUT_PATH_PRESSURE_ITERATIONS, PRESSURE_SEED + 1,
+                    True, timeout=600),
+        PUT_PATH_PRESSURE_ITERATIONS,
+    )

@@ -363,6 +363,12 @@ void low_latency_dispatch_recv(const at::Tensor& recv_x, const at::Tensor& recv_
                       num(recv_count.size(0)), ",) tensor, got shape ", shape(*stats));
   }
   LowLatencyRuntime* runtime = find_runtime(buffer);
+  const bool kernels = runtime != nullptr && !runtime->pending_dispatch.empty() &&
+                       runtime->pending_dispatch.front();
+  // Checked before the pending send is taken: a rejected call leaves it for the right one.
+  const LowLatencyDispatchRecv args =
+      kernels ? dispatch_recv_args(recv_x, recv_x_scales, recv_count, src_info, layout_range, stats)
+              : LowLatencyDispatchRecv{};
   if (runtime == nullptr || !take_pending(runtime->pending_dispatch, op, buffer)) {
     call_fallback<py::object>(op, recv_x, recv_x_scales, recv_count, src_info, layout_range,
                               stats, buffer);
@@ -370,9 +376,8 @@ void low_latency_dispatch_recv(const at::Tensor& recv_x, const at::Tensor& recv_
   }
   const c10::cuda::CUDAGuard guard(recv_x.device());
   const LowLatency ll = view_for(*runtime, op, kOpLowLatencyDispatch);
-  C10_CUDA_CHECK(launch_low_latency_dispatch_recv(
-      ll, dispatch_recv_args(recv_x, recv_x_scales, recv_count, src_info, layout_range, stats),
-      at::cuda::getCurrentCUDAStream(runtime->device)));
+  C10_CUDA_CHECK(launch_low_latency_dispatch_recv(ll, args,
+                                                  at::cuda::getCurrentCUDAStream(runtime->device)));
 }
 
 // --- combine ----------------------------------------------------------------------------------
@@ -519,16 +524,19 @@ void low_latency_combine_recv(const at::Tensor& combined_x, const at::Tensor& to
                               const at::Tensor& topk_weights, const std::string& buffer) {
   const char* op = "low_latency_combine_recv";
   LowLatencyRuntime* runtime = find_runtime(buffer);
+  if (runtime != nullptr && !runtime->pending_combine.empty() && runtime->pending_combine.front()) {
+    // Checked before the pending send is taken: a rejected call leaves it for the right one.
+    check_tensor(topk_idx, "topk_idx", 2, {at::kLong});
+    check_tensor(combined_x, "combined_x", 2, {at::kBFloat16});
+    TORCH_CHECK_VALUE(combined_x.is_contiguous() && combined_x.size(0) == topk_idx.size(0) &&
+                          combined_x.size(1) == runtime->hidden,
+                      "low_latency_combine_recv: combined_x must be the tensor "
+                      "low_latency_combine_send returned, got shape ", shape(combined_x));
+  }
   if (runtime == nullptr || !take_pending(runtime->pending_combine, op, buffer)) {
     call_fallback<py::object>(op, combined_x, topk_idx, topk_weights, buffer);
     return;
   }
-  check_tensor(topk_idx, "topk_idx", 2, {at::kLong});
-  check_tensor(combined_x, "combined_x", 2, {at::kBFloat16});
-  TORCH_CHECK_VALUE(combined_x.is_contiguous() && combined_x.size(0) == topk_idx.size(0) &&
-                        combined_x.size(1) == runtime->hidden,
-                    "low_latency_combine_recv: combined_x must be the tensor "
-                    "low_latency_combine_send returned, got shape ", shape(combined_x));
   const c10::cuda::CUDAGuard guard(combined_x.device());
   const LowLatency ll = view_for(*runtime, op, kOpLowLatencyCombine);
   const at::Tensor topk = topk_idx.contiguous();
@@ -547,12 +555,12 @@ void clean_low_latency_buffer(const at::Tensor& workspace, const std::string& bu
   }
   TORCH_CHECK(!runtime->broken, "deep_ep::", op, ": buffer ", buffer,
               " is unusable after a timeout; destroy it and create a new one");
-  TORCH_CHECK_VALUE(workspace.data_ptr() == runtime->memory, "deep_ep::", op,
-                    ": workspace is not the symmetric memory of buffer ", buffer);
   const c10::cuda::CUDAGuard guard(workspace.device());
   checked_error_word(op, runtime->device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
   C10_CUDA_CHECK(runtime->clean(stream));
+  // The op declares `workspace` mutated (the buffer's memory); another tensor is zeroed too.
+  if (workspace.data_ptr() != runtime->memory) workspace.zero_();
   runtime->num_max_tokens = runtime->hidden = runtime->num_experts = 0;
   runtime->pending_dispatch.clear();
   runtime->pending_combine.clear();
