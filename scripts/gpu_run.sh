@@ -3,8 +3,8 @@
 # directory given as the argument and print a short table last.
 #   scripts/gpu_run.sh OUT_DIR [extra bench arguments...]
 # Environment: GPU_TESTS (pytest targets, default "tests"; "none" skips the tests),
-# BENCH_MODES (default "normal low-latency"; "none" skips the benchmark), GPU_TESTS_TIMEOUT_S,
-# BENCH_TIMEOUT_S. Python wheels the machine lacks (expecttest) may be carried in .whl/.
+# BENCH_MODES (default "normal low-latency"; "none" skips the benchmark), EXAMPLES (1: run the
+# two decode examples on every GPU, the default; 0: skip), GPU_TESTS_TIMEOUT_S, BENCH_TIMEOUT_S. Python wheels the machine lacks (expecttest) may be carried in .whl/.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
 shift
@@ -41,7 +41,15 @@ for mode in ${BENCH_MODES:-normal low-latency}; do
   bench_rc="$bench_rc $mode=$rc"
   [ $rc -ne 0 ] && tail -20 "$out/bench-$mode.err"
 done
-echo "gpu tests rc=$tests_rc bench rc:$bench_rc"
+examples_rc=""
+if [ "${EXAMPLES:-1}" = 1 ]; then
+  for example in decode_cuda_graph decode_compiled; do
+    timeout 150 python3 "examples/$example.py" > "$out/$example.log" 2>&1
+    examples_rc="$examples_rc $example=$?"
+    tail -1 "$out/$example.log"
+  done
+fi
+echo "gpu tests rc=$tests_rc bench rc:$bench_rc examples rc:$examples_rc"
 for mode in ${BENCH_MODES:-normal low-latency}; do
   [ "$mode" = none ] || cat "$out/bench-$mode/table.txt" 2>/dev/null
 done

@@ -239,7 +239,7 @@ __device__ __forceinline__ uint32_t fp8x4(const float* v, float scale) {
 
 // --- dispatch ---------------------------------------------------------------------------------
 
-struct TokenRoute {
+struct __align__(16) TokenRoute {
   int topk[kLowLatencyMaxTopk];
   int owners[kLowLatencyMaxTopk];
   int num_owners;
@@ -283,9 +283,9 @@ __device__ void dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend
     __syncthreads();
     if (tid == 0) route.num_owners = owners_of(route.topk, a.num_topk, num_local, route.owners);
     // Every rank gets the top-k row: receivers decide membership from it.
-    for (int i = tid; i < num_ranks * kLowLatencyMaxTopk; i += kThreads)
-      if (uint8_t* p = mapped(ll, i / kLowLatencyMaxTopk, at))
-        reinterpret_cast<int*>(p)[i % kLowLatencyMaxTopk] = route.topk[i % kLowLatencyMaxTopk];
+    for (int i = tid; i < num_ranks * 4; i += kThreads)
+      if (uint8_t* p = mapped(ll, i / 4, at))
+        reinterpret_cast<int4*>(p)[i % 4] = reinterpret_cast<const int4*>(route.topk)[i % 4];
     if (staged && tid < kLowLatencyMaxTopk) reinterpret_cast<int*>(staging)[tid] = route.topk[tid];
     __syncthreads();
     const int num_owners = route.num_owners;
@@ -370,7 +370,7 @@ __device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv
   const int64_t row_bytes = a.use_fp8 ? hidden : 2LL * hidden;
   __shared__ int members[kLowLatencyMaxMembers];  // (source << 16) | token, in row order
   __shared__ int warp_counts[kWarps];
-  __shared__ int first_pair[kLowLatencyMaxRanks + 1], topk_of[kLowLatencyMaxRanks];
+  __shared__ int first_pair[kLowLatencyMaxRanks + 1];
   __shared__ int per_source[kLowLatencyMaxRanks];
   __shared__ int ok;
 
@@ -383,7 +383,6 @@ __device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv
       if (!wait_at_least(ll, count, seq, r, 32)) ok = 0;
       const uint64_t word = load_acquire(local_word(ll, count));
       first_pair[r + 1] = static_cast<int>(word & 0xffffu);
-      topk_of[r] = static_cast<int>((word >> 16) & 0xffu);
       per_source[r] = 0;
     }
     __syncthreads();
@@ -404,9 +403,16 @@ __device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv
         t = p - first_pair[r];
         const int64_t slot = (static_cast<int64_t>(half) * num_ranks + r) * num_max + t;
         if (wait_at_least(ll, ll.layout.dispatch_flags + 8 * slot, seq, r)) {
-          const int* topk =
-              reinterpret_cast<const int*>(ll.base + ll.layout.dispatch_messages + slot * message);
-          for (int k = 0; k < topk_of[r]; ++k) member |= __ldcg(topk + k) == expert;
+          // The 64-byte top-k row in four loads at once (-1 past num_topk).
+          const int4* row =
+              reinterpret_cast<const int4*>(ll.base + ll.layout.dispatch_messages + slot * message);
+          int4 words[4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) words[q] = __ldcg(row + q);
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            member |= words[q].x == expert || words[q].y == expert || words[q].z == expert ||
+                      words[q].w == expert;
         } else {
           ok = 0;
         }
@@ -544,6 +550,7 @@ __device__ void combine_send(const LowLatency& ll, const LowLatencyCombineSend& 
   const int64_t rows = static_cast<int64_t>(num_ranks) * num_max, row_bytes = 2LL * hidden;
   const bool staged = !ll.all_peers_mapped;
   __shared__ int ok, skip, source_topk, num_rows;
+  __shared__ __align__(16) int route[2 * kLowLatencyMaxTopk];
   __shared__ const int4* row_of[kLowLatencyMaxTopk];
   __shared__ float weight_of[kLowLatencyMaxTopk];
 
@@ -564,17 +571,24 @@ __device__ void combine_send(const LowLatency& ll, const LowLatencyCombineSend& 
     const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * num_max + t;
     const int64_t at = ll.layout.combine_routes + slot * kRouteBytes;
     uint8_t* staging = ll.base + ll.layout.staging_routes + static_cast<int64_t>(t) * kRouteBytes;
-    for (int i = tid; i < num_ranks * 2 * kLowLatencyMaxTopk; i += kCombineThreads) {
-      const int d = i / (2 * kLowLatencyMaxTopk), word = i % (2 * kLowLatencyMaxTopk);
-      const int k = word % kLowLatencyMaxTopk;
-      int value = -1;
-      if (word < kLowLatencyMaxTopk && k < a.num_topk)
-        value = checked_expert(ll, a.topk_idx[int64_t(t) * a.num_topk + k], num_ranks * num_local);
-      else if (word >= kLowLatencyMaxTopk)
-        value = k < a.num_topk ? __float_as_int(a.topk_weights[int64_t(t) * a.num_topk + k]) : 0;
-      if (uint8_t* p = mapped(ll, d, at)) reinterpret_cast<int*>(p)[word] = value;
-      if (staged && d == 0) reinterpret_cast<int*>(staging)[word] = value;
+    // The route: 16 top-k entries (-1 padded), then 16 weights.
+    if (tid < 2 * kLowLatencyMaxTopk) {
+      const int k = tid % kLowLatencyMaxTopk;
+      int value = tid < kLowLatencyMaxTopk ? -1 : 0;
+      if (k < a.num_topk) {
+        const int64_t at_k = int64_t(t) * a.num_topk + k;
+        value = tid < kLowLatencyMaxTopk
+                    ? checked_expert(ll, a.topk_idx[at_k], num_ranks * num_local)
+                    : __float_as_int(a.topk_weights[at_k]);
+      }
+      route[tid] = value;
     }
+    __syncthreads();
+    for (int i = tid; i < num_ranks * 8; i += kCombineThreads)
+      if (uint8_t* p = mapped(ll, i / 8, at))
+        reinterpret_cast<int4*>(p)[i % 8] = reinterpret_cast<const int4*>(route)[i % 8];
+    if (staged && tid < 8)
+      reinterpret_cast<int4*>(staging)[tid] = reinterpret_cast<const int4*>(route)[tid];
     __syncthreads();
     const int64_t flag = ll.layout.combine_route_flags + 8 * slot;
     for (int d = tid; d < num_ranks; d += kCombineThreads)
