@@ -245,10 +245,13 @@ struct __align__(16) TokenRoute {
   int num_owners;
 };
 
-__device__ void dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend& a) {
-  if (is_aborted(ll)) return;
+// Returns the call's sequence number (0 after a timeout). With `finish` the last block records
+// it; otherwise the receive half of the same kernel does.
+__device__ uint64_t dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend& a,
+                                  bool finish) {
   LowLatencyCounters* ctr = counters(ll);
-  const uint64_t seq = ctr->dispatch_sent + 1;
+  const uint64_t seq = ctr->dispatch_sent + 1;  // loaded alongside the abort flag
+  if (is_aborted(ll)) return 0;
   const int half = static_cast<int>(seq & 1), me = ll.rank, num_ranks = ll.num_ranks;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int hidden = ll.hidden, num_local = a.num_experts / num_ranks;
@@ -264,7 +267,7 @@ __device__ void dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend
     for (int d = tid; d < num_ranks; d += kThreads)
       if (!wait_at_least(ll, ll.layout.dispatch_acks + 8LL * d, seq - 2, d)) ok = 0;
   __syncthreads();
-  if (!ok) return;
+  if (!ok) return 0;
   if (blockIdx.x == 0)
     for (int d = tid; d < num_ranks; d += kThreads)
       signal(ll, d, ll.layout.dispatch_counts + 8LL * (half * num_ranks + me),
@@ -351,16 +354,19 @@ __device__ void dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend
     __syncthreads();
   }
   if (staged) nvshmem_quiet();  // the staging copies are read before the next call rewrites them
-  if (last_block(&ctr->tickets[0]) && tid == 0) ctr->dispatch_sent = seq;
+  if (finish && last_block(&ctr->tickets[0]) && tid == 0) ctr->dispatch_sent = seq;
+  return seq;
 }
 
 // One block per (local expert, part): every part scans all (source rank, token) pairs, so all
 // know each member's row (its index in source-major, token order); part p copies rows p, p +
 // parts, ... (in warp units).
-__device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv& a, int parts) {
-  if (is_aborted(ll)) return;
+// `sent`: the sequence number of a send half of the same kernel still to be recorded, or 0.
+__device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv& a, int parts,
+                              uint64_t sent) {
   LowLatencyCounters* ctr = counters(ll);
   const uint64_t seq = ctr->dispatch_received + 1;
+  if (is_aborted(ll)) return;
   const int half = static_cast<int>(seq & 1), me = ll.rank, num_ranks = ll.num_ranks;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int hidden = ll.hidden, num_max = ll.num_max_tokens;
@@ -466,6 +472,7 @@ __device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv
   }
   if (last_block(&ctr->tickets[1])) {
     if (tid == 0) ctr->dispatch_received = seq;
+    if (tid == 0 && sent != 0) ctr->dispatch_sent = sent;
     for (int d = tid; d < num_ranks; d += kThreads)
       signal(ll, d, ll.layout.dispatch_acks + 8LL * me, seq);
   }
@@ -539,10 +546,21 @@ __device__ __forceinline__ void reduce_rows(int4* out, const int4* const* rows, 
 
 constexpr int kCombineThreads = 256;  // small blocks: every (source, token) unit at once
 
-__device__ void combine_send(const LowLatency& ll, const LowLatencyCombineSend& a) {
-  if (is_aborted(ll)) return;
+// The end of a combine send (every block done): record the call, tell every rank its routes of
+// this call are read.
+__device__ void finish_combine_send(const LowLatency& ll, uint64_t seq) {
+  if (threadIdx.x == 0) counters(ll)->combine_sent = seq;
+  for (int d = threadIdx.x; d < ll.num_ranks; d += kCombineThreads)
+    signal(ll, d, ll.layout.combine_route_acks + 8LL * ll.rank, seq);
+}
+
+// Returns the call's sequence number (0 after a timeout). With `finish` the last block records it
+// and acknowledges the routes; otherwise the receive half of the same kernel does.
+__device__ uint64_t combine_send(const LowLatency& ll, const LowLatencyCombineSend& a,
+                                 bool finish) {
   LowLatencyCounters* ctr = counters(ll);
   const uint64_t seq = ctr->combine_sent + 1;
+  if (is_aborted(ll)) return 0;
   const int half = static_cast<int>(seq & 1), me = ll.rank, num_ranks = ll.num_ranks;
   const int tid = threadIdx.x, warp = tid / 32;
   constexpr int kBlockWarps = kCombineThreads / 32;
@@ -561,7 +579,7 @@ __device__ void combine_send(const LowLatency& ll, const LowLatencyCombineSend& 
     for (int d = tid; d < num_ranks; d += kCombineThreads)
       if (!wait_at_least(ll, ll.layout.combine_route_acks + 8LL * d, seq - 2, d)) ok = 0;
   __syncthreads();
-  if (!ok) return;
+  if (!ok) return 0;
   if (blockIdx.x == 0)
     for (int d = tid; d < num_ranks; d += kCombineThreads)
       signal(ll, d, ll.layout.combine_counts + 8LL * (half * num_ranks + me),
@@ -617,7 +635,7 @@ __device__ void combine_send(const LowLatency& ll, const LowLatencyCombineSend& 
       num_rows = 0;
     }
     __syncthreads();
-    if (!ok) return;
+    if (!ok) return 0;
     if (skip) continue;
     const int* route = reinterpret_cast<const int*>(ll.base + ll.layout.combine_routes +
                                                     (from * num_max + t) * kRouteBytes);
@@ -644,7 +662,7 @@ __device__ void combine_send(const LowLatency& ll, const LowLatencyCombineSend& 
     if (tid == 0)
       ok = seq <= 2 || wait_at_least(ll, ll.layout.combine_row_acks + 8LL * source, seq - 2, source);
     __syncthreads();
-    if (!ok) return;
+    if (!ok) return 0;
     const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * num_max + t;
     uint8_t* peer_row = mapped(ll, source, ll.layout.combine_rows + slot * row_bytes);
     uint8_t* out = peer_row != nullptr ? peer_row
@@ -663,17 +681,15 @@ __device__ void combine_send(const LowLatency& ll, const LowLatencyCombineSend& 
     }
   }
   if (staged) nvshmem_quiet();
-  if (last_block(&ctr->tickets[2])) {
-    if (tid == 0) ctr->combine_sent = seq;
-    for (int d = tid; d < num_ranks; d += kCombineThreads)
-      signal(ll, d, ll.layout.combine_route_acks + 8LL * me, seq);
-  }
+  if (finish && last_block(&ctr->tickets[2])) finish_combine_send(ll, seq);
+  return seq;
 }
 
-__device__ void combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& a) {
-  if (is_aborted(ll)) return;
+// `sent`: the sequence number of a send half of the same kernel still to be finished, or 0.
+__device__ void combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& a, uint64_t sent) {
   LowLatencyCounters* ctr = counters(ll);
   const uint64_t seq = ctr->combine_received + 1;
+  if (is_aborted(ll)) return;
   const int half = static_cast<int>(seq & 1), num_ranks = ll.num_ranks, tid = threadIdx.x;
   const int hidden = ll.hidden, num_max = ll.num_max_tokens;
   const int64_t row_bytes = 2LL * hidden;
@@ -708,6 +724,7 @@ __device__ void combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& 
     __syncthreads();
   }
   if (last_block(&ctr->tickets[3])) {
+    if (sent != 0) finish_combine_send(ll, sent);
     if (tid == 0) ctr->combine_received = seq;
     for (int d = tid; d < num_ranks; d += kCombineThreads)
       signal(ll, d, ll.layout.combine_row_acks + 8LL * ll.rank, seq);
@@ -720,15 +737,15 @@ template <bool kSend, bool kRecv>
 __global__ void __launch_bounds__(kThreads)
     dispatch_kernel(LowLatency ll, LowLatencyDispatchSend send, LowLatencyDispatchRecv recv,
                     int parts) {
-  if (kSend) dispatch_send(ll, send);
-  if (kRecv) dispatch_recv(ll, recv, parts);
+  const uint64_t sent = kSend ? dispatch_send(ll, send, !kRecv) : 0;
+  if (kRecv) dispatch_recv(ll, recv, parts, sent);
 }
 
 template <bool kSend, bool kRecv>
 __global__ void __launch_bounds__(kCombineThreads, 2)
     combine_kernel(LowLatency ll, LowLatencyCombineSend send, LowLatencyCombineRecv recv) {
-  if (kSend) combine_send(ll, send);
-  if (kRecv) combine_recv(ll, recv);
+  const uint64_t sent = kSend ? combine_send(ll, send, !kRecv) : 0;
+  if (kRecv) combine_recv(ll, recv, sent);
 }
 
 // Blocks of `kernel` resident at once on the device (queried once per kernel).
