@@ -36,6 +36,8 @@ struct LayoutWorkspace {
 
 std::mutex state_mutex;
 
+auto& runtimes = *new RuntimeRegistry<NvlRuntime>();  // NVLink runtimes by buffer name (leaked)
+
 const char* op_name(int op) {
   switch (op) {
     case kOpDispatch: return "deep_ep::dispatch";
@@ -46,7 +48,6 @@ const char* op_name(int op) {
   }
 }
 
-void mark_broken(int device);
 
 // Raise (once) an error a kernel reported since the last call; returns the device word.
 int* checked_error_word(const char* op, int device) {
@@ -68,7 +69,7 @@ int* checked_error_word(const char* op, int device) {
                       ": the handle's send_head and rank_prefix_matrix do not come from one "
                       "dispatch");
     if (code == kErrorTimeout) {
-      mark_broken(device);
+      runtimes.mark_broken(device);
       TORCH_CHECK(false, where, ": timed out after ", num(value), " s waiting for rank ",
                   num(peer), " (it never reached the matching call); every NVLink buffer on "
                   "this device is unusable now. Set DEEP_EP_OPS_TIMEOUT_S to change the limit.");
@@ -145,21 +146,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
 
 // --- NVLink runtimes by buffer name ----------------------------------------------------------
 
-std::mutex runtime_mutex;
-// Leaked on purpose: nothing here may be destroyed after the interpreter (or CUDA) shut down.
-auto& runtimes = *new std::unordered_map<std::string, std::unique_ptr<NvlRuntime>>();
-
-void mark_broken(int device) {
-  std::lock_guard<std::mutex> lock(runtime_mutex);
-  for (auto& entry : runtimes)
-    if (entry.second->device == device) entry.second->broken = true;
-}
-
-NvlRuntime* find_runtime(const std::string& name) {
-  std::lock_guard<std::mutex> lock(runtime_mutex);
-  auto it = runtimes.find(name);
-  return it == runtimes.end() ? nullptr : it->second.get();
-}
+NvlRuntime* find_runtime(const std::string& name) { return runtimes.find(name); }
 
 py::bytes intranode_create(const std::string& name, int device, int rank, int num_ranks,
                            int64_t num_nvl_bytes, double timeout_s) {
@@ -174,8 +161,7 @@ py::bytes intranode_create(const std::string& name, int device, int rank, int nu
   if (status != cudaSuccess) runtime->release();
   TORCH_CHECK(status == cudaSuccess, "buffer ", name, ": allocating ", num(num_nvl_bytes),
               " NVLink bytes failed: ", cudaGetErrorString(status));
-  std::lock_guard<std::mutex> lock(runtime_mutex);
-  runtimes.emplace(name, std::move(runtime));
+  runtimes.add(name, std::move(runtime));
   return py::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
 }
 
@@ -195,23 +181,9 @@ void intranode_open(const std::string& name, const std::vector<std::string>& han
               "failed (are all ranks on one host, with peer access?): ", cudaGetErrorString(status));
 }
 
-// Collective teardown (the caller synchronised the device and the peers): unmap and free.
-// With free_memory=false (garbage collection, interpreter exit) only forget the name: a peer
-// may still be writing into this memory, and the process exit frees it anyway.
+// Collective teardown (unmap and free) with free_memory, else only forget the name.
 void intranode_destroy(const std::string& name, bool free_memory) {
-  std::unique_ptr<NvlRuntime> runtime;
-  {
-    std::lock_guard<std::mutex> lock(runtime_mutex);
-    auto it = runtimes.find(name);
-    if (it == runtimes.end()) return;
-    runtime = std::move(it->second);
-    runtimes.erase(it);
-  }
-  if (free_memory) {
-    runtime->release();
-  } else {
-    runtime.release();  // leak: see above
-  }
+  runtimes.drop(name, free_memory);
 }
 
 void check_device_errors(int device) { checked_error_word("check_device_errors", device); }
@@ -313,6 +285,55 @@ void check_payload(const at::Tensor& x, const c10::optional<at::Tensor>& x_scale
   }
 }
 
+// The payload a dispatch moves (x, its 4-byte scales, top-k weights: contiguous copies kept
+// alive for the launch) and the tensors it lands in, `num_rows` rows each (`num_topk` weight
+// columns, whether or not weights are sent).
+struct Payload {
+  at::Tensor x, scales, weights, recv_x, recv_scales, recv_weights;
+
+  Payload(const at::Tensor& x_in, const c10::optional<at::Tensor>& x_scales,
+          const c10::optional<at::Tensor>& topk_weights, int64_t num_rows, int64_t num_topk)
+      : x(x_in.contiguous()),
+        scales(x_scales ? *x_scales : at::Tensor()),
+        weights(topk_weights ? topk_weights->contiguous() : at::Tensor()) {
+    const auto options = x.options();
+    recv_x = at::empty({num_rows, x.size(1)}, options);
+    recv_scales = at::empty({num_rows, scales.defined() ? scales.size(1) : 0},
+                            options.dtype(scales.defined() ? scales.scalar_type() : at::kFloat));
+    recv_weights = at::empty({num_rows, num_topk},
+                             options.dtype(weights.defined() ? weights.scalar_type() : at::kFloat));
+  }
+
+  // The payload fields of the data kernel's arguments (top-k indices and handle are the
+  // caller's).
+  void fill(DispatchDataArgs& data, int64_t num_tokens, bool fill_tail) const {
+    data.x = static_cast<const uint8_t*>(x.data_ptr());
+    data.row_bytes = x.size(1) * x.element_size();
+    data.x_scales = scales.defined() ? static_cast<const uint32_t*>(scales.data_ptr()) : nullptr;
+    data.scale_stride_token = scales.defined() ? scales.stride(0) : 0;
+    data.scale_stride_group = scales.defined() ? scales.stride(1) : 0;
+    data.num_scales = static_cast<int>(recv_scales.size(1));
+    data.topk_weights = weights.defined() ? static_cast<const uint8_t*>(weights.data_ptr()) : nullptr;
+    data.weight_bytes = weights.defined() ? static_cast<int>(weights.element_size()) : 4;
+    data.num_tokens = static_cast<int>(num_tokens);
+    data.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
+    data.recv_x_scales = static_cast<uint32_t*>(recv_scales.data_ptr());
+    data.recv_topk_weights = static_cast<uint8_t*>(recv_weights.data_ptr());
+    data.num_recv_rows = recv_x.size(0);
+    data.fill_tail = fill_tail;
+    data.vector_bytes = vector_bytes(data.row_bytes, data.x, data.recv_x);
+  }
+};
+
+// Launches the data kernel after checking that a round of its rows fits the buffer.
+void launch_data(const char* op, const std::string& buffer, const Intranode& nvl,
+                 const DispatchDataArgs& data, int num_sms, cudaStream_t stream) {
+  TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, dispatch_slot_bytes(data), num_sms) >= 1,
+                    "deep_ep::", op, ": buffer ", buffer, " is too small for rows of ",
+                    num(dispatch_slot_bytes(data)), " bytes with num_sms=", num(num_sms));
+  C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream));
+}
+
 DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
                              const c10::optional<at::Tensor>& x_scales,
                              const c10::optional<at::Tensor>& topk_idx,
@@ -406,51 +427,25 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   C10_CUDA_CHECK(launch_dispatch_notify(nvl, layout, stream));
   const int64_t num_rows = num_worst_tokens > 0 ? num_worst_tokens : wait_num_recv(*runtime, op);
 
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor scales = x_scales ? *x_scales : at::Tensor();
   const at::Tensor topk = topk_idx ? topk_idx->contiguous() : at::Tensor();
-  const at::Tensor weights = topk_weights ? topk_weights->contiguous() : at::Tensor();
   const int64_t num_topk = topk.defined() ? topk.size(1) : 0;
-  const int64_t num_scales = scales.defined() ? scales.size(1) : 0;
-  at::Tensor recv_x = at::empty({num_rows, x.size(1)}, x.options());
-  at::Tensor recv_scales = at::empty(
-      {num_rows, num_scales}, x.options().dtype(scales.defined() ? scales.scalar_type() : at::kFloat));
+  const Payload payload(x, x_scales, topk_weights, num_rows, num_topk);
   at::Tensor recv_topk = at::empty({num_rows, num_topk}, x.options().dtype(at::kLong));
-  at::Tensor recv_weights = at::empty(
-      {num_rows, num_topk},
-      x.options().dtype(weights.defined() ? weights.scalar_type() : at::kFloat));
   at::Tensor recv_src = at::empty({num_rows}, i32);
 
   DispatchDataArgs data{};
-  data.x = static_cast<const uint8_t*>(xc.data_ptr());
-  data.row_bytes = x.size(1) * x.element_size();
-  data.x_scales = scales.defined() ? static_cast<const uint32_t*>(scales.data_ptr()) : nullptr;
-  data.scale_stride_token = scales.defined() ? scales.stride(0) : 0;
-  data.scale_stride_group = scales.defined() ? scales.stride(1) : 0;
-  data.num_scales = static_cast<int>(num_scales);
+  payload.fill(data, num_tokens, num_worst_tokens > 0);
   data.topk_idx = topk.defined() ? topk.data_ptr<int64_t>() : nullptr;
   data.has_topk_idx = topk.defined();
-  data.topk_weights = weights.defined() ? static_cast<const uint8_t*>(weights.data_ptr()) : nullptr;
   data.num_topk = static_cast<int>(num_topk);
-  data.weight_bytes = weights.defined() ? static_cast<int>(weights.element_size()) : 4;
   data.num_local_experts = static_cast<int>(num_local);
-  data.num_tokens = static_cast<int>(num_tokens);
   data.send_list = send_list.data_ptr<int>();
   data.counts = counts.data_ptr<int>();
-  data.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
-  data.recv_x_scales = static_cast<uint32_t*>(recv_scales.data_ptr());
   data.recv_topk_idx = recv_topk.data_ptr<int64_t>();
-  data.recv_topk_weights = static_cast<uint8_t*>(recv_weights.data_ptr());
   data.recv_src_idx = recv_src.data_ptr<int>();
-  data.num_recv_rows = num_rows;
-  data.fill_tail = num_worst_tokens > 0;
-  data.vector_bytes = vector_bytes(data.row_bytes, data.x, data.recv_x);
-  TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, dispatch_slot_bytes(data), num_sms) >= 1,
-                    "deep_ep::", op, ": buffer ", buffer, " is too small for rows of ",
-                    num(dispatch_slot_bytes(data)), " bytes with num_sms=", num(num_sms));
-  C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream));
-  return {recv_x, recv_scales, recv_topk, recv_weights, recv_per_expert, rank_prefix,
-          channel_prefix, recv_channel_prefix, recv_src, send_head};
+  launch_data(op, buffer, nvl, data, num_sms, stream);
+  return {payload.recv_x, payload.recv_scales, recv_topk, payload.recv_weights, recv_per_expert,
+          rank_prefix, channel_prefix, recv_channel_prefix, recv_src, send_head};
 }
 
 DispatchResult dispatch(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
@@ -543,43 +538,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch(
   C10_CUDA_CHECK(launch_handle_counts(nvl, rank_prefix.data_ptr<int>(), head.data_ptr<int>(),
                                       static_cast<int>(num_tokens), send_list.data_ptr<int>(),
                                       counts.data_ptr<int>(), stream));
-  const int64_t num_rows = recv_src_idx.size(0);
-  const at::Tensor xc = x.contiguous();
-  const at::Tensor scales = x_scales ? *x_scales : at::Tensor();
-  const at::Tensor weights = topk_weights ? topk_weights->contiguous() : at::Tensor();
-  const int64_t num_scales = scales.defined() ? scales.size(1) : 0;
-  const int64_t num_topk = weights.defined() ? weights.size(1) : 0;
-  at::Tensor recv_x = at::empty({num_rows, x.size(1)}, x.options());
-  at::Tensor recv_scales = at::empty(
-      {num_rows, num_scales}, x.options().dtype(scales.defined() ? scales.scalar_type() : at::kFloat));
-  at::Tensor recv_weights = at::empty(
-      {num_rows, num_topk},
-      x.options().dtype(weights.defined() ? weights.scalar_type() : at::kFloat));
-
+  const Payload payload(x, x_scales, topk_weights, recv_src_idx.size(0),
+                        topk_weights ? topk_weights->size(1) : 0);
   DispatchDataArgs data{};
-  data.x = static_cast<const uint8_t*>(xc.data_ptr());
-  data.row_bytes = x.size(1) * x.element_size();
-  data.x_scales = scales.defined() ? static_cast<const uint32_t*>(scales.data_ptr()) : nullptr;
-  data.scale_stride_token = scales.defined() ? scales.stride(0) : 0;
-  data.scale_stride_group = scales.defined() ? scales.stride(1) : 0;
-  data.num_scales = static_cast<int>(num_scales);
-  data.topk_weights = weights.defined() ? static_cast<const uint8_t*>(weights.data_ptr()) : nullptr;
-  data.num_topk = static_cast<int>(num_topk);
-  data.weight_bytes = weights.defined() ? static_cast<int>(weights.element_size()) : 4;
-  data.num_tokens = static_cast<int>(num_tokens);
+  payload.fill(data, num_tokens, num_worst_tokens > 0);
+  data.num_topk = static_cast<int>(payload.recv_weights.size(1));
   data.send_list = send_list.data_ptr<int>();
   data.counts = counts.data_ptr<int>();
-  data.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
-  data.recv_x_scales = static_cast<uint32_t*>(recv_scales.data_ptr());
-  data.recv_topk_weights = static_cast<uint8_t*>(recv_weights.data_ptr());
-  data.num_recv_rows = num_rows;
-  data.fill_tail = num_worst_tokens > 0;
-  data.vector_bytes = vector_bytes(data.row_bytes, data.x, data.recv_x);
-  TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, dispatch_slot_bytes(data), num_sms) >= 1,
-                    "deep_ep::", op, ": buffer ", buffer, " is too small for rows of ",
-                    num(dispatch_slot_bytes(data)), " bytes with num_sms=", num(num_sms));
-  C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream));
-  return {recv_x, recv_scales, recv_weights};
+  launch_data(op, buffer, nvl, data, num_sms, stream);
+  return {payload.recv_x, payload.recv_scales, payload.recv_weights};
 }
 
 std::tuple<at::Tensor, at::Tensor> combine(

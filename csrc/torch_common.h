@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -88,6 +89,54 @@ Result call_fallback(const char* op, Args&&... args) {
   TORCH_CHECK(it != fallbacks.end(), "deep_ep::", op, " has no reference fallback registered");
   return it->second(std::forward<Args>(args)...).template cast<Result>();
 }
+
+// The runtimes of an extension's buffers, by buffer name. Leaked on purpose (callers hold one
+// `new` instance): nothing here may be destroyed after the interpreter or CUDA shut down.
+// Runtime needs `device`, `broken` and `release()`.
+template <typename Runtime>
+class RuntimeRegistry {
+ public:
+  Runtime* find(const std::string& name) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = runtimes_.find(name);
+    return it == runtimes_.end() ? nullptr : it->second.get();
+  }
+
+  void add(const std::string& name, std::unique_ptr<Runtime> runtime) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    runtimes_.emplace(name, std::move(runtime));
+  }
+
+  // Collective teardown (the caller synchronised the device and the peers) frees the memory;
+  // without free_memory (garbage collection, interpreter exit) the runtime is only forgotten: a
+  // peer may still write into its memory, and the process exit frees it anyway.
+  void drop(const std::string& name, bool free_memory) {
+    std::unique_ptr<Runtime> runtime;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = runtimes_.find(name);
+      if (it == runtimes_.end()) return;
+      runtime = std::move(it->second);
+      runtimes_.erase(it);
+    }
+    if (free_memory) {
+      runtime->release();
+    } else {
+      runtime.release();  // leaked, see above
+    }
+  }
+
+  // After a timeout on `device`: every runtime there refuses further calls.
+  void mark_broken(int device) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto& entry : runtimes_)
+      if (entry.second->device == device) entry.second->broken = true;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::unordered_map<std::string, std::unique_ptr<Runtime>> runtimes_;
+};
 
 // --- argument checks (the fakes in meta/ make the same ones while tracing) ------------------
 

@@ -51,6 +51,31 @@ def init_rank(rank: int, num_ranks: int, port: int, *, require_cuda: bool = Fals
     return device
 
 
+def decode_moe(args, rank: int, num_ranks: int, device: torch.device, dtype: torch.dtype,
+               use_fp8: bool):
+    """``(buffer, moe)``: a low-latency ``Buffer`` sized for ``args`` (tokens = M, hidden,
+    experts per rank) and the example MoE layer dispatching through it, in eval mode."""
+    import torch.distributed as dist
+
+    from deep_ep_ops import Buffer
+    from deep_ep_ops.nn import ExampleMoE, MoEDispatcher, buffer_size_hints
+
+    num_experts = args.experts_per_rank * num_ranks
+    _, num_rdma_bytes = buffer_size_hints(
+        args.hidden, num_ranks, num_experts, num_max_dispatch_tokens_per_rank=args.tokens
+    )
+    buffer = Buffer(dist.group.WORLD, 0, num_rdma_bytes, low_latency_mode=True)
+    dispatcher = MoEDispatcher(
+        buffer, num_experts, "low_latency", num_max_dispatch_tokens_per_rank=args.tokens,
+        use_fp8=use_fp8,
+    )
+    moe = ExampleMoE(
+        dispatcher, args.hidden, args.ffn_hidden, args.top_k, rank=rank, seed=args.seed,
+        dtype=dtype, device=device,
+    ).eval()
+    return buffer, moe
+
+
 def finish(ok: bool, buffer, device: torch.device) -> None:
     """Agree on success across ranks, tear down, and exit non-zero on any rank's failure."""
     if device.type == "cuda":

@@ -23,10 +23,9 @@ import argparse
 import sys
 import time
 
-from _launch import finish, init_rank, relative_error, spawn  # noqa: E402  (sets transport env first)
+from _launch import decode_moe, finish, init_rank, relative_error, spawn  # noqa: E402  (sets transport env first)
 
 import torch
-import torch.distributed as dist
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Norm-wise relative tolerance, max|compiled - eager| <= TOL * max|eager|: a few ulps of dtype.
@@ -53,33 +52,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(rank: int, num_ranks: int, args, port: int) -> None:
-    from deep_ep_ops import Buffer
-    from deep_ep_ops.nn import ExampleMoE, MoEDispatcher, buffer_size_hints
-
     device = init_rank(rank, num_ranks, port)
     use_cuda = device.type == "cuda"
     torch._inductor.config.compile_threads = 1  # the ranks share the machine's cores
     dtype = DTYPES[args.dtype]
-    num_experts = args.experts_per_rank * num_ranks
     M = args.tokens
-    _, num_rdma_bytes = buffer_size_hints(
-        args.hidden, num_ranks, num_experts, num_max_dispatch_tokens_per_rank=M
-    )
-    buffer = Buffer(dist.group.WORLD, 0, num_rdma_bytes, low_latency_mode=True)
-    dispatcher = MoEDispatcher(
-        buffer, num_experts, "low_latency", num_max_dispatch_tokens_per_rank=M,
-        use_fp8=args.use_fp8,
-    )
-    moe = ExampleMoE(
-        dispatcher, args.hidden, args.ffn_hidden, args.top_k, rank=rank, seed=args.seed,
-        dtype=dtype, device=device,
-    ).eval()
+    buffer, moe = decode_moe(args, rank, num_ranks, device, dtype, args.use_fp8)
     mode = args.compile_mode or ("reduce-overhead" if use_cuda else "default")
     compiled = torch.compile(moe, fullgraph=True, mode=mode)
     if rank == 0:
         print(f"{num_ranks} ranks, {'NCCL on CUDA' if use_cuda else 'gloo on CPU'}, "
               f"torch.compile mode={mode}, {dtype}, {'FP8' if args.use_fp8 else 'no-FP8'} "
-              f"dispatch, E={num_experts}, top-{args.top_k}, T=M={M}, H={args.hidden}",
+              f"dispatch, E={args.experts_per_rank * num_ranks}, top-{args.top_k}, T=M={M}, H={args.hidden}",
               flush=True)
 
     tolerance = TOLERANCE[dtype]

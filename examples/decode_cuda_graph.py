@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from _launch import finish, init_rank, relative_error, spawn  # noqa: E402  (sets transport env first)
+from _launch import decode_moe, finish, init_rank, relative_error, spawn  # noqa: E402  (sets transport env first)
 
 import torch
 import torch.distributed as dist
@@ -42,23 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(rank: int, num_ranks: int, args, port: int) -> None:
-    from deep_ep_ops import Buffer
-    from deep_ep_ops.nn import ExampleMoE, MoEDispatcher, buffer_size_hints
-
     device = init_rank(rank, num_ranks, port, require_cuda=True)
-    num_experts = args.experts_per_rank * num_ranks
     M = args.tokens
-    _, num_rdma_bytes = buffer_size_hints(
-        args.hidden, num_ranks, num_experts, num_max_dispatch_tokens_per_rank=M
-    )
-    buffer = Buffer(dist.group.WORLD, 0, num_rdma_bytes, low_latency_mode=True)
-    dispatcher = MoEDispatcher(
-        buffer, num_experts, "low_latency", num_max_dispatch_tokens_per_rank=M, use_fp8=True
-    )
-    moe = ExampleMoE(
-        dispatcher, args.hidden, args.ffn_hidden, args.top_k, rank=rank, seed=args.seed,
-        dtype=torch.bfloat16, device=device,
-    ).eval()
+    buffer, moe = decode_moe(args, rank, num_ranks, device, torch.bfloat16, use_fp8=True)
 
     def tokens(step: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(args.seed * 7919 + step * num_ranks + rank)

@@ -261,6 +261,24 @@ def run_on_gpus(world_size: int, fn, *args, timeout: float = JOB_TIMEOUT_S) -> l
     return get_pool(world_size).run(fn, *args, timeout=timeout)
 
 
+def run_in_fresh_pools(world_size: int, env: dict[str, str], fn, scenarios,
+                       timeout: float) -> tuple[dict, dict]:
+    """Run ``fn(rank, world_size, scenario)`` for every scenario at once, each in its own new
+    pool (started with ``env``, exiting hard: a scenario may leave its ranks unusable). Returns
+    ``(results, exit_codes)``, both by scenario."""
+    pools = {scenario: GpuRankPool(world_size, env=env, hard_exit=True) for scenario in scenarios}
+    results, exit_codes = {}, {}
+    try:
+        for scenario, pool in pools.items():
+            pool.submit(fn, scenario)
+        for scenario, pool in pools.items():
+            results[scenario] = pool.collect(timeout=timeout)
+    finally:
+        for scenario, pool in pools.items():
+            exit_codes[scenario] = pool.close(join_timeout=60)
+    return results, exit_codes
+
+
 def close_pool(world_size: int) -> None:
     pool = _POOLS.pop(world_size, None)
     if pool is not None:

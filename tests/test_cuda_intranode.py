@@ -38,7 +38,7 @@ import gpu_distributed
 from deep_ep_ops import Buffer, Config, EventOverlap, _build, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
-from gpu_distributed import GpuRankPool, gpu_count, run_on_gpus
+from gpu_distributed import gpu_count, run_on_gpus
 from test_compile import _train_step
 
 WORLD_SIZES = (2, 4, 8)
@@ -1142,20 +1142,9 @@ def test_timeout_names_op_and_missing_peer(world_size):
     check_device_errors for combine); then every rank exits by itself without hanging. Each
     scenario runs in fresh processes (a broken buffer must not poison other tests), the
     scenarios concurrently."""
-    pools = {
-        scenario: GpuRankPool(world_size, env={"DEEP_EP_OPS_TIMEOUT_S": str(TIMEOUT_S)},
-                              hard_exit=True)
-        for scenario in TIMEOUT_SCENARIOS
-    }
-    results, exit_codes = {}, {}
-    try:
-        for scenario, pool in pools.items():
-            pool.submit(_timeout_job, scenario)
-        for scenario, pool in pools.items():
-            results[scenario] = pool.collect(timeout=180)
-    finally:
-        for scenario, pool in pools.items():
-            exit_codes[scenario] = pool.close(join_timeout=60)
+    results, exit_codes = gpu_distributed.run_in_fresh_pools(
+        world_size, {TIMEOUT_ENV: str(TIMEOUT_S)}, _timeout_job, TIMEOUT_SCENARIOS, timeout=180
+    )
 
     problems = []
     missing_peers = range(1, world_size)

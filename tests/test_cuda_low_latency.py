@@ -40,13 +40,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import gpu_distributed
 import test_cuda_intranode
 import test_semantics as semantics
 from deep_ep_ops import Buffer, _build, _registry, meta, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
 from deep_ep_ops.buffer import FORCE_PUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
-from gpu_distributed import GpuRankPool, gpu_count, run_on_gpus
+from gpu_distributed import gpu_count, run_on_gpus
 from test_cuda_intranode import (
     OPCHECK_UTILS, Diffs, _assert_no_diffs, _bits, _device, _generator, _grad, _new_buffer,
     _nvl_bytes, _opcheck_utils, _routing, _sync,
@@ -1616,19 +1617,10 @@ def test_missing_peer_times_out_naming_op_and_rank(world_size):
     RuntimeError naming the op and a rank, from the call, the synchronisation or
     ops.check_device_errors(), within seconds; then every rank exits by itself. Each scenario in
     fresh processes (a timed-out buffer must not poison other tests), run concurrently."""
-    pools = {
-        scenario: GpuRankPool(world_size, env={TIMEOUT_ENV: str(LL_TIMEOUT_S)}, hard_exit=True)
-        for scenario in LL_TIMEOUT_SCENARIOS
-    }
-    results, exit_codes = {}, {}
-    try:
-        for scenario, pool in pools.items():
-            pool.submit(_ll_timeout_job, scenario)
-        for scenario, pool in pools.items():
-            results[scenario] = pool.collect(timeout=240)
-    finally:
-        for scenario, pool in pools.items():
-            exit_codes[scenario] = pool.close(join_timeout=60)
+    results, exit_codes = gpu_distributed.run_in_fresh_pools(
+        world_size, {TIMEOUT_ENV: str(LL_TIMEOUT_S)}, _ll_timeout_job, LL_TIMEOUT_SCENARIOS,
+        timeout=240,
+    )
 
     problems = []
     for scenario, op_pattern in LL_TIMEOUT_SCENARIOS.items():

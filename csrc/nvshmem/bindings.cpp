@@ -23,19 +23,11 @@
 namespace deep_ep_ops {
 namespace {
 
-std::mutex runtime_mutex;
-// Leaked on purpose: nothing here may be destroyed after the interpreter (or CUDA) shut down.
-auto& runtimes = *new std::unordered_map<std::string, std::unique_ptr<LowLatencyRuntime>>();
+auto& runtimes = *new RuntimeRegistry<LowLatencyRuntime>();  // leaked: see RuntimeRegistry
 
 const char* op_name(int op) {
   return op == kOpLowLatencyCombine ? "deep_ep::low_latency_combine"
                                     : "deep_ep::low_latency_dispatch";
-}
-
-void mark_broken(int device) {
-  std::lock_guard<std::mutex> lock(runtime_mutex);
-  for (auto& entry : runtimes)
-    if (entry.second->device == device) entry.second->broken = true;
 }
 
 // Raise (once) an error a kernel reported since the last call; returns the device word.
@@ -50,7 +42,7 @@ int* checked_error_word(const std::string& op, int device) {
                       " of rank ", num(report.peer), " is routed to an expert here that the "
                       "handle holds no row for: topk_idx does not match the dispatch of the handle");
     if (report.code == kErrorTimeout) {
-      mark_broken(device);
+      runtimes.mark_broken(device);
       TORCH_CHECK(false, where, ": timed out after ", num(report.value), " s waiting for rank ",
                   num(report.peer), " (it never reached the matching call); every low-latency "
                   "buffer on this device is unusable now. Set DEEP_EP_OPS_TIMEOUT_S to change "
@@ -62,11 +54,7 @@ int* checked_error_word(const std::string& op, int device) {
   return error_word(device).device;
 }
 
-LowLatencyRuntime* find_runtime(const std::string& name) {
-  std::lock_guard<std::mutex> lock(runtime_mutex);
-  auto it = runtimes.find(name);
-  return it == runtimes.end() ? nullptr : it->second.get();
-}
+LowLatencyRuntime* find_runtime(const std::string& name) { return runtimes.find(name); }
 
 // --- runtime life cycle (called by deep_ep_ops.buffer) ---------------------------------------
 
@@ -101,8 +89,7 @@ at::Tensor create(const std::string& name, int device, int64_t bytes, double tim
   at::Tensor memory = at::from_blob(
       runtime->memory, {bytes}, [](void*) {},
       at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-  std::lock_guard<std::mutex> lock(runtime_mutex);
-  runtimes.emplace(name, std::move(runtime));
+  runtimes.add(name, std::move(runtime));
   return memory;
 }
 
@@ -112,23 +99,8 @@ int mapped_peers(const std::string& name) {
   return runtime->num_mapped_peers();
 }
 
-// Collective teardown (the caller synchronised the device and the peers) when free_memory;
-// otherwise (garbage collection, interpreter exit) only forget the name.
-void destroy(const std::string& name, bool free_memory) {
-  std::unique_ptr<LowLatencyRuntime> runtime;
-  {
-    std::lock_guard<std::mutex> lock(runtime_mutex);
-    auto it = runtimes.find(name);
-    if (it == runtimes.end()) return;
-    runtime = std::move(it->second);
-    runtimes.erase(it);
-  }
-  if (free_memory) {
-    runtime->release();
-  } else {
-    runtime.release();  // leak: a peer may still write into this memory
-  }
-}
+// Collective teardown (frees the symmetric memory) with free_memory, else only forget the name.
+void destroy(const std::string& name, bool free_memory) { runtimes.drop(name, free_memory); }
 
 void check_device_errors(int device) { checked_error_word("check_device_errors", device); }
 
@@ -301,7 +273,8 @@ DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
   LowLatencyRuntime* runtime = runtime_for(op, buffer, x, x.size(1), topk_idx.size(1), num_ranks,
                                            num_max, num_experts);
   if (runtime == nullptr) {
-    if (split && find_runtime(buffer) != nullptr) find_runtime(buffer)->pending_dispatch.push_back(false);
+    if (LowLatencyRuntime* r = find_runtime(buffer); split && r != nullptr)
+      r->pending_dispatch.push_back(false);
     return call_fallback<DispatchOutputs>(op, x, topk_idx, buffer, num_ranks, num_max,
                                           num_experts, use_fp8, round_scale, use_ue8m0);
   }

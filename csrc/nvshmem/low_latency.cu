@@ -237,6 +237,27 @@ __device__ __forceinline__ uint32_t fp8x4(const float* v, float scale) {
   return out;
 }
 
+// The start of a send half: every rank must have acknowledged reading my call seq - 2 (acks:
+// their words in my region), then block 0 publishes this call's count word to every rank
+// ((seq << 32) | (num_topk << 16) | num_tokens in `counts` [half][me]). False after a timeout.
+__device__ bool open_send(const LowLatency& ll, int64_t acks, int64_t counts, uint64_t seq,
+                          int num_topk, int num_tokens) {
+  __shared__ int ok;
+  if (threadIdx.x == 0) ok = 1;
+  __syncthreads();
+  if (seq > 2)
+    for (int d = threadIdx.x; d < ll.num_ranks; d += blockDim.x)
+      if (!wait_at_least(ll, acks + 8LL * d, seq - 2, d)) ok = 0;
+  __syncthreads();
+  if (!ok) return false;
+  const int64_t mine = counts + 8LL * ((seq & 1) * ll.num_ranks + ll.rank);
+  if (blockIdx.x == 0)
+    for (int d = threadIdx.x; d < ll.num_ranks; d += blockDim.x)
+      signal(ll, d, mine, (seq << 32) | (static_cast<uint64_t>(num_topk) << 16) |
+                              static_cast<uint64_t>(num_tokens));
+  return true;
+}
+
 // --- dispatch ---------------------------------------------------------------------------------
 
 struct __align__(16) TokenRoute {
@@ -258,21 +279,10 @@ __device__ uint64_t dispatch_send(const LowLatency& ll, const LowLatencyDispatch
   const int64_t message = ll.layout.message_bytes;
   const bool staged = !ll.all_peers_mapped;
   __shared__ TokenRoute route;
-  __shared__ int ok;
 
-  // The receivers' half must be free: each finished reading my call seq - 2.
-  if (tid == 0) ok = 1;
-  __syncthreads();
-  if (seq > 2)
-    for (int d = tid; d < num_ranks; d += kThreads)
-      if (!wait_at_least(ll, ll.layout.dispatch_acks + 8LL * d, seq - 2, d)) ok = 0;
-  __syncthreads();
-  if (!ok) return 0;
-  if (blockIdx.x == 0)
-    for (int d = tid; d < num_ranks; d += kThreads)
-      signal(ll, d, ll.layout.dispatch_counts + 8LL * (half * num_ranks + me),
-             (seq << 32) | (static_cast<uint64_t>(a.num_topk) << 16) |
-                 static_cast<uint64_t>(a.num_tokens));
+  if (!open_send(ll, ll.layout.dispatch_acks, ll.layout.dispatch_counts, seq, a.num_topk,
+                 a.num_tokens))
+    return 0;
 
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * ll.num_max_tokens + t;
@@ -573,18 +583,9 @@ __device__ uint64_t combine_send(const LowLatency& ll, const LowLatencyCombineSe
   __shared__ float weight_of[kLowLatencyMaxTopk];
 
   // Routes: every rank must have finished reading my routes of call seq - 2.
-  if (tid == 0) ok = 1;
-  __syncthreads();
-  if (seq > 2)
-    for (int d = tid; d < num_ranks; d += kCombineThreads)
-      if (!wait_at_least(ll, ll.layout.combine_route_acks + 8LL * d, seq - 2, d)) ok = 0;
-  __syncthreads();
-  if (!ok) return 0;
-  if (blockIdx.x == 0)
-    for (int d = tid; d < num_ranks; d += kCombineThreads)
-      signal(ll, d, ll.layout.combine_counts + 8LL * (half * num_ranks + me),
-             (seq << 32) | (static_cast<uint64_t>(a.num_topk) << 16) |
-                 static_cast<uint64_t>(a.num_tokens));
+  if (!open_send(ll, ll.layout.combine_route_acks, ll.layout.combine_counts, seq, a.num_topk,
+                 a.num_tokens))
+    return 0;
   for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
     const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * num_max + t;
     const int64_t at = ll.layout.combine_routes + slot * kRouteBytes;
