@@ -4,10 +4,10 @@
 // Dispatch sends each token once per destination rank (not once per expert): the sender casts
 // the token to FP8 once and writes the message (its top-k row and the payload) into the slot
 // [half][sender][token] of every rank that owns one of its experts; every other rank gets the
-// top-k row only. The receiver expands: one block per local expert scans the sources in
-// ascending rank order and their tokens in ascending order, and copies the members' rows out of
-// the symmetric buffer into the outputs, so rows come out exactly in the reference backend's
-// order (source rank major, ascending source token).
+// top-k row only. The receiver expands: the blocks of a local expert scan every (source rank,
+// token) slot in ascending order, a block prefix sum gives each member its row, and they copy
+// the members' rows out of the symmetric buffer into the outputs, so rows come out exactly in
+// the reference backend's order (source rank major, ascending source token).
 //
 // Combine runs the other way and also sends once per (token, rank): each source first sends
 // every rank its top-k row and weights (the "route"); each owner reduces, for every source
@@ -15,6 +15,9 @@
 // the partial row, rounded to BF16, back to the source; the source adds the partials in fp32 in
 // ascending owner order and rounds once. (That is within BF16 rounding of the reference, not bit
 // identical: the partial sums are rounded once more.)
+//
+// The fused ops run both halves in one kernel (blocks do their send work, then their receive
+// work); the split ops launch the same kernel with one half each.
 //
 // Graph safety: every call reads its sequence number from this rank's counters on the device
 // (one counter per direction and half of the op), so a captured call and an eager call
