@@ -279,6 +279,22 @@ def run_in_fresh_pools(world_size: int, env: dict[str, str], fn, scenarios,
     return results, exit_codes
 
 
+def timeout_problems(label: str, results: list, exit_codes: list, timeout_s: float) -> list[str]:
+    """What is wrong with a scenario where rank 0 alone called a communication op (its result
+    first): reported too early or too late, another rank called it, or a rank did not exit."""
+    first, *others = results
+    problems = []
+    if not timeout_s - 1 <= first["elapsed"] <= 60:
+        problems.append(f"{label}: reported after {first['elapsed']:.1f} s, expected about "
+                        f"the {timeout_s} s timeout")
+    if any(other["called"] for other in others):
+        problems.append(f"{label}: another rank called the op")
+    if exit_codes != [0] * len(results):
+        problems.append(f"{label}: ranks did not exit cleanly within 60 s: exit codes "
+                        f"{exit_codes} (None: killed)")
+    return problems
+
+
 def close_pool(world_size: int) -> None:
     pool = _POOLS.pop(world_size, None)
     if pool is not None:

@@ -1149,7 +1149,7 @@ def test_timeout_names_op_and_missing_peer(world_size):
     problems = []
     missing_peers = range(1, world_size)
     for scenario, where in TIMEOUT_SCENARIOS.items():
-        first, *others = results[scenario]
+        first = results[scenario][0]
         message = first["message"] or ""
         label = f"{scenario} (expected from {where})"
         if first["error_type"] is None:
@@ -1164,12 +1164,7 @@ def test_timeout_names_op_and_missing_peer(world_size):
         if not any(re.search(rf"\brank {peer}\b", message) for peer in missing_peers):
             problems.append(f"{label}: message names no missing peer "
                             f"(rank 1..{world_size - 1}): {message}")
-        if not TIMEOUT_S - 1 <= first["elapsed"] <= 60:
-            problems.append(f"{label}: reported after {first['elapsed']:.1f} s, expected about "
-                            f"the {TIMEOUT_S} s timeout")
-        if any(other["called"] for other in others):
-            problems.append(f"{label}: another rank called the op")
-        if exit_codes[scenario] != [0] * world_size:
-            problems.append(f"{label}: ranks did not exit cleanly within 60 s: exit codes "
-                            f"{exit_codes[scenario]} (None: killed)")
+        problems += gpu_distributed.timeout_problems(
+            label, results[scenario], exit_codes[scenario], TIMEOUT_S
+        )
     assert not problems, "\n".join(problems)

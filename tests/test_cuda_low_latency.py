@@ -1624,7 +1624,7 @@ def test_missing_peer_times_out_naming_op_and_rank(world_size):
 
     problems = []
     for scenario, op_pattern in LL_TIMEOUT_SCENARIOS.items():
-        first, *others = results[scenario]
+        first = results[scenario][0]
         message = first["message"] or ""
         label = f"{scenario} (rank 0 alone)"
         if first["error_type"] is None:
@@ -1637,14 +1637,9 @@ def test_missing_peer_times_out_naming_op_and_rank(world_size):
             problems.append(f"{label}: the message does not name {op_pattern}: {message}")
         if not re.search(r"\brank\b", message):
             problems.append(f"{label}: the message names no rank: {message}")
-        if not LL_TIMEOUT_S - 1 <= first["elapsed"] <= 60:
-            problems.append(f"{label}: reported after {first['elapsed']:.1f} s, expected about "
-                            f"the {LL_TIMEOUT_S} s timeout")
-        if any(other["called"] for other in others):
-            problems.append(f"{label}: another rank called the op")
-        if exit_codes[scenario] != [0] * world_size:
-            problems.append(f"{label}: ranks did not exit cleanly within 60 s: exit codes "
-                            f"{exit_codes[scenario]} (None: killed)")
+        problems += gpu_distributed.timeout_problems(
+            label, results[scenario], exit_codes[scenario], LL_TIMEOUT_S
+        )
     assert not problems, "\n".join(problems)
 
 
