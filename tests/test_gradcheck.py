@@ -333,16 +333,22 @@ def _compare_to_dense(rank, combined, x, w, local_w, xs, topk, ws, expert_w, gra
     )
 
 
+def _rank_leaves(rank, num_ranks, num_experts, xs, ws, expert_w):
+    """This rank's tokens, top-k weights and local expert weights, as leaves needing grads."""
+    num_local = num_experts // num_ranks
+    x = xs[rank].clone().requires_grad_()
+    w = ws[rank].clone().requires_grad_()
+    local_w = expert_w[rank * num_local : (rank + 1) * num_local].clone().requires_grad_()
+    return x, w, local_w
+
+
 def _normal_moe_job(rank, num_ranks, capacity):
     buf = new_test_buffer()
     num_tokens, hidden, num_topk, num_experts = 6, 8, 3, 8
     topk, xs, ws, expert_w, grads_out = _moe_problem(
         num_ranks, num_tokens, hidden, num_topk, num_experts, seed=8
     )
-    num_local = num_experts // num_ranks
-    x = xs[rank].clone().requires_grad_()
-    w = ws[rank].clone().requires_grad_()
-    local_w = expert_w[rank * num_local : (rank + 1) * num_local].clone().requires_grad_()
+    x, w, local_w = _rank_leaves(rank, num_ranks, num_experts, xs, ws, expert_w)
 
     layout = ops.get_dispatch_layout(topk[rank], num_experts, num_ranks)
     worst = num_ranks * num_tokens if capacity else 0
@@ -377,10 +383,7 @@ def _low_latency_moe_job(rank, num_ranks):
     topk, xs, ws, expert_w, grads_out = _moe_problem(
         num_ranks, num_tokens, hidden, num_topk, num_experts, seed=9
     )
-    num_local = num_experts // num_ranks
-    x = xs[rank].clone().requires_grad_()
-    w = ws[rank].clone().requires_grad_()
-    local_w = expert_w[rank * num_local : (rank + 1) * num_local].clone().requires_grad_()
+    x, w, local_w = _rank_leaves(rank, num_ranks, num_experts, xs, ws, expert_w)
 
     out = ops.low_latency_dispatch(
         buf.name, x, topk[rank], num_max, num_experts, use_fp8=False
