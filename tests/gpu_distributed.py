@@ -47,6 +47,25 @@ ERROR_GRACE_S = 45.0  # > DEEP_EP_OPS_TIMEOUT_S: peers stuck in a kernel get to 
 PROCESS_GROUP_TIMEOUT_S = 180.0
 
 
+# "4" or "4,8": run the multi-GPU tests at these numbers of ranks only (default 2, 4 and 8, as
+# far as the machine has GPUs), e.g. to spend a 4-GPU machine's time on the 4-rank variants.
+WORLD_SIZES_ENV = "DEEP_EP_OPS_GPU_WORLD_SIZES"
+
+
+def world_sizes() -> tuple[int, ...]:
+    """The numbers of ranks the multi-GPU tests are parametrized over."""
+    value = os.environ.get(WORLD_SIZES_ENV, "").strip()
+    if not value:
+        return (2, 4, 8)
+    try:
+        sizes = tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise ValueError(f"{WORLD_SIZES_ENV} must be comma-separated ints, got {value!r}") from None
+    if not sizes or min(sizes) < 2:
+        raise ValueError(f"{WORLD_SIZES_ENV} must name numbers of ranks >= 2, got {value!r}")
+    return sizes
+
+
 def gpu_count() -> int:
     import torch
 
