@@ -5,7 +5,8 @@
 # Environment: GPU_TESTS (pytest targets, default "tests"; "none" skips the tests),
 # BENCH_MODES (default "normal low-latency"; "none" skips the benchmark), EXAMPLES (1: run the
 # two decode examples on every GPU, the default; 0: skip), GPU_TESTS_TIMEOUT_S, BENCH_TIMEOUT_S,
-# and DEEP_EP_OPS_GPU_WORLD_SIZES (e.g. "4": the multi-GPU tests at 4 ranks only). Python wheels the machine lacks (expecttest) may be carried in .whl/.
+# and DEEP_EP_OPS_GPU_WORLD_SIZES (e.g. "4": the multi-GPU tests at 4 ranks only). Python
+# wheels the machine lacks (expecttest) may be carried in .whl/.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
 shift
