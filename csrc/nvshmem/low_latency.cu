@@ -752,21 +752,16 @@ __global__ void __launch_bounds__(kCombineThreads, 2)
   if (kRecv) combine_recv(ll, recv, sent);
 }
 
-// Blocks of `kernel` resident at once on the device (queried once per kernel).
-template <typename Kernel>
-int64_t resident_blocks(Kernel kernel, int threads, int num_sms, cudaError_t* status) {
+// Blocks for `work` units of `kKernel`: at most `work`, and all resident at once (the number
+// resident per SM is queried once per kernel: each instantiation has its own cache).
+template <auto kKernel>
+int blocks_for(int threads, const LowLatency& ll, int64_t work, cudaError_t* status) {
   static int per_sm = 0;
   if (per_sm == 0) {
-    *status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0);
+    *status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kKernel, threads, 0);
     per_sm = std::max(1, per_sm);
   }
-  return static_cast<int64_t>(per_sm) * num_sms;
-}
-
-// Blocks for `work` units: all resident, at most `work`.
-template <typename Kernel>
-int blocks_for(Kernel kernel, int threads, const LowLatency& ll, int64_t work, cudaError_t* status) {
-  const int64_t resident = resident_blocks(kernel, threads, ll.num_sms, status);
+  const int64_t resident = static_cast<int64_t>(per_sm) * ll.num_sms;
   return static_cast<int>(std::max<int64_t>(1, std::min(work, resident)));
 }
 
@@ -782,7 +777,7 @@ cudaError_t launch_dispatch(const LowLatency& ll, const LowLatencyDispatchSend& 
   const int64_t work = std::max<int64_t>(kSend ? send.num_tokens : 0,
                                          kRecv ? int64_t(recv.num_local_experts) * parts : 0);
   cudaError_t status = cudaSuccess;
-  const int blocks = blocks_for(dispatch_kernel<kSend, kRecv>, kThreads, ll, work, &status);
+  const int blocks = blocks_for<dispatch_kernel<kSend, kRecv>>(kThreads, ll, work, &status);
   if (status != cudaSuccess) return status;
   dispatch_kernel<kSend, kRecv><<<blocks, kThreads, 0, stream>>>(ll, send, recv, parts);
   return cudaGetLastError();
@@ -794,7 +789,7 @@ cudaError_t launch_combine(const LowLatency& ll, const LowLatencyCombineSend& se
   const int64_t work = std::max<int64_t>(kSend ? int64_t(ll.num_ranks) * ll.num_max_tokens : 0,
                                          kRecv ? recv.num_tokens : 0);
   cudaError_t status = cudaSuccess;
-  const int blocks = blocks_for(combine_kernel<kSend, kRecv>, kCombineThreads, ll, work, &status);
+  const int blocks = blocks_for<combine_kernel<kSend, kRecv>>(kCombineThreads, ll, work, &status);
   if (status != cudaSuccess) return status;
   combine_kernel<kSend, kRecv><<<blocks, kCombineThreads, 0, stream>>>(ll, send, recv);
   return cudaGetLastError();

@@ -69,16 +69,11 @@ cudaError_t LowLatencyRuntime::clean(cudaStream_t stream) {
   return status;
 }
 
-int64_t LowLatencyRuntime::region(int num_max_tokens, int hidden) const {
-  const LowLatencyLayout layout = low_latency_layout(num_ranks, num_max_tokens, hidden);
-  return (bytes - layout.bytes) / 128 * 128;
-}
-
 LowLatency LowLatencyRuntime::view(int num_max_tokens, int hidden, int* error, int op,
                                    int num_sms) const {
   LowLatency ll{};
   ll.layout = low_latency_layout(num_ranks, num_max_tokens, hidden);
-  ll.region = region(num_max_tokens, hidden);
+  ll.region = (bytes - ll.layout.bytes) / 128 * 128;  // the kernels' region ends the allocation
   ll.base = memory + ll.region;
   ll.peers = peers_device_;
   ll.all_peers_mapped = num_mapped_peers() == num_ranks;

@@ -37,8 +37,6 @@ class LowLatencyRuntime {
 
   // The kernels' view for calls of shape (num_max_tokens, hidden), reporting into `error`.
   LowLatency view(int num_max_tokens, int hidden, int* error, int op, int num_sms) const;
-  // Start of the kernels' region for that shape: the zero-copy area must end before it.
-  int64_t region(int num_max_tokens, int hidden) const;
   int num_mapped_peers() const;
 
   const std::string name;
