@@ -167,7 +167,11 @@ class Buffer:
         the NCCL reference (with a warning)."""
         nvshmem = _build._C_nvshmem
         members = dist.get_process_group_ranks(self.group)
-        if nvshmem.world()[1] == 0:
+        # Every rank says which NVSHMEM job it is in, so that all take the same branch (a rank
+        # joining alone would wait for the others forever).
+        jobs: list = [None] * self.group_size
+        dist.all_gather_object(jobs, list(_NVSHMEM_MEMBERS), group=self.group)
+        if not any(jobs):
             # The symmetric heap is sized at start-up: room for this buffer twice and more.
             os.environ.setdefault(
                 "NVSHMEM_SYMMETRIC_SIZE", str(max(2 << 30, 2 * self.num_rdma_bytes + (256 << 20)))
@@ -176,10 +180,11 @@ class Buffer:
             dist.broadcast_object_list(unique_id, src=members[0], group=self.group)
             nvshmem.join(unique_id[0], self.rank, self.group_size, self.device.index)
             _NVSHMEM_MEMBERS.extend(members)
-        if members != _NVSHMEM_MEMBERS:
+        elif any(job != members for job in jobs):
             warnings.warn(
-                f"Buffer {self.name}: NVSHMEM runs on ranks {_NVSHMEM_MEMBERS}, this group has "
-                f"{members}; its low-latency ops use the NCCL reference", stacklevel=3,
+                f"Buffer {self.name}: NVSHMEM runs on ranks {_NVSHMEM_MEMBERS or 'none'} here, "
+                f"this group has {members}; its low-latency ops use the NCCL reference",
+                stacklevel=3,
             )
             return
         force_put = os.environ.get(FORCE_PUT_ENV, "0") == "1"

@@ -69,11 +69,6 @@ void join(const std::string& id, int rank, int num_ranks, int device) {
   TORCH_CHECK(why.empty(), "NVSHMEM initialisation failed: ", why);
 }
 
-std::tuple<int, int> world() {
-  const auto w = nvshmem_world();
-  return {w.first, w.second};
-}
-
 // Collective: the symmetric allocation of a buffer, returned as a uint8 tensor over it (the
 // workspace of the low-latency ops and the zero-copy combine buffer).
 at::Tensor create(const std::string& name, int device, int64_t bytes, double timeout_s,
@@ -558,7 +553,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                  "import)";
   module.def("unique_id", &deep_ep_ops::unique_id, "NVSHMEM unique id bytes (rank 0 makes it)");
   module.def("join", &deep_ep_ops::join, "Join the NVSHMEM job: (unique_id, rank, num_ranks, device)");
-  module.def("world", &deep_ep_ops::world, "(my PE, number of PEs), (-1, 0) before join");
   module.def("create", &deep_ep_ops::create,
              "Collective: a buffer's symmetric memory, as a uint8 CUDA tensor");
   module.def("mapped_peers", &deep_ep_ops::mapped_peers,
