@@ -462,9 +462,12 @@ dispatch_data_kernel(Intranode nvl, DispatchDataArgs a, Staging st) {
         if (n >= 3) ok = wait_for(nvl, &ctl->consumed[tid][block], n - 2, tid);
       }
       if (!__syncthreads_and(ok)) return;
+      // Consecutive items go to different ranks, starting at a different rank on every rank:
+      // all peers' links carry data at once (destination-major order would make every rank
+      // write to the same peer at the same time and share that peer's ingress).
       for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
-        const int dst = item / per_block;
-        const int64_t i = first + item % per_block;
+        const int dst = (me + item) % num_ranks;
+        const int64_t i = first + item / num_ranks;
         if (i >= send_count[dst]) continue;
         const int t = a.send_list[int64_t(dst) * a.num_tokens + i];
         if (dst == me) {
@@ -684,9 +687,15 @@ combine_kernel(Intranode nvl, CombineArgs a, Staging st) {
         }
       }
       if (!__syncthreads_and(ok)) return;
-      for (int owner = 0; owner < num_ranks; ++owner) {
-        if (owner == me) continue;
-        for (int64_t i = lo[owner] + warp; i < hi[owner]; i += kDataWarps) {
+      // Owners interleaved and rotated per rank, as in dispatch: every link busy at once.
+      int64_t most = 0;
+      for (int r = 0; r < num_ranks; ++r)
+        if (r != me) most = hi[r] - lo[r] > most ? hi[r] - lo[r] : most;
+      const int peers = num_ranks - 1;
+      for (int64_t item = warp; item < most * peers; item += kDataWarps) {
+        const int owner = (me + 1 + static_cast<int>(item % peers)) % num_ranks;
+        const int64_t i = lo[owner] + item / peers;
+        if (i < hi[owner]) {
           const int64_t token = a.recv_src_idx[i];
           uint8_t* slot =
               st.slot(peer_base[owner], me, send_round[owner], token - window * per_window);
