@@ -11,11 +11,14 @@
 // `rows_per_block` rows; the sender may run one round ahead of the receiver.
 //
 // Dispatch: notify (count rows per destination, exchange counts, derive the handle), then the
-// data kernel stages rows at their receivers in rounds of destination-row index; the receiver
-// copies them to their final place (source-rank-major, source-token order). Rows a rank sends
-// to itself are copied directly. Combine runs the other way in rounds of owner-token windows:
-// the expert rank stages each row at the slot of its source token, and the owner reduces its
-// tokens in fp32 over ranks in ascending order, exactly as the reference backend does.
+// data kernel stages rows at their receivers in rounds; row i of a pair belongs to block
+// i % blocks, so every block moves the same share. Half of a block's warps stage, the other
+// half copy what peers staged here to its final place (source-rank-major, source-token order),
+// each half at its own pace. Rows a rank sends to itself are copied directly. Combine runs the
+// other way in rounds of owner-token windows: the expert rank stages each row at the slot of
+// its source token, then the owner reduces its tokens in fp32 over ranks in ascending order,
+// exactly as the reference backend does. Both kernels interleave their peers, starting at a
+// different peer on every rank, so that all links carry data at once.
 //
 // Waits read %globaltimer and give up after the timeout: the kernel records the op and the
 // peer in the error word, marks the buffer aborted (later kernels on it return at once) and
@@ -34,6 +37,9 @@ constexpr int kThreads = 1024;             // count and notify kernels
 constexpr int kWarps = kThreads / 32;
 constexpr int kDataThreads = 512;          // data kernels: room for registers
 constexpr int kDataWarps = kDataThreads / 32;
+constexpr int kRoleWarps = kDataWarps / 2;  // data kernels: sending warps, then receiving
+constexpr int kRoleThreads = kRoleWarps * 32;
+constexpr int kSendRole = 1, kRecvRole = 2;  // named barriers of the two roles (0: the block's)
 constexpr int kMaxRowsPerBlock = 64;  // rows a block moves per round: pipelining granularity
 constexpr int kMaxChannels = kMaxBlocks / 2;
 
@@ -92,6 +98,22 @@ __device__ bool drain(const Intranode& nvl) {
     if (peer != nvl.rank && staged != 0) ok = wait_for(nvl, &ctl->consumed[peer][block], staged, peer);
   }
   return __syncthreads_and(ok);
+}
+
+// Barrier of one role's warps (kRoleThreads threads), and the same with an AND of `ok`.
+__device__ __forceinline__ void role_sync(int role) {
+  asm volatile("bar.sync %0, %1;" ::"r"(role), "r"(kRoleThreads) : "memory");
+}
+
+__device__ __forceinline__ bool role_sync_and(int role, bool ok) {
+  int all;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.s32 p, %1, 0;\n bar.red.and.pred q, %2, %3, p;\n"
+      " selp.s32 %0, 1, 0, q;\n}"
+      : "=r"(all)
+      : "r"(static_cast<int>(ok)), "r"(role), "r"(kRoleThreads)
+      : "memory");
+  return all != 0;
 }
 
 // --- warp-wide copies ------------------------------------------------------------------------
@@ -422,9 +444,15 @@ __device__ void clear_row(const DispatchDataArgs& a, int64_t row, int lane) {
   if (lane == 0 && out.src_idx) *out.src_idx = -1;
 }
 
+// Rows of a (sender, receiver) pair go to the blocks in turn: row i to block i % blocks, at
+// position i / blocks of that block's share; every block moves the same number of rows (to one).
+__device__ __forceinline__ int64_t block_share(int64_t count, int block, int num_blocks) {
+  return count > block ? (count - 1 - block) / num_blocks + 1 : 0;
+}
+
 __global__ void __launch_bounds__(kDataThreads, 1)
 dispatch_data_kernel(Intranode nvl, DispatchDataArgs a, Staging st) {
-  const int num_ranks = nvl.num_ranks, me = nvl.rank, block = blockIdx.x;
+  const int num_ranks = nvl.num_ranks, me = nvl.rank, block = blockIdx.x, blocks = gridDim.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
   const SlotLayout layout = slot_layout(a);
   Control* ctl = control(nvl.local);
@@ -442,79 +470,83 @@ dispatch_data_kernel(Intranode nvl, DispatchDataArgs a, Staging st) {
   __syncthreads();
   if (aborted || !drain(nvl)) return;
 
-  const int64_t per_block = st.rows_per_block, per_round = per_block * gridDim.x;
-  int64_t rounds = 0;
-  for (int r = 0; r < num_ranks; ++r) {
-    const int64_t most = send_count[r] > recv_count[r] ? send_count[r] : recv_count[r];
-    const int64_t n = (most + per_round - 1) / per_round;
-    rounds = n > rounds ? n : rounds;
-  }
-  // Software pipeline: step k stages round k, then takes round k - 1, which the peers staged
-  // a step earlier, so a block rarely waits and blocks interleave NVLink and local copies.
-  for (int64_t step = 0; step <= rounds; ++step) {
-    if (step < rounds) {
-      const int64_t round = step, first = round * per_round + block * per_block;
-      // Stage my rows for every peer (and copy my own share straight to the output).
-      bool ok = true;
-      if (tid < num_ranks && tid != me && first < send_count[tid]) {
+  const int64_t per_block = st.rows_per_block;
+  auto rounds_of = [&](int64_t count) {
+    return (block_share(count, block, blocks) + per_block - 1) / per_block;
+  };
+  auto in_round = [&](int64_t count, int64_t round) {
+    return round * per_block < block_share(count, block, blocks);
+  };
+  // The block's two roles run side by side, each at its own pace: the sending warps stage
+  // rounds at the receivers (and copy this rank's own rows to the output), the receiving warps
+  // take the rounds peers staged here to the output. A sender runs at most one round ahead
+  // of its receiver (two halves).
+  bool ok = true;
+  if (warp < kRoleWarps) {
+    int64_t rounds = 0;
+    for (int r = 0; r < num_ranks; ++r) rounds = max(rounds, rounds_of(send_count[r]));
+    for (int64_t round = 0; round < rounds && ok; ++round) {
+      if (tid < num_ranks && tid != me && in_round(send_count[tid], round)) {
         const uint64_t n = ctl->sent[tid][block] + 1;
         send_round[tid] = n;
         if (n >= 3) ok = wait_for(nvl, &ctl->consumed[tid][block], n - 2, tid);
       }
-      if (!__syncthreads_and(ok)) return;
+      if (!(ok = role_sync_and(kSendRole, ok))) break;
       // Consecutive items go to different ranks, starting at a different rank on every rank:
       // all peers' links carry data at once (destination-major order would make every rank
       // write to the same peer at the same time and share that peer's ingress).
-      for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
+      for (int item = warp; item < num_ranks * per_block; item += kRoleWarps) {
         const int dst = (me + item) % num_ranks;
-        const int64_t i = first + item / num_ranks;
+        const int64_t q = item / num_ranks, i = (round * per_block + q) * blocks + block;
         if (i >= send_count[dst]) continue;
         const int t = a.send_list[int64_t(dst) * a.num_tokens + i];
         if (dst == me) {
           const int64_t row = recv_offset[me] + i;
           if (row < a.num_recv_rows) put_token(a, t, me, output_row(a, row), lane);
         } else {
-          uint8_t* slot = st.slot(peer_base[dst], me, send_round[dst], i - round * per_round);
+          uint8_t* slot = st.slot(peer_base[dst], me, send_round[dst], block * per_block + q);
           put_token(a, t, dst, slot_row(slot, layout), lane);
         }
       }
-      __syncthreads();
-      if (tid < num_ranks && tid != me && first < send_count[tid]) {
+      role_sync(kSendRole);
+      if (tid < num_ranks && tid != me && in_round(send_count[tid], round)) {
         ctl->sent[tid][block] = send_round[tid];
         store_release(&control(peer_base[tid])->ready[me][block], send_round[tid]);
       }
     }
-    if (step > 0) {
-      const int64_t round = step - 1, first = round * per_round + block * per_block;
-      // Take the rows every peer staged here.
-      bool ok = true;
-      if (tid < num_ranks && tid != me && first < recv_count[tid]) {
-        const uint64_t n = ctl->received[tid][block] + 1;
-        recv_round[tid] = n;
-        ok = wait_for(nvl, &ctl->ready[tid][block], n, tid);
+  } else {
+    const int rtid = tid - kRoleThreads, rwarp = warp - kRoleWarps;
+    int64_t rounds = 0;
+    for (int r = 0; r < num_ranks; ++r)
+      if (r != me) rounds = max(rounds, rounds_of(recv_count[r]));
+    for (int64_t round = 0; round < rounds && ok; ++round) {
+      if (rtid < num_ranks && rtid != me && in_round(recv_count[rtid], round)) {
+        const uint64_t n = ctl->received[rtid][block] + 1;
+        recv_round[rtid] = n;
+        ok = wait_for(nvl, &ctl->ready[rtid][block], n, rtid);
       }
-      if (!__syncthreads_and(ok)) return;
-      for (int item = warp; item < num_ranks * per_block; item += kDataWarps) {
-        const int src = item / per_block;
-        const int64_t i = first + item % per_block;
+      if (!(ok = role_sync_and(kRecvRole, ok))) break;
+      for (int item = rwarp; item < num_ranks * per_block; item += kRoleWarps) {
+        const int src = item % num_ranks;
+        const int64_t q = item / num_ranks, i = (round * per_block + q) * blocks + block;
         if (src == me || i >= recv_count[src]) continue;
         const int64_t row = recv_offset[src] + i;
         if (row >= a.num_recv_rows) continue;  // capacity overflow, reported by notify
-        const uint8_t* slot = st.slot(nvl.local, src, recv_round[src], i - round * per_round);
+        const uint8_t* slot = st.slot(nvl.local, src, recv_round[src], block * per_block + q);
         take_row(a, layout, slot, output_row(a, row), lane);
       }
-      __syncthreads();
-      if (tid < num_ranks && tid != me && first < recv_count[tid]) {
-        ctl->received[tid][block] = recv_round[tid];
-        store_release(&control(peer_base[tid])->consumed[me][block], recv_round[tid]);
+      role_sync(kRecvRole);
+      if (rtid < num_ranks && rtid != me && in_round(recv_count[rtid], round)) {
+        ctl->received[rtid][block] = recv_round[rtid];
+        store_release(&control(peer_base[rtid])->consumed[me][block], recv_round[rtid]);
       }
     }
-    __syncthreads();
   }
+  if (!__syncthreads_and(ok)) return;
   if (a.fill_tail) {
     const int64_t total = a.counts[3 * num_ranks];
     for (int64_t row = total + block * kDataWarps + warp; row < a.num_recv_rows;
-         row += int64_t(gridDim.x) * kDataWarps)
+         row += int64_t(blocks) * kDataWarps)
       clear_row(a, row, lane);
   }
 }
@@ -568,8 +600,8 @@ __device__ void reduce_token(const CombineArgs& a, int64_t t, const uint8_t* con
   T* out = reinterpret_cast<T*>(a.combined_x) + t * a.hidden;
   const int64_t row_offset = t * a.hidden;
   if (a.hidden % kPerWord == 0) {
-    // kWords 16-byte words per lane and source in flight: the loop is latency-bound.
-    constexpr int kWords = 4;
+    // kGroup x kWords 16-byte words per lane in flight: the loop is latency-bound.
+    constexpr int kWords = 2, kGroup = 4;
     const int num_words = a.hidden / kPerWord;
     for (int w0 = lane; w0 < num_words; w0 += 32 * kWords) {
       Acc acc[kWords][kPerWord];
@@ -577,18 +609,26 @@ __device__ void reduce_token(const CombineArgs& a, int64_t t, const uint8_t* con
       for (int u = 0; u < kWords; ++u)
 #pragma unroll
         for (int e = 0; e < kPerWord; ++e) acc[u][e] = Acc(0);
-      for (int s = 0; s < num_sources; ++s) {
-        int4 words[kWords];
+      // Sources in groups of kGroup, all their words loaded before the first is added; the
+      // additions stay in ascending source order.
+      for (int s0 = 0; s0 < num_sources; s0 += kGroup) {
+        int4 words[kGroup][kWords];
 #pragma unroll
-        for (int u = 0; u < kWords; ++u)
-          if (w0 + u * 32 < num_words)
-            words[u] = __ldcg(reinterpret_cast<const int4*>(sources[s]) + w0 + u * 32);
+        for (int g = 0; g < kGroup; ++g)
 #pragma unroll
-        for (int u = 0; u < kWords; ++u) {
-          if (w0 + u * 32 >= num_words) continue;
-          const T* v = reinterpret_cast<const T*>(&words[u]);
+          for (int u = 0; u < kWords; ++u)
+            if (s0 + g < num_sources && w0 + u * 32 < num_words)
+              words[g][u] = __ldcg(reinterpret_cast<const int4*>(sources[s0 + g]) + w0 + u * 32);
 #pragma unroll
-          for (int e = 0; e < kPerWord; ++e) acc[u][e] += S::to_acc(v[e]);
+        for (int g = 0; g < kGroup; ++g) {
+          if (s0 + g >= num_sources) break;
+#pragma unroll
+          for (int u = 0; u < kWords; ++u) {
+            if (w0 + u * 32 >= num_words) continue;
+            const T* v = reinterpret_cast<const T*>(&words[g][u]);
+#pragma unroll
+            for (int e = 0; e < kPerWord; ++e) acc[u][e] += S::to_acc(v[e]);
+          }
         }
       }
 #pragma unroll
