@@ -1,6 +1,6 @@
 """Every ``deep_ep`` op against ``tests/oracle.py`` (an independent model of all ranks).
 
-Multi-rank ops run at 1, 2 and 4 gloo ranks: each rank rebuilds every rank's inputs from a
+Multi-rank ops run at 1, 2, 4 and 8 gloo ranks: each rank rebuilds every rank's inputs from a
 seed, runs its share of the ops and sends its outputs back; the test process rebuilds the same
 inputs, runs the oracle once and compares (bit-exact wherever DESIGN.md §5 is exact). Cases are
 batched into one rank job per world size and group, so the file stays cheap on small machines.
@@ -21,7 +21,7 @@ from deep_ep_ops import ops
 from deep_ep_ops._registry import TIMEOUT_ENV
 from distributed import run_on_ranks
 
-WORLD_SIZES = (1, 2, 4)
+WORLD_SIZES = (1, 2, 4, 8)  # 8: the largest NVLink domain; nothing may assume fewer ranks
 CONFIG = deep_ep_ops.Config().to_list()  # num_sms=20: 10 channels
 NUM_CHANNELS = deep_ep_ops.Config().num_channels
 # Far above what these shapes need (Config / get_low_latency_rdma_size_hint). num_rdma_bytes is
