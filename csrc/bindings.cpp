@@ -220,14 +220,7 @@ NvlRuntime* runtime_for(const char* op, const std::string& buffer, const at::Ten
                         int64_t num_ranks, c10::IntArrayRef config) {
   NvlRuntime* runtime = find_runtime(buffer);
   if (runtime == nullptr) return nullptr;
-  TORCH_CHECK(!runtime->broken, "deep_ep::", op, ": buffer ", buffer,
-              " is unusable after a timeout; destroy it and create a new one");
-  TORCH_CHECK_VALUE(x.get_device() == runtime->device, "deep_ep::", op, ": tensors are on cuda:",
-                    num(x.get_device()), " but buffer ", buffer, " lives on cuda:",
-                    num(runtime->device));
-  TORCH_CHECK_VALUE(num_ranks == runtime->num_ranks, "deep_ep::", op, ": the inputs imply ",
-                    num(num_ranks), " ranks but buffer ", buffer, " has ",
-                    num(runtime->num_ranks));
+  check_runtime(op, buffer, *runtime, x, num_ranks);
   const int64_t needed =
       nvl_buffer_size_hint(config, x.size(1) * std::max<int64_t>(x.element_size(), 2), num_ranks);
   TORCH_CHECK_VALUE(needed <= runtime->data_bytes, "deep_ep::", op, ": buffer ", buffer,

@@ -90,6 +90,21 @@ Result call_fallback(const char* op, Args&&... args) {
   return it->second(std::forward<Args>(args)...).template cast<Result>();
 }
 
+// Checks every kernel call makes of the runtime of `buffer`: not broken by a timeout, on the
+// device of `x`, made for `num_ranks` ranks. Runtime needs `broken`, `device` and `num_ranks`.
+template <typename Runtime>
+void check_runtime(const char* op, const std::string& buffer, const Runtime& runtime,
+                   const at::Tensor& x, int64_t num_ranks) {
+  TORCH_CHECK(!runtime.broken, "deep_ep::", op, ": buffer ", buffer,
+              " is unusable after a timeout; destroy it and create a new one");
+  TORCH_CHECK_VALUE(x.get_device() == runtime.device, "deep_ep::", op, ": tensors are on cuda:",
+                    num(x.get_device()), " but buffer ", buffer, " lives on cuda:",
+                    num(runtime.device));
+  TORCH_CHECK_VALUE(num_ranks == runtime.num_ranks, "deep_ep::", op, ": the inputs imply ",
+                    num(num_ranks), " ranks but buffer ", buffer, " has ",
+                    num(runtime.num_ranks));
+}
+
 // The runtimes of an extension's buffers, by buffer name. Leaked on purpose (callers hold one
 // `new` instance): nothing here may be destroyed after the interpreter or CUDA shut down.
 // Runtime needs `device`, `broken` and `release()`.

@@ -139,13 +139,7 @@ LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const 
                                int64_t num_max, int64_t num_experts) {
   LowLatencyRuntime* runtime = find_runtime(buffer);
   if (runtime == nullptr) return nullptr;
-  TORCH_CHECK(!runtime->broken, "deep_ep::", op, ": buffer ", buffer,
-              " is unusable after a timeout; destroy it and create a new one");
-  TORCH_CHECK_VALUE(x.get_device() == runtime->device, "deep_ep::", op, ": tensors are on cuda:",
-                    num(x.get_device()), " but buffer ", buffer, " lives on cuda:",
-                    num(runtime->device));
-  TORCH_CHECK_VALUE(num_ranks == runtime->num_ranks, "deep_ep::", op, ": num_ranks=",
-                    num(num_ranks), " but buffer ", buffer, " has ", num(runtime->num_ranks));
+  check_runtime(op, buffer, *runtime, x, num_ranks);
   if (x.scalar_type() != at::kBFloat16 || hidden % 8 != 0 || num_topk > kLowLatencyMaxTopk ||
       num_max > kLowLatencyMaxTokens || num_ranks > kLowLatencyMaxRanks ||
       num_ranks * num_max > kLowLatencyMaxMembers)
