@@ -709,7 +709,8 @@ combine_kernel(Intranode nvl, CombineArgs a, Staging st) {
     windows = n;
   }
   __syncthreads();
-  // Software pipeline as in dispatch: step k stages window k, then reduces window k - 1.
+  // Software pipeline: step k stages window k, then reduces window k - 1, which the peers
+  // staged a step earlier (one group of warps does both; split roles were slower here).
   for (int64_t step = 0; step <= windows; ++step) {
     if (step < windows) {
       const int64_t window = step;
