@@ -644,4 +644,55 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Python implementation of an op for buffers without an NVLink runtime");
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,
              "Raise an error a kernel on this device reported since the last op call");
+  // The op kernels again, called from Python without the dispatcher: deep_ep_ops.ops takes
+  // these for eager calls that need no autograd and no tracing (see ops._direct), which saves
+  // the dispatcher's argument parsing and the Python autograd kernel. Same code, same checks.
+  using Ints = std::vector<int64_t>;
+  using OptTensor = c10::optional<at::Tensor>;
+  module.def("get_dispatch_layout", &deep_ep_ops::get_dispatch_layout);
+  module.def("dispatch", [](const at::Tensor& x, const OptTensor& x_scales,
+                            const OptTensor& topk_idx, const OptTensor& topk_weights,
+                            const at::Tensor& num_tokens_per_rank,
+                            const at::Tensor& is_token_in_rank,
+                            const OptTensor& num_tokens_per_expert, const std::string& buffer,
+                            int64_t expert_alignment, const Ints& config) {
+    return deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                 is_token_in_rank, num_tokens_per_expert, buffer,
+                                 expert_alignment, config);
+  });
+  module.def("capacity_dispatch", [](const at::Tensor& x, const OptTensor& x_scales,
+                                     const OptTensor& topk_idx, const OptTensor& topk_weights,
+                                     const at::Tensor& num_tokens_per_rank,
+                                     const at::Tensor& is_token_in_rank,
+                                     const OptTensor& num_tokens_per_expert,
+                                     const std::string& buffer, int64_t expert_alignment,
+                                     int64_t num_worst_tokens, const Ints& config) {
+    return deep_ep_ops::capacity_dispatch(x, x_scales, topk_idx, topk_weights,
+                                          num_tokens_per_rank, is_token_in_rank,
+                                          num_tokens_per_expert, buffer, expert_alignment,
+                                          num_worst_tokens, config);
+  });
+  module.def("cached_dispatch", [](const at::Tensor& x, const OptTensor& x_scales,
+                                   const OptTensor& topk_weights, const at::Tensor& rank_prefix,
+                                   const at::Tensor& channel_prefix,
+                                   const at::Tensor& recv_channel_prefix,
+                                   const at::Tensor& recv_src_idx,
+                                   const at::Tensor& is_token_in_rank,
+                                   const at::Tensor& send_head, const std::string& buffer,
+                                   int64_t num_worst_tokens, const Ints& config) {
+    return deep_ep_ops::cached_dispatch(x, x_scales, topk_weights, rank_prefix, channel_prefix,
+                                        recv_channel_prefix, recv_src_idx, is_token_in_rank,
+                                        send_head, buffer, num_worst_tokens, config);
+  });
+  module.def("combine", [](const at::Tensor& x, const OptTensor& topk_weights,
+                           const OptTensor& bias_0, const OptTensor& bias_1,
+                           const at::Tensor& rank_prefix, const at::Tensor& channel_prefix,
+                           const at::Tensor& recv_channel_prefix, const at::Tensor& recv_src_idx,
+                           const at::Tensor& is_token_in_rank, const at::Tensor& send_head,
+                           const std::string& buffer, int64_t num_worst_tokens,
+                           const Ints& config) {
+    return deep_ep_ops::combine(x, topk_weights, bias_0, bias_1, rank_prefix, channel_prefix,
+                                recv_channel_prefix, recv_src_idx, is_token_in_rank, send_head,
+                                buffer, num_worst_tokens, config);
+  });
 }

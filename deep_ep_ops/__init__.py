@@ -4,6 +4,8 @@
 themselves are ``torch.ops.deep_ep.*`` (typed wrappers in ``deep_ep_ops.ops``).
 """
 
+import torch
+
 from . import _library
 from . import meta  # noqa: F401  (attaches the fakes; installed from the top-level meta/)
 from . import _autograd, _build, reference
@@ -34,10 +36,16 @@ from .ops import (  # noqa: E402
     LowLatencyHandle, per_token_cast_back, per_token_cast_to_fp8,
 )
 from ._build import build_info  # noqa: E402
+from . import utils  # noqa: E402,F401  (DeepEP's deep_ep.utils)
+
+# DeepEP V1's index dtype for topk_idx (its C++ extension exports it; DeepEP's tests convert
+# topk_idx to it first).
+topk_idx_t = torch.int64
 
 __all__ = [
     "Buffer", "EventOverlap", "Config", "get_low_latency_rdma_size_hint", "DispatchHandle",
     "DispatchLayout", "DispatchOutput", "CombineOutput", "LowLatencyHandle",
     "LowLatencyDispatchOutput", "per_token_cast_to_fp8", "per_token_cast_back", "build_info",
+    "topk_idx_t",
 ]
 __version__ = "0.1.0"

@@ -72,6 +72,29 @@ class LowLatencyDispatchOutput(NamedTuple):
     handle: LowLatencyHandle
 
 
+def _direct(kernels, *tensors):
+    """The extension module whose kernels an eager call may take directly, or ``None``.
+
+    An eager call that needs no autograd and is not being traced (no ``torch.compile``, no
+    fake, functional or other subclass tensors, no dispatch mode, no functorch transform) gains
+    nothing from the dispatcher: it calls the same C++ kernel function the op's CUDA
+    registration calls, minus the dispatcher's argument parsing and the Python autograd
+    kernel (about 20 µs of host time per low-latency call). Everything else goes through
+    ``torch.ops.deep_ep``, so graphs, fakes and gradients see the ops.
+    """
+    if kernels is None or torch.compiler.is_compiling():
+        return None
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return None
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or not t.is_cuda or (grad and t.requires_grad):
+            return None
+    return kernels
+
+
 def _config_list(config: ConfigLike, num_ranks: int, default) -> list[int]:
     if config is None:
         config = default(num_ranks)
@@ -97,7 +120,8 @@ def get_dispatch_layout(
     ``num_tokens_per_expert [num_experts]`` (all int32; a token counts once per rank and once per
     expert) and ``is_token_in_rank [num_tokens, num_ranks]`` bool.
     """
-    return DispatchLayout(*_ops.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks))
+    op = _direct(_build._C, topk_idx) or _ops
+    return DispatchLayout(*op.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks))
 
 
 def dispatch(
@@ -121,14 +145,17 @@ def dispatch(
     """
     num_ranks = layout.is_token_in_rank.size(1)
     cfg = _config_list(config, num_ranks, get_dispatch_config)
+    # The per-expert counts go with or without top-k (as in DeepEP): receivers learn how many
+    # rows each local expert gets either way.
     args = (
         x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank, layout.is_token_in_rank,
-        None if topk_idx is None else layout.num_tokens_per_expert, buffer, expert_alignment,
+        layout.num_tokens_per_expert, buffer, expert_alignment,
     )
+    op = _direct(_build._C, x, x_scales, topk_weights) or _ops
     if num_worst_tokens:
-        out = _ops.capacity_dispatch(*args, num_worst_tokens, cfg)
+        out = op.capacity_dispatch(*args, num_worst_tokens, cfg)
     else:
-        out = _ops.dispatch(*args, cfg)
+        out = op.dispatch(*args, cfg)
     handle = DispatchHandle(
         out[5], out[6], out[7], out[8], layout.is_token_in_rank, out[9], num_worst_tokens
     )
@@ -151,7 +178,8 @@ def cached_dispatch(
     """
     handle = _check_handle(handle)
     cfg = _config_list(config, handle.is_token_in_rank.size(1), get_dispatch_config)
-    return _ops.cached_dispatch(
+    op = _direct(_build._C, x, x_scales, topk_weights) or _ops
+    return op.cached_dispatch(
         x, x_scales, topk_weights, *_handle_tensors(handle), buffer, handle.num_worst_tokens, cfg
     )
 
@@ -182,7 +210,8 @@ def combine(
     handle = _check_handle(handle)
     bias_0, bias_1 = _unpack_bias(bias)
     cfg = _config_list(config, handle.is_token_in_rank.size(1), get_combine_config)
-    return CombineOutput(*_ops.combine(
+    op = _direct(_build._C, x, topk_weights, bias_0, bias_1) or _ops
+    return CombineOutput(*op.combine(
         x, topk_weights, bias_0, bias_1, *_handle_tensors(handle), buffer,
         handle.num_worst_tokens, cfg,
     ))
@@ -233,12 +262,17 @@ def low_latency_dispatch(
     int32 with ``use_ue8m0``); later rows are unspecified. ``cumulative_local_expert_recv_stats
     [L]`` int32 is increased in place by ``recv_count``.
     """
-    out = _ops.low_latency_dispatch(
+    args = (
         x, topk_idx, buffer, _num_ranks(buffer), num_max_dispatch_tokens_per_rank, num_experts,
         use_fp8, round_scale, use_ue8m0,
     )
-    if cumulative_local_expert_recv_stats is not None:
-        cumulative_local_expert_recv_stats.add_(out[2])
+    kernels = _direct(_build._C_nvshmem, x, cumulative_local_expert_recv_stats)
+    if kernels is not None:  # the kernel adds to the statistics itself
+        out = kernels.low_latency_dispatch(*args, cumulative_local_expert_recv_stats)
+    else:
+        out = _ops.low_latency_dispatch(*args)
+        if cumulative_local_expert_recv_stats is not None:
+            cumulative_local_expert_recv_stats.add_(out[2])
     return _low_latency_output(out, num_max_dispatch_tokens_per_rank, x.size(1), num_experts, use_fp8)
 
 
@@ -254,7 +288,8 @@ def low_latency_dispatch_send(
     use_ue8m0: bool = False,
 ) -> LowLatencyDispatchOutput:
     """Send half of ``low_latency_dispatch``: its outputs are complete only after the receive."""
-    out = _ops.low_latency_dispatch_send(
+    op = _direct(_build._C_nvshmem, x) or _ops
+    out = op.low_latency_dispatch_send(
         x, topk_idx, buffer, _num_ranks(buffer), num_max_dispatch_tokens_per_rank, num_experts,
         use_fp8, round_scale, use_ue8m0,
     )
@@ -270,7 +305,8 @@ def low_latency_dispatch_recv(
     scales = pending.recv_x_scales
     if scales is None:  # BF16: the op still takes its empty scales tensor
         scales = pending.recv_x.new_empty((*pending.recv_x.shape[:2], 0), dtype=torch.float32)
-    _ops.low_latency_dispatch_recv(
+    op = _direct(_build._C_nvshmem, pending.recv_x, cumulative_local_expert_recv_stats) or _ops
+    op.low_latency_dispatch_recv(
         pending.recv_x, scales, pending.recv_count, pending.handle.src_info,
         pending.handle.layout_range, cumulative_local_expert_recv_stats, buffer,
     )
@@ -304,9 +340,10 @@ def low_latency_combine(
     in top-k order with float32 accumulation. With ``out`` the result is written there.
     """
     args = _low_latency_combine_args(buffer, x, topk_idx, topk_weights, handle)
+    op = _direct(_build._C_nvshmem, x, topk_weights, out) or _ops
     if out is None:
-        return _ops.low_latency_combine(*args, zero_copy)
-    _ops.low_latency_combine_out(*args, zero_copy, out)
+        return op.low_latency_combine(*args, zero_copy)
+    op.low_latency_combine_out(*args, zero_copy, out)
     return out
 
 
@@ -321,14 +358,16 @@ def low_latency_combine_send(
 ) -> torch.Tensor:
     """Send half of ``low_latency_combine``; the result is complete after the receive."""
     args = _low_latency_combine_args(buffer, x, topk_idx, topk_weights, handle)
-    return _ops.low_latency_combine_send(*args, zero_copy)
+    op = _direct(_build._C_nvshmem, x, topk_weights) or _ops
+    return op.low_latency_combine_send(*args, zero_copy)
 
 
 def low_latency_combine_recv(
     buffer: str, combined_x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
     """Receive half: completes ``combined_x`` in place and returns it."""
-    _ops.low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer)
+    op = _direct(_build._C_nvshmem, combined_x, topk_weights) or _ops
+    op.low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer)
     return combined_x
 
 

@@ -254,18 +254,30 @@ LowLatencyDispatchRecv dispatch_recv_args(const at::Tensor& recv_x, const at::Te
   return args;
 }
 
+// The kernels add the received counts to the statistics in place.
+void check_stats(const at::Tensor& stats, int64_t num_local) {
+  check_tensor(stats, "cumulative_local_expert_recv_stats", 1, {at::kInt});
+  TORCH_CHECK_VALUE(stats.size(0) == num_local && stats.is_contiguous(),
+                    "cumulative_local_expert_recv_stats must be a contiguous (", num(num_local),
+                    ",) tensor, got shape ", shape(stats));
+}
+
 DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
                               const at::Tensor& topk_idx, const std::string& buffer,
                               int64_t num_ranks, int64_t num_max, int64_t num_experts,
-                              bool use_fp8, bool round_scale, bool use_ue8m0) {
+                              bool use_fp8, bool round_scale, bool use_ue8m0,
+                              const c10::optional<at::Tensor>& stats) {
   check_dispatch(x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0);
+  if (stats) check_stats(*stats, num_experts / num_ranks);
   LowLatencyRuntime* runtime = runtime_for(op, buffer, x, x.size(1), topk_idx.size(1), num_ranks,
                                            num_max, num_experts);
   if (runtime == nullptr) {
     if (LowLatencyRuntime* r = find_runtime(buffer); split && r != nullptr)
       r->pending_dispatch.push_back(false);
-    return call_fallback<DispatchOutputs>(op, x, topk_idx, buffer, num_ranks, num_max,
-                                          num_experts, use_fp8, round_scale, use_ue8m0);
+    DispatchOutputs out = call_fallback<DispatchOutputs>(
+        op, x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0);
+    if (stats) stats->add_(std::get<2>(out));
+    return out;
   }
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
@@ -280,7 +292,7 @@ DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
   } else {
     const LowLatencyDispatchRecv recv =
         dispatch_recv_args(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
-                           std::get<4>(out), c10::nullopt);
+                           std::get<4>(out), stats);
     C10_CUDA_CHECK(launch_low_latency_dispatch(ll, send, recv, stream));
   }
   return out;
@@ -291,7 +303,16 @@ DispatchOutputs low_latency_dispatch(const at::Tensor& x, const at::Tensor& topk
                                      int64_t num_max, int64_t num_experts, bool use_fp8,
                                      bool round_scale, bool use_ue8m0) {
   return dispatch_impl("low_latency_dispatch", false, x, topk_idx, buffer, num_ranks, num_max,
-                       num_experts, use_fp8, round_scale, use_ue8m0);
+                       num_experts, use_fp8, round_scale, use_ue8m0, c10::nullopt);
+}
+
+DispatchOutputs low_latency_dispatch_with_stats(const at::Tensor& x, const at::Tensor& topk_idx,
+                                                const std::string& buffer, int64_t num_ranks,
+                                                int64_t num_max, int64_t num_experts,
+                                                bool use_fp8, bool round_scale, bool use_ue8m0,
+                                                const c10::optional<at::Tensor>& stats) {
+  return dispatch_impl("low_latency_dispatch", false, x, topk_idx, buffer, num_ranks, num_max,
+                       num_experts, use_fp8, round_scale, use_ue8m0, stats);
 }
 
 DispatchOutputs low_latency_dispatch_send(const at::Tensor& x, const at::Tensor& topk_idx,
@@ -299,7 +320,7 @@ DispatchOutputs low_latency_dispatch_send(const at::Tensor& x, const at::Tensor&
                                           int64_t num_max, int64_t num_experts, bool use_fp8,
                                           bool round_scale, bool use_ue8m0) {
   return dispatch_impl("low_latency_dispatch_send", true, x, topk_idx, buffer, num_ranks,
-                       num_max, num_experts, use_fp8, round_scale, use_ue8m0);
+                       num_max, num_experts, use_fp8, round_scale, use_ue8m0, c10::nullopt);
 }
 
 // Whether the oldest pending send half of `queue` ran on the kernels (false: the reference).
@@ -318,12 +339,7 @@ void low_latency_dispatch_recv(const at::Tensor& recv_x, const at::Tensor& recv_
                                const c10::optional<at::Tensor>& stats,
                                const std::string& buffer) {
   const char* op = "low_latency_dispatch_recv";
-  if (stats) {
-    check_tensor(*stats, "cumulative_local_expert_recv_stats", 1, {at::kInt});
-    TORCH_CHECK_VALUE(stats->size(0) == recv_count.size(0) && stats->is_contiguous(),
-                      "cumulative_local_expert_recv_stats must be a contiguous (",
-                      num(recv_count.size(0)), ",) tensor, got shape ", shape(*stats));
-  }
+  if (stats) check_stats(*stats, recv_count.size(0));
   LowLatencyRuntime* runtime = find_runtime(buffer);
   const bool kernels = runtime != nullptr && !runtime->pending_dispatch.empty() &&
                        runtime->pending_dispatch.front();
@@ -557,4 +573,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Python implementation of an op for calls the kernels do not take");
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,
              "Raise an error a low-latency kernel on this device reported since the last call");
+  // The op kernels again, called from Python without the dispatcher (see ops._direct in
+  // deep_ep_ops/ops.py). The fused dispatch also takes the cumulative statistics, which the
+  // kernel adds in place (the op leaves that to a separate add_).
+  module.def("low_latency_dispatch", &deep_ep_ops::low_latency_dispatch_with_stats);
+  module.def("low_latency_dispatch_send", &deep_ep_ops::low_latency_dispatch_send);
+  module.def("low_latency_dispatch_recv", &deep_ep_ops::low_latency_dispatch_recv);
+  module.def("low_latency_combine", &deep_ep_ops::low_latency_combine);
+  module.def("low_latency_combine_out", &deep_ep_ops::low_latency_combine_out);
+  module.def("low_latency_combine_send", &deep_ep_ops::low_latency_combine_send);
+  module.def("low_latency_combine_recv", &deep_ep_ops::low_latency_combine_recv);
 }
