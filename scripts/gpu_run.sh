@@ -5,8 +5,10 @@
 # Environment: GPU_TESTS (pytest targets, default "tests"; "none" skips the tests),
 # BENCH_MODES (default "normal low-latency"; "none" skips the benchmark), EXAMPLES (1: run the
 # two decode examples on every GPU, the default; 0: skip), GPU_TESTS_TIMEOUT_S, BENCH_TIMEOUT_S,
-# and DEEP_EP_OPS_GPU_WORLD_SIZES (e.g. "4": the multi-GPU tests at 4 ranks only). Python
-# wheels the machine lacks (expecttest) may be carried in .whl/.
+# DEEP_EP_OPS_GPU_WORLD_SIZES (e.g. "4": the multi-GPU tests at 4 ranks only), and DEEPEP (an
+# unpacked DeepEP V1 tree, e.g. .deepep: build DeepEP there and run its tests against DeepEP and
+# against this package, scripts/deepep_suite.py; DEEPEP_PROCESSES ranks, default: the GPUs).
+# Python wheels the machine lacks (expecttest) may be carried in .whl/.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
 shift
@@ -24,6 +26,25 @@ if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.lo
 fi
 echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import deep_ep_ops; print(deep_ep_ops.build_info())" | tee "$out/build_info.txt"
+deepep_rc=""
+if [ -n "${DEEPEP:-}" ]; then
+  ranks=${DEEPEP_PROCESSES:-$(nvidia-smi -L | wc -l)}
+  start=$(date +%s)
+  # CUDA 13 keeps CCCL (which NVSHMEM's headers include) under include/cccl.
+  if (cd "$DEEPEP" && NVCC_APPEND_FLAGS="-I$CUDA_HOME/include/cccl" \
+      CPLUS_INCLUDE_PATH="$CUDA_HOME/include/cccl" TORCH_CUDA_ARCH_LIST=9.0 \
+      MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace) > "$out/deepep_build.log" 2>&1; then
+    echo "DeepEP build: $(( $(date +%s) - start )) s"
+    for impl in deepep ours; do
+      timeout "${DEEPEP_TIMEOUT_S:-900}" python3 scripts/deepep_suite.py --deepep "$DEEPEP" \
+        --impl $impl --num-processes "$ranks" --out "$out" > "$out/deepep-$impl.txt" 2>&1
+      deepep_rc="$deepep_rc $impl=$?"
+    done
+  else
+    grep -B2 -A8 "error" "$out/deepep_build.log" | head -40; echo "DEEPEP BUILD FAILED"
+    deepep_rc=" build-failed"
+  fi
+fi
 tests_rc=skipped
 if [ "${GPU_TESTS:-tests}" != none ]; then
   # shellcheck disable=SC2086
@@ -51,7 +72,8 @@ if [ "${EXAMPLES:-1}" = 1 ]; then
     tail -1 "$out/$example.log"
   done
 fi
-echo "gpu tests rc=$tests_rc bench rc:$bench_rc examples rc:$examples_rc"
+echo "gpu tests rc=$tests_rc bench rc:$bench_rc examples rc:$examples_rc deepep suite rc:$deepep_rc"
+for impl in deepep ours; do cat "$out/deepep-$impl.txt" 2>/dev/null; done
 for mode in ${BENCH_MODES:-normal low-latency}; do
   [ "$mode" = none ] || cat "$out/bench-$mode/table.txt" 2>/dev/null
 done
