@@ -139,6 +139,14 @@ __device__ __forceinline__ void copy_weight(uint8_t* dst, const uint8_t* src, in
 
 // --- staging geometry ------------------------------------------------------------------------
 
+}  // namespace
+
+// The kernels live here, with external linkage: in a CUDA profile they read as
+// deep_ep_ops::intranode::dispatch / combine (DeepEP's bench_kineto finds kernels by name), not
+// as (anonymous namespace) members. A parameter type of internal linkage would make its kernel
+// internal again, hence Staging here too.
+namespace intranode {
+
 struct Staging {
   int64_t region_bytes;  // per sending rank
   int64_t half_bytes;    // per round parity
@@ -151,9 +159,13 @@ struct Staging {
   }
 };
 
-__host__ __device__ inline Staging staging_of(int64_t data_bytes, int num_ranks,
-                                              int64_t slot_bytes, int num_blocks) {
-  Staging s;
+}  // namespace intranode
+
+namespace {
+
+__host__ __device__ inline intranode::Staging staging_of(int64_t data_bytes, int num_ranks,
+                                                         int64_t slot_bytes, int num_blocks) {
+  intranode::Staging s;
   s.region_bytes = data_bytes / num_ranks / 16 * 16;
   s.half_bytes = s.region_bytes / 2 / 16 * 16;
   s.slot_bytes = slot_bytes;
@@ -164,11 +176,32 @@ __host__ __device__ inline Staging staging_of(int64_t data_bytes, int num_ranks,
 
 // --- dispatch: count and notify --------------------------------------------------------------
 
+// Device-wide barrier of all ranks (one block): monotonic epochs, nothing to reset.
+__device__ bool barrier(const Intranode& nvl, uint8_t* const* peer_base) {
+  Control* ctl = control(nvl.local);
+  __shared__ uint64_t epoch;
+  __syncthreads();
+  if (threadIdx.x == 0) epoch = ++ctl->barrier_epoch;
+  __threadfence_system();
+  __syncthreads();
+  bool ok = true;
+  const int peer = threadIdx.x;
+  if (peer < nvl.num_ranks && peer != nvl.rank) {
+    store_release(&control(peer_base[peer])->barrier_signal[nvl.rank], epoch);
+    ok = wait_for(nvl, &ctl->barrier_signal[peer], epoch, peer);
+  }
+  return __syncthreads_and(ok);
+}
+
+}  // namespace
+
+namespace intranode {
+
 // One block per destination rank: a block-wide scan of is_token_in_rank[:, dst] gives each
 // token's row among those sent to dst (send_list, send_head before the offset) and the
 // per-channel prefix.
 __global__ void __launch_bounds__(kThreads)
-dispatch_count_kernel(Intranode nvl, DispatchLayoutArgs args) {
+count_rows(Intranode nvl, DispatchLayoutArgs args) {
   const int dst = blockIdx.x, num_ranks = nvl.num_ranks, num_tokens = args.num_tokens;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ int warp_totals[kWarps];
@@ -211,27 +244,10 @@ dispatch_count_kernel(Intranode nvl, DispatchLayoutArgs args) {
   }
 }
 
-// Device-wide barrier of all ranks (one block): monotonic epochs, nothing to reset.
-__device__ bool barrier(const Intranode& nvl, uint8_t* const* peer_base) {
-  Control* ctl = control(nvl.local);
-  __shared__ uint64_t epoch;
-  __syncthreads();
-  if (threadIdx.x == 0) epoch = ++ctl->barrier_epoch;
-  __threadfence_system();
-  __syncthreads();
-  bool ok = true;
-  const int peer = threadIdx.x;
-  if (peer < nvl.num_ranks && peer != nvl.rank) {
-    store_release(&control(peer_base[peer])->barrier_signal[nvl.rank], epoch);
-    ok = wait_for(nvl, &ctl->barrier_signal[peer], epoch, peer);
-  }
-  return __syncthreads_and(ok);
-}
-
 // One block: publish this rank's row for every destination (rows sent to every rank, the
 // destination's channel prefix and per-expert counts), barrier, derive the handle.
 __global__ void __launch_bounds__(kThreads)
-dispatch_notify_kernel(Intranode nvl, DispatchLayoutArgs args) {
+notify(Intranode nvl, DispatchLayoutArgs args) {
   const int num_ranks = nvl.num_ranks, me = nvl.rank, channels = args.num_channels;
   const int num_local = args.num_tokens_per_expert ? args.num_experts / num_ranks : 0;
   const int row_ints = num_ranks + channels + num_local;
@@ -312,9 +328,8 @@ dispatch_notify_kernel(Intranode nvl, DispatchLayoutArgs args) {
 
 // From a handle: rows sent to / received from every rank (rank_prefix_matrix) and, for cached
 // dispatch, the tokens sent to every rank in row order (inverting send_head).
-__global__ void handle_counts_kernel(Intranode nvl, const int* rank_prefix_matrix,
-                                     const int* send_head, int num_tokens, int* send_list,
-                                     int* counts) {
+__global__ void handle_counts(Intranode nvl, const int* rank_prefix_matrix, const int* send_head,
+                              int num_tokens, int* send_list, int* counts) {
   const int num_ranks = nvl.num_ranks, me = nvl.rank;
   __shared__ int my_start[kMaxNvlRanks], send_count[kMaxNvlRanks];
   auto before = [&](int src, int dst) { return src == 0 ? 0 : rank_prefix_matrix[(src - 1) * num_ranks + dst]; };
@@ -349,6 +364,10 @@ __global__ void handle_counts_kernel(Intranode nvl, const int* rank_prefix_matri
     send_list[int64_t(dst) * num_tokens + slot] = static_cast<int>(i / num_ranks);
   }
 }
+
+}  // namespace intranode
+
+namespace {
 
 // --- dispatch: data ----------------------------------------------------------------------------
 
@@ -450,8 +469,12 @@ __device__ __forceinline__ int64_t block_share(int64_t count, int block, int num
   return count > block ? (count - 1 - block) / num_blocks + 1 : 0;
 }
 
+}  // namespace
+
+namespace intranode {
+
 __global__ void __launch_bounds__(kDataThreads, 1)
-dispatch_data_kernel(Intranode nvl, DispatchDataArgs a, Staging st) {
+dispatch(Intranode nvl, DispatchDataArgs a, Staging st) {
   const int num_ranks = nvl.num_ranks, me = nvl.rank, block = blockIdx.x, blocks = gridDim.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
   const SlotLayout layout = slot_layout(a);
@@ -550,6 +573,10 @@ dispatch_data_kernel(Intranode nvl, DispatchDataArgs a, Staging st) {
       clear_row(a, row, lane);
   }
 }
+
+}  // namespace intranode
+
+namespace {
 
 // --- combine -----------------------------------------------------------------------------------
 
@@ -671,9 +698,13 @@ __device__ void reduce_token(const CombineArgs& a, int64_t t, const uint8_t* con
   }
 }
 
+}  // namespace
+
+namespace intranode {
+
 template <typename T>
 __global__ void __launch_bounds__(kDataThreads, 1)
-combine_kernel(Intranode nvl, CombineArgs a, Staging st) {
+combine(Intranode nvl, CombineArgs a, Staging st) {
   const int num_ranks = nvl.num_ranks, me = nvl.rank, block = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
   const int64_t row_bytes = int64_t(a.hidden) * sizeof(T);
@@ -803,7 +834,7 @@ combine_kernel(Intranode nvl, CombineArgs a, Staging st) {
   }
 }
 
-}  // namespace
+}  // namespace intranode
 
 size_t intranode_control_bytes() { return kControlBytes; }
 
@@ -812,8 +843,8 @@ cudaError_t launch_dispatch_notify(const Intranode& nvl, const DispatchLayoutArg
   if (nvl.num_ranks > kMaxNvlRanks || args.num_channels > kMaxChannels ||
       nvl.num_ranks + args.num_channels + args.num_experts / nvl.num_ranks > kMaxNotifyInts)
     return cudaErrorInvalidValue;
-  dispatch_count_kernel<<<nvl.num_ranks, kThreads, 0, stream>>>(nvl, args);
-  dispatch_notify_kernel<<<1, kThreads, 0, stream>>>(nvl, args);
+  intranode::count_rows<<<nvl.num_ranks, kThreads, 0, stream>>>(nvl, args);
+  intranode::notify<<<1, kThreads, 0, stream>>>(nvl, args);
   return cudaGetLastError();
 }
 
@@ -823,8 +854,8 @@ cudaError_t launch_handle_counts(const Intranode& nvl, const int* rank_prefix_ma
   const int64_t entries = int64_t(num_tokens) * nvl.num_ranks;
   int blocks = static_cast<int>((entries + 255) / 256);
   blocks = send_list == nullptr || blocks < 1 ? 1 : (blocks > 132 ? 132 : blocks);
-  handle_counts_kernel<<<blocks, 256, 0, stream>>>(nvl, rank_prefix_matrix, send_head,
-                                                   num_tokens, send_list, counts);
+  intranode::handle_counts<<<blocks, 256, 0, stream>>>(nvl, rank_prefix_matrix, send_head,
+                                                       num_tokens, send_list, counts);
   return cudaGetLastError();
 }
 
@@ -836,9 +867,10 @@ int intranode_rows_per_block(const Intranode& nvl, int64_t slot_bytes, int num_b
 
 cudaError_t launch_dispatch_data(const Intranode& nvl, const DispatchDataArgs& args,
                                  int num_blocks, cudaStream_t stream) {
-  const Staging st = staging_of(nvl.data_bytes, nvl.num_ranks, slot_layout(args).bytes, num_blocks);
+  const intranode::Staging st =
+      staging_of(nvl.data_bytes, nvl.num_ranks, slot_layout(args).bytes, num_blocks);
   if (st.rows_per_block < 1 || num_blocks > kMaxBlocks) return cudaErrorInvalidValue;
-  dispatch_data_kernel<<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st);
+  intranode::dispatch<<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st);
   return cudaGetLastError();
 }
 
@@ -850,13 +882,15 @@ int64_t combine_slot_bytes(const CombineArgs& args) {
 
 cudaError_t launch_combine(const Intranode& nvl, const CombineArgs& args, int num_blocks,
                            cudaStream_t stream) {
-  const Staging st = staging_of(nvl.data_bytes, nvl.num_ranks, combine_slot_bytes(args), num_blocks);
+  const intranode::Staging st =
+      staging_of(nvl.data_bytes, nvl.num_ranks, combine_slot_bytes(args), num_blocks);
   if (st.rows_per_block < 1 || num_blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  using intranode::combine;
   switch (args.kind) {
-    case kBFloat16: combine_kernel<__nv_bfloat16><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
-    case kFloat16: combine_kernel<__half><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
-    case kFloat32: combine_kernel<float><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
-    case kFloat64: combine_kernel<double><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
+    case kBFloat16: combine<__nv_bfloat16><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
+    case kFloat16: combine<__half><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
+    case kFloat32: combine<float><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
+    case kFloat64: combine<double><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st); break;
     default: return cudaErrorInvalidValue;
   }
   return cudaGetLastError();

@@ -14,14 +14,20 @@ constexpr int kThreads = 256;
 constexpr int kMaxRanks = 64;  // ranks a token's mask can name
 constexpr int kTokensPerBlock = kThreads;  // one token per thread: many blocks in flight
 
+}  // namespace
+
+// External linkage in a named namespace: a profile shows deep_ep_ops::layout::get_dispatch_layout,
+// not an (anonymous namespace) member.
+namespace layout {
+
 __global__ void __launch_bounds__(kThreads)
-get_dispatch_layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens, int num_topk,
-                           int num_experts, int num_ranks, int num_rdma_ranks,
-                           int* __restrict__ num_tokens_per_rank,
-                           int* __restrict__ num_tokens_per_rdma_rank,
-                           int* __restrict__ num_tokens_per_expert,
-                           bool* __restrict__ is_token_in_rank, int* __restrict__ error,
-                           int* __restrict__ workspace, unsigned* __restrict__ ticket) {
+get_dispatch_layout(const int64_t* __restrict__ topk_idx, int num_tokens, int num_topk,
+                    int num_experts, int num_ranks, int num_rdma_ranks,
+                    int* __restrict__ num_tokens_per_rank,
+                    int* __restrict__ num_tokens_per_rdma_rank,
+                    int* __restrict__ num_tokens_per_expert, bool* __restrict__ is_token_in_rank,
+                    int* __restrict__ error, int* __restrict__ workspace,
+                    unsigned* __restrict__ ticket) {
   extern __shared__ int histogram[];  // [num_experts | num_ranks | num_rdma_ranks]
   int* per_expert = histogram;
   int* per_rank = per_expert + num_experts;
@@ -94,7 +100,7 @@ get_dispatch_layout_kernel(const int64_t* __restrict__ topk_idx, int num_tokens,
   if (threadIdx.x == 0) *ticket = 0;  // ready for the next launch (and graph replay)
 }
 
-}  // namespace
+}  // namespace layout
 
 int layout_workspace_ints(int num_experts, int num_ranks, int num_rdma_ranks, int num_sms) {
   return num_sms * (num_experts + num_ranks + num_rdma_ranks);
@@ -110,7 +116,7 @@ cudaError_t launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, 
   int blocks = (num_tokens + kTokensPerBlock - 1) / kTokensPerBlock;
   blocks = blocks < 1 ? 1 : (blocks > num_sms ? num_sms : blocks);
   const size_t shared = sizeof(int) * (num_experts + num_ranks + num_rdma_ranks);
-  get_dispatch_layout_kernel<<<blocks, kThreads, shared, stream>>>(
+  layout::get_dispatch_layout<<<blocks, kThreads, shared, stream>>>(
       topk_idx, num_tokens, num_topk, num_experts, num_ranks, num_rdma_ranks,
       num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank,
       error, workspace, ticket);

@@ -17,7 +17,8 @@
 // identical: the partial sums are rounded once more.)
 //
 // The fused ops run both halves in one kernel (blocks do their send work, then their receive
-// work); the split ops launch the same kernel with one half each.
+// work); the split ops launch the same kernel with one half each (a runtime argument: one
+// kernel name per direction in a profile, whichever form runs).
 //
 // Graph safety: every call reads its sequence number from this rank's counters on the device
 // (one counter per direction and half of the op), so a captured call and an eager call
@@ -735,25 +736,42 @@ __device__ void combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& 
   }
 }
 
+// Halves a launch runs (the kernels' `phases`): a runtime mask rather than template
+// parameters, so that the fused launch and both split launches are one kernel, one name in a
+// CUDA profile (DeepEP's bench_kineto finds the kernels by name and splits the split form's
+// launches by period).
+constexpr int kSendPhase = 1, kRecvPhase = 2, kBothPhases = kSendPhase | kRecvPhase;
+
+}  // namespace
+
+// The kernels have external linkage in a named namespace: with -rdc, internal-linkage kernels
+// get a __nv_static_<hash> prefix that hides their names in a profile.
+namespace low_latency {
+
 // A send and a receive half in one kernel wait for each other's blocks (through the peers):
 // launch at most the blocks that are resident at once.
-template <bool kSend, bool kRecv>
 __global__ void __launch_bounds__(kThreads)
-    dispatch_kernel(LowLatency ll, LowLatencyDispatchSend send, LowLatencyDispatchRecv recv,
-                    int parts) {
-  const uint64_t sent = kSend ? dispatch_send(ll, send, !kRecv) : 0;
-  if (kRecv) dispatch_recv(ll, recv, parts, sent);
+    dispatch(LowLatency ll, LowLatencyDispatchSend send, LowLatencyDispatchRecv recv, int parts,
+             int phases) {
+  const bool recv_too = (phases & kRecvPhase) != 0;
+  const uint64_t sent = phases & kSendPhase ? dispatch_send(ll, send, !recv_too) : 0;
+  if (recv_too) dispatch_recv(ll, recv, parts, sent);
 }
 
-template <bool kSend, bool kRecv>
 __global__ void __launch_bounds__(kCombineThreads, 2)
-    combine_kernel(LowLatency ll, LowLatencyCombineSend send, LowLatencyCombineRecv recv) {
-  const uint64_t sent = kSend ? combine_send(ll, send, !kRecv) : 0;
-  if (kRecv) combine_recv(ll, recv, sent);
+    combine(LowLatency ll, LowLatencyCombineSend send, LowLatencyCombineRecv recv, int phases) {
+  const bool recv_too = (phases & kRecvPhase) != 0;
+  const uint64_t sent = phases & kSendPhase ? combine_send(ll, send, !recv_too) : 0;
+  if (recv_too) combine_recv(ll, recv, sent);
 }
+
+}  // namespace low_latency
+
+namespace {
 
 // Blocks for `work` units of `kKernel`: at most `work`, and all resident at once (the number
-// resident per SM is queried once per kernel: each instantiation has its own cache).
+// resident per SM is queried once per kernel; the halves and the fused form share it, as they
+// share the kernel's registers and shared memory).
 template <auto kKernel>
 int blocks_for(int threads, const LowLatency& ll, int64_t work, cudaError_t* status) {
   static int per_sm = 0;
@@ -770,28 +788,28 @@ int recv_parts(const LowLatency& ll, int num_local_experts) {
   return std::max(1, std::min(8, ll.num_sms / std::max(1, num_local_experts)));
 }
 
-template <bool kSend, bool kRecv>
 cudaError_t launch_dispatch(const LowLatency& ll, const LowLatencyDispatchSend& send,
-                            const LowLatencyDispatchRecv& recv, cudaStream_t stream) {
+                            const LowLatencyDispatchRecv& recv, int phases, cudaStream_t stream) {
   const int parts = recv_parts(ll, recv.num_local_experts);
-  const int64_t work = std::max<int64_t>(kSend ? send.num_tokens : 0,
-                                         kRecv ? int64_t(recv.num_local_experts) * parts : 0);
+  const int64_t work =
+      std::max<int64_t>(phases & kSendPhase ? send.num_tokens : 0,
+                        phases & kRecvPhase ? int64_t(recv.num_local_experts) * parts : 0);
   cudaError_t status = cudaSuccess;
-  const int blocks = blocks_for<dispatch_kernel<kSend, kRecv>>(kThreads, ll, work, &status);
+  const int blocks = blocks_for<low_latency::dispatch>(kThreads, ll, work, &status);
   if (status != cudaSuccess) return status;
-  dispatch_kernel<kSend, kRecv><<<blocks, kThreads, 0, stream>>>(ll, send, recv, parts);
+  low_latency::dispatch<<<blocks, kThreads, 0, stream>>>(ll, send, recv, parts, phases);
   return cudaGetLastError();
 }
 
-template <bool kSend, bool kRecv>
 cudaError_t launch_combine(const LowLatency& ll, const LowLatencyCombineSend& send,
-                           const LowLatencyCombineRecv& recv, cudaStream_t stream) {
-  const int64_t work = std::max<int64_t>(kSend ? int64_t(ll.num_ranks) * ll.num_max_tokens : 0,
-                                         kRecv ? recv.num_tokens : 0);
+                           const LowLatencyCombineRecv& recv, int phases, cudaStream_t stream) {
+  const int64_t work =
+      std::max<int64_t>(phases & kSendPhase ? int64_t(ll.num_ranks) * ll.num_max_tokens : 0,
+                        phases & kRecvPhase ? recv.num_tokens : 0);
   cudaError_t status = cudaSuccess;
-  const int blocks = blocks_for<combine_kernel<kSend, kRecv>>(kCombineThreads, ll, work, &status);
+  const int blocks = blocks_for<low_latency::combine>(kCombineThreads, ll, work, &status);
   if (status != cudaSuccess) return status;
-  combine_kernel<kSend, kRecv><<<blocks, kCombineThreads, 0, stream>>>(ll, send, recv);
+  low_latency::combine<<<blocks, kCombineThreads, 0, stream>>>(ll, send, recv, phases);
   return cudaGetLastError();
 }
 
@@ -799,32 +817,32 @@ cudaError_t launch_combine(const LowLatency& ll, const LowLatencyCombineSend& se
 
 cudaError_t launch_low_latency_dispatch_send(const LowLatency& ll, const LowLatencyDispatchSend& a,
                                              cudaStream_t stream) {
-  return launch_dispatch<true, false>(ll, a, LowLatencyDispatchRecv{}, stream);
+  return launch_dispatch(ll, a, LowLatencyDispatchRecv{}, kSendPhase, stream);
 }
 
 cudaError_t launch_low_latency_dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv& a,
                                              cudaStream_t stream) {
-  return launch_dispatch<false, true>(ll, LowLatencyDispatchSend{}, a, stream);
+  return launch_dispatch(ll, LowLatencyDispatchSend{}, a, kRecvPhase, stream);
 }
 
 cudaError_t launch_low_latency_dispatch(const LowLatency& ll, const LowLatencyDispatchSend& send,
                                         const LowLatencyDispatchRecv& recv, cudaStream_t stream) {
-  return launch_dispatch<true, true>(ll, send, recv, stream);
+  return launch_dispatch(ll, send, recv, kBothPhases, stream);
 }
 
 cudaError_t launch_low_latency_combine_send(const LowLatency& ll, const LowLatencyCombineSend& a,
                                             cudaStream_t stream) {
-  return launch_combine<true, false>(ll, a, LowLatencyCombineRecv{}, stream);
+  return launch_combine(ll, a, LowLatencyCombineRecv{}, kSendPhase, stream);
 }
 
 cudaError_t launch_low_latency_combine_recv(const LowLatency& ll, const LowLatencyCombineRecv& a,
                                             cudaStream_t stream) {
-  return launch_combine<false, true>(ll, LowLatencyCombineSend{}, a, stream);
+  return launch_combine(ll, LowLatencyCombineSend{}, a, kRecvPhase, stream);
 }
 
 cudaError_t launch_low_latency_combine(const LowLatency& ll, const LowLatencyCombineSend& send,
                                        const LowLatencyCombineRecv& recv, cudaStream_t stream) {
-  return launch_combine<true, true>(ll, send, recv, stream);
+  return launch_combine(ll, send, recv, kBothPhases, stream);
 }
 
 }  // namespace deep_ep_ops
