@@ -35,9 +35,10 @@ if [ -n "${DEEPEP:-}" ]; then
       CPLUS_INCLUDE_PATH="$CUDA_HOME/include/cccl" TORCH_CUDA_ARCH_LIST=9.0 \
       MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace) > "$out/deepep_build.log" 2>&1; then
     echo "DeepEP build: $(( $(date +%s) - start )) s"
-    for impl in deepep ours; do
+    for impl in ours deepep; do
       timeout "${DEEPEP_TIMEOUT_S:-900}" python3 scripts/deepep_suite.py --deepep "$DEEPEP" \
-        --impl $impl --num-processes "$ranks" --out "$out" > "$out/deepep-$impl.txt" 2>&1
+        --impl $impl --num-processes "$ranks" --timeout-s "${DEEPEP_TEST_TIMEOUT_S:-300}" \
+        --out "$out" > "$out/deepep-$impl.txt" 2>&1
       deepep_rc="$deepep_rc $impl=$?"
     done
   else
@@ -73,7 +74,7 @@ if [ "${EXAMPLES:-1}" = 1 ]; then
   done
 fi
 echo "gpu tests rc=$tests_rc bench rc:$bench_rc examples rc:$examples_rc deepep suite rc:$deepep_rc"
-for impl in deepep ours; do cat "$out/deepep-$impl.txt" 2>/dev/null; done
+for impl in ours deepep; do cat "$out/deepep-$impl.txt" 2>/dev/null; done
 for mode in ${BENCH_MODES:-normal low-latency}; do
   [ "$mode" = none ] || cat "$out/bench-$mode/table.txt" 2>/dev/null
 done
