@@ -111,7 +111,10 @@ setup(
     packages=["deep_ep_ops", "deep_ep_ops.meta"],
     package_dir={"deep_ep_ops": "deep_ep_ops", "deep_ep_ops.meta": "meta"},
     python_requires=">=3.10",
-    install_requires=["torch>=2.6"],
+    # numpy: torch.distributed's object collectives (all_gather_object, used by the benchmark
+    # and the CUDA runtimes' set-up) need it, and torch does not depend on it. torch stays a
+    # lower bound only, so an installed torch >= 2.6 (a CUDA build) is kept as it is.
+    install_requires=["torch>=2.6", "numpy"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -644,55 +644,66 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Python implementation of an op for buffers without an NVLink runtime");
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,
              "Raise an error a kernel on this device reported since the last op call");
-  // The op kernels again, called from Python without the dispatcher: deep_ep_ops.ops takes
-  // these for eager calls that need no autograd and no tracing (see ops._direct), which saves
-  // the dispatcher's argument parsing and the Python autograd kernel. Same code, same checks.
+  // The op kernels again, called from Python without the dispatcher (see ops._direct in
+  // deep_ep_ops/ops.py); each returns None where the call must take the ops instead
+  // (eager_direct_ok). Same code, same checks.
   using Ints = std::vector<int64_t>;
   using OptTensor = c10::optional<at::Tensor>;
-  module.def("get_dispatch_layout", &deep_ep_ops::get_dispatch_layout);
-  module.def("dispatch", [](const at::Tensor& x, const OptTensor& x_scales,
-                            const OptTensor& topk_idx, const OptTensor& topk_weights,
-                            const at::Tensor& num_tokens_per_rank,
-                            const at::Tensor& is_token_in_rank,
-                            const OptTensor& num_tokens_per_expert, const std::string& buffer,
-                            int64_t expert_alignment, const Ints& config) {
-    return deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                                 is_token_in_rank, num_tokens_per_expert, buffer,
-                                 expert_alignment, config);
+  using at::Tensor;
+  module.def("get_dispatch_layout", [](const Tensor& topk_idx, int64_t num_experts,
+                                       int64_t num_ranks, int64_t num_rdma_ranks) {
+    return DEEP_EP_DIRECT(deep_ep_ops::get_dispatch_layout(topk_idx, num_experts, num_ranks,
+                                                           num_rdma_ranks), topk_idx);
   });
-  module.def("capacity_dispatch", [](const at::Tensor& x, const OptTensor& x_scales,
+  module.def("dispatch", [](const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
+                            const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
+                            const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
+                            const std::string& buffer, int64_t expert_alignment,
+                            const Ints& config) {
+    return DEEP_EP_DIRECT(deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights,
+                                                num_tokens_per_rank, is_token_in_rank,
+                                                num_tokens_per_expert, buffer, expert_alignment,
+                                                config),
+                          x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                          is_token_in_rank, num_tokens_per_expert);
+  });
+  module.def("capacity_dispatch", [](const Tensor& x, const OptTensor& x_scales,
                                      const OptTensor& topk_idx, const OptTensor& topk_weights,
-                                     const at::Tensor& num_tokens_per_rank,
-                                     const at::Tensor& is_token_in_rank,
+                                     const Tensor& num_tokens_per_rank,
+                                     const Tensor& is_token_in_rank,
                                      const OptTensor& num_tokens_per_expert,
                                      const std::string& buffer, int64_t expert_alignment,
                                      int64_t num_worst_tokens, const Ints& config) {
-    return deep_ep_ops::capacity_dispatch(x, x_scales, topk_idx, topk_weights,
-                                          num_tokens_per_rank, is_token_in_rank,
-                                          num_tokens_per_expert, buffer, expert_alignment,
-                                          num_worst_tokens, config);
+    return DEEP_EP_DIRECT(deep_ep_ops::capacity_dispatch(x, x_scales, topk_idx, topk_weights,
+                                                         num_tokens_per_rank, is_token_in_rank,
+                                                         num_tokens_per_expert, buffer,
+                                                         expert_alignment, num_worst_tokens,
+                                                         config),
+                          x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                          is_token_in_rank, num_tokens_per_expert);
   });
-  module.def("cached_dispatch", [](const at::Tensor& x, const OptTensor& x_scales,
-                                   const OptTensor& topk_weights, const at::Tensor& rank_prefix,
-                                   const at::Tensor& channel_prefix,
-                                   const at::Tensor& recv_channel_prefix,
-                                   const at::Tensor& recv_src_idx,
-                                   const at::Tensor& is_token_in_rank,
-                                   const at::Tensor& send_head, const std::string& buffer,
+  module.def("cached_dispatch", [](const Tensor& x, const OptTensor& x_scales,
+                                   const OptTensor& topk_weights, const Tensor& rank_prefix,
+                                   const Tensor& channel_prefix, const Tensor& recv_channel_prefix,
+                                   const Tensor& recv_src_idx, const Tensor& is_token_in_rank,
+                                   const Tensor& send_head, const std::string& buffer,
                                    int64_t num_worst_tokens, const Ints& config) {
-    return deep_ep_ops::cached_dispatch(x, x_scales, topk_weights, rank_prefix, channel_prefix,
-                                        recv_channel_prefix, recv_src_idx, is_token_in_rank,
-                                        send_head, buffer, num_worst_tokens, config);
+    return DEEP_EP_DIRECT(deep_ep_ops::cached_dispatch(x, x_scales, topk_weights, rank_prefix,
+                                                       channel_prefix, recv_channel_prefix,
+                                                       recv_src_idx, is_token_in_rank, send_head,
+                                                       buffer, num_worst_tokens, config),
+                          x, x_scales, topk_weights, rank_prefix, send_head);
   });
-  module.def("combine", [](const at::Tensor& x, const OptTensor& topk_weights,
-                           const OptTensor& bias_0, const OptTensor& bias_1,
-                           const at::Tensor& rank_prefix, const at::Tensor& channel_prefix,
-                           const at::Tensor& recv_channel_prefix, const at::Tensor& recv_src_idx,
-                           const at::Tensor& is_token_in_rank, const at::Tensor& send_head,
-                           const std::string& buffer, int64_t num_worst_tokens,
-                           const Ints& config) {
-    return deep_ep_ops::combine(x, topk_weights, bias_0, bias_1, rank_prefix, channel_prefix,
-                                recv_channel_prefix, recv_src_idx, is_token_in_rank, send_head,
-                                buffer, num_worst_tokens, config);
+  module.def("combine", [](const Tensor& x, const OptTensor& topk_weights, const OptTensor& bias_0,
+                           const OptTensor& bias_1, const Tensor& rank_prefix,
+                           const Tensor& channel_prefix, const Tensor& recv_channel_prefix,
+                           const Tensor& recv_src_idx, const Tensor& is_token_in_rank,
+                           const Tensor& send_head, const std::string& buffer,
+                           int64_t num_worst_tokens, const Ints& config) {
+    return DEEP_EP_DIRECT(deep_ep_ops::combine(x, topk_weights, bias_0, bias_1, rank_prefix,
+                                               channel_prefix, recv_channel_prefix, recv_src_idx,
+                                               is_token_in_rank, send_head, buffer,
+                                               num_worst_tokens, config),
+                          x, topk_weights, bias_0, bias_1, rank_prefix, send_head);
   });
 }

@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/extension.h>
 
@@ -152,6 +154,35 @@ class RuntimeRegistry {
   std::mutex mutex_;
   std::unordered_map<std::string, std::unique_ptr<Runtime>> runtimes_;
 };
+
+// --- the eager fast path (deep_ep_ops.ops._direct) ------------------------------------------
+
+// Whether an eager call with these tensors may run the kernel function directly instead of
+// through the dispatcher: no autograd needed, plain CUDA tensors (no Python subclass such as a
+// fake or functional tensor, no functorch wrapper), no dispatch mode. Checked here rather than
+// in Python: tensor attribute reads from Python go through any active torch-function mode
+// (torch.set_default_device installs one), a microsecond or more each.
+inline bool direct_ok_tensor(const at::Tensor& t, bool grad) {
+  const c10::DispatchKeySet wrapped({
+      c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper,
+      c10::DispatchKey::Functionalize, c10::DispatchKey::BatchedNestedTensor});
+  return t.is_cuda() && !(grad && t.requires_grad()) && !t.key_set().has_any(wrapped);
+}
+inline bool direct_ok_tensor(const c10::optional<at::Tensor>& t, bool grad) {
+  return !t.has_value() || direct_ok_tensor(*t, grad);
+}
+
+template <typename... Tensors>
+bool eager_direct_ok(const Tensors&... tensors) {
+  if (c10::impl::TorchDispatchModeTLS::stack_len() > 0) return false;
+  const bool grad = at::GradMode::is_enabled();
+  return (direct_ok_tensor(tensors, grad) && ...);
+}
+
+// A direct entry: `fn(args...)` as a Python object, or None where the call must take the ops.
+#define DEEP_EP_DIRECT(fn, ...) \
+  (deep_ep_ops::eager_direct_ok(__VA_ARGS__) ? py::object(py::cast(fn)) : py::object(py::none()))
 
 // --- argument checks (the fakes in meta/ make the same ones while tracing) ------------------
 

@@ -13,9 +13,10 @@ CPU, NCCL with one GPU per rank on CUDA), builds a ``deep_ep_ops.Buffer``, route
   (rows ``<op> [graph]``): every phase (the op, or the send and the receive half) is captured
   into a graph of its own after warm-up, and the replays are timed like the eager calls.
 
-Rank 0 also times the op layer's host cost: eager ``get_dispatch_layout`` calls on 128 tokens
-(through the wrapper and through ``torch.ops`` directly) against ``torch.add`` on the same
-tensor, CPU timers over back-to-back calls.
+Every rank also times the host time per eager call of every op (the ``host`` table, see
+``HOST_HELP``): ``get_dispatch_layout``, dispatch, capacity dispatch, cached dispatch, combine,
+``low_latency_dispatch`` (FP8 and BF16), ``low_latency_combine`` and the send/receive-hook halves
+of both, through ``deep_ep_ops.Buffer``, each with inputs that do not and that do require grad.
 
 Times are medians over ``--num-iters`` iterations after ``--num-warmup`` warm-up calls.
 Bandwidth counts the payload a rank receives, its own share included: ``2·hidden`` bytes per
@@ -32,9 +33,10 @@ are the same code, the ratio columns show ``-`` and there are no graph rows.
 The last thing written to stdout is the report: the full table (one row per op, tokens, SM
 count and eager/graph), then a summary with one line per op with a target, eager and graph
 apart (the best SM count within DESIGN.md §11's 24-SM budget, its time and GB/s against the
-target, and the speedup over the reference) and the host line. ``--out DIR`` also writes it as
-``DIR/table.txt`` with ``DIR/results.json``, and ``--plot FILE.png`` draws bandwidth against
-tokens per rank.
+target, and the speedup over the reference), then the host table. A CPU (gloo) run times the
+reference backend only: its summary and host table show no GPU targets and no ratios to them.
+``--out DIR`` also writes it as ``DIR/table.txt`` with ``DIR/results.json``, and
+``--plot FILE.png`` draws bandwidth against tokens per rank.
 """
 
 from __future__ import annotations
@@ -81,9 +83,14 @@ TARGETS = {
     (LOW_LATENCY, "dispatch fp8"): ("us", 18.0),
     (LOW_LATENCY, "combine bf16"): ("us", 30.0),
 }
-HOST_TARGET_US = 5.0  # op-layer host time per eager call, on top of a plain torch op
-HOST_TOKENS, HOST_REPEATS = 128, 5
-HOST_CALLS = {"cuda": 200, "cpu": 50}  # per timed block; on CPU the op computes as it goes
+# The host table (``measure_host``): host µs per eager call through ``deep_ep_ops.Buffer``.
+HOST_TARGET_US = 8.0  # per call, any op (GPU runs only)
+HOST_TOKENS = 128  # tokens per rank (at most; no more than the smallest swept)
+HOST_CALLS = {"cuda": 100, "cpu": 3}  # back-to-back calls per timed block
+HOST_REPEATS = {"cuda": 7, "cpu": 3}  # timed blocks; the median is reported
+HOST_WARMUP = {"cuda": 10, "cpu": 1}  # untimed calls per case first
+HOST_MAX_SLEEP_US = 2_000_000  # the GPU sleeps at most this long per block
+HOST_MIN_CYCLES_PER_US = 2000.0  # torch.cuda._sleep cycles per µs assumed at least (~2 GHz)
 
 # Transport settings for the GPU machines: NVLink multicast (NVLS) stays off. Set with
 # ``setdefault`` before the ranks spawn, so a value the user exported wins.
@@ -136,9 +143,30 @@ CPU_DEFAULTS = dict(
 )
 
 
+HOST_HELP = (
+    "host table: host us per eager call of every op (get_dispatch_layout, dispatch, capacity "
+    "dispatch, cached dispatch, combine, low_latency_dispatch and low_latency_combine and the "
+    "send / receive-hook halves of both) through deep_ep_ops.Buffer, each with inputs that do "
+    "not and that do ('(grad)') require grad, on min(128, smallest --tokens) tokens per rank. "
+    "host us = median over repeats of (wall time of N back-to-back eager calls / N), measured "
+    "while a long torch.cuda._sleep queued first keeps the GPU busy, so that no call waits for "
+    "the GPU; normal-mode dispatch must sync (it learns its row count on the host): its host "
+    "us is its eager wall time per call (back to back, from an idle GPU) minus its GPU busy "
+    "time per call (the union of its kernels' and copies' intervals from torch.profiler, "
+    "without graphs: CUDA events around a call would also span the GPU's waits for the host), "
+    "marked 'wall - GPU busy time'; an op found waiting for the sleeping GPU is timed that way "
+    "too. N = 100 calls, 7 repeats on GPUs (3 and 3 on CPU); max over ranks. GPU runs "
+    "compare it with the target of "
+    f"<= {HOST_TARGET_US:g} us per call (vs target = target / host us, >= 1x meets it). On CPU "
+    "(gloo) the same loop times the reference's whole call, computation included: shown, but "
+    "not host overhead, and without a target."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m deep_ep_ops.bench",
+        epilog=HOST_HELP,
         description=(
             "Time deep_ep dispatch/combine (normal and low-latency modes) on N spawned ranks. "
             "Defaults: DeepSeek-V3 shapes on GPUs (hidden 7168, top-8 of 256 experts, 4096 "
@@ -901,57 +929,435 @@ def _with_reference(ours: dict, ref: Optional[dict] = None) -> dict:
     return ours
 
 
-def measure_host_overhead(s: Settings, device: torch.device) -> dict:
-    """Host time per eager call of a small op: the op layer against a plain ``torch.add``.
+# --- host time per eager call (the ``host`` table) ---------------------------------------------
+#
+# host us = median over HOST_REPEATS blocks of (wall time of N back-to-back eager calls through
+# ``deep_ep_ops.Buffer`` / N). On GPUs each block starts with a long ``torch.cuda._sleep`` queued
+# on the stream, so no call waits for the GPU and the wall time is the host's: the Python layers,
+# the dispatcher (and autograd with grad inputs), output allocation and the launches. An op that
+# must synchronise (normal-mode dispatch learns its row count on the host) cannot run ahead of a
+# sleeping GPU: it is timed back to back on an idle GPU instead, and its host time is the wall
+# time per call minus its GPU busy time per call (torch.profiler's device intervals: CUDA events
+# around a call would also span the GPU's waits for the host). On CPU (gloo) the same loop times
+# the reference's whole call, its computation and exchange included.
 
-    ``get_dispatch_layout`` on ``HOST_TOKENS`` tokens through the typed wrapper and through
-    ``torch.ops.deep_ep`` directly, and ``torch.add`` on the same ``topk_idx`` as the baseline
-    of a plain torch op. Each is called ``HOST_CALLS`` times back to back between CPU timer
-    reads, starting from an idle GPU (a synchronize before each block): the small kernels
-    finish faster than the host launches them, so the time is host time. The minimum over
-    ``HOST_REPEATS`` interleaved blocks is reported (least disturbed by other processes);
-    ``wall_us`` adds the final synchronize and shows whether the GPU kept up.
+
+@dataclasses.dataclass(frozen=True)
+class HostCase:
+    """One op (or split op) of the host table, called through ``deep_ep_ops.Buffer``.
+
+    ``build(buffer, setup, requires_grad)`` returns the phases of one call (a split op has a
+    send and a receive phase; each phase gets a row). ``no_grad_reason`` says why there is no
+    variant with inputs that require grad.
     """
-    gen = torch.Generator().manual_seed(s.seed + 17)
-    scores = torch.randn((HOST_TOKENS, s.num_experts), generator=gen)
-    topk_idx = scores.topk(min(s.num_topk, s.num_experts), dim=-1).indices.to(device)
-    num_experts, num_ranks = s.num_experts, s.num_ranks
-    calls = {
-        "wrapper": lambda: ops.get_dispatch_layout(topk_idx, num_experts, num_ranks),
-        "torch.ops": lambda: torch.ops.deep_ep.get_dispatch_layout(
-            topk_idx, num_experts, num_ranks, 1),
-        "torch.add": lambda: torch.add(topk_idx, 1),
+
+    mode: str
+    ops: tuple[str, ...]  # the row names, one per phase
+    inputs: str
+    build: Callable[[Any, "HostSetup", bool], list[Phase]]
+    no_grad_reason: Optional[str] = None
+    syncs: bool = False  # learns a size on the host: timed as wall - GPU time on GPUs
+    note: str = ""
+
+
+@dataclasses.dataclass
+class HostSetup:
+    """One rank's inputs for the host cases, with what the later ops need from a dispatch."""
+
+    inputs: Inputs
+    num_experts: int
+    layout: tuple  # Buffer.get_dispatch_layout's first four results
+    num_worst_tokens: int
+    recv_x: Optional[torch.Tensor] = None  # normal dispatch of x, and its handle
+    handle: Any = None
+    ll_recv_x: Optional[torch.Tensor] = None  # BF16 low-latency dispatch of x, and its handle
+    ll_handle: Any = None
+
+
+def _grad_input(t: torch.Tensor, requires_grad: bool) -> torch.Tensor:
+    """A fresh leaf copy of ``t``; with ``requires_grad`` the op builds an autograd graph."""
+    return t.detach().clone().requires_grad_(requires_grad)
+
+
+def _host_layout(buffer, h, rg):
+    topk_idx, num_experts = h.inputs.topk_idx, h.num_experts
+    return [("layout", lambda _: buffer.get_dispatch_layout(topk_idx, num_experts))]
+
+
+def _host_dispatch(capacity: bool):
+    def build(buffer, h, rg):
+        x, w = _grad_input(h.inputs.x, rg), _grad_input(h.inputs.topk_weights, rg)
+        per_rank, _, per_expert, in_rank = h.layout
+        topk_idx, worst = h.inputs.topk_idx, h.num_worst_tokens if capacity else 0
+        return [("dispatch", lambda _: buffer.dispatch(
+            x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=topk_idx, topk_weights=w,
+            num_worst_tokens=worst,
+        ))]
+
+    return build
+
+
+def _host_cached_dispatch(buffer, h, rg):
+    x, handle = _grad_input(h.inputs.x, rg), h.handle
+    return [("cached dispatch", lambda _: buffer.dispatch(x, handle=handle))]
+
+
+def _host_combine(buffer, h, rg):
+    x, handle = _grad_input(h.recv_x, rg), h.handle
+    return [("combine", lambda _: buffer.combine(x, handle))]
+
+
+def _host_low_latency_dispatch(use_fp8: bool, split: bool):
+    def build(buffer, h, rg):
+        x, topk_idx = _grad_input(h.inputs.x, rg), h.inputs.topk_idx
+        args = (x, topk_idx, h.inputs.num_tokens, h.num_experts)
+        if not split:
+            return [("dispatch", lambda _: buffer.low_latency_dispatch(*args, use_fp8=use_fp8))]
+        return [
+            ("send", lambda _: buffer.low_latency_dispatch(
+                *args, use_fp8=use_fp8, return_recv_hook=True)),
+            ("recv", lambda sent: sent[4]()),  # the hook
+        ]
+
+    return build
+
+
+def _host_low_latency_combine(split: bool):
+    def build(buffer, h, rg):
+        x, w = _grad_input(h.ll_recv_x, rg), _grad_input(h.inputs.topk_weights, rg)
+        topk_idx, handle = h.inputs.topk_idx, h.ll_handle
+        if not split:
+            return [("combine", lambda _: buffer.low_latency_combine(x, topk_idx, w, handle))]
+        return [
+            ("send", lambda _: buffer.low_latency_combine(
+                x, topk_idx, w, handle, return_recv_hook=True)),
+            ("recv", lambda sent: sent[2]()),  # the hook
+        ]
+
+    return build
+
+
+_FP8_NOT_DIFFERENTIABLE = "FP8 output is not differentiable (BF16 rows: with grad)"
+HOST_CASES = (
+    HostCase(NORMAL, ("get_dispatch_layout",), "topk_idx", _host_layout,
+             no_grad_reason="no differentiable input (topk_idx is int64)"),
+    HostCase(NORMAL, ("dispatch",), "bf16 + weights", _host_dispatch(capacity=False),
+             syncs=True, note="syncs (learns N on the host)"),
+    HostCase(NORMAL, ("capacity dispatch",), "bf16 + weights", _host_dispatch(capacity=True)),
+    HostCase(NORMAL, ("cached dispatch",), "bf16", _host_cached_dispatch),
+    HostCase(NORMAL, ("combine",), "bf16", _host_combine),
+    HostCase(LOW_LATENCY, ("low_latency_dispatch",), "fp8",
+             _host_low_latency_dispatch(use_fp8=True, split=False),
+             no_grad_reason=_FP8_NOT_DIFFERENTIABLE),
+    HostCase(LOW_LATENCY, ("low_latency_dispatch",), "bf16",
+             _host_low_latency_dispatch(use_fp8=False, split=False)),
+    HostCase(LOW_LATENCY, ("low_latency_dispatch send", "low_latency_dispatch recv hook"), "fp8",
+             _host_low_latency_dispatch(use_fp8=True, split=True),
+             no_grad_reason=_FP8_NOT_DIFFERENTIABLE),
+    HostCase(LOW_LATENCY, ("low_latency_dispatch send", "low_latency_dispatch recv hook"), "bf16",
+             _host_low_latency_dispatch(use_fp8=False, split=True)),
+    HostCase(LOW_LATENCY, ("low_latency_combine",), "bf16 + weights",
+             _host_low_latency_combine(split=False)),
+    HostCase(LOW_LATENCY, ("low_latency_combine send", "low_latency_combine recv hook"),
+             "bf16 + weights", _host_low_latency_combine(split=True)),
+)
+
+
+def host_tokens(s: Settings, mode: str) -> int:
+    """Tokens per rank of the host cases: at most ``HOST_TOKENS``, at most the smallest swept
+    (low-latency: also its ``num_max_dispatch_tokens_per_rank``, within the buffer's size)."""
+    return min(HOST_TOKENS, min(s.tokens[mode]))
+
+
+def _host_setup(buffer, s: Settings, rank: int, device, mode: str) -> HostSetup:
+    """Inputs, layout and the dispatch results the later host cases need (not timed)."""
+    tokens = host_tokens(s, mode)
+    inputs = make_inputs(tokens, s, rank, device)
+    layout = tuple(buffer.get_dispatch_layout(inputs.topk_idx, s.num_experts)[:4])
+    h = HostSetup(inputs, s.num_experts, layout, num_worst_tokens=s.num_ranks * tokens)
+    if mode == NORMAL:
+        per_rank, _, per_expert, in_rank = layout
+        recv_x, _, _, _, h.handle, _ = buffer.dispatch(
+            inputs.x, num_tokens_per_rank=per_rank, is_token_in_rank=in_rank,
+            num_tokens_per_expert=per_expert, topk_idx=inputs.topk_idx,
+            topk_weights=inputs.topk_weights,
+        )
+        h.recv_x = recv_x
+    else:
+        # The buffer served other shapes before: reset it for these (collective).
+        buffer.clean_low_latency_buffer(tokens, s.hidden, s.num_experts)
+        h.ll_recv_x, _, h.ll_handle, _, _ = buffer.low_latency_dispatch(
+            inputs.x, inputs.topk_idx, tokens, s.num_experts, use_fp8=False
+        )
+    return h
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _run_host_phases(phases: list[Phase]) -> list[Any]:
+    values, value = [], None
+    for _, fn in phases:
+        value = fn(value)
+        values.append(value)
+    return values
+
+
+def builds_autograd_graph(phases: list[Phase]) -> bool:
+    """Whether one call's results have an autograd graph (an untimed call)."""
+    return any(t.grad_fn is not None for v in _run_host_phases(phases) for t in _tensors(v))
+
+
+class _GpuSleep:
+    """``torch.cuda._sleep`` by duration.
+
+    ``_sleep`` spins for a number of SM clock cycles; the clock rises under load, so a rate
+    measured on an idle GPU can be several times too low. The rate used is the measured one but
+    at least ``HOST_MIN_CYCLES_PER_US`` (about the top boost clock of an H200): a sleep can come
+    out longer than asked, which only costs time, rarely shorter.
+    """
+
+    def __init__(self) -> None:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(1000)
+        cycles = 20_000_000
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        self.measured_cycles_per_us = cycles / max(start.elapsed_time(end) * 1e3, 1.0)
+        self.cycles_per_us = max(self.measured_cycles_per_us, HOST_MIN_CYCLES_PER_US)
+
+    def __call__(self, us: float) -> torch.cuda.Event:
+        """Queue a sleep of about ``us`` µs (or more); returns an event recorded right after it."""
+        torch.cuda._sleep(int(us * self.cycles_per_us))
+        done = torch.cuda.Event()
+        done.record()
+        return done
+
+
+def _line_up(device, group) -> None:
+    """An idle GPU and every rank at the same point."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    dist.barrier(group=group)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_host_blocks(phases: list[Phase], num_calls: int, repeats: int, device, group,
+                      sleep: Optional[_GpuSleep], estimate_us: float):
+    """Per repeat, the wall µs per call of each phase over ``num_calls`` back-to-back calls.
+
+    With ``sleep`` (GPUs) the GPU sleeps through each block: returns ``(samples, went_idle)``,
+    where ``went_idle`` says the sleep ended before the last call returned (a call waited for
+    the GPU, or the estimate was short)."""
+    samples, went_idle = [], False
+    for _ in range(repeats):
+        _line_up(device, group)
+        done = None
+        if sleep is not None:  # long enough for every call, whatever the GPU does per call
+            done = sleep(min(2 * num_calls * estimate_us + 10_000, HOST_MAX_SLEEP_US))
+        spent = [0.0] * len(phases)
+        for _ in range(num_calls):
+            value = None
+            for p, (_, fn) in enumerate(phases):
+                start = time.perf_counter()
+                value = fn(value)
+                spent[p] += time.perf_counter() - start
+            value = None
+        if done is not None and done.query():
+            went_idle = True
+        samples.append([t / num_calls * 1e6 for t in spent])
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return samples, went_idle
+
+
+def _gpu_busy_us(phases: list[Phase], num_calls: int, device, group) -> Optional[float]:
+    """GPU busy µs per call over ``num_calls`` back-to-back calls: the union of the intervals of
+    the device activities (kernels, copies, memsets) torch.profiler records, i.e. the GPU time
+    without the gaps in which the GPU waited for the host. ``None`` if the profiler fails (the
+    calls are made all the same, so the ranks stay in step)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    _line_up(device, group)
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    try:
+        prof.__enter__()
+    except Exception:  # noqa: BLE001 (no CUPTI: no busy time)
+        prof = None
+    try:
+        for _ in range(num_calls):
+            _run_host_phases(phases)
+        torch.cuda.synchronize(device)
+    finally:
+        if prof is not None:
+            prof.__exit__(None, None, None)
+    if prof is None:
+        return None
+    spans = sorted(
+        (e.start_ns(), e.start_ns() + e.duration_ns())
+        for e in prof.profiler.kineto_results.events()
+        if e.device_type() == DeviceType.CUDA and e.duration_ns() > 0
+    )
+    if not spans:
+        return None
+    busy, end = 0, None
+    for first, last in spans:
+        if end is None or first > end:
+            busy, end = busy + last - first, last
+        elif last > end:
+            busy, end = busy + last - end, last
+    return busy / 1e3 / num_calls
+
+
+def _time_host_synced(phases: list[Phase], num_calls: int, repeats: int, device, group):
+    """For calls that wait for the GPU: per repeat, the wall µs per call of ``num_calls``
+    back-to-back calls on a GPU that is idle at the start (final synchronize included), and
+    per phase the wall µs until each phase returned."""
+    samples = []
+    for _ in range(repeats):
+        _line_up(device, group)
+        spent = [0.0] * len(phases)
+        start = time.perf_counter()
+        for _ in range(num_calls):
+            value = None
+            for p, (_, fn) in enumerate(phases):
+                begin = time.perf_counter()
+                value = fn(value)
+                spent[p] += time.perf_counter() - begin
+            value = None
+        torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - start) / num_calls * 1e6
+        samples.append((wall, [t / num_calls * 1e6 for t in spent]))
+    return samples
+
+
+def _any_rank(flag: bool, device, group) -> bool:
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
+
+
+SLEEPING_GPU = "GPU kept busy"
+WALL_MINUS_GPU = "wall - GPU busy time"
+WAITS_FOR_GPU = "waits for the GPU: wall time, GPU time included"
+
+
+def measure_host_case(case: HostCase, buffer, h: HostSetup, requires_grad: bool, device, group,
+                      sleep: Optional[_GpuSleep]) -> list[dict]:
+    """This rank's host µs per call of each phase of ``case`` (one dict per phase).
+
+    GPUs: wall time of back-to-back calls while the GPU sleeps (``SLEEPING_GPU``). An op that
+    syncs (``case.syncs``, or any call that turned out to wait for the sleeping GPU on some
+    rank) is timed back to back on an idle GPU instead: its wall time per call minus its GPU
+    busy time per call (``WALL_MINUS_GPU``); a split op that waits gets the wall time per phase
+    (``WAITS_FOR_GPU``). CPU: the wall time per call.
+    """
+    on_gpu = device.type == "cuda"
+    num_calls = HOST_CALLS[device.type]
+    repeats, warmup = HOST_REPEATS[device.type], HOST_WARMUP[device.type]
+    phases = case.build(buffer, h, requires_grad)
+    graph = builds_autograd_graph(phases)
+    if graph != requires_grad:
+        raise RuntimeError(
+            f"host case {case.ops[0]} ({case.inputs}, requires_grad={requires_grad}): the call "
+            f"{'built no' if requires_grad else 'built an'} autograd graph"
+        )
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(warmup):
+        _run_host_phases(phases)
+    if on_gpu:
+        torch.cuda.synchronize(device)
+    estimate_us = (time.perf_counter() - start) / max(warmup, 1) * 1e6
+    rows: list[dict] = [{"host_us": None, "method": None} for _ in phases]
+    syncs = case.syncs and on_gpu
+    if not syncs:
+        samples, went_idle = _time_host_blocks(
+            phases, num_calls, repeats, device, group, sleep, estimate_us
+        )
+        syncs = on_gpu and _any_rank(went_idle, device, group)
+        if not syncs:
+            for p, row in enumerate(rows):
+                row["host_us"] = statistics.median(sample[p] for sample in samples)
+                row["method"] = SLEEPING_GPU if on_gpu else "wall (CPU: the whole call)"
+    if syncs:
+        synced = _time_host_synced(phases, num_calls, repeats, device, group)
+        busy = _gpu_busy_us(phases, num_calls, device, group)
+        for p, row in enumerate(rows):
+            row["wall_us"] = statistics.median(x[1][p] for x in synced)
+            row["method"] = WAITS_FOR_GPU
+            row["host_us"] = row["wall_us"]
+        if len(phases) == 1 and busy is not None:
+            rows[0].update(
+                host_us=max(0.0, statistics.median(wall for wall, _ in synced) - busy),
+                wall_us=statistics.median(wall for wall, _ in synced), gpu_busy_us=busy,
+                method=WALL_MINUS_GPU,
+            )
+    return [dict(row, autograd_graph=graph, syncs=syncs) for row in rows]
+
+
+def measure_host(rank: int, s: Settings, group, device: torch.device, buffer) -> dict:
+    """The host table (every rank takes part: the ops are collectives); the same on every rank.
+
+    One row per op phase and per grad variant (inputs that do / do not require grad); the
+    reported ``host_us`` is the max over ranks of each rank's median. Also a ``torch.add`` on
+    the same ``topk_idx``, timed the same way, as the baseline of a plain torch op.
+    """
+    on_gpu = device.type == "cuda"
+    sleep = _GpuSleep() if on_gpu else None
+    rows: list[dict] = []
+    for mode in s.modes:
+        setup = _host_setup(buffer, s, rank, device, mode)
+        for case in (c for c in HOST_CASES if c.mode == mode):
+            for requires_grad in (False, True):
+                base = {"mode": mode, "inputs": case.inputs, "tokens_per_rank":
+                        setup.inputs.num_tokens, "grad": requires_grad,
+                        "syncs": case.syncs, "note": case.note}
+                if requires_grad and case.no_grad_reason:
+                    rows += [dict(base, op=op, host_us=None, note=case.no_grad_reason)
+                             for op in case.ops]
+                    continue
+                measured = measure_host_case(case, buffer, setup, requires_grad, device, group,
+                                             sleep)
+                rows += [dict(base, op=op, **m) for op, m in zip(case.ops, measured)]
+    topk_idx = make_inputs(HOST_TOKENS, s, rank, device).topk_idx
+    baseline = [("torch.add", lambda _: torch.add(topk_idx, 1))]
+    samples, _ = _time_host_blocks(baseline, HOST_CALLS[device.type], HOST_REPEATS[device.type],
+                                   device, group, sleep, estimate_us=10.0)
+    baseline_us = statistics.median(sample[0] for sample in samples)
+    gathered: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, ([r.get("host_us") for r in rows], baseline_us), group=group)
+    baseline_max = max(g[1] for g in gathered)
+    for i, row in enumerate(rows):
+        per_rank = [g[0][i] for g in gathered]
+        row["host_us_per_rank"] = per_rank
+        row["host_us"] = None if per_rank[0] is None else max(per_rank)
+        # The op layer's share: what the call costs the host above one plain torch op's launch
+        # (the baseline below, same run), which no op can avoid and which follows the host.
+        row["op_layer_us"] = None if row["host_us"] is None else row["host_us"] - baseline_max
+        target = HOST_TARGET_US if on_gpu else None
+        row["vs_target"] = (
+            target / max(row["op_layer_us"], 0.1) if target and row["host_us"] else None
+        )
+    return {
+        "device": device.type, "backend": backend_label(on_gpu), "calls": HOST_CALLS[device.type],
+        "repeats": HOST_REPEATS[device.type], "target_us": HOST_TARGET_US if on_gpu else None,
+        "rows": rows,
+        "sleep_cycles_per_us": None if sleep is None else {
+            "measured": sleep.measured_cycles_per_us, "used": sleep.cycles_per_us},
+        "baseline": {"op": "torch.add", "tokens": HOST_TOKENS, "host_us": baseline_max},
     }
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    num_calls = HOST_CALLS.get(device.type, HOST_CALLS["cpu"])
-    host = {name: [] for name in calls}
-    wall = {name: [] for name in calls}
-    for fn in calls.values():  # warm-up: first-call dispatch caches, allocator
-        for _ in range(10):
-            fn()
-    for _ in range(HOST_REPEATS):
-        for name, fn in calls.items():
-            sync()
-            start = time.perf_counter()
-            for _ in range(num_calls):
-                fn()
-            launched = time.perf_counter()
-            sync()
-            done = time.perf_counter()
-            host[name].append((launched - start) / num_calls * 1e6)
-            wall[name].append((done - start) / num_calls * 1e6)
-    result = {
-        "device": device.type, "tokens": HOST_TOKENS, "calls": num_calls,
-        "repeats": HOST_REPEATS,
-        "host_us": {name: min(v) for name, v in host.items()},
-        "wall_us": {name: min(v) for name, v in wall.items()},
-        "target_us": HOST_TARGET_US,
-    }
-    baseline = result["host_us"]["torch.add"]
-    result["overhead_us"] = {
-        name: result["host_us"][name] - baseline for name in ("wrapper", "torch.ops")
-    }
-    return result
 
 
 def _available_cpus() -> int:
@@ -978,10 +1384,8 @@ def _rank_main(rank: int, s: Settings, port: int, result_path: str) -> None:
     buffer = _create_buffer(group, s)
     try:
         results = run_cases(rank, s, group, device, buffer)
-        host = None
-        if rank == 0:  # the others wait in the next collective
-            _progress(rank, "host time per eager call ...")
-            host = measure_host_overhead(s, device)
+        _progress(rank, "host time per eager call (every op, with and without grad) ...")
+        host = measure_host(rank, s, group, device, buffer)
     finally:
         buffer.destroy()
     if rank == 0:
@@ -1026,6 +1430,15 @@ TABLE_COLUMNS = (
 SUMMARY_COLUMNS = (
     "op", "mode", "tokens/rank", "best SMs", "median us", "GB/s", "target", "vs target",
     "ref us", "speedup",
+)
+# CPU (gloo) runs time the reference only: no GPU targets, no ratios to them.
+CPU_SUMMARY_COLUMNS = tuple(c for c in SUMMARY_COLUMNS if c not in ("target", "vs target"))
+HOST_COLUMNS = (
+    "op", "inputs", "tokens/rank", "host us", "op layer us", "vs target", "host us (grad)",
+    "op layer us (grad)", "vs target (grad)", "note",
+)
+CPU_HOST_COLUMNS = tuple(
+    c for c in HOST_COLUMNS if not c.startswith(("vs target", "op layer"))
 )
 
 
@@ -1123,6 +1536,11 @@ def format_table(report: dict) -> str:
     return "\n".join(lines + capture_notes(report["results"]))
 
 
+def is_cpu_run(report: dict) -> bool:
+    """A gloo run on CPU tensors: it times the reference backend only."""
+    return report.get("device") == "cpu"
+
+
 def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
     """One row per op with a DESIGN.md §11 target and per timing (eager, graph), at its best
     SM count.
@@ -1132,7 +1550,10 @@ def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
     ``sm_budget`` (``over_budget`` is set when every swept count exceeds it: then the fastest
     of all). ``vs_target`` is >= 1 when the target is met: GB/s / target for bandwidth
     targets, target / median us for time targets; ``None`` for a graph that did not capture.
+    On a CPU run (the reference over gloo) ``target`` and ``vs_target`` are ``None``: the
+    targets are for the CUDA kernels on 4xH200.
     """
+    cpu = is_cpu_run(report)
     swept: dict[str, set[int]] = {}
     for r in report["results"]:
         swept.setdefault(r["mode"], set()).add(r["tokens_per_rank"])
@@ -1160,7 +1581,8 @@ def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
             "op": op, "mode": mode, "timing": timing, "tokens_per_rank": tokens,
             "num_sms": best.get("num_sms"), "over_budget": not within, "sm_budget": sm_budget,
             "median_us": best["median_us"], "gbps": best["gbps"],
-            "target": {"unit": unit, "bound": bound}, "vs_target": vs_target,
+            "target": None if cpu else {"unit": unit, "bound": bound},
+            "vs_target": None if cpu else vs_target,
             "reference_median_us": best["reference_median_us"],
             "speedup_vs_reference": best["ratio_vs_reference"],
             "capture_error": best.get("capture_error"),
@@ -1169,45 +1591,99 @@ def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
     return summary
 
 
-def _format_host(host: dict) -> str:
-    us, over = host["host_us"], host["overhead_us"]
-    return (
-        f"host: op-layer host us/call (eager get_dispatch_layout, {host['tokens']} tokens): "
-        f"wrapper {us['wrapper']:.1f}, torch.ops {us['torch.ops']:.1f}; torch.add "
-        f"{us['torch.add']:.1f} -> op layer adds {over['wrapper']:.1f} (wrapper) / "
-        f"{over['torch.ops']:.1f} (torch.ops), target <= {host['target_us']:g}"
-        + (" (CPU: includes the reference's compute)" if host.get("device") == "cpu" else "")
-    )
+def _host_cells(row: Optional[dict], gpu: bool) -> list[str]:
+    """``host us`` (and on GPUs ``vs target``) of one grad variant."""
+    if row is None or row["host_us"] is None:
+        return ["n/a"] * 3 if gpu else ["n/a"]
+    host = f"{row['host_us']:.1f}"
+    if not gpu:
+        return [host]
+    layer = row.get("op_layer_us")
+    return [host, "-" if layer is None else f"{layer:+.1f}", _ratio(row["vs_target"], ".2f")]
+
+
+def format_host(host: dict) -> str:
+    """The host table: one line per op (phase) and inputs, without and with grad inputs."""
+    gpu = host.get("device") != "cpu"
+    grouped: dict[tuple[str, str, int], dict[bool, dict]] = {}
+    for r in host["rows"]:
+        grouped.setdefault((r["op"], r["inputs"], r["tokens_per_rank"]), {})[r["grad"]] = r
+    rows = []
+    for (op, inputs, tokens), by_grad in grouped.items():
+        notes = []
+        for r in by_grad.values():
+            for note in (r.get("note"), r.get("method") if gpu and r.get("syncs") else None):
+                if note and note not in notes:
+                    notes.append(note)
+        rows.append((op, inputs, str(tokens), *_host_cells(by_grad.get(False), gpu),
+                     *_host_cells(by_grad.get(True), gpu), "; ".join(notes) or "-"))
+    calls = f"{host['calls']} back-to-back eager calls, median of {host['repeats']} repeats"
+    if gpu:
+        title = (
+            f"host: host us per eager call through deep_ep_ops.Buffer ({host['backend']}): wall "
+            f"time of {calls}, while a torch.cuda._sleep keeps the GPU busy (ops that sync: "
+            "their wall time per call minus their GPU busy time per call); max over ranks; "
+            "(grad): inputs require grad; "
+            "op layer us = host us minus the torch.add baseline below (the launch every op "
+            f"pays); target: the op layer adds <= {host['target_us']:g} us per call, vs target = "
+            "target / op layer us (>= 1x meets it)"
+        )
+        columns, right = HOST_COLUMNS, {2, 3, 4, 5, 6, 7, 8}
+    else:
+        title = (
+            f"host (CPU, gloo: the reference backend): wall time per eager call through "
+            f"deep_ep_ops.Buffer, {calls}, max over ranks; (grad): inputs require grad. On CPU "
+            "this is the reference's whole call (its computation and exchange), not the op "
+            "layer's host overhead"
+        )
+        columns, right = CPU_HOST_COLUMNS, {2, 3, 4}
+    baseline = host["baseline"]
+    lines = [title, *_align_rows(columns, rows, right)]
+    lines.append(f"baseline: {baseline['op']} on a [{baseline['tokens']}, top-k] tensor, timed "
+                 f"the same way: {baseline['host_us']:.1f} us per call")
+    return "\n".join(lines)
 
 
 def format_summary(report: dict) -> str:
     """The short table: one line per op with a target (eager and graph apart), then the host
-    line."""
+    table. On CPU runs without targets and ratios to them (the reference is timed, not the
+    kernels the targets are for)."""
     summary = report.get("summary")
     if summary is None:
         summary = best_rows(report)
+    cpu = is_cpu_run(report)
     rows = []
     for r in summary:
         sms = "-" if r["num_sms"] is None else str(r["num_sms"])
         if r["over_budget"]:
             sms += f" (>{r['sm_budget']})"
-        unit, bound = r["target"]["unit"], r["target"]["bound"]
-        target = f">= {bound:g} GB/s" if unit == "GB/s" else f"<= {bound:g} us"
-        vs_target = "n/a" if r.get("capture_error") else _ratio(r["vs_target"], ".3g")
-        rows.append((
-            op_label(r), r["mode"], str(r["tokens_per_rank"]), sms, _median(r),
-            _number(r["gbps"], ".4g"), target, vs_target, _reference_median(r),
-            _speedup(r, "speedup_vs_reference"),
-        ))
-    lines = [
-        f"summary: fastest SM count within {SM_BUDGET} SMs; targets of DESIGN.md §11 (4xH200, "
-        "4096 / 128 tokens per rank), vs target >= 1x meets it; speedup: ref us / ours "
-        "(eager against eager, [graph] against the reference's graph replays)",
-    ]
+        cells = [op_label(r), r["mode"], str(r["tokens_per_rank"]), sms, _median(r),
+                 _number(r["gbps"], ".4g")]
+        if not cpu:
+            unit, bound = r["target"]["unit"], r["target"]["bound"]
+            target = f">= {bound:g} GB/s" if unit == "GB/s" else f"<= {bound:g} us"
+            vs_target = "n/a" if r.get("capture_error") else _ratio(r["vs_target"], ".3g")
+            cells += [target, vs_target]
+        cells += [_reference_median(r), _speedup(r, "speedup_vs_reference")]
+        rows.append(tuple(cells))
+    if cpu:
+        lines = [
+            f"summary (CPU, gloo): the reference backend only, not the CUDA kernels; fastest SM "
+            f"count within {SM_BUDGET} SMs; no GPU targets on a CPU run (DESIGN.md §11's are for "
+            "4xH200)",
+        ]
+        columns, right = CPU_SUMMARY_COLUMNS, {2, 4, 5, 6, 7}
+    else:
+        lines = [
+            f"summary: fastest SM count within {SM_BUDGET} SMs; targets of DESIGN.md §11 (4xH200, "
+            "4096 / 128 tokens per rank), vs target >= 1x meets it; speedup: ref us / ours "
+            "(eager against eager, [graph] against the reference's graph replays)",
+        ]
+        columns, right = SUMMARY_COLUMNS, {2, 4, 5, 7, 8, 9}
     if rows:
-        lines += _align_rows(SUMMARY_COLUMNS, rows, {2, 4, 5, 7, 8, 9})
+        lines += _align_rows(columns, rows, right)
     if report.get("host"):
-        lines.append(_format_host(report["host"]))
+        lines += ["", format_host(report["host"])]
     return "\n".join(lines)
 
 

@@ -375,7 +375,8 @@ class Buffer:
             expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config,
         )
         recv = (out.recv_x, out.recv_x_scales) if x_scales is not None else out.recv_x
-        # DeepEP returns host counts (a sync) except in capacity mode, where the list is empty.
+        # DeepEP returns host counts (a sync) except in capacity mode, where the list is empty;
+        # with or without top-k, from num_tokens_per_expert (empty without it).
         per_expert = [] if num_worst_tokens else out.num_recv_tokens_per_expert.tolist()
         has_topk = topk_idx is not None
         return (
@@ -405,6 +406,41 @@ class Buffer:
         weights = out.combined_topk_weights if topk_weights is not None else None
         return out.combined_x, weights, self._event(async_finish)
 
+    def internode_dispatch(self, x: Tensors, handle=None, num_tokens_per_rank=None,
+                           num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                           num_tokens_per_expert=None, topk_idx=None, topk_weights=None,
+                           expert_alignment: int = 1, num_worst_tokens: int = 0,
+                           config: Optional[Config] = None,
+                           previous_event: Optional[EventOverlap] = None,
+                           async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """DeepEP's internode entry point: the same as ``dispatch`` (the ops choose the path
+        from the group; the handle is a ``DispatchHandle`` either way)."""
+        return self.dispatch(
+            x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+            num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
+            config, previous_event, async_finish, allocate_on_comm_stream,
+        )
+
+    def internode_combine(self, x: torch.Tensor, handle: ops.DispatchHandle,
+                          topk_weights: Optional[torch.Tensor] = None, bias=None,
+                          config: Optional[Config] = None,
+                          previous_event: Optional[EventOverlap] = None,
+                          async_finish: bool = False, allocate_on_comm_stream: bool = False):
+        """DeepEP's internode entry point: the same as ``combine``."""
+        return self.combine(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                            allocate_on_comm_stream)
+
+    # DeepEP's shrink mode (masking failed ranks) needs enable_shrink=True, which this package
+    # refuses at construction; its mask-buffer methods say so.
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        raise NotImplementedError("low_latency_update_mask_buffer needs enable_shrink, which is not supported")
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        raise NotImplementedError("low_latency_query_mask_buffer needs enable_shrink, which is not supported")
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        raise NotImplementedError("low_latency_clean_mask_buffer needs enable_shrink, which is not supported")
+
     # --- low-latency mode ---------------------------------------------------------------
 
     def clean_low_latency_buffer(
@@ -433,6 +469,10 @@ class Buffer:
         ``[L, R*M, hidden]``. With ``return_recv_hook`` only the send half runs now and
         ``hook()`` completes the receive; otherwise ``hook`` is ``None``.
         ``dispatch_wait_recv_cost_stats`` (a timing statistic) is left unchanged.
+
+        Differentiable in ``x`` with ``use_fp8=False``, in both forms (the send half carries
+        the backward; the hook completes its outputs in place). With ``use_fp8=True`` an ``x``
+        that requires grad (grad mode on) raises at the call: float8 output has no gradient.
         """
         self._live()
         args = (self.name, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts)
@@ -465,10 +505,25 @@ class Buffer:
         out: Optional[torch.Tensor] = None,
         combine_wait_recv_cost_stats: Optional[torch.Tensor] = None,
     ):
-        """Weighted decode combine; returns ``(combined_x [num_tokens, hidden], event, hook)``."""
+        """Weighted decode combine; returns ``(combined_x [num_tokens, hidden], event, hook)``.
+
+        Differentiable in ``x`` and ``topk_weights`` in every form. With ``out`` and a gradient
+        needed (grad mode on, ``x``, ``topk_weights`` or ``out`` requiring grad) the functional
+        combine runs and its result is copied into ``out`` (autograd records the copy, at the
+        call or, with ``return_recv_hook``, in ``hook()`` under the grad mode of the call);
+        without gradients ``out`` is written by the op itself.
+        """
         self._live()
         if use_logfmt:
             raise NotImplementedError("use_logfmt (LogFMT-compressed combine) is not supported")
+        grad_mode = torch.is_grad_enabled()
+        copy_into_out = out is not None and grad_mode and any(
+            t.requires_grad for t in (x, topk_weights, out)
+        )
+        if copy_into_out:
+            from . import meta
+
+            meta.check_low_latency_out(out, x, topk_idx)  # the op's own check, before sending
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
             pending = ops.low_latency_combine_send(
@@ -478,10 +533,15 @@ class Buffer:
             def receive() -> None:
                 ops.low_latency_combine_recv(self.name, pending, topk_idx, topk_weights)
                 if out is not None:
-                    out.copy_(pending)
+                    with torch.set_grad_enabled(grad_mode):
+                        out.copy_(pending)
 
             hook = receive
             combined = pending if out is None else out
+        elif copy_into_out:
+            combined = out.copy_(ops.low_latency_combine(
+                self.name, x, topk_idx, topk_weights, handle, zero_copy=zero_copy
+            ))
         else:
             combined = ops.low_latency_combine(
                 self.name, x, topk_idx, topk_weights, handle, zero_copy=zero_copy, out=out

@@ -73,24 +73,21 @@ class LowLatencyDispatchOutput(NamedTuple):
 
 
 def _direct(kernels, *tensors):
-    """The extension module whose kernels an eager call may take directly, or ``None``.
+    """The extension module whose kernel functions an eager call may try directly, or ``None``.
 
-    An eager call that needs no autograd and is not being traced (no ``torch.compile``, no
-    fake, functional or other subclass tensors, no dispatch mode, no functorch transform) gains
-    nothing from the dispatcher: it calls the same C++ kernel function the op's CUDA
-    registration calls, minus the dispatcher's argument parsing and the Python autograd
-    kernel (about 20 µs of host time per low-latency call). Everything else goes through
-    ``torch.ops.deep_ep``, so graphs, fakes and gradients see the ops.
+    An eager call that needs no autograd and is not being traced gains nothing from the
+    dispatcher: the extension's direct entries run the same C++ function the op's CUDA
+    registration runs, minus the dispatcher's argument parsing and the Python autograd kernel
+    (about 20 µs of host time per low-latency call). Here: no ``torch.compile`` tracing, and
+    plain ``torch.Tensor`` objects (``type()`` is free; attribute reads are not, under a
+    torch-function mode such as ``torch.set_default_device``). The entries check the rest in
+    C++ (no input requiring grad in grad mode, CUDA tensors, no fake/functional/functorch
+    wrapper, no dispatch mode) and return ``None`` where the call must take ``torch.ops``.
     """
     if kernels is None or torch.compiler.is_compiling():
         return None
-    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
-        return None
-    grad = torch.is_grad_enabled()
     for t in tensors:
-        if t is None:
-            continue
-        if type(t) is not torch.Tensor or not t.is_cuda or (grad and t.requires_grad):
+        if t is not None and type(t) is not torch.Tensor:
             return None
     return kernels
 
@@ -120,8 +117,10 @@ def get_dispatch_layout(
     ``num_tokens_per_expert [num_experts]`` (all int32; a token counts once per rank and once per
     expert) and ``is_token_in_rank [num_tokens, num_ranks]`` bool.
     """
-    op = _direct(_build._C, topk_idx) or _ops
-    return DispatchLayout(*op.get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks))
+    args = (topk_idx, num_experts, num_ranks, num_rdma_ranks)
+    kernels = _direct(_build._C, topk_idx)
+    out = kernels.get_dispatch_layout(*args) if kernels else None
+    return DispatchLayout(*(_ops.get_dispatch_layout(*args) if out is None else out))
 
 
 def dispatch(
@@ -151,11 +150,13 @@ def dispatch(
         x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank, layout.is_token_in_rank,
         layout.num_tokens_per_expert, buffer, expert_alignment,
     )
-    op = _direct(_build._C, x, x_scales, topk_weights) or _ops
+    kernels = _direct(_build._C, *args[:7])
     if num_worst_tokens:
-        out = op.capacity_dispatch(*args, num_worst_tokens, cfg)
+        out = kernels.capacity_dispatch(*args, num_worst_tokens, cfg) if kernels else None
+        out = _ops.capacity_dispatch(*args, num_worst_tokens, cfg) if out is None else out
     else:
-        out = op.dispatch(*args, cfg)
+        out = kernels.dispatch(*args, cfg) if kernels else None
+        out = _ops.dispatch(*args, cfg) if out is None else out
     handle = DispatchHandle(
         out[5], out[6], out[7], out[8], layout.is_token_in_rank, out[9], num_worst_tokens
     )
@@ -178,10 +179,10 @@ def cached_dispatch(
     """
     handle = _check_handle(handle)
     cfg = _config_list(config, handle.is_token_in_rank.size(1), get_dispatch_config)
-    op = _direct(_build._C, x, x_scales, topk_weights) or _ops
-    return op.cached_dispatch(
-        x, x_scales, topk_weights, *_handle_tensors(handle), buffer, handle.num_worst_tokens, cfg
-    )
+    args = (x, x_scales, topk_weights, *_handle_tensors(handle), buffer, handle.num_worst_tokens, cfg)
+    kernels = _direct(_build._C, x, x_scales, topk_weights)
+    out = kernels.cached_dispatch(*args) if kernels else None
+    return _ops.cached_dispatch(*args) if out is None else out
 
 
 def _unpack_bias(bias) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
@@ -210,11 +211,11 @@ def combine(
     handle = _check_handle(handle)
     bias_0, bias_1 = _unpack_bias(bias)
     cfg = _config_list(config, handle.is_token_in_rank.size(1), get_combine_config)
-    op = _direct(_build._C, x, topk_weights, bias_0, bias_1) or _ops
-    return CombineOutput(*op.combine(
-        x, topk_weights, bias_0, bias_1, *_handle_tensors(handle), buffer,
-        handle.num_worst_tokens, cfg,
-    ))
+    args = (x, topk_weights, bias_0, bias_1, *_handle_tensors(handle), buffer,
+            handle.num_worst_tokens, cfg)
+    kernels = _direct(_build._C, x, topk_weights, bias_0, bias_1)
+    out = kernels.combine(*args) if kernels else None
+    return CombineOutput(*(_ops.combine(*args) if out is None else out))
 
 
 def check_device_errors(device: Optional[torch.device] = None) -> None:
@@ -266,10 +267,10 @@ def low_latency_dispatch(
         x, topk_idx, buffer, _num_ranks(buffer), num_max_dispatch_tokens_per_rank, num_experts,
         use_fp8, round_scale, use_ue8m0,
     )
-    kernels = _direct(_build._C_nvshmem, x, cumulative_local_expert_recv_stats)
-    if kernels is not None:  # the kernel adds to the statistics itself
-        out = kernels.low_latency_dispatch(*args, cumulative_local_expert_recv_stats)
-    else:
+    kernels = _direct(_build._C_nvshmem, x, topk_idx, cumulative_local_expert_recv_stats)
+    # The direct entry adds to the statistics in the kernel.
+    out = kernels.low_latency_dispatch(*args, cumulative_local_expert_recv_stats) if kernels else None
+    if out is None:
         out = _ops.low_latency_dispatch(*args)
         if cumulative_local_expert_recv_stats is not None:
             cumulative_local_expert_recv_stats.add_(out[2])
@@ -288,11 +289,14 @@ def low_latency_dispatch_send(
     use_ue8m0: bool = False,
 ) -> LowLatencyDispatchOutput:
     """Send half of ``low_latency_dispatch``: its outputs are complete only after the receive."""
-    op = _direct(_build._C_nvshmem, x) or _ops
-    out = op.low_latency_dispatch_send(
+    args = (
         x, topk_idx, buffer, _num_ranks(buffer), num_max_dispatch_tokens_per_rank, num_experts,
         use_fp8, round_scale, use_ue8m0,
     )
+    kernels = _direct(_build._C_nvshmem, x, topk_idx)
+    out = kernels.low_latency_dispatch_send(*args) if kernels else None
+    if out is None:
+        out = _ops.low_latency_dispatch_send(*args)
     return _low_latency_output(out, num_max_dispatch_tokens_per_rank, x.size(1), num_experts, use_fp8)
 
 
@@ -305,11 +309,13 @@ def low_latency_dispatch_recv(
     scales = pending.recv_x_scales
     if scales is None:  # BF16: the op still takes its empty scales tensor
         scales = pending.recv_x.new_empty((*pending.recv_x.shape[:2], 0), dtype=torch.float32)
-    op = _direct(_build._C_nvshmem, pending.recv_x, cumulative_local_expert_recv_stats) or _ops
-    op.low_latency_dispatch_recv(
+    args = (
         pending.recv_x, scales, pending.recv_count, pending.handle.src_info,
         pending.handle.layout_range, cumulative_local_expert_recv_stats, buffer,
     )
+    kernels = _direct(_build._C_nvshmem, *args[:6])
+    if not kernels or kernels.low_latency_dispatch_recv(*args) is None:
+        _ops.low_latency_dispatch_recv(*args)
     return pending
 
 
@@ -320,7 +326,7 @@ def _low_latency_combine_args(buffer, x, topk_idx, topk_weights, handle):
         )
     return (
         x, topk_idx, topk_weights, handle.src_info, handle.layout_range, buffer,
-        handle.layout_range.size(1), handle.num_max_dispatch_tokens_per_rank, handle.num_experts,
+        _num_ranks(buffer), handle.num_max_dispatch_tokens_per_rank, handle.num_experts,
     )
 
 
@@ -340,10 +346,12 @@ def low_latency_combine(
     in top-k order with float32 accumulation. With ``out`` the result is written there.
     """
     args = _low_latency_combine_args(buffer, x, topk_idx, topk_weights, handle)
-    op = _direct(_build._C_nvshmem, x, topk_weights, out) or _ops
+    kernels = _direct(_build._C_nvshmem, *args[:5], out)
     if out is None:
-        return op.low_latency_combine(*args, zero_copy)
-    op.low_latency_combine_out(*args, zero_copy, out)
+        combined = kernels.low_latency_combine(*args, zero_copy) if kernels else None
+        return _ops.low_latency_combine(*args, zero_copy) if combined is None else combined
+    if not kernels or kernels.low_latency_combine_out(*args, zero_copy, out) is None:
+        _ops.low_latency_combine_out(*args, zero_copy, out)
     return out
 
 
@@ -358,16 +366,19 @@ def low_latency_combine_send(
 ) -> torch.Tensor:
     """Send half of ``low_latency_combine``; the result is complete after the receive."""
     args = _low_latency_combine_args(buffer, x, topk_idx, topk_weights, handle)
-    op = _direct(_build._C_nvshmem, x, topk_weights) or _ops
-    return op.low_latency_combine_send(*args, zero_copy)
+    kernels = _direct(_build._C_nvshmem, *args[:5])
+    pending = kernels.low_latency_combine_send(*args, zero_copy) if kernels else None
+    return _ops.low_latency_combine_send(*args, zero_copy) if pending is None else pending
 
 
 def low_latency_combine_recv(
     buffer: str, combined_x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor
 ) -> torch.Tensor:
     """Receive half: completes ``combined_x`` in place and returns it."""
-    op = _direct(_build._C_nvshmem, combined_x, topk_weights) or _ops
-    op.low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer)
+    args = (combined_x, topk_idx, topk_weights, buffer)
+    kernels = _direct(_build._C_nvshmem, *args[:3])
+    if not kernels or kernels.low_latency_combine_recv(*args) is None:
+        _ops.low_latency_combine_recv(*args)
     return combined_x
 
 

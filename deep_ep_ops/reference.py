@@ -13,12 +13,14 @@ never synchronise, so they capture in CUDA graphs.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
 
-from . import _registry
+from . import _build, _registry
 from . import meta
 from .config import Config, get_low_latency_rdma_size_hint
 
@@ -484,10 +486,16 @@ def unpack_scales(x_scales: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_cast_back(x_fp8, x_scales):
+    """``[..., H]`` FP8 times its scales ``[..., S]`` (any strides) -> contiguous bf16
+    ``[..., H]``."""
     meta.check_fp8_cast_back(x_fp8, x_scales)
-    num_tokens, hidden = x_fp8.shape
-    groups = x_fp8.float().view(num_tokens, hidden // meta.FP8_GROUP, meta.FP8_GROUP)
-    return (groups * unpack_scales(x_scales).unsqueeze(-1)).view(num_tokens, hidden).bfloat16()
+    *lead, hidden = x_fp8.shape
+    # A fresh contiguous float32 copy: the product below is written into it, so the result has
+    # the fake's (contiguous) strides whatever the strides of the inputs.
+    values = x_fp8.to(torch.float32, memory_format=torch.contiguous_format)
+    groups = values.view(*lead, hidden // meta.FP8_GROUP, meta.FP8_GROUP)
+    groups.mul_(unpack_scales(x_scales).unsqueeze(-1))
+    return values.to(torch.bfloat16)
 
 
 # --- low-latency mode ---------------------------------------------------------------------
@@ -762,15 +770,91 @@ OPS = (
 )
 
 
+# --- the CUDA fallback of a missing extension ----------------------------------------------
+
+# Ops with a CUDA kernel in a complete build: in deep_ep_ops._C, and in deep_ep_ops._C_nvshmem.
+CUDA_KERNEL_OPS = (
+    "get_dispatch_layout", "dispatch", "capacity_dispatch", "cached_dispatch", "combine",
+)
+LOW_LATENCY_KERNEL_OPS = (
+    "low_latency_dispatch", "low_latency_dispatch_send", "low_latency_dispatch_recv",
+    "low_latency_combine", "low_latency_combine_out", "low_latency_combine_send",
+    "low_latency_combine_recv", "clean_low_latency_buffer",
+)
+
+
+class CudaFallbackWarning(UserWarning):
+    """A CUDA op runs this reference backend because its CUDA extension is missing or broken."""
+
+
+_fallback_warned = False  # once per process
+
+
+def cuda_fallback_reason(name: str):
+    """Why CUDA op ``name`` is on the reference although a complete build has a kernel for it
+    (the extension is not built, failed to load, or lacks NVSHMEM), or ``None`` when that is
+    not so (a CPU-only torch, an op without a kernel in any build, the kernels loaded)."""
+    if not torch.version.cuda:
+        return None
+    if name in CUDA_KERNEL_OPS or name in LOW_LATENCY_KERNEL_OPS:
+        if not _build.HAS_CUDA_KERNELS:
+            return f"the CUDA extension {_build.EXTENSION} is {_build.EXTENSION_ERROR}"
+    if name in LOW_LATENCY_KERNEL_OPS and not _build.HAS_LOW_LATENCY_KERNELS:
+        return (
+            f"the NVSHMEM extension {_build.LOW_LATENCY_EXTENSION} is "
+            f"{_build.LOW_LATENCY_EXTENSION_ERROR}"
+        )
+    return None
+
+
+def warn_cuda_fallback(name: str) -> bool:
+    """Warn (once per process) that CUDA op ``name`` fell back to the reference, if it did for
+    a missing/broken extension; True when this call warned."""
+    global _fallback_warned
+    if _fallback_warned:
+        return False
+    reason = cuda_fallback_reason(name)
+    if reason is None:
+        return False
+    _fallback_warned = True
+    warnings.warn(
+        f"deep_ep::{name} on CUDA tensors runs the NCCL reference backend, not the CUDA "
+        f"kernels: {reason} (torch {torch.__version__}, CUDA {torch.version.cuda}). See "
+        "deep_ep_ops.build_info(); rebuild against this torch with `pip install -e . "
+        "--no-build-isolation` (a CUDA torch, nvcc and CUDA_HOME; NVSHMEM for the low-latency "
+        "kernels). Warned once per process.",
+        CudaFallbackWarning, stacklevel=2,
+    )
+    return True
+
+
+def _warning_fallback(name: str, fn):
+    """``fn`` registered for CUDA: warns when a CUDA tensor first takes this path."""
+
+    @functools.wraps(fn)
+    def cuda_reference(*args, **kwargs):
+        if not _fallback_warned:
+            warn_cuda_fallback(name)
+        return fn(*args, **kwargs)
+
+    return cuda_reference
+
+
 def register(lib: torch.library.Library, dispatch_key: str) -> list[str]:
     """Register this module's ops for ``dispatch_key`` where no kernel is registered yet.
 
-    Returns the names registered (on CUDA: the ops the extension does not implement).
+    Returns the names registered (on CUDA: the ops the extension does not implement). On CUDA
+    the ops a complete build has kernels for are wrapped to warn once (``warn_cuda_fallback``)
+    when they run here; the reference functions the kernels' bindings call themselves
+    (``set_fallback``: gloo groups, calls the kernels do not take) are the unwrapped ones.
     """
     missing = [
         name for name in OPS
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"deep_ep::{name}", dispatch_key)
     ]
     for name in missing:
-        lib.impl(name, globals()[name], dispatch_key)
+        fn = globals()[name]
+        if dispatch_key == "CUDA" and (name in CUDA_KERNEL_OPS or name in LOW_LATENCY_KERNEL_OPS):
+            fn = _warning_fallback(name, fn)
+        lib.impl(name, fn, dispatch_key)
     return missing

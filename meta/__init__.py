@@ -121,15 +121,27 @@ def _per_token_cast_to_fp8(x, round_scale, use_ue8m0):
 
 
 def check_fp8_cast_back(x_fp8, x_scales) -> None:
-    check_tensor(x_fp8, "x_fp8", 2, (FP8_DTYPE,))
-    check_tensor(x_scales, "x_scales", 2, (torch.float32, torch.int32))
-    check_size(x_scales, "x_scales", 0, x_fp8.size(0), "x_fp8.size(0)")
+    """``x_fp8 [..., H]`` float8 with ``x_scales [..., H/128]`` float32 or ``[..., H/512]``
+    int32 (UE8M0): any number of leading dims (the same in both), any strides."""
+    for t, name, dtypes in (
+        (x_fp8, "x_fp8", (FP8_DTYPE,)), (x_scales, "x_scales", (torch.float32, torch.int32)),
+    ):
+        _type(isinstance(t, torch.Tensor), f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        _value(t.dim() >= 1, f"{name} must have at least 1 dim ([..., hidden]), got a scalar")
+        _type(t.dtype in dtypes, f"{name} must have dtype in "
+              f"({', '.join(str(d) for d in dtypes)}), got {t.dtype}")
+    _value(
+        x_scales.dim() == x_fp8.dim() and x_scales.shape[:-1] == x_fp8.shape[:-1],
+        f"x_scales must have x_fp8's leading dims ([..., S] for x_fp8 [..., hidden]), got "
+        f"shapes {tuple(x_scales.shape)} and {tuple(x_fp8.shape)}",
+    )
+    hidden = x_fp8.size(-1)
     use_ue8m0 = x_scales.dtype == torch.int32
     _value(
-        x_fp8.size(1) % (FP8_GROUP * (UE8M0_PACK if use_ue8m0 else 1)) == 0,
-        f"x_fp8.size(1) ({x_fp8.size(1)}) does not split into whole scale groups",
+        hidden % (FP8_GROUP * (UE8M0_PACK if use_ue8m0 else 1)) == 0,
+        f"x_fp8.size(-1) ({hidden}) does not split into whole scale groups",
     )
-    check_size(x_scales, "x_scales", 1, num_scales(x_fp8.size(1), use_ue8m0), "hidden / group")
+    check_size(x_scales, "x_scales", -1, num_scales(hidden, use_ue8m0), "hidden / group")
 
 
 @torch.library.register_fake("deep_ep::per_token_cast_back")

@@ -63,6 +63,7 @@ def run_one(args, name: str, alias_dir: str | None, port: int) -> tuple[int, str
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(path + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONUNBUFFERED="1")
+    extra = extra + getattr(args, f"{name}_args").split()
     command = [sys.executable, script, "--num-processes", str(args.num_processes), *extra]
     start = time.time()
     try:
@@ -87,6 +88,10 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="folder for the full logs")
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--port", type=int, default=29611)
+    parser.add_argument("--intranode-args", default="",
+                        help="extra arguments of test_intranode.py, e.g. '--num-experts 128'")
+    parser.add_argument("--low-latency-args", default="",
+                        help="extra arguments of test_low_latency.py")
     args = parser.parse_args()
     if not (Path(args.deepep) / "tests").is_dir():
         parser.error(f"--deepep {args.deepep} has no tests/ folder")

@@ -7,7 +7,8 @@
 # two decode examples on every GPU, the default; 0: skip), GPU_TESTS_TIMEOUT_S, BENCH_TIMEOUT_S,
 # DEEP_EP_OPS_GPU_WORLD_SIZES (e.g. "4": the multi-GPU tests at 4 ranks only), and DEEPEP (an
 # unpacked DeepEP V1 tree, e.g. .deepep: build DeepEP there and run its tests against DeepEP and
-# against this package, scripts/deepep_suite.py; DEEPEP_PROCESSES ranks, default: the GPUs).
+# against this package, scripts/deepep_suite.py; DEEPEP_PROCESSES ranks, default: the GPUs;
+# DEEPEP_TESTS, DEEPEP_INTRANODE_ARGS: passed on).
 # Python wheels the machine lacks (expecttest) may be carried in .whl/.
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
@@ -38,6 +39,7 @@ if [ -n "${DEEPEP:-}" ]; then
     for impl in ours deepep; do
       timeout "${DEEPEP_TIMEOUT_S:-900}" python3 scripts/deepep_suite.py --deepep "$DEEPEP" \
         --impl $impl --num-processes "$ranks" --timeout-s "${DEEPEP_TEST_TIMEOUT_S:-300}" \
+        --intranode-args "${DEEPEP_INTRANODE_ARGS:-}" --tests ${DEEPEP_TESTS:-intranode low_latency} \
         --out "$out" > "$out/deepep-$impl.txt" 2>&1
       deepep_rc="$deepep_rc $impl=$?"
     done

@@ -22,6 +22,23 @@ EXPECTED_OPS = {
     ],
 }
 SM_SWEPT = {("normal", "dispatch bf16"), ("normal", "dispatch fp8"), ("normal", "combine bf16")}
+# The host table: (op, inputs), each without and with grad inputs.
+EXPECTED_HOST_ROWS = [
+    ("get_dispatch_layout", "topk_idx"), ("dispatch", "bf16 + weights"),
+    ("capacity dispatch", "bf16 + weights"), ("cached dispatch", "bf16"), ("combine", "bf16"),
+    ("low_latency_dispatch", "fp8"), ("low_latency_dispatch", "bf16"),
+    ("low_latency_dispatch send", "fp8"), ("low_latency_dispatch recv hook", "fp8"),
+    ("low_latency_dispatch send", "bf16"), ("low_latency_dispatch recv hook", "bf16"),
+    ("low_latency_combine", "bf16 + weights"), ("low_latency_combine send", "bf16 + weights"),
+    ("low_latency_combine recv hook", "bf16 + weights"),
+]
+
+
+def _assert_no_gpu_targets(text: str) -> None:
+    """A CPU run's output has no DESIGN.md §11 bounds, no target columns and no ratios."""
+    assert "vs target" not in text and "target <=" not in text
+    assert not re.search(r"[<>]= [\d.]+ (us|GB/s)", text), text
+    assert not re.search(r"\b\d+(\.\d+)?x\b", text), text  # no "0.0004x" ratio anywhere
 
 
 def _parse_tables(text: str) -> list[list[dict]]:
@@ -33,7 +50,10 @@ def _parse_tables(text: str) -> list[list[dict]]:
         if not line.startswith("op ") or i + 1 >= len(lines) or set(lines[i + 1]) != {"-"}:
             continue
         columns = re.split(r"\s{2,}", line.strip())
-        assert tuple(columns) in (bench.TABLE_COLUMNS, bench.SUMMARY_COLUMNS)
+        assert tuple(columns) in (
+            bench.TABLE_COLUMNS, bench.SUMMARY_COLUMNS, bench.CPU_SUMMARY_COLUMNS,
+            bench.HOST_COLUMNS, bench.CPU_HOST_COLUMNS,
+        )
         rows = []
         for row in lines[i + 2 :]:
             cells = re.split(r"\s{2,}", row.strip())
@@ -61,7 +81,7 @@ def test_bench_cli_two_ranks(tmp_path):
     assert f"[2/{total}] normal dispatch bf16 tokens=16 sms=2 (reference/gloo)" in proc.stderr
     assert proc.stderr.count(f"[1/{total}]") == 1  # progress, from rank 0 only
 
-    full, summary = _parse_tables(proc.stdout)
+    full, summary, host = _parse_tables(proc.stdout)
     expected = [
         (op, mode, str(t), str(n) if (mode, op) in SM_SWEPT else "-")
         for mode in EXPECTED_OPS for t in TOKENS for op in EXPECTED_OPS[mode]
@@ -95,16 +115,24 @@ def test_bench_cli_two_ranks(tmp_path):
     for row in summary:
         swept = (row["mode"], row["op"]) in SM_SWEPT
         assert row["best SMs"] in ({"2", "4"} if swept else {"-"})
-        assert row["target"].startswith(">= " if swept else "<= ")
-        assert row["vs target"].endswith("x") and row["speedup"] == "-"
+        assert "target" not in row and "vs target" not in row and row["speedup"] == "-"
         match = [r for r in full if (r["op"], r["mode"], r["tokens/rank"], r["SMs"]) == (
             row["op"], row["mode"], row["tokens/rank"], row["best SMs"])]
         assert len(match) == 1 and match[0]["median us"] == row["median us"]
-    host_line = proc.stdout.rstrip().splitlines()[-1]
-    assert re.fullmatch(
-        r"host: op-layer host us/call .*wrapper [\d.]+, torch\.ops [\d.]+; torch\.add [\d.]+ "
-        r"-> op layer adds .*target <= 5.*", host_line,
-    ), host_line
+    _assert_no_gpu_targets(proc.stdout)
+    assert "summary (CPU, gloo): the reference backend only" in proc.stdout
+
+    # Host table: every op (and half) without and with grad inputs, or why not; CPU-labelled.
+    assert "host (CPU, gloo: the reference backend)" in proc.stdout
+    assert [(r["op"], r["inputs"]) for r in host] == EXPECTED_HOST_ROWS
+    for row in host:
+        assert row["tokens/rank"] == str(TOKENS[0])
+        assert float(row["host us"]) > 0
+        if row["host us (grad)"] == "n/a":
+            assert row["note"].startswith(("no differentiable input", "FP8 output")), row
+        else:
+            assert float(row["host us (grad)"]) > 0
+    assert re.search(r"^baseline: torch\.add .* [\d.]+ us per call$", proc.stdout, re.M)
 
     table_txt = (out_dir / "table.txt").read_text().strip()
     assert table_txt.startswith("deep_ep_ops bench: 2 ranks (cpu)")
@@ -113,9 +141,20 @@ def test_bench_cli_two_ranks(tmp_path):
     report = json.loads((out_dir / "results.json").read_text())
     assert report["settings"]["num_sms"] == list(NUM_SMS)
     assert report["settings"]["graph"] is True  # asked for, but there are no graphs on CPU
-    assert set(report["host"]["host_us"]) == {"wrapper", "torch.ops", "torch.add"}
-    assert all(v > 0 for v in report["host"]["host_us"].values())
+    host_report = report["host"]
+    assert host_report["device"] == "cpu" and host_report["target_us"] is None
+    for row in host_report["rows"]:
+        assert row["vs_target"] is None
+        if row["host_us"] is None:  # no variant with grad inputs
+            assert row["grad"] and row["note"]
+            continue
+        assert row["host_us"] > 0 and len(row["host_us_per_rank"]) == NUM_RANKS
+        assert row["autograd_graph"] is row["grad"]  # grad inputs: a graph; else none
+    assert {(r["op"], r["inputs"], r["grad"]) for r in host_report["rows"]} == {
+        (op, inputs, grad) for op, inputs in EXPECTED_HOST_ROWS for grad in (False, True)
+    }
     assert len(report["summary"]) == len(summary)
+    assert all(r["target"] is None and r["vs_target"] is None for r in report["summary"])
     fp8_row = HIDDEN + 4 * HIDDEN // 128
     for result in report["results"]:
         assert result["min_us"] <= result["median_us"] <= result["max_us"]
@@ -241,23 +280,97 @@ def test_bench_summary_best_sms_and_targets():
     assert best["speedup_vs_reference"] == pytest.approx(2.0)
     assert by_op["combine bf16"]["over_budget"] and by_op["combine bf16"]["num_sms"] == 32
 
-    report["host"] = {
-        "device": "cuda", "tokens": 128, "target_us": 5.0,
-        "host_us": {"wrapper": 13.0, "torch.ops": 12.2, "torch.add": 7.0},
-        "overhead_us": {"wrapper": 6.0, "torch.ops": 5.2},
-    }
+    report["host"] = _host_report("cuda")
     text = bench.format_summary(report)
-    (rows,) = _parse_tables(text)
+    rows, host = _parse_tables(text)
     assert [(r["op"], r["best SMs"], r["target"], r["vs target"], r["speedup"]) for r in rows] == [
         ("layout", "-", "<= 20 us", "2x", "17.00x"),
         ("dispatch bf16", "24", ">= 365 GB/s", "0.7x", "2.00x"),
         ("combine bf16", "32 (>24)", ">= 445 GB/s", "1.12x", "2.00x"),
     ]
-    assert text.splitlines()[-1] == (
-        "host: op-layer host us/call (eager get_dispatch_layout, 128 tokens): wrapper 13.0, "
-        "torch.ops 12.2; torch.add 7.0 -> op layer adds 6.0 (wrapper) / 5.2 (torch.ops), "
-        "target <= 5"
+    # GPU host table: both grad variants of an op on one line; the op layer's share (host us
+    # minus the 3.5 us torch.add baseline) against the 8 us target.
+    assert [tuple(r.values()) for r in host] == [
+        ("get_dispatch_layout", "topk_idx", "128", "4.0", "+0.5", "2.00x", "n/a", "n/a", "n/a",
+         "no differentiable input (topk_idx is int64)"),
+        ("dispatch", "bf16 + weights", "128", "16.0", "+12.5", "0.50x", "20.0", "+16.5",
+         "0.40x", "syncs (learns N on the host); wall - GPU busy time"),
+        ("low_latency_dispatch send", "bf16", "128", "6.0", "+2.5", "1.33x", "9.0", "+5.5",
+         "0.89x", "-"),
+        ("low_latency_dispatch recv hook", "bf16", "128", "2.0", "-1.5", "4.00x", "3.0", "-0.5",
+         "2.67x", "-"),
+    ]
+    lines = text.splitlines()
+    assert "adds <= 8 us per call" in lines[lines.index("") + 1]
+    assert lines[-1] == (
+        "baseline: torch.add on a [128, top-k] tensor, timed the same way: 3.5 us per call"
     )
+
+
+def _host_report(device: str) -> dict:
+    """A host table as ``measure_host`` returns it (made-up numbers)."""
+    gpu = device == "cuda"
+
+    def row(op, inputs, grad, us, note="", syncs=False):
+        return {"op": op, "inputs": inputs, "tokens_per_rank": 128, "grad": grad, "host_us": us,
+                "vs_target": us and 8.0 / us if gpu else None, "note": note, "syncs": syncs,
+                "op_layer_us": None if us is None else us - 3.5,
+                "method": bench.WALL_MINUS_GPU if syncs else bench.SLEEPING_GPU}
+
+    rows = [
+        row("get_dispatch_layout", "topk_idx", False, 4.0),
+        row("get_dispatch_layout", "topk_idx", True, None,
+            "no differentiable input (topk_idx is int64)"),
+        row("dispatch", "bf16 + weights", False, 16.0, "syncs (learns N on the host)", True),
+        row("dispatch", "bf16 + weights", True, 20.0, "syncs (learns N on the host)", True),
+    ]
+    for grad, send, recv in ((False, 6.0, 2.0), (True, 9.0, 3.0)):
+        rows += [row("low_latency_dispatch send", "bf16", grad, send),
+                 row("low_latency_dispatch recv hook", "bf16", grad, recv)]
+    return {"device": device, "backend": "cuda" if gpu else "reference/gloo", "calls": 100,
+            "repeats": 7, "target_us": 8.0 if gpu else None, "rows": rows,
+            "baseline": {"op": "torch.add", "tokens": 128, "host_us": 3.5}}
+
+
+def test_bench_cpu_report_has_no_gpu_targets():
+    """A CPU (gloo) run times the reference: its summary and host table show no targets and no
+    ratios to them, and say what was measured; the same rows on a GPU run do show them."""
+    results = [_result("layout", "normal", None, 300.0, None),
+               _result("dispatch bf16", "normal", 20, 2000.0, 0.05),
+               _result("combine bf16", "low-latency", None, 1500.0, 0.02)]
+    for device in ("cpu", "NVIDIA H200"):
+        report = {"device": device, "results": results,
+                  "host": _host_report("cpu" if device == "cpu" else "cuda")}
+        report["summary"] = bench.best_rows(report)
+        text = bench.format_summary(report)
+        summary, host = _parse_tables(text)
+        if device != "cpu":  # the check below would fail on these
+            assert summary[0]["target"] == "<= 20 us" and summary[0]["vs target"] == "0.0667x"
+            assert host[0]["vs target"] == "2.00x" and "adds <= 8 us" in text
+            with pytest.raises(AssertionError):
+                _assert_no_gpu_targets(text)
+            continue
+        _assert_no_gpu_targets(text)
+        assert all(r["target"] is None and r["vs_target"] is None for r in report["summary"])
+        assert list(summary[0]) == list(bench.CPU_SUMMARY_COLUMNS)
+        assert list(host[0]) == list(bench.CPU_HOST_COLUMNS)
+        assert text.splitlines()[0].startswith("summary (CPU, gloo): the reference backend only")
+        assert "not the op layer's host overhead" in text
+        assert [(r["op"], r["host us"], r["host us (grad)"]) for r in host] == [
+            ("get_dispatch_layout", "4.0", "n/a"), ("dispatch", "16.0", "20.0"),
+            ("low_latency_dispatch send", "6.0", "9.0"),
+            ("low_latency_dispatch recv hook", "2.0", "3.0"),
+        ]
+
+
+def test_bench_host_cases_cover_every_op():
+    """Every op of the Buffer API has host rows, with and without grad inputs or a reason."""
+    ops = {op for case in bench.HOST_CASES for op in case.ops}
+    assert ops == {op for op, _ in EXPECTED_HOST_ROWS}
+    for case in bench.HOST_CASES:
+        if case.no_grad_reason:
+            assert case.inputs in ("topk_idx", "fp8")  # nothing differentiable goes in
+        assert case.syncs == (case.ops == ("dispatch",))  # only normal dispatch learns N
 
 
 LL_CASES = {c.op: c for c in bench.CASES if c.mode == "low-latency"}

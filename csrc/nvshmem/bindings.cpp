@@ -574,13 +574,71 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,
              "Raise an error a low-latency kernel on this device reported since the last call");
   // The op kernels again, called from Python without the dispatcher (see ops._direct in
-  // deep_ep_ops/ops.py). The fused dispatch also takes the cumulative statistics, which the
+  // deep_ep_ops/ops.py); each returns None where the call must take the ops instead
+  // (eager_direct_ok). The fused dispatch also takes the cumulative statistics, which the
   // kernel adds in place (the op leaves that to a separate add_).
-  module.def("low_latency_dispatch", &deep_ep_ops::low_latency_dispatch_with_stats);
-  module.def("low_latency_dispatch_send", &deep_ep_ops::low_latency_dispatch_send);
-  module.def("low_latency_dispatch_recv", &deep_ep_ops::low_latency_dispatch_recv);
-  module.def("low_latency_combine", &deep_ep_ops::low_latency_combine);
-  module.def("low_latency_combine_out", &deep_ep_ops::low_latency_combine_out);
-  module.def("low_latency_combine_send", &deep_ep_ops::low_latency_combine_send);
-  module.def("low_latency_combine_recv", &deep_ep_ops::low_latency_combine_recv);
+  using OptTensor = c10::optional<at::Tensor>;
+  using at::Tensor;
+  module.def("low_latency_dispatch", [](const Tensor& x, const Tensor& topk_idx,
+                                        const std::string& buffer, int64_t num_ranks,
+                                        int64_t num_max, int64_t num_experts, bool use_fp8,
+                                        bool round_scale, bool use_ue8m0, const OptTensor& stats) {
+    return DEEP_EP_DIRECT(deep_ep_ops::low_latency_dispatch_with_stats(
+        x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
+        stats), x, topk_idx, stats);
+  });
+  module.def("low_latency_dispatch_send", [](const Tensor& x, const Tensor& topk_idx,
+                                             const std::string& buffer, int64_t num_ranks,
+                                             int64_t num_max, int64_t num_experts, bool use_fp8,
+                                             bool round_scale, bool use_ue8m0) {
+    return DEEP_EP_DIRECT(deep_ep_ops::low_latency_dispatch_send(
+        x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0),
+        x, topk_idx);
+  });
+  module.def("low_latency_dispatch_recv", [](const Tensor& recv_x, const Tensor& recv_x_scales,
+                                             const Tensor& recv_count, const Tensor& src_info,
+                                             const Tensor& layout_range, const OptTensor& stats,
+                                             const std::string& buffer) {
+    if (!deep_ep_ops::eager_direct_ok(recv_x, recv_x_scales, recv_count, src_info, layout_range, stats))
+      return py::object(py::none());
+    deep_ep_ops::low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info,
+                                           layout_range, stats, buffer);
+    return py::object(py::bool_(true));
+  });
+  module.def("low_latency_combine", [](const Tensor& x, const Tensor& topk_idx,
+                                       const Tensor& topk_weights, const Tensor& src_info,
+                                       const Tensor& layout_range, const std::string& buffer,
+                                       int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                                       bool zero_copy) {
+    return DEEP_EP_DIRECT(deep_ep_ops::low_latency_combine(
+        x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+        num_experts, zero_copy), x, topk_idx, topk_weights, src_info, layout_range);
+  });
+  module.def("low_latency_combine_out", [](const Tensor& x, const Tensor& topk_idx,
+                                           const Tensor& topk_weights, const Tensor& src_info,
+                                           const Tensor& layout_range, const std::string& buffer,
+                                           int64_t num_ranks, int64_t num_max,
+                                           int64_t num_experts, bool zero_copy,
+                                           const Tensor& out) {
+    if (!deep_ep_ops::eager_direct_ok(x, topk_idx, topk_weights, src_info, layout_range, out))
+      return py::object(py::none());
+    deep_ep_ops::low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_range,
+                                         buffer, num_ranks, num_max, num_experts, zero_copy, out);
+    return py::object(py::bool_(true));
+  });
+  module.def("low_latency_combine_send", [](const Tensor& x, const Tensor& topk_idx,
+                                            const Tensor& topk_weights, const Tensor& src_info,
+                                            const Tensor& layout_range, const std::string& buffer,
+                                            int64_t num_ranks, int64_t num_max,
+                                            int64_t num_experts, bool zero_copy) {
+    return DEEP_EP_DIRECT(deep_ep_ops::low_latency_combine_send(
+        x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+        num_experts, zero_copy), x, topk_idx, topk_weights, src_info, layout_range);
+  });
+  module.def("low_latency_combine_recv", [](const Tensor& combined_x, const Tensor& topk_idx,
+                                            const Tensor& topk_weights, const std::string& buffer) {
+    if (!deep_ep_ops::eager_direct_ok(combined_x, topk_idx, topk_weights)) return py::object(py::none());
+    deep_ep_ops::low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer);
+    return py::object(py::bool_(true));
+  });
 }
