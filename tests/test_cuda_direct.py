@@ -65,9 +65,16 @@ def test_low_latency_direct_matches_ops(buffer):
     buf, num_max, hidden, num_experts = buffer
     torch.manual_seed(0)
     x, topk_idx, weights = _inputs(num_max, hidden, num_experts)
-    assert ops._direct(_build._C_nvshmem, x) is _build._C_nvshmem
-    assert ops._direct(_build._C_nvshmem, x.detach().requires_grad_()) is None
     ll = (buf.name, 1, num_max, num_experts)
+    # The direct entries decide in C++: an input requiring grad in grad mode takes the ops.
+    kernels = ops._direct(_build._C_nvshmem, x)
+    assert kernels is _build._C_nvshmem
+    leaf = x.detach().requires_grad_()
+    with torch.enable_grad():
+        assert kernels.low_latency_dispatch(leaf, topk_idx, *ll, False, False, False, None) is None
+    with torch.no_grad():
+        assert len(kernels.low_latency_dispatch(leaf, topk_idx, *ll, False, False, False, None)) == 5
+    assert ops._direct(_build._C_nvshmem, torch.nn.Parameter(x.float())) is None
     for use_fp8 in (False, True):
         stats = torch.zeros(num_experts, dtype=torch.int32, device="cuda")
         fast = ops.low_latency_dispatch(buf.name, x, topk_idx, num_max, num_experts,
