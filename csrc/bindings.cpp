@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "kernels/api.h"
+#include "autograd.h"
 #include "runtime.h"
 #include "torch_common.h"
 
@@ -419,6 +420,11 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   if (num_worst_tokens == 0) *runtime->num_recv_host = -1;
   C10_CUDA_CHECK(launch_dispatch_notify(nvl, layout, stream));
   const int64_t num_rows = num_worst_tokens > 0 ? num_worst_tokens : wait_num_recv(*runtime, op);
+  if (num_worst_tokens == 0) {  // for Buffer.dispatch's host list, without a copy
+    runtime->recv_per_expert.resize(num_local);
+    for (int64_t l = 0; l < num_local; ++l)
+      runtime->recv_per_expert[l] = runtime->num_recv_host[1 + l];
+  }
 
   const at::Tensor topk = topk_idx ? topk_idx->contiguous() : at::Tensor();
   const int64_t num_topk = topk.defined() ? topk.size(1) : 0;
@@ -621,6 +627,163 @@ std::tuple<at::Tensor, at::Tensor> combine(
   C10_CUDA_CHECK(launch_combine(nvl, args, num_sms, stream));
   return {combined, combined_weights};
 }
+
+// --- autograd of the eager fast path (csrc/autograd.h; formulas as deep_ep_ops/_autograd.py) --
+
+using Ints = std::vector<int64_t>;
+using OptTensor = c10::optional<at::Tensor>;
+
+NamedArgs handle_args(const variable_list& h, const std::string& buffer, int64_t num_worst_tokens,
+                      const Ints& config) {
+  return {{"rank_prefix_matrix", h[0]}, {"channel_prefix_matrix", h[1]},
+          {"recv_channel_prefix_matrix", h[2]}, {"recv_src_idx", h[3]},
+          {"is_token_in_rank", h[4]}, {"send_head", h[5]}, {"buffer", buffer},
+          {"num_worst_tokens", num_worst_tokens}, {"config", config}};
+}
+
+NamedArgs with(NamedArgs args, NamedArgs more) {
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
+// dispatch and capacity_dispatch of a floating-point x (no FP8 payload): grad x = combine of
+// grad recv_x along the handle; grad topk_weights = combined grad recv_topk_weights where the
+// received expert is local.
+struct DispatchFunction : public torch::autograd::Function<DispatchFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& topk_idx,
+                               const OptTensor& topk_weights, const at::Tensor& num_tokens_per_rank,
+                               const at::Tensor& is_token_in_rank,
+                               const OptTensor& num_tokens_per_expert, const std::string& buffer,
+                               int64_t expert_alignment, int64_t num_worst_tokens,
+                               const Ints& config) {
+    variable_list out = to_list(dispatch_impl(
+        num_worst_tokens > 0 ? kOpCapacityDispatch : kOpDispatch, x, c10::nullopt, topk_idx,
+        topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, buffer,
+        expert_alignment, num_worst_tokens, config));
+    mark_non_differentiable(ctx, out, {out[1]});  // recv_x_scales: empty without FP8
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["buffer"] = buffer;
+    ctx->saved_data["num_worst_tokens"] = num_worst_tokens;
+    ctx->saved_data["config"] = config;
+    ctx->saved_data["has_weights"] = topk_weights.has_value();
+    ctx->save_for_backward({out[0], out[2], out[3], out[5], out[6], out[7], out[8],
+                            is_token_in_rank, out[9]});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &recv_x = saved[0], &recv_topk_idx = saved[1], &recv_weights = saved[2];
+    const variable_list handle(saved.begin() + 3, saved.end());
+    const bool has_weights = ctx->saved_data["has_weights"].toBool();
+    c10::IValue weights;
+    if (has_weights) {
+      const at::Tensor g = grads[3].defined() ? grads[3] : at::zeros_like(recv_weights);
+      weights = at::where(recv_topk_idx.ge(0), g, at::zeros({}, g.options()));
+    }
+    const auto out = call_op("combine", with(
+        {{"x", grads[0].defined() ? grads[0] : at::zeros_like(recv_x)},
+         {"topk_weights", weights}, {"bias_0", c10::IValue()}, {"bias_1", c10::IValue()}},
+        handle_args(handle, ctx->saved_data["buffer"].toStringRef(),
+                    ctx->saved_data["num_worst_tokens"].toInt(),
+                    ctx->saved_data["config"].toIntVector())));
+    variable_list result(10);
+    result[0] = out[0].toTensor();
+    if (has_weights) result[2] = out[1].toTensor();
+    return result;
+  }
+};
+
+// cached_dispatch of a floating-point x: grad x and grad topk_weights = combine along the
+// handle (the weights unmasked, as they were copied).
+struct CachedDispatchFunction : public torch::autograd::Function<CachedDispatchFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const OptTensor& topk_weights, const variable_list& handle,
+                               const std::string& buffer, int64_t num_worst_tokens,
+                               const Ints& config) {
+    variable_list out = to_list(cached_dispatch(
+        x, c10::nullopt, topk_weights, handle[0], handle[1], handle[2], handle[3], handle[4],
+        handle[5], buffer, num_worst_tokens, config));
+    mark_non_differentiable(ctx, out, {out[1]});
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["buffer"] = buffer;
+    ctx->saved_data["num_worst_tokens"] = num_worst_tokens;
+    ctx->saved_data["config"] = config;
+    ctx->saved_data["has_weights"] = topk_weights.has_value();
+    variable_list saved{out[0], out[2]};
+    saved.insert(saved.end(), handle.begin(), handle.end());
+    ctx->save_for_backward(saved);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const variable_list handle(saved.begin() + 2, saved.end());
+    const bool has_weights = ctx->saved_data["has_weights"].toBool();
+    c10::IValue weights;
+    if (has_weights) weights = grads[2].defined() ? grads[2] : at::zeros_like(saved[1]);
+    const auto out = call_op("combine", with(
+        {{"x", grads[0].defined() ? grads[0] : at::zeros_like(saved[0])},
+         {"topk_weights", weights}, {"bias_0", c10::IValue()}, {"bias_1", c10::IValue()}},
+        handle_args(handle, ctx->saved_data["buffer"].toStringRef(),
+                    ctx->saved_data["num_worst_tokens"].toInt(),
+                    ctx->saved_data["config"].toIntVector())));
+    variable_list result(8);  // x, topk_weights, the handle's six tensors
+    result[0] = out[0].toTensor();
+    if (has_weights) result[1] = out[1].toTensor();
+    return result;
+  }
+};
+
+// combine: grad x (and grad topk_weights) = cached dispatch of grad combined_x (and of grad
+// combined_topk_weights) along the handle; grad of each bias = grad combined_x.
+struct CombineFunction : public torch::autograd::Function<CombineFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const OptTensor& topk_weights, const OptTensor& bias_0,
+                               const OptTensor& bias_1, const variable_list& handle,
+                               const std::string& buffer, int64_t num_worst_tokens,
+                               const Ints& config) {
+    variable_list out = to_list(combine(x, topk_weights, bias_0, bias_1, handle[0], handle[1],
+                                        handle[2], handle[3], handle[4], handle[5], buffer,
+                                        num_worst_tokens, config));
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["buffer"] = buffer;
+    ctx->saved_data["num_worst_tokens"] = num_worst_tokens;
+    ctx->saved_data["config"] = config;
+    ctx->saved_data["has_weights"] = topk_weights.has_value();
+    ctx->saved_data["bias_0"] = bias_0 ? c10::IValue(static_cast<int64_t>(bias_0->scalar_type()))
+                                       : c10::IValue();
+    ctx->saved_data["bias_1"] = bias_1 ? c10::IValue(static_cast<int64_t>(bias_1->scalar_type()))
+                                       : c10::IValue();
+    variable_list saved{out[0], out[1]};
+    saved.insert(saved.end(), handle.begin(), handle.end());
+    ctx->save_for_backward(saved);
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const variable_list handle(saved.begin() + 2, saved.end());
+    const bool has_weights = ctx->saved_data["has_weights"].toBool();
+    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
+    c10::IValue weights;
+    if (has_weights) weights = grads[1].defined() ? grads[1] : at::zeros_like(saved[1]);
+    const auto out = call_op("cached_dispatch", with(
+        {{"x", grad}, {"x_scales", c10::IValue()}, {"topk_weights", weights}},
+        handle_args(handle, ctx->saved_data["buffer"].toStringRef(),
+                    ctx->saved_data["num_worst_tokens"].toInt(),
+                    ctx->saved_data["config"].toIntVector())));
+    variable_list result(10);  // x, topk_weights, bias_0, bias_1, the handle's six tensors
+    result[0] = out[0].toTensor();
+    if (has_weights) result[1] = tensor_or_undefined(out[2]);
+    for (int b = 0; b < 2; ++b) {
+      const c10::IValue& dtype = ctx->saved_data[b == 0 ? "bias_0" : "bias_1"];
+      if (!dtype.isNone()) result[2 + b] = grad.to(static_cast<at::ScalarType>(dtype.toInt()));
+    }
+    return result;
+  }
+};
+
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -655,17 +818,42 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return DEEP_EP_DIRECT(deep_ep_ops::get_dispatch_layout(topk_idx, num_experts, num_ranks,
                                                            num_rdma_ranks), topk_idx);
   });
-  module.def("dispatch", [](const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
+  // With inputs that require grad, the entries record the backward from C++ (the autograd
+  // functions above); an FP8 payload takes the ops (only its weights are differentiable).
+  using deep_ep_ops::Direct;
+  // dispatch also returns the host list of rows per local expert (Buffer.dispatch's
+  // num_recv_tokens_per_expert_list), read from mapped memory without a copy, or None when
+  // the call ran the reference.
+  auto with_host_counts = [](py::object outputs, const std::string& buffer) -> py::object {
+    const deep_ep_ops::NvlRuntime* runtime = deep_ep_ops::find_runtime(buffer);
+    py::object counts = runtime ? py::cast(runtime->recv_per_expert) : py::none();
+    return py::tuple(py::make_tuple(*py::tuple(outputs), counts));
+  };
+  module.def("dispatch", [with_host_counts](const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
                             const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
                             const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
                             const std::string& buffer, int64_t expert_alignment,
-                            const Ints& config) {
-    return DEEP_EP_DIRECT(deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights,
-                                                num_tokens_per_rank, is_token_in_rank,
-                                                num_tokens_per_expert, buffer, expert_alignment,
-                                                config),
-                          x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                          is_token_in_rank, num_tokens_per_expert);
+                            const Ints& config) -> py::object {
+    switch (deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
+                                           num_tokens_per_rank, is_token_in_rank,
+                                           num_tokens_per_expert)) {
+      case Direct::kPlain:
+        return with_host_counts(
+            py::cast(deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights,
+                                           num_tokens_per_rank, is_token_in_rank,
+                                           num_tokens_per_expert, buffer, expert_alignment,
+                                           config)),
+            buffer);
+      case Direct::kAutograd:
+        if (x_scales || !at::isFloatingType(x.scalar_type())) break;
+        return with_host_counts(
+            deep_ep_ops::to_python(deep_ep_ops::DispatchFunction::apply(
+                x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                num_tokens_per_expert, buffer, expert_alignment, int64_t{0}, config)),
+            buffer);
+      case Direct::kOps: break;
+    }
+    return py::none();
   });
   module.def("capacity_dispatch", [](const Tensor& x, const OptTensor& x_scales,
                                      const OptTensor& topk_idx, const OptTensor& topk_weights,
@@ -673,37 +861,67 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                      const Tensor& is_token_in_rank,
                                      const OptTensor& num_tokens_per_expert,
                                      const std::string& buffer, int64_t expert_alignment,
-                                     int64_t num_worst_tokens, const Ints& config) {
-    return DEEP_EP_DIRECT(deep_ep_ops::capacity_dispatch(x, x_scales, topk_idx, topk_weights,
-                                                         num_tokens_per_rank, is_token_in_rank,
-                                                         num_tokens_per_expert, buffer,
-                                                         expert_alignment, num_worst_tokens,
-                                                         config),
-                          x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                          is_token_in_rank, num_tokens_per_expert);
+                                     int64_t num_worst_tokens, const Ints& config) -> py::object {
+    switch (deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
+                                           num_tokens_per_rank, is_token_in_rank,
+                                           num_tokens_per_expert)) {
+      case Direct::kPlain:
+        return py::cast(deep_ep_ops::capacity_dispatch(
+            x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+            num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config));
+      case Direct::kAutograd:
+        // num_worst_tokens < 1 takes the ops, which raise.
+        if (x_scales || !at::isFloatingType(x.scalar_type()) || num_worst_tokens < 1) break;
+        return deep_ep_ops::to_python(deep_ep_ops::DispatchFunction::apply(
+            x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+            num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config));
+      case Direct::kOps: break;
+    }
+    return py::none();
   });
   module.def("cached_dispatch", [](const Tensor& x, const OptTensor& x_scales,
                                    const OptTensor& topk_weights, const Tensor& rank_prefix,
                                    const Tensor& channel_prefix, const Tensor& recv_channel_prefix,
                                    const Tensor& recv_src_idx, const Tensor& is_token_in_rank,
                                    const Tensor& send_head, const std::string& buffer,
-                                   int64_t num_worst_tokens, const Ints& config) {
-    return DEEP_EP_DIRECT(deep_ep_ops::cached_dispatch(x, x_scales, topk_weights, rank_prefix,
-                                                       channel_prefix, recv_channel_prefix,
-                                                       recv_src_idx, is_token_in_rank, send_head,
-                                                       buffer, num_worst_tokens, config),
-                          x, x_scales, topk_weights, rank_prefix, send_head);
+                                   int64_t num_worst_tokens, const Ints& config) -> py::object {
+    switch (deep_ep_ops::eager_direct_mode(x, x_scales, topk_weights, rank_prefix, send_head)) {
+      case Direct::kPlain:
+        return py::cast(deep_ep_ops::cached_dispatch(
+            x, x_scales, topk_weights, rank_prefix, channel_prefix, recv_channel_prefix,
+            recv_src_idx, is_token_in_rank, send_head, buffer, num_worst_tokens, config));
+      case Direct::kAutograd:
+        if (x_scales || !at::isFloatingType(x.scalar_type())) break;
+        return deep_ep_ops::to_python(deep_ep_ops::CachedDispatchFunction::apply(
+            x, topk_weights, std::vector<Tensor>{rank_prefix, channel_prefix,
+                                                 recv_channel_prefix, recv_src_idx,
+                                                 is_token_in_rank, send_head},
+            buffer, num_worst_tokens, config));
+      case Direct::kOps: break;
+    }
+    return py::none();
   });
   module.def("combine", [](const Tensor& x, const OptTensor& topk_weights, const OptTensor& bias_0,
                            const OptTensor& bias_1, const Tensor& rank_prefix,
                            const Tensor& channel_prefix, const Tensor& recv_channel_prefix,
                            const Tensor& recv_src_idx, const Tensor& is_token_in_rank,
                            const Tensor& send_head, const std::string& buffer,
-                           int64_t num_worst_tokens, const Ints& config) {
-    return DEEP_EP_DIRECT(deep_ep_ops::combine(x, topk_weights, bias_0, bias_1, rank_prefix,
-                                               channel_prefix, recv_channel_prefix, recv_src_idx,
-                                               is_token_in_rank, send_head, buffer,
-                                               num_worst_tokens, config),
-                          x, topk_weights, bias_0, bias_1, rank_prefix, send_head);
+                           int64_t num_worst_tokens, const Ints& config) -> py::object {
+    switch (deep_ep_ops::eager_direct_mode(x, topk_weights, bias_0, bias_1, rank_prefix,
+                                           send_head)) {
+      case Direct::kPlain:
+        return py::cast(deep_ep_ops::combine(x, topk_weights, bias_0, bias_1, rank_prefix,
+                                             channel_prefix, recv_channel_prefix, recv_src_idx,
+                                             is_token_in_rank, send_head, buffer,
+                                             num_worst_tokens, config));
+      case Direct::kAutograd:
+        return deep_ep_ops::to_python(deep_ep_ops::CombineFunction::apply(
+            x, topk_weights, bias_0, bias_1,
+            std::vector<Tensor>{rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx,
+                                is_token_in_rank, send_head},
+            buffer, num_worst_tokens, config));
+      case Direct::kOps: break;
+    }
+    return py::none();
   });
 }

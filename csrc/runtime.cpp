@@ -25,7 +25,8 @@ cudaError_t NvlRuntime::allocate(cudaIpcMemHandle_t* handle) {
   peers_[rank] = local_;
   int* host = nullptr;
   DEEP_EP_OPS_RETURN_IF_ERROR(
-      cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int), cudaHostAllocMapped));
+      cudaHostAlloc(reinterpret_cast<void**>(&host), sizeof(int) * (1 + kMaxNotifyInts),
+                    cudaHostAllocMapped));
   *host = 0;
   num_recv_host = host;
   DEEP_EP_OPS_RETURN_IF_ERROR(

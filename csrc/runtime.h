@@ -34,8 +34,11 @@ class NvlRuntime {
   const int64_t data_bytes;
   const uint64_t timeout_ns;
   bool broken = false;           // a kernel on this device timed out: refuse further calls
-  volatile int* num_recv_host = nullptr;  // rows received, written by the notify kernel
+  // Mapped host memory the notify kernel of a data-dependent dispatch writes: [0] the rows
+  // received (-1 until then), [1 + l] the rows of local expert l (kMaxNotifyInts of them).
+  volatile int* num_recv_host = nullptr;
   int* num_recv_device = nullptr;
+  std::vector<int> recv_per_expert;  // host copy of [1 + l] after the last such dispatch
 
  private:
   uint8_t* local_ = nullptr;

@@ -370,14 +370,20 @@ class Buffer:
         layout = ops.DispatchLayout(
             num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
         )
-        out = ops.dispatch(
-            self.name, x, layout, topk_idx, topk_weights, x_scales=x_scales,
-            expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, config=config,
+        out, host_counts = ops._dispatch(
+            self.name, x, layout, topk_idx, topk_weights, x_scales, expert_alignment,
+            num_worst_tokens, config,
         )
         recv = (out.recv_x, out.recv_x_scales) if x_scales is not None else out.recv_x
-        # DeepEP returns host counts (a sync) except in capacity mode, where the list is empty;
-        # with or without top-k, from num_tokens_per_expert (empty without it).
-        per_expert = [] if num_worst_tokens else out.num_recv_tokens_per_expert.tolist()
+        # DeepEP returns host counts except in capacity mode, where the list is empty; with or
+        # without top-k, from num_tokens_per_expert (empty without it). The kernels hand them
+        # over with the row count (no copy, no wait for the data kernel); else a copy.
+        if num_worst_tokens:
+            per_expert = []
+        elif host_counts is not None:
+            per_expert = host_counts
+        else:
+            per_expert = out.num_recv_tokens_per_expert.tolist()
         has_topk = topk_idx is not None
         return (
             recv, out.recv_topk_idx if has_topk else None,

@@ -142,6 +142,14 @@ def dispatch(
     row-indexed output has exactly that many rows (capacity mode; rows past the real count
     have ``recv_topk_idx = -1``); otherwise the row count ``N`` is data dependent.
     """
+    return _dispatch(buffer, x, layout, topk_idx, topk_weights, x_scales, expert_alignment,
+                     num_worst_tokens, config)[0]
+
+
+def _dispatch(buffer, x, layout, topk_idx, topk_weights, x_scales, expert_alignment,
+              num_worst_tokens, config) -> tuple[DispatchOutput, Optional[list[int]]]:
+    """``dispatch`` and, when the kernels learned it on the host (data-dependent mode), the
+    host list of rows per local expert (``num_recv_tokens_per_expert``), else ``None``."""
     num_ranks = layout.is_token_in_rank.size(1)
     cfg = _config_list(config, num_ranks, get_dispatch_config)
     # The per-expert counts go with or without top-k (as in DeepEP): receivers learn how many
@@ -160,7 +168,7 @@ def dispatch(
     handle = DispatchHandle(
         out[5], out[6], out[7], out[8], layout.is_token_in_rank, out[9], num_worst_tokens
     )
-    return DispatchOutput(*out[:5], handle)
+    return DispatchOutput(*out[:5], handle), out[10] if len(out) > 10 else None
 
 
 def cached_dispatch(

@@ -2,8 +2,10 @@
 
 One process, one GPU, one NCCL rank: the kernels run (NVLink runtime for one rank, NVSHMEM with
 one PE), so this runs wherever one GPU is lent. Each call form runs once through the wrappers
-with no grad (the direct path) and once through the ops (grad mode on and an input requiring
-grad forces them), on the same inputs.
+with no grad (the direct path) and once through the ops, on the same inputs. With inputs that
+require grad, the direct path records its backward from C++ (csrc/autograd.h): each
+differentiable call form runs forward and backward through it and through the ops (whose
+autograd is Python's), and outputs and gradients must agree bit for bit.
 """
 
 import os
@@ -66,14 +68,18 @@ def test_low_latency_direct_matches_ops(buffer):
     torch.manual_seed(0)
     x, topk_idx, weights = _inputs(num_max, hidden, num_experts)
     ll = (buf.name, 1, num_max, num_experts)
-    # The direct entries decide in C++: an input requiring grad in grad mode takes the ops.
+    # The direct entries decide in C++: an input requiring grad in grad mode records the C++
+    # backward, except for FP8 (not differentiable), which takes the ops (they raise).
     kernels = ops._direct(_build._C_nvshmem, x)
     assert kernels is _build._C_nvshmem
     leaf = x.detach().requires_grad_()
     with torch.enable_grad():
-        assert kernels.low_latency_dispatch(leaf, topk_idx, *ll, False, False, False, None) is None
+        assert kernels.low_latency_dispatch(leaf, topk_idx, *ll, True, False, False, None) is None
+        recorded = kernels.low_latency_dispatch(leaf, topk_idx, *ll, False, False, False, None)
+        assert "LowLatencyDispatchFunction" in recorded[0].grad_fn.name()
     with torch.no_grad():
-        assert len(kernels.low_latency_dispatch(leaf, topk_idx, *ll, False, False, False, None)) == 5
+        plain = kernels.low_latency_dispatch(leaf, topk_idx, *ll, False, False, False, None)
+        assert len(plain) == 5 and plain[0].grad_fn is None
     assert ops._direct(_build._C_nvshmem, torch.nn.Parameter(x.float())) is None
     for use_fp8 in (False, True):
         stats = torch.zeros(num_experts, dtype=torch.int32, device="cuda")
@@ -133,6 +139,137 @@ def test_normal_direct_matches_ops(buffer):
         slow_c = _ops.combine(fast.recv_x, fast.recv_topk_weights, None, None, *handle[:6],
                               buf.name, num_worst_tokens, combine_config)
         assert _equal(tuple(fast_c), tuple(slow_c))
+        # The host list of rows per expert comes from mapped memory with the row count.
+        out, host = ops._dispatch(buf.name, x, layout, topk_idx, weights, None, 4,
+                                  num_worst_tokens, None)
+        if num_worst_tokens:
+            assert host is None
+        else:
+            assert host == out.num_recv_tokens_per_expert.tolist() and len(host) == num_experts
+            assert sum(host) >= out.recv_x.size(0)
         fast_d = ops.cached_dispatch(buf.name, x, handle)
         slow_d = _ops.cached_dispatch(x, None, None, *handle[:6], buf.name, num_worst_tokens, config)
         assert _equal(tuple(fast_d), tuple(slow_d))
+
+
+# --- autograd of the direct path -----------------------------------------------------------
+
+
+def _forms(buf, num_max, hidden, num_experts):
+    """``name -> (make_leaves, call)``: the differentiable call forms of the wrappers."""
+    torch.manual_seed(2)
+    x, topk_idx, weights = _inputs(num_max, hidden, num_experts)
+    recv = ops.low_latency_dispatch(buf.name, x, topk_idx, num_max, num_experts, use_fp8=False)
+    rows = torch.randn_like(recv.recv_x)
+    layout = ops.get_dispatch_layout(topk_idx, num_experts, 1)
+    normal = ops.dispatch(buf.name, x, layout, topk_idx, weights)
+    normal_rows = torch.randn_like(normal.recv_x)
+    bias = torch.randn_like(x)
+    ll = (buf.name,)
+
+    def low_latency_dispatch(x):
+        out = ops.low_latency_dispatch(*ll, x, topk_idx, num_max, num_experts, use_fp8=False)
+        return [out.recv_x], out.recv_count
+
+    def low_latency_dispatch_split(x):
+        sent = ops.low_latency_dispatch_send(*ll, x, topk_idx, num_max, num_experts, use_fp8=False)
+        out = ops.low_latency_dispatch_recv(*ll, sent)
+        return [out.recv_x], out.recv_count
+
+    def low_latency_combine(rows, w):
+        return [ops.low_latency_combine(*ll, rows, topk_idx, w, recv.handle)], None
+
+    def low_latency_combine_split(rows, w):
+        pending = ops.low_latency_combine_send(*ll, rows, topk_idx, w, recv.handle)
+        return [ops.low_latency_combine_recv(*ll, pending, topk_idx, w)], None
+
+    def dispatch(num_worst_tokens):
+        def call(x, w):
+            out = ops.dispatch(buf.name, x, layout, topk_idx, w, num_worst_tokens=num_worst_tokens)
+            return [out.recv_x, out.recv_topk_weights], None
+        return call
+
+    def cached_dispatch(x, w):
+        out = ops.cached_dispatch(buf.name, x, normal.handle, topk_weights=w)
+        return [out[0], out[2]], None
+
+    def combine(rows, w, b):
+        return list(ops.combine(buf.name, rows, normal.handle, topk_weights=w, bias=b)), None
+
+    return {
+        "low_latency_dispatch": ((x,), low_latency_dispatch),
+        "low_latency_dispatch send/recv": ((x,), low_latency_dispatch_split),
+        "low_latency_combine": ((rows, weights), low_latency_combine),
+        "low_latency_combine send/recv": ((rows, weights), low_latency_combine_split),
+        "dispatch": ((x, weights), dispatch(0)),
+        "capacity_dispatch": ((x, weights), dispatch(1024)),
+        "cached_dispatch": ((x, weights), cached_dispatch),
+        "combine": ((normal_rows, normal.recv_topk_weights, bias), combine),
+    }
+
+
+def _forward_backward(tensors, call, cotangents=None):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    outputs, recv_count = call(*leaves)
+    grad_fn = outputs[0].grad_fn
+    if cotangents is None:
+        cotangents = [torch.randn_like(o) for o in outputs]
+    if recv_count is not None:  # rows past recv_count are unspecified: no cotangent there
+        valid = torch.arange(outputs[0].size(1), device="cuda") < recv_count[:, None]
+        cotangents = [c * valid[..., None] for c in cotangents]
+    torch.autograd.backward(outputs, cotangents)
+    return outputs, [leaf.grad for leaf in leaves], grad_fn, cotangents, recv_count
+
+
+@pytest.mark.parametrize("form", [
+    "low_latency_dispatch", "low_latency_dispatch send/recv", "low_latency_combine",
+    "low_latency_combine send/recv", "dispatch", "capacity_dispatch", "cached_dispatch", "combine",
+])
+def test_direct_autograd_matches_ops(buffer, form, monkeypatch):
+    buf, num_max, hidden, num_experts = buffer
+    tensors, call = _forms(buf, num_max, hidden, num_experts)[form]
+    fast, fast_grads, fast_fn, cotangents, count = _forward_backward(tensors, call)
+    assert "Function" in fast_fn.name() and "deep_ep_ops" in fast_fn.name(), fast_fn.name()
+    monkeypatch.setattr(ops, "_direct", lambda *args: None)  # everything through torch.ops
+    slow, slow_grads, slow_fn, _, _ = _forward_backward(tensors, call, cotangents)
+    assert "deep_ep_ops" not in slow_fn.name()
+    for a, b in zip(fast, slow, strict=True):
+        if count is None:
+            assert _equal(a, b)
+        else:
+            for e in range(a.size(0)):
+                assert _equal(a[e, :int(count[e])], b[e, :int(count[e])])
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        assert a is not None and b is not None and _equal(a, b)
+
+
+def test_direct_autograd_double_backward(buffer, monkeypatch):
+    """create_graph through the C++ node: its backward calls the ops, which record again."""
+    buf, num_max, hidden, num_experts = buffer
+    (rows, weights), call = _forms(buf, num_max, hidden, num_experts)["low_latency_combine"]
+    results = []
+    for direct in (True, False):
+        if not direct:
+            monkeypatch.setattr(ops, "_direct", lambda *args: None)
+        r, w = rows.detach().clone().requires_grad_(), weights.detach().clone().requires_grad_()
+        (out,), _ = call(r, w)
+        grad_w, = torch.autograd.grad(out.float().square().sum(), w, create_graph=True)
+        grad_r, = torch.autograd.grad(grad_w.sum(), r)
+        results.append((grad_w.detach(), grad_r))
+    assert _equal(results[0], results[1])
+
+
+def test_direct_autograd_refusals(buffer):
+    """Forms without a gradient raise through the direct path as through the ops."""
+    buf, num_max, hidden, num_experts = buffer
+    x, topk_idx, weights = _inputs(num_max, hidden, num_experts)
+    leaf = x.detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="use_fp8=True"):
+        ops.low_latency_dispatch(buf.name, leaf, topk_idx, num_max, num_experts, use_fp8=True)
+    with pytest.raises(RuntimeError, match="use_fp8=True"):
+        ops.low_latency_dispatch_send(buf.name, leaf, topk_idx, num_max, num_experts, use_fp8=True)
+    sent = ops.low_latency_dispatch_send(buf.name, x, topk_idx, num_max, num_experts, use_fp8=False)
+    stolen = sent._replace(recv_x=sent.recv_x.detach().requires_grad_())  # a leaf: refused
+    with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
+        ops.low_latency_dispatch_recv(buf.name, stolen)
+    ops.low_latency_dispatch_recv(buf.name, sent)  # the buffer's queue stays in step

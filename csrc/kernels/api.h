@@ -70,8 +70,9 @@ struct Intranode {
 // [num_experts] (nullptr without top-k). Outputs: send_list [num_ranks, num_tokens] (tokens
 // sent to each rank, in order), the handle tensors, num_recv_tokens_per_expert [local experts]
 // and `counts` [3 * num_ranks + 1] = rows sent to each rank, rows received from each rank,
-// first row of each source, total rows received; the total also goes to *num_recv_host when
-// that is not null.
+// first row of each source, total rows received. When num_recv_host (mapped host memory) is
+// not null, the per-expert counts go to num_recv_host[1..] and then the total to
+// num_recv_host[0]: the host reads both without a copy once the total is set.
 struct DispatchLayoutArgs {
   const bool* is_token_in_rank;
   const int* num_tokens_per_rank;

@@ -253,7 +253,7 @@ notify(Intranode nvl, DispatchLayoutArgs args) {
   const int row_ints = num_ranks + channels + num_local;
   Control* ctl = control(nvl.local);
   __shared__ uint8_t* peer_base[kMaxNvlRanks];
-  __shared__ int parity, aborted;
+  __shared__ int parity, aborted, num_recv;
   __shared__ int my_start[kMaxNvlRanks], recv_offset[kMaxNvlRanks];
   if (threadIdx.x < num_ranks) peer_base[threadIdx.x] = nvl.peers[threadIdx.x];
   if (threadIdx.x == 0) {
@@ -295,10 +295,7 @@ notify(Intranode nvl, DispatchLayoutArgs args) {
     args.counts[3 * num_ranks] = offset;
     if (args.num_worst_tokens > 0 && offset > args.num_worst_tokens)
       report(nvl, kErrorCapacity, me, offset);
-    if (args.num_recv_host) {
-      __threadfence_system();
-      *reinterpret_cast<volatile int*>(args.num_recv_host) = offset;
-    }
+    num_recv = offset;
   }
   if (threadIdx.x < num_ranks) {
     int start = 0;
@@ -315,7 +312,17 @@ notify(Intranode nvl, DispatchLayoutArgs args) {
     int sum = 0;
     for (int s = 0; s < num_ranks; ++s) sum += rows[s][num_ranks + channels + l];
     const int align = args.expert_alignment;
-    args.num_recv_tokens_per_expert[l] = (sum + align - 1) / align * align;
+    const int aligned = (sum + align - 1) / align * align;
+    args.num_recv_tokens_per_expert[l] = aligned;
+    if (args.num_recv_host) reinterpret_cast<volatile int*>(args.num_recv_host)[1 + l] = aligned;
+  }
+  if (args.num_recv_host) {  // the per-expert counts before the total the host waits for
+    __threadfence_system();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      __threadfence_system();
+      *reinterpret_cast<volatile int*>(args.num_recv_host) = num_recv;
+    }
   }
   const int64_t entries = int64_t(args.num_tokens) * num_ranks;
   for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {

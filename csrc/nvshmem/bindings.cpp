@@ -16,6 +16,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "autograd.h"
 #include "nvshmem/api.h"
 #include "nvshmem/runtime.h"
 #include "torch_common.h"
@@ -544,6 +545,127 @@ void clean_low_latency_buffer(const at::Tensor& workspace, const std::string& bu
   runtime->pending_combine.clear();
 }
 
+// --- autograd of the eager fast path (csrc/autograd.h; formulas as deep_ep_ops/_autograd.py) --
+
+using OptTensor = c10::optional<at::Tensor>;
+
+NamedArgs low_latency_args(AutogradContext* ctx) {
+  return {{"buffer", ctx->saved_data["buffer"]}, {"num_ranks", ctx->saved_data["num_ranks"]},
+          {"num_max_dispatch_tokens_per_rank", ctx->saved_data["num_max"]},
+          {"num_experts", ctx->saved_data["num_experts"]}};
+}
+
+void save_low_latency_args(AutogradContext* ctx, const std::string& buffer, int64_t num_ranks,
+                           int64_t num_max, int64_t num_experts) {
+  ctx->saved_data["buffer"] = buffer;
+  ctx->saved_data["num_ranks"] = num_ranks;
+  ctx->saved_data["num_max"] = num_max;
+  ctx->saved_data["num_experts"] = num_experts;
+}
+
+NamedArgs with(NamedArgs args, const NamedArgs& more) {
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
+// BF16 low_latency_dispatch and its send half: grad x = the sum over the token's copies (a
+// low-latency combine with weight 1 on the first occurrence of each expert). The send half's
+// src_info and layout_range are completed in place by its receive later, so they are held as
+// they are (not saved: a saved tensor is pinned to its version, which the receive bumps).
+struct LowLatencyDispatchFunction : public torch::autograd::Function<LowLatencyDispatchFunction> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& topk_idx, const OptTensor& stats,
+                               const std::string& buffer, int64_t num_ranks, int64_t num_max,
+                               int64_t num_experts, bool round_scale, bool use_ue8m0,
+                               bool send_only) {
+    variable_list out = to_list(
+        send_only ? low_latency_dispatch_send(x, topk_idx, buffer, num_ranks, num_max,
+                                              num_experts, false, round_scale, use_ue8m0)
+                  : low_latency_dispatch_with_stats(x, topk_idx, buffer, num_ranks, num_max,
+                                                    num_experts, false, round_scale, use_ue8m0,
+                                                    stats));
+    mark_non_differentiable(ctx, out, {out[1]});
+    ctx->set_materialize_grads(false);
+    save_low_latency_args(ctx, buffer, num_ranks, num_max, num_experts);
+    ctx->saved_data["weight_dtype"] =
+        static_cast<int64_t>(accumulation_dtype({x.scalar_type()}));
+    ctx->saved_data["recv_shape"] = out[0].sizes().vec();
+    ctx->saved_data["recv_dtype"] = static_cast<int64_t>(out[0].scalar_type());
+    if (send_only) {
+      ctx->save_for_backward({topk_idx});
+      ctx->saved_data["src_info"] = out[3];
+      ctx->saved_data["layout_range"] = out[4];
+    } else {
+      ctx->save_for_backward({topk_idx, out[3], out[4]});
+    }
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor& topk_idx = saved[0];
+    const bool pending = saved.size() == 1;
+    const at::Tensor src_info = pending ? ctx->saved_data["src_info"].toTensor() : saved[1];
+    const at::Tensor layout_range =
+        pending ? ctx->saved_data["layout_range"].toTensor() : saved[2];
+    at::Tensor grad = grads[0];
+    if (!grad.defined())
+      grad = at::zeros(ctx->saved_data["recv_shape"].toIntVector(),
+                       topk_idx.options().dtype(static_cast<at::ScalarType>(
+                           ctx->saved_data["recv_dtype"].toInt())));
+    const at::Tensor ones = first_occurrence(topk_idx).to(
+        static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
+    const auto out = call_op("low_latency_combine", with(
+        {{"x", grad}, {"topk_idx", topk_idx}, {"topk_weights", ones}, {"src_info", src_info},
+         {"layout_range", layout_range}, {"zero_copy", false}},
+        low_latency_args(ctx)));
+    variable_list result(10);
+    result[0] = out[0].toTensor();
+    return result;
+  }
+};
+
+// low_latency_combine and its send half: grad x = weighted low-latency cached dispatch of grad;
+// grad topk_weights = <grad[t], x[e_k][slot(t, k)]> from a low-latency gather.
+struct LowLatencyCombineFunction : public torch::autograd::Function<LowLatencyCombineFunction> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& topk_idx,
+                            const at::Tensor& topk_weights, const at::Tensor& src_info,
+                            const at::Tensor& layout_range, const std::string& buffer,
+                            int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                            bool zero_copy, bool send_only) {
+    at::Tensor out =
+        send_only ? low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range,
+                                             buffer, num_ranks, num_max, num_experts, zero_copy)
+                  : low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                        num_ranks, num_max, num_experts, zero_copy);
+    save_low_latency_args(ctx, buffer, num_ranks, num_max, num_experts);
+    ctx->save_for_backward({x, topk_idx, topk_weights, src_info, layout_range});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &topk_idx = saved[1], &topk_weights = saved[2];
+    const NamedArgs routes{{"topk_idx", topk_idx}, {"src_info", saved[3]},
+                           {"layout_range", saved[4]}};
+    variable_list result(11);
+    if (ctx->needs_input_grad(0))
+      result[0] = call_op("low_latency_cached_dispatch", with(with(
+          {{"x", grads[0]}, {"topk_weights", topk_weights}}, routes), low_latency_args(ctx)))[0]
+          .toTensor();
+    if (ctx->needs_input_grad(2)) {
+      const at::Tensor rows =
+          call_op("low_latency_gather", with(with({{"x", x}}, routes), low_latency_args(ctx)))[0]
+              .toTensor();
+      const at::ScalarType acc = accumulation_dtype({x.scalar_type(), topk_weights.scalar_type()});
+      const at::Tensor g = (rows.to(acc) * grads[0].to(acc).unsqueeze(1)).sum(-1);
+      result[2] = at::where(topk_idx.ge(0), g, at::zeros({}, g.options()))
+                      .to(topk_weights.scalar_type());
+    }
+    return result;
+  }
+};
+
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -579,40 +701,80 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // kernel adds in place (the op leaves that to a separate add_).
   using OptTensor = c10::optional<at::Tensor>;
   using at::Tensor;
+  // With inputs that require grad, the entries record the backward from C++ (the autograd
+  // functions above); FP8 dispatch takes the ops, which raise.
+  using deep_ep_ops::Direct;
   module.def("low_latency_dispatch", [](const Tensor& x, const Tensor& topk_idx,
                                         const std::string& buffer, int64_t num_ranks,
                                         int64_t num_max, int64_t num_experts, bool use_fp8,
-                                        bool round_scale, bool use_ue8m0, const OptTensor& stats) {
-    return DEEP_EP_DIRECT(deep_ep_ops::low_latency_dispatch_with_stats(
-        x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0,
-        stats), x, topk_idx, stats);
+                                        bool round_scale, bool use_ue8m0,
+                                        const OptTensor& stats) -> py::object {
+    switch (deep_ep_ops::eager_direct_mode(x, topk_idx, stats)) {
+      case Direct::kPlain:
+        return py::cast(deep_ep_ops::low_latency_dispatch_with_stats(
+            x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
+            use_ue8m0, stats));
+      case Direct::kAutograd:
+        if (use_fp8) break;
+        return deep_ep_ops::to_python(deep_ep_ops::LowLatencyDispatchFunction::apply(
+            x, topk_idx, stats, buffer, num_ranks, num_max, num_experts, round_scale, use_ue8m0,
+            false));
+      case Direct::kOps: break;
+    }
+    return py::none();
   });
   module.def("low_latency_dispatch_send", [](const Tensor& x, const Tensor& topk_idx,
                                              const std::string& buffer, int64_t num_ranks,
                                              int64_t num_max, int64_t num_experts, bool use_fp8,
-                                             bool round_scale, bool use_ue8m0) {
-    return DEEP_EP_DIRECT(deep_ep_ops::low_latency_dispatch_send(
-        x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0),
-        x, topk_idx);
+                                             bool round_scale, bool use_ue8m0) -> py::object {
+    switch (deep_ep_ops::eager_direct_mode(x, topk_idx)) {
+      case Direct::kPlain:
+        return py::cast(deep_ep_ops::low_latency_dispatch_send(
+            x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
+            use_ue8m0));
+      case Direct::kAutograd:
+        if (use_fp8) break;  // the ops raise before anything is sent
+        return deep_ep_ops::to_python(deep_ep_ops::LowLatencyDispatchFunction::apply(
+            x, topk_idx, OptTensor(), buffer, num_ranks, num_max, num_experts, round_scale,
+            use_ue8m0, true));
+      case Direct::kOps: break;
+    }
+    return py::none();
   });
+  // The receive halves with grad: as the ops' Autograd kernel (_autograd._completing_kernel).
   module.def("low_latency_dispatch_recv", [](const Tensor& recv_x, const Tensor& recv_x_scales,
                                              const Tensor& recv_count, const Tensor& src_info,
                                              const Tensor& layout_range, const OptTensor& stats,
-                                             const std::string& buffer) {
-    if (!deep_ep_ops::eager_direct_ok(recv_x, recv_x_scales, recv_count, src_info, layout_range, stats))
-      return py::object(py::none());
+                                             const std::string& buffer) -> py::object {
+    const Tensor none;
+    const Direct mode = deep_ep_ops::eager_direct_mode(recv_x, recv_x_scales, recv_count,
+                                                       src_info, layout_range, stats);
+    const std::initializer_list<const Tensor*> mutated{
+        &recv_x, &recv_x_scales, &recv_count, &src_info, &layout_range, stats ? &*stats : &none};
+    if (mode == Direct::kOps || (mode == Direct::kAutograd && !deep_ep_ops::completable(mutated)))
+      return py::none();
     deep_ep_ops::low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info,
                                            layout_range, stats, buffer);
-    return py::object(py::bool_(true));
+    if (mode == Direct::kAutograd) deep_ep_ops::bump_versions(mutated);
+    return py::bool_(true);
   });
   module.def("low_latency_combine", [](const Tensor& x, const Tensor& topk_idx,
                                        const Tensor& topk_weights, const Tensor& src_info,
                                        const Tensor& layout_range, const std::string& buffer,
                                        int64_t num_ranks, int64_t num_max, int64_t num_experts,
-                                       bool zero_copy) {
-    return DEEP_EP_DIRECT(deep_ep_ops::low_latency_combine(
-        x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
-        num_experts, zero_copy), x, topk_idx, topk_weights, src_info, layout_range);
+                                       bool zero_copy) -> py::object {
+    switch (deep_ep_ops::eager_direct_mode(x, topk_idx, topk_weights, src_info, layout_range)) {
+      case Direct::kPlain:
+        return py::cast(deep_ep_ops::low_latency_combine(
+            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+            num_experts, zero_copy));
+      case Direct::kAutograd:
+        return py::cast(deep_ep_ops::LowLatencyCombineFunction::apply(
+            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+            num_experts, zero_copy, false));
+      case Direct::kOps: break;
+    }
+    return py::none();
   });
   module.def("low_latency_combine_out", [](const Tensor& x, const Tensor& topk_idx,
                                            const Tensor& topk_weights, const Tensor& src_info,
@@ -630,15 +792,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                             const Tensor& topk_weights, const Tensor& src_info,
                                             const Tensor& layout_range, const std::string& buffer,
                                             int64_t num_ranks, int64_t num_max,
-                                            int64_t num_experts, bool zero_copy) {
-    return DEEP_EP_DIRECT(deep_ep_ops::low_latency_combine_send(
-        x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
-        num_experts, zero_copy), x, topk_idx, topk_weights, src_info, layout_range);
+                                            int64_t num_experts, bool zero_copy) -> py::object {
+    switch (deep_ep_ops::eager_direct_mode(x, topk_idx, topk_weights, src_info, layout_range)) {
+      case Direct::kPlain:
+        return py::cast(deep_ep_ops::low_latency_combine_send(
+            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+            num_experts, zero_copy));
+      case Direct::kAutograd:
+        return py::cast(deep_ep_ops::LowLatencyCombineFunction::apply(
+            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+            num_experts, zero_copy, true));
+      case Direct::kOps: break;
+    }
+    return py::none();
   });
   module.def("low_latency_combine_recv", [](const Tensor& combined_x, const Tensor& topk_idx,
-                                            const Tensor& topk_weights, const std::string& buffer) {
-    if (!deep_ep_ops::eager_direct_ok(combined_x, topk_idx, topk_weights)) return py::object(py::none());
+                                            const Tensor& topk_weights,
+                                            const std::string& buffer) -> py::object {
+    const Direct mode = deep_ep_ops::eager_direct_mode(combined_x, topk_idx, topk_weights);
+    if (mode == Direct::kOps ||
+        (mode == Direct::kAutograd && !deep_ep_ops::completable({&combined_x})))
+      return py::none();
     deep_ep_ops::low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer);
-    return py::object(py::bool_(true));
+    if (mode == Direct::kAutograd) deep_ep_ops::bump_versions({&combined_x});
+    return py::bool_(true);
   });
 }
