@@ -826,8 +826,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // the call ran the reference.
   auto with_host_counts = [](py::object outputs, const std::string& buffer) -> py::object {
     const deep_ep_ops::NvlRuntime* runtime = deep_ep_ops::find_runtime(buffer);
-    py::object counts = runtime ? py::cast(runtime->recv_per_expert) : py::none();
-    return py::tuple(py::make_tuple(*py::tuple(outputs), counts));
+    const py::tuple tensors(outputs);
+    py::tuple result(tensors.size() + 1);
+    for (size_t i = 0; i < tensors.size(); ++i) result[i] = tensors[i];
+    result[tensors.size()] = runtime ? py::cast(runtime->recv_per_expert) : py::none();
+    return std::move(result);
   };
   module.def("dispatch", [with_host_counts](const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
                             const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,

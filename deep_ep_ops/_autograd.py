@@ -1,6 +1,10 @@
 """Autograd of every ``deep_ep`` op (DESIGN.md §7), written with ``deep_ep`` ops so backward
 graphs compile.
 
+The eager fast path on CUDA (``ops._direct``) records the same formulas from C++
+(``csrc/autograd.h`` and the autograd functions in both ``bindings.cpp``), so a formula changed
+here must change there too; ``tests/test_cuda_direct.py`` holds the two bit-equal per call form.
+
 The rule: every op and every ``Buffer`` call form that can be reached with an input requiring
 grad either has a correct backward or raises at the call. No op is left to PyTorch's default
 autograd fallback. That fallback (torch 2.13, mode ``"warn"``) redispatches the op without
