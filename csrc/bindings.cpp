@@ -104,8 +104,17 @@ int* layout_workspace(int device, int ints) {
   return state.ints;
 }
 
-int num_sms(int device) {
-  return at::cuda::getDeviceProperties(device)->multiProcessorCount;
+int num_sms(int device) { return usable_sms(device); }
+
+// A data kernel's blocks must all be resident at once (see intranode_resident_blocks_per_sm):
+// a config asking for more than this process can run raises instead of hanging.
+void check_resident(const char* op, int num_blocks, int device) {
+  const int sms = usable_sms(device), limit = intranode_resident_blocks_per_sm() * sms;
+  TORCH_CHECK_VALUE(num_blocks <= limit, "deep_ep::", op, ": config.num_sms=", num(num_blocks),
+                    " needs that many blocks resident at once, but this process can run ",
+                    num(limit), " (", num(sms), " SMs", mps_thread_percent() < 100
+                        ? " under CUDA_MPS_ACTIVE_THREAD_PERCENTAGE=" + num(mps_thread_percent())
+                        : std::string(), "); use a smaller num_sms (Buffer.set_num_sms)");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
@@ -321,10 +330,11 @@ struct Payload {
 
 // Launches the data kernel after checking that a round of its rows fits the buffer.
 void launch_data(const char* op, const std::string& buffer, const Intranode& nvl,
-                 const DispatchDataArgs& data, int num_sms, cudaStream_t stream) {
+                 const DispatchDataArgs& data, int num_sms, int device, cudaStream_t stream) {
   TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, dispatch_slot_bytes(data), num_sms) >= 1,
                     "deep_ep::", op, ": buffer ", buffer, " is too small for rows of ",
                     num(dispatch_slot_bytes(data)), " bytes with num_sms=", num(num_sms));
+  check_resident(op, num_sms, device);
   C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream));
 }
 
@@ -442,7 +452,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   data.counts = counts.data_ptr<int>();
   data.recv_topk_idx = recv_topk.data_ptr<int64_t>();
   data.recv_src_idx = recv_src.data_ptr<int>();
-  launch_data(op, buffer, nvl, data, num_sms, stream);
+  launch_data(op, buffer, nvl, data, num_sms, runtime->device, stream);
   return {payload.recv_x, payload.recv_scales, recv_topk, payload.recv_weights, recv_per_expert,
           rank_prefix, channel_prefix, recv_channel_prefix, recv_src, send_head};
 }
@@ -544,7 +554,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch(
   data.num_topk = static_cast<int>(payload.recv_weights.size(1));
   data.send_list = send_list.data_ptr<int>();
   data.counts = counts.data_ptr<int>();
-  launch_data(op, buffer, nvl, data, num_sms, stream);
+  launch_data(op, buffer, nvl, data, num_sms, runtime->device, stream);
   return {payload.recv_x, payload.recv_scales, payload.recv_weights};
 }
 
@@ -624,6 +634,7 @@ std::tuple<at::Tensor, at::Tensor> combine(
   TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, combine_slot_bytes(args), num_sms) >= 1,
                     "deep_ep::combine: buffer ", buffer, " is too small for rows of ",
                     num(combine_slot_bytes(args)), " bytes with num_sms=", num(num_sms));
+  check_resident("combine", num_sms, runtime->device);
   C10_CUDA_CHECK(launch_combine(nvl, args, num_sms, stream));
   return {combined, combined_weights};
 }

@@ -5,11 +5,13 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
+#include <ATen/cuda/CUDAContext.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/cuda/CUDAException.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -29,6 +31,23 @@ std::string shape(const at::Tensor& t) {
   std::string out = "(";
   for (int64_t d = 0; d < t.dim(); ++d) out += (d ? ", " : "") + num(t.size(d));
   return out + ")";
+}
+
+// SMs this process may use on `device`: all of them, or under CUDA MPS the share
+// CUDA_MPS_ACTIVE_THREAD_PERCENTAGE gives it (read once; the one-GPU multi-rank test mode sets
+// it per rank process). Grids are sized from this, never from the device's count alone.
+int mps_thread_percent() {
+  static const int percent = [] {
+    const char* value = std::getenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE");
+    const int p = value != nullptr ? std::atoi(value) : 100;
+    return p <= 0 || p > 100 ? 100 : p;
+  }();
+  return percent;
+}
+
+int usable_sms(int device) {
+  const int sms = at::cuda::getDeviceProperties(device)->multiProcessorCount;
+  return std::max(1, sms * mps_thread_percent() / 100);
 }
 
 // Allocation may happen during a CUDA graph capture (the first call of a process can be

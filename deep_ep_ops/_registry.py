@@ -50,6 +50,9 @@ class Communicator:
     # Peer tracking for timeout messages: every op call publishes this rank's call count.
     store: dist.Store | None = None
     num_calls: int = 0
+    # The group's collectives run on the host (not NCCL): the reference stages CUDA tensors
+    # through host copies.
+    host_collectives: bool = False
 
     def enter(self, op: str) -> None:
         """Mark the start of a collective op, so that a timeout can name the lagging peers."""
@@ -94,7 +97,7 @@ def create(
         name=name, group=group, rank=rank, num_ranks=num_ranks, device=device,
         num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
         low_latency_mode=low_latency_mode, timeout=timeout_from_env(), workspace=workspace,
-        store=store,
+        store=store, host_collectives=dist.get_backend(group) != dist.Backend.NCCL,
     )
     if store is not None:
         store.set(comm._key(rank), "0:")

@@ -33,6 +33,9 @@ Tensors = Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
 # "1": the low-latency kernels reach every peer through NVSHMEM puts, even where NVLink loads
 # and stores would do (exercises the path taken between hosts).
 FORCE_PUT_ENV = "DEEP_EP_OPS_LL_FORCE_NVSHMEM_PUT"
+# The device a Buffer on a group other than NCCL serves when its ``device`` argument is not
+# given: "cpu" (the default) or "cuda" (the current CUDA device; "cuda:N" names one).
+DEVICE_ENV = "DEEP_EP_OPS_DEVICE"
 # Global ranks of the NVSHMEM job of this process (set when the first low-latency Buffer starts
 # it; NVSHMEM runs once per process).
 _NVSHMEM_MEMBERS: list[int] = []
@@ -70,6 +73,29 @@ def _wait_previous(previous_event: Optional[EventOverlap]) -> None:
         previous_event.current_stream_wait()
 
 
+def _buffer_device(device, backend: str) -> torch.device:
+    """The device a Buffer serves (see ``Buffer``'s docstring)."""
+    where = "device"
+    if device is None:
+        if backend == dist.Backend.NCCL:
+            return torch.device("cuda", torch.cuda.current_device())
+        device, where = os.environ.get(DEVICE_ENV, "cpu").strip() or "cpu", DEVICE_ENV
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"{where} must name a device ('cpu', 'cuda', 'cuda:N'), got {device!r}") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{where}={device} but CUDA is not available")
+        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+    if device.type != "cpu":
+        raise ValueError(f"{where} must be 'cpu' or a CUDA device, got {device}")
+    if backend == dist.Backend.NCCL:
+        raise ValueError(f"{where}=cpu needs a group whose collectives run on the host (gloo), "
+                         "not NCCL")
+    return device
+
+
 class Buffer:
     """Communication buffer over a process group; DeepEP V1 API (see the module docstring).
 
@@ -78,6 +104,13 @@ class Buffer:
     ``low_latency_mode``. Creation is collective and registers the buffer under ``self.name``,
     the string the ops take. ``destroy()`` is collective; without it, the buffer is dropped from
     the registry (without any communication) when garbage collected or at interpreter exit.
+
+    ``device`` (not in DeepEP) says which device the buffer serves. Default, as DeepEP: an NCCL
+    group serves the current CUDA device; any other group (gloo) serves the CPU reference, or
+    the device named by ``DEEP_EP_OPS_DEVICE``. A gloo group may drive the CUDA kernels
+    (``device="cuda"``): the group only bootstraps them (IPC handles, the NVSHMEM unique id),
+    and the reference path stages CUDA tensors through the host. That is how several ranks
+    share one GPU (NCCL refuses two ranks on one GPU).
     """
 
     num_sms: int = 20
@@ -95,6 +128,8 @@ class Buffer:
         explicitly_destroy: bool = False,
         enable_shrink: bool = False,
         comm=None,
+        *,
+        device: Union[str, torch.device, None] = None,
     ) -> None:
         if group is None or not dist.is_initialized():
             raise ValueError("group must be an initialised torch.distributed process group")
@@ -110,11 +145,7 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
-        backend = dist.get_backend(group)
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
-            else torch.device("cpu")
-        )
+        self.device = _buffer_device(device, dist.get_backend(group))
         self._nvl_memory: Optional[torch.Tensor] = None
         self._comm = _registry.create(
             group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,

@@ -28,7 +28,7 @@ from .config import Config, get_low_latency_rdma_size_hint
 
 
 def _wait(comm: _registry.Communicator, op: str, work) -> None:
-    if comm.device.type != "cpu":
+    if comm.device.type != "cpu" and not comm.host_collectives:
         work.wait()  # NCCL: orders the current stream; the watchdog enforces the timeout
         return
     try:
@@ -52,25 +52,34 @@ def _wire(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 and t.dtype != torch.uint8 else t
 
 
+def _staged(comm, t: torch.Tensor) -> torch.Tensor:
+    """What a collective of ``comm`` takes: ``t``, or its host copy when the group's collectives
+    run on the host (a gloo group driving CUDA tensors: staging through the host)."""
+    return t.cpu() if comm.host_collectives and t.device.type != "cpu" else t
+
+
 def _all_gather(comm, op: str, t: torch.Tensor) -> torch.Tensor:
     """``[*shape]`` on each rank -> ``[num_ranks, *shape]`` on every rank."""
-    t = _wire(t.contiguous())
+    device = t.device
+    t = _staged(comm, _wire(t.contiguous()))
     out = t.new_empty((comm.num_ranks * t.numel(),))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     _wait(comm, op, gather(out, t.view(-1), group=comm.group, async_op=True))
-    return out.view(comm.num_ranks, *t.shape)
+    return out.view(comm.num_ranks, *t.shape).to(device)
 
 
 def _all_to_all(comm, op: str, send: torch.Tensor, send_splits=None, recv_splits=None):
     """Rows of ``send`` to each rank; equal blocks unless splits (host lists) are given."""
     rows = send.size(0) if recv_splits is None else sum(recv_splits)
+    device = send.device
+    send = _staged(comm, send)
     out = send.new_empty((rows, *send.shape[1:]))
     work = dist.all_to_all_single(
         _wire(out), _wire(send.contiguous()), recv_splits, send_splits, group=comm.group,
         async_op=True,
     )
     _wait(comm, op, work)
-    return out
+    return out.to(device)
 
 
 def _barrier(comm, op: str) -> None:

@@ -42,8 +42,11 @@ def test_module_names_cover_deepep_v1():
 def test_buffer_and_config_cover_deepep_v1():
     missing = [m for m in DEEPEP_BUFFER_METHODS if not callable(getattr(deep_ep.Buffer, m, None))]
     assert not missing, f"Buffer lacks DeepEP V1 methods {missing}"
-    params = list(inspect.signature(deep_ep.Buffer.__init__).parameters)[1:]
-    assert params == list(DEEPEP_BUFFER_ARGS)
+    params = inspect.signature(deep_ep.Buffer.__init__).parameters
+    # DeepEP's arguments in DeepEP's order (positional calls keep working), then ours,
+    # keyword-only.
+    assert list(params)[1:] == list(DEEPEP_BUFFER_ARGS) + ["device"]
+    assert params["device"].kind is inspect.Parameter.KEYWORD_ONLY
     assert [m for m in DEEPEP_CONFIG_METHODS if not hasattr(deep_ep.Config, m)] == []
     # DeepEP's tests build configs positionally with three arguments.
     assert deep_ep.Config(24, 8, 256).to_list()[:3] == [24, 8, 256]
@@ -81,3 +84,38 @@ def test_per_expert_list_with_and_without_topk(num_ranks):
     for rank, got in enumerate(results):
         assert got["lists"][False] == counts[rank].tolist()
         assert got["lists"][True] == counts[rank].tolist()
+
+
+def _device_choices(rank, num_ranks):
+    """Which device a Buffer on a gloo group serves: the argument, else DEEP_EP_OPS_DEVICE."""
+    import os
+
+    import torch.distributed as dist
+
+    from deep_ep_ops.buffer import DEVICE_ENV
+
+    results = {}
+    buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20)
+    results["default"] = str(buffer.device)
+    buffer.destroy()
+    buffer = deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, device="cpu")
+    results["explicit"] = str(buffer.device)
+    buffer.destroy()
+    for where, kwargs, env in (("argument", {"device": "tpu"}, None),
+                               ("env", {}, "not a device")):
+        if env is not None:
+            os.environ[DEVICE_ENV] = env
+        try:  # raises before any collective: every rank raises the same
+            deep_ep.Buffer(dist.group.WORLD, num_nvl_bytes=1 << 20, **kwargs)
+        except ValueError as error:
+            results[where] = str(error)
+        finally:
+            os.environ.pop(DEVICE_ENV, None)
+    return results
+
+
+def test_buffer_device_on_gloo():
+    (results,) = run_on_ranks(1, _device_choices)
+    assert results["default"] == "cpu" and results["explicit"] == "cpu"
+    assert results["argument"].startswith("device must"), results["argument"]
+    assert "DEEP_EP_OPS_DEVICE" in results["env"] and "not a device" in results["env"]

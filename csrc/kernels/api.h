@@ -133,6 +133,11 @@ cudaError_t launch_dispatch_data(const Intranode& nvl, const DispatchDataArgs& a
 // Staging slot of one dispatched row; rows a block moves per round (0: the buffer is too small).
 int64_t dispatch_slot_bytes(const DispatchDataArgs& args);
 int intranode_rows_per_block(const Intranode& nvl, int64_t slot_bytes, int num_blocks);
+// Blocks of the data kernels (dispatch, combine) resident per SM at once (the least of them).
+// A channel's sender and receiver blocks wait for each other through the peers, so a launch's
+// blocks must all be resident: the bindings refuse a config.num_sms above this times the SMs
+// the process has.
+int intranode_resident_blocks_per_sm();
 
 // Combine: combined_x[t] = sum over ranks r holding token t (ascending r) of x_r[row], in
 // float (double for double x), plus bias_0 and bias_1 (already in the accumulation type), one

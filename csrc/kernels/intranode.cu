@@ -881,6 +881,25 @@ cudaError_t launch_dispatch_data(const Intranode& nvl, const DispatchDataArgs& a
   return cudaGetLastError();
 }
 
+int intranode_resident_blocks_per_sm() {
+  static const int per_sm = [] {
+    int least = 1 << 30;
+    auto take = [&](const void* kernel) {
+      int blocks = 0;
+      if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kDataThreads, 0) ==
+          cudaSuccess)
+        least = std::min(least, blocks);
+    };
+    take(reinterpret_cast<const void*>(intranode::dispatch));
+    take(reinterpret_cast<const void*>(intranode::combine<__nv_bfloat16>));
+    take(reinterpret_cast<const void*>(intranode::combine<__half>));
+    take(reinterpret_cast<const void*>(intranode::combine<float>));
+    take(reinterpret_cast<const void*>(intranode::combine<double>));
+    return least == (1 << 30) ? 1 : std::max(1, least);
+  }();
+  return per_sm;
+}
+
 int64_t combine_slot_bytes(const CombineArgs& args) {
   static const int kElement[] = {2, 2, 4, 8};
   const int64_t weights = combine_weights_offset(args, kElement[args.kind]);

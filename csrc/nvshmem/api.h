@@ -32,7 +32,8 @@ enum LowLatencyOp : int {
 //   (owner rank, token) with flags, sent by owners to sources; route acks (owners that finished
 //   reading my routes) and row acks (sources that finished reading my partial rows).
 // staging: what a rank sends through NVSHMEM puts to peers without a peer-to-peer mapping.
-// counters: this rank's sequence numbers and the blocks-done tickets of its kernels.
+// counters: this rank's sequence numbers, the blocks-done tickets and the work queues of its
+//   kernels.
 struct LowLatencyLayout {
   int64_t message_bytes;
   int64_t dispatch_messages, dispatch_flags, dispatch_counts, dispatch_acks;
@@ -49,7 +50,9 @@ struct LowLatencyCounters {
   uint64_t dispatch_sent, dispatch_received, combine_sent, combine_received;
   unsigned tickets[4];  // blocks done of the running send/recv kernel of each direction
   int aborted;          // a wait timed out: every later kernel returns at once
-  int padding;
+  // Work queues of the running send halves (next unit to claim): dispatch tokens, combine
+  // routes, combine partial rows. Zero between launches (the last block resets them).
+  unsigned claims[3];
 };
 
 // One rank's view of a low-latency buffer, passed by value to the kernels.

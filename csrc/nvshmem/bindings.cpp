@@ -172,7 +172,7 @@ LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const 
 
 LowLatency view_for(const LowLatencyRuntime& runtime, const std::string& op, int kind) {
   int* error = checked_error_word(op, runtime.device);
-  const int sms = at::cuda::getDeviceProperties(runtime.device)->multiProcessorCount;
+  const int sms = usable_sms(runtime.device);
   return runtime.view(runtime.num_max_tokens, runtime.hidden, error, kind, sms);
 }
 

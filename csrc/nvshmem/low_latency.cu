@@ -150,6 +150,20 @@ __device__ bool last_block(unsigned* ticket) {
   return last;
 }
 
+// The next unit of a launch's work queue, for the whole block. The send halves take their
+// units this way rather than by block index, so that the blocks that run do all the send work
+// before any of them starts waiting: no kernel needs all its blocks resident at once (a grid
+// larger than the SMs the process has under MPS, a compute kernel holding SMs on another
+// stream, two buffers in flight). A block moves on to the next phase only when a queue is
+// empty, so every wait is for work some running block (here or on a peer) has claimed.
+__device__ int claim(unsigned* queue) {
+  __shared__ int unit;
+  __syncthreads();  // the previous unit's shared values are read
+  if (threadIdx.x == 0) unit = static_cast<int>(atomicAdd(queue, 1u));
+  __syncthreads();
+  return unit;
+}
+
 // Exclusive prefix of `flag` over the block; `total` gets the block's count.
 __device__ int block_prefix(bool flag, int* warp_counts, int& total) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -242,10 +256,11 @@ __device__ __forceinline__ uint32_t fp8x4(const float* v, float scale) {
 }
 
 // The start of a send half: every rank must have acknowledged reading my call seq - 2 (acks:
-// their words in my region), then block 0 publishes this call's count word to every rank
-// ((seq << 32) | (num_topk << 16) | num_tokens in `counts` [half][me]). False after a timeout.
+// their words in my region), then the block that claimed the first unit (`publish`) publishes
+// this call's count word to every rank ((seq << 32) | (num_topk << 16) | num_tokens in
+// `counts` [half][me]). False after a timeout.
 __device__ bool open_send(const LowLatency& ll, int64_t acks, int64_t counts, uint64_t seq,
-                          int num_topk, int num_tokens) {
+                          int num_topk, int num_tokens, bool publish) {
   __shared__ int ok;
   if (threadIdx.x == 0) ok = 1;
   __syncthreads();
@@ -255,7 +270,7 @@ __device__ bool open_send(const LowLatency& ll, int64_t acks, int64_t counts, ui
   __syncthreads();
   if (!ok) return false;
   const int64_t mine = counts + 8LL * ((seq & 1) * ll.num_ranks + ll.rank);
-  if (blockIdx.x == 0)
+  if (publish)
     for (int d = threadIdx.x; d < ll.num_ranks; d += blockDim.x)
       signal(ll, d, mine, (seq << 32) | (static_cast<uint64_t>(num_topk) << 16) |
                               static_cast<uint64_t>(num_tokens));
@@ -284,11 +299,12 @@ __device__ uint64_t dispatch_send(const LowLatency& ll, const LowLatencyDispatch
   const bool staged = !ll.all_peers_mapped;
   __shared__ TokenRoute route;
 
+  const int first = claim(&ctr->claims[0]);
   if (!open_send(ll, ll.layout.dispatch_acks, ll.layout.dispatch_counts, seq, a.num_topk,
-                 a.num_tokens))
+                 a.num_tokens, first == 0))
     return 0;
 
-  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+  for (int t = first; t < a.num_tokens; t = claim(&ctr->claims[0])) {
     const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * ll.num_max_tokens + t;
     const int64_t at = ll.layout.dispatch_messages + slot * message;
     uint8_t* staging = ll.base + ll.layout.staging_messages + t * message;
@@ -368,7 +384,10 @@ __device__ uint64_t dispatch_send(const LowLatency& ll, const LowLatencyDispatch
     __syncthreads();
   }
   if (staged) nvshmem_quiet();  // the staging copies are read before the next call rewrites them
-  if (finish && last_block(&ctr->tickets[0]) && tid == 0) ctr->dispatch_sent = seq;
+  if (finish && last_block(&ctr->tickets[0]) && tid == 0) {
+    ctr->dispatch_sent = seq;
+    ctr->claims[0] = 0;
+  }
   return seq;
 }
 
@@ -486,7 +505,10 @@ __device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv
   }
   if (last_block(&ctr->tickets[1])) {
     if (tid == 0) ctr->dispatch_received = seq;
-    if (tid == 0 && sent != 0) ctr->dispatch_sent = sent;
+    if (tid == 0 && sent != 0) {  // the fused launch's send half: its queue is done too
+      ctr->dispatch_sent = sent;
+      ctr->claims[0] = 0;
+    }
     for (int d = tid; d < num_ranks; d += kThreads)
       signal(ll, d, ll.layout.dispatch_acks + 8LL * me, seq);
   }
@@ -563,7 +585,10 @@ constexpr int kCombineThreads = 256;  // small blocks: every (source, token) uni
 // The end of a combine send (every block done): record the call, tell every rank its routes of
 // this call are read.
 __device__ void finish_combine_send(const LowLatency& ll, uint64_t seq) {
-  if (threadIdx.x == 0) counters(ll)->combine_sent = seq;
+  if (threadIdx.x == 0) {
+    counters(ll)->combine_sent = seq;
+    counters(ll)->claims[1] = counters(ll)->claims[2] = 0;
+  }
   for (int d = threadIdx.x; d < ll.num_ranks; d += kCombineThreads)
     signal(ll, d, ll.layout.combine_route_acks + 8LL * ll.rank, seq);
 }
@@ -587,10 +612,11 @@ __device__ uint64_t combine_send(const LowLatency& ll, const LowLatencyCombineSe
   __shared__ float weight_of[kLowLatencyMaxTopk];
 
   // Routes: every rank must have finished reading my routes of call seq - 2.
+  const int first = claim(&ctr->claims[1]);
   if (!open_send(ll, ll.layout.combine_route_acks, ll.layout.combine_counts, seq, a.num_topk,
-                 a.num_tokens))
+                 a.num_tokens, first == 0))
     return 0;
-  for (int t = blockIdx.x; t < a.num_tokens; t += gridDim.x) {
+  for (int t = first; t < a.num_tokens; t = claim(&ctr->claims[1])) {
     const int64_t slot = (static_cast<int64_t>(half) * num_ranks + me) * num_max + t;
     const int64_t at = ll.layout.combine_routes + slot * kRouteBytes;
     uint8_t* staging = ll.base + ll.layout.staging_routes + static_cast<int64_t>(t) * kRouteBytes;
@@ -625,7 +651,7 @@ __device__ uint64_t combine_send(const LowLatency& ll, const LowLatencyCombineSe
   }
 
   // Partial rows: unit u is token u / R of source u % R.
-  for (int u = blockIdx.x; u < num_ranks * num_max; u += gridDim.x) {
+  for (int u = claim(&ctr->claims[2]); u < num_ranks * num_max; u = claim(&ctr->claims[2])) {
     const int source = u % num_ranks, t = u / num_ranks;
     const int64_t from = static_cast<int64_t>(half) * num_ranks + source;
     __syncthreads();  // the shared words of the previous unit are read
@@ -748,8 +774,8 @@ constexpr int kSendPhase = 1, kRecvPhase = 2, kBothPhases = kSendPhase | kRecvPh
 // get a __nv_static_<hash> prefix that hides their names in a profile.
 namespace low_latency {
 
-// A send and a receive half in one kernel wait for each other's blocks (through the peers):
-// launch at most the blocks that are resident at once.
+// A send and a receive half in one kernel: the send units are claimed from a queue (`claim`),
+// so the receive waits only for send work that running blocks have claimed.
 __global__ void __launch_bounds__(kThreads)
     dispatch(LowLatency ll, LowLatencyDispatchSend send, LowLatencyDispatchRecv recv, int parts,
              int phases) {
