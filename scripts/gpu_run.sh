@@ -10,6 +10,10 @@
 # against this package, scripts/deepep_suite.py; DEEPEP_PROCESSES ranks, default: the GPUs;
 # DEEPEP_TESTS, DEEPEP_INTRANODE_ARGS: passed on).
 # Python wheels the machine lacks (expecttest) may be carried in .whl/.
+# One GPU, many ranks: with fewer GPUs than the multi-rank tests' largest world size (default
+# "2,4" on one GPU), the tests run several ranks per GPU under CUDA MPS; this script starts the
+# MPS control daemon (pipe and log directories under /tmp) and stops it when it exits, failure
+# included. DEEP_EP_OPS_GPU_SHARE=0 turns the mode off (those tests skip).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
 shift
@@ -21,6 +25,21 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpus.txt"
+num_gpus=$(nvidia-smi -L | wc -l)
+if [ "$num_gpus" -lt 2 ] && [ "${DEEP_EP_OPS_GPU_SHARE:-1}" != 0 ]; then
+  export DEEP_EP_OPS_GPU_WORLD_SIZES=${DEEP_EP_OPS_GPU_WORLD_SIZES:-2,4}
+  if command -v nvidia-cuda-mps-control > /dev/null && [ -z "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
+    export CUDA_MPS_PIPE_DIRECTORY=/tmp/deep_ep_ops_mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/deep_ep_ops_mps/log
+    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+    if nvidia-cuda-mps-control -d; then
+      trap 'echo quit | nvidia-cuda-mps-control; cp -r "$CUDA_MPS_LOG_DIRECTORY" "$out/mps-log" 2>/dev/null' EXIT
+      echo "one-GPU multi-rank mode: CUDA MPS started (ranks ${DEEP_EP_OPS_GPU_WORLD_SIZES})"
+    else
+      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+      echo "one-GPU multi-rank mode: CUDA MPS did not start (the test harness tries again)"
+    fi
+  fi
+fi
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
   grep -B2 -A8 "error" "$out/build.log" | head -60; echo "BUILD FAILED"; exit 1

@@ -1,4 +1,13 @@
-"""Multi-GPU test harness: pools of NCCL ranks, one process per GPU, that run test functions.
+"""Multi-GPU test harness: pools of rank processes that run test functions.
+
+One rank per GPU, in an NCCL group, when there are enough GPUs. With fewer GPUs than ranks
+(the one-GPU multi-rank mode) several rank processes share each GPU under CUDA MPS: NCCL
+refuses two ranks on one GPU, so they form a gloo group, and their ``Buffer``s drive the CUDA
+kernels anyway (``DEEP_EP_OPS_DEVICE=cuda``: the group only bootstraps them; the reference
+stages CUDA tensors through the host). Each process gets an equal SM share
+(``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``), NVSHMEM runs several PEs per GPU, and the MPS control
+daemon is started here (pipe and log directories under /tmp) unless one is running, and stopped
+at exit if it was started here. Timings in this mode share one GPU: correctness only.
 
 The NCCL counterpart of ``tests/distributed.py``. Starting Python + torch + CUDA + NCCL per test
 costs many seconds, so each world size gets one long-lived pool (rank ``r`` on ``cuda:r``) that
@@ -20,7 +29,9 @@ import datetime
 import io
 import multiprocessing.connection
 import os
+import shutil
 import socket
+import subprocess
 import time
 import traceback
 
@@ -72,6 +83,68 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+# "0": never put two ranks on one GPU (the multi-rank tests then need a GPU per rank).
+SHARE_ENV = "DEEP_EP_OPS_GPU_SHARE"
+MAX_RANKS_PER_GPU = 8
+MPS_DIR = "/tmp/deep_ep_ops_mps"
+
+
+def sharing_allowed() -> bool:
+    return os.environ.get(SHARE_ENV, "1") != "0" and shutil.which("nvidia-cuda-mps-control") is not None
+
+
+def max_ranks() -> int:
+    """The most ranks a pool may have here: a GPU each, or several per GPU under MPS."""
+    gpus = gpu_count()
+    return gpus * MAX_RANKS_PER_GPU if gpus and sharing_allowed() else gpus
+
+
+def ranks_per_gpu(world_size: int) -> int:
+    gpus = gpu_count()
+    return max(1, -(-world_size // gpus)) if gpus else 1
+
+
+def why_not(world_size: int) -> str | None:
+    """Why ``world_size`` ranks cannot run here, or ``None``."""
+    if world_size <= gpu_count():
+        return None
+    if not gpu_count():
+        return "needs a CUDA GPU"
+    if not sharing_allowed():
+        return (f"{world_size} ranks need {world_size} GPUs, found {gpu_count()} (sharing a GPU "
+                f"needs CUDA MPS, nvidia-cuda-mps-control, and {SHARE_ENV} not 0)")
+    if ranks_per_gpu(world_size) > MAX_RANKS_PER_GPU:
+        return f"at most {MAX_RANKS_PER_GPU} ranks per GPU"
+    return None
+
+
+class _Mps:
+    """The CUDA MPS control daemon for the shared-GPU mode: one running already (its pipe
+    directory in ``CUDA_MPS_PIPE_DIRECTORY``, as scripts/gpu_run.sh starts it) is used as it
+    is; otherwise one is started with its directories under /tmp and stopped at exit. Nothing
+    changes a GPU's settings (no compute-mode change: MPS clients share the GPU)."""
+
+    started = False
+
+    @classmethod
+    def ensure(cls) -> None:
+        if os.environ.get("CUDA_MPS_PIPE_DIRECTORY") or cls.started:
+            return
+        pipe, log = os.path.join(MPS_DIR, "pipe"), os.path.join(MPS_DIR, "log")
+        os.makedirs(pipe, exist_ok=True)
+        os.makedirs(log, exist_ok=True)
+        os.environ["CUDA_MPS_PIPE_DIRECTORY"], os.environ["CUDA_MPS_LOG_DIRECTORY"] = pipe, log
+        subprocess.run(["nvidia-cuda-mps-control", "-d"], check=True, timeout=30)
+        cls.started = True
+        atexit.register(cls.stop)
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.started:
+            cls.started = False
+            subprocess.run(["nvidia-cuda-mps-control"], input=b"quit\n", timeout=30, check=False)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,18 +171,24 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}\n{traceback.format_exc()}"
 
 
-def _worker(rank, world_size, port, conn, env, hard_exit):
+def _worker(rank, world_size, port, conn, env, hard_exit, per_gpu):
     os.environ.update(env)
     try:
         import torch
         import torch.distributed as dist
 
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-        dist.init_process_group(
-            "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-            timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S), device_id=device,
-        )
+        device = torch.device("cuda", rank // per_gpu)
+        torch.cuda.set_device(device)
+        if per_gpu == 1:
+            dist.init_process_group(
+                "nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S), device_id=device,
+            )
+        else:  # ranks sharing a GPU: NCCL refuses them, gloo bootstraps the kernels
+            dist.init_process_group(
+                "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S),
+            )
         import deep_ep_ops  # noqa: F401  (registers the ops, loads the extension)
     except BaseException as error:
         conn.send(("error", "process group setup failed: " + _describe(error)))
@@ -150,25 +229,37 @@ class RankFailure(AssertionError):
 
 
 class GpuRankPool:
-    """``world_size`` processes, rank ``r`` on ``cuda:r``, in one NCCL process group.
+    """``world_size`` processes in one process group: rank ``r`` on ``cuda:r`` over NCCL, or,
+    with fewer GPUs than ranks, ``ranks_per_gpu`` consecutive ranks per GPU over gloo under MPS
+    (see the module docstring).
 
     ``env`` is added to :data:`DEFAULT_ENV` in every rank before torch is imported.
     ``hard_exit`` makes the ranks leave with ``os._exit(0)`` when closed (nothing collective).
     """
 
     def __init__(self, world_size: int, env: dict[str, str] | None = None, hard_exit=False):
-        available = gpu_count()
-        if world_size > available:
-            raise RuntimeError(f"{world_size} ranks need {world_size} GPUs, found {available}")
+        reason = why_not(world_size)
+        if reason is not None:
+            raise RuntimeError(reason)
         ctx = mp.get_context("spawn")
         port = _free_port()
         self.world_size = world_size
+        self.per_gpu = per_gpu = ranks_per_gpu(world_size)
         self.conns, self.procs = [], []
-        full_env = {**DEFAULT_ENV, **(env or {})}
+        full_env = dict(DEFAULT_ENV)
+        if per_gpu > 1:
+            _Mps.ensure()
+            full_env.update({
+                "DEEP_EP_OPS_DEVICE": "cuda",
+                "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(100 // per_gpu),
+                "CUDA_MPS_PIPE_DIRECTORY": os.environ["CUDA_MPS_PIPE_DIRECTORY"],
+                "CUDA_MPS_LOG_DIRECTORY": os.environ.get("CUDA_MPS_LOG_DIRECTORY", ""),
+            })
+        full_env.update(env or {})
         for rank in range(world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_worker, args=(rank, world_size, port, child, full_env, hard_exit),
+                target=_worker, args=(rank, world_size, port, child, full_env, hard_exit, per_gpu),
                 daemon=True, name=f"gpu-rank-{rank}",
             )
             proc.start()
@@ -312,6 +403,30 @@ def timeout_problems(label: str, results: list, exit_codes: list, timeout_s: flo
         problems.append(f"{label}: ranks did not exit cleanly within 60 s: exit codes "
                         f"{exit_codes} (None: killed)")
     return problems
+
+
+def all_reduce(t) -> None:
+    """``dist.all_reduce`` of a CUDA tensor in place, over NCCL or (ranks sharing a GPU) gloo
+    through a host copy."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == dist.Backend.NCCL:
+        dist.all_reduce(t)
+        return
+    host = t.cpu()
+    dist.all_reduce(host)
+    t.copy_(host)
+
+
+def all_gather_into_tensor(out, t) -> None:
+    import torch.distributed as dist
+
+    if dist.get_backend() == dist.Backend.NCCL:
+        dist.all_gather_into_tensor(out, t)
+        return
+    host = out.cpu()
+    dist.all_gather_into_tensor(host, t.cpu())
+    out.copy_(host)
 
 
 def close_pool(world_size: int) -> None:

@@ -273,3 +273,68 @@ def test_direct_autograd_refusals(buffer):
     with pytest.raises(RuntimeError, match="leaf tensor that requires grad"):
         ops.low_latency_dispatch_recv(buf.name, stolen)
     ops.low_latency_dispatch_recv(buf.name, sent)  # the buffer's queue stays in step
+
+
+# --- kernels that share the GPU: beside a long compute kernel, two buffers in flight ----------
+
+
+@pytest.fixture(scope="module")
+def second_buffer(buffer):
+    buf, num_max, hidden, num_experts = buffer
+    other = deep_ep.Buffer(buf.group, num_nvl_bytes=int(1e9), num_rdma_bytes=buf.num_rdma_bytes,
+                           low_latency_mode=True)
+    yield other
+    other.destroy()
+
+
+def _low_latency_round(buf, x, topk_idx, weights, num_max, num_experts):
+    recv = ops.low_latency_dispatch(buf.name, x, topk_idx, num_max, num_experts, use_fp8=False)
+    combined = ops.low_latency_combine(buf.name, recv.recv_x, topk_idx, weights, recv.handle)
+    return recv.recv_count, combined
+
+
+def _normal_round(buf, x, topk_idx, weights, num_experts):
+    layout = ops.get_dispatch_layout(topk_idx, num_experts, 1)
+    out = ops.dispatch(buf.name, x, layout, topk_idx, weights, num_worst_tokens=x.size(0))
+    return ops.combine(buf.name, out.recv_x, out.handle).combined_x
+
+
+def test_low_latency_beside_long_matmuls(buffer):
+    """A low-latency round while matmuls hold the SMs on another stream: same bits, no hang."""
+    buf, num_max, hidden, num_experts = buffer
+    torch.manual_seed(3)
+    x, topk_idx, weights = _inputs(num_max, hidden, num_experts)
+    want_count, want = _low_latency_round(buf, x, topk_idx, weights, num_max, num_experts)
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    for _ in range(20):
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(8):
+                a = (a @ a).clamp_(-1, 1)
+        count, got = _low_latency_round(buf, x, topk_idx, weights, num_max, num_experts)
+        torch.cuda.synchronize()
+        assert torch.equal(count, want_count) and torch.equal(got, want)
+
+
+def test_two_buffers_in_flight_on_two_streams(buffer, second_buffer):
+    """Two low-latency and two intranode buffers, each on its own stream, launched interleaved:
+    every result equals the same call made alone."""
+    buf, num_max, hidden, num_experts = buffer
+    torch.manual_seed(4)
+    x, topk_idx, weights = _inputs(num_max, hidden, num_experts)
+    want_count, want = _low_latency_round(buf, x, topk_idx, weights, num_max, num_experts)
+    want_normal = _normal_round(buf, x, topk_idx, weights, num_experts)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for s in streams:
+        s.wait_stream(torch.cuda.current_stream())
+    results = []
+    for _ in range(20):
+        for b, s in zip((buf, second_buffer), streams):
+            with torch.cuda.stream(s):
+                results.append(_low_latency_round(b, x, topk_idx, weights, num_max, num_experts)
+                               + (_normal_round(b, x, topk_idx, weights, num_experts),))
+    torch.cuda.synchronize()
+    for count, got, normal in results:
+        assert torch.equal(count, want_count) and torch.equal(got, want)
+        assert torch.equal(normal, want_normal)

@@ -38,14 +38,14 @@ import gpu_distributed
 from deep_ep_ops import Buffer, Config, EventOverlap, _build, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
-from gpu_distributed import gpu_count, run_on_gpus
+from gpu_distributed import max_ranks, run_on_gpus
 from test_compile import _train_step
 
 WORLD_SIZES = gpu_distributed.world_sizes()
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(gpu_count() < 2, reason="needs at least 2 CUDA GPUs"),
+    pytest.mark.skipif(max_ranks() < 2, reason="needs 2 CUDA GPUs, or one under CUDA MPS"),
     pytest.mark.skipif(not _build.HAS_CUDA_KERNELS, reason="the CUDA extension is not built"),
 ]
 
@@ -54,8 +54,9 @@ pytestmark = [
 def world_size(request):
     """Module scoped, so pytest runs every test of one world size before the next one and
     each size's pool is started once and closed when its tests are done."""
-    if request.param > gpu_count():
-        pytest.skip(f"{request.param} ranks need {request.param} GPUs, found {gpu_count()}")
+    reason = gpu_distributed.why_not(request.param)
+    if reason is not None:
+        pytest.skip(reason)
     yield request.param
     gpu_distributed.close_pool(request.param)
 
@@ -75,8 +76,9 @@ _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _device() -> torch.device:
-    """This rank's device: its GPU under NCCL (the CPU under gloo, for trying jobs out)."""
-    if dist.get_backend() == "nccl":
+    """This rank's device: its GPU under NCCL, or the GPU it shares with other ranks (gloo
+    under MPS, DEEP_EP_OPS_DEVICE=cuda); the CPU under a plain gloo group (trying jobs out)."""
+    if dist.get_backend() == "nccl" or os.environ.get("DEEP_EP_OPS_DEVICE") == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -264,7 +266,7 @@ def _case_inputs(case, rank, num_ranks, device):
     worst = case.get("worst", "none")
     if worst == "tight":  # the most rows any rank receives (at least 1): needs every rank
         received = inp["is_in"].sum(0).to(torch.int64)
-        dist.all_reduce(received)
+        gpu_distributed.all_reduce(received)
         inp["worst"] = max(int(received.max()), 1)
     else:
         inp["worst"] = {"none": 0, "loose": num_ranks * case["tokens"] + 5}[worst]

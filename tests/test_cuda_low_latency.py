@@ -47,7 +47,7 @@ from deep_ep_ops import Buffer, _build, _registry, meta, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
 from deep_ep_ops.buffer import FORCE_PUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
-from gpu_distributed import gpu_count, run_on_gpus
+from gpu_distributed import max_ranks, run_on_gpus
 from test_cuda_intranode import (
     OPCHECK_UTILS, Diffs, _assert_no_diffs, _bits, _device, _generator, _grad, _new_buffer,
     _nvl_bytes, _opcheck_utils, _routing, _sync,
@@ -59,7 +59,7 @@ world_size = test_cuda_intranode.world_size
 
 pytestmark = [
     pytest.mark.gpu,
-    pytest.mark.skipif(gpu_count() < 2, reason="needs at least 2 CUDA GPUs"),
+    pytest.mark.skipif(max_ranks() < 2, reason="needs 2 CUDA GPUs, or one under CUDA MPS"),
     pytest.mark.skipif(
         not getattr(_build, "HAS_LOW_LATENCY_KERNELS", False),
         reason="the low-latency NVSHMEM kernels are not built (deep_ep_ops._C_nvshmem)",
@@ -154,7 +154,7 @@ def _all_gather_tokens(x: torch.Tensor, num_max: int) -> torch.Tensor:
     padded = x.new_zeros(num_max, x.size(1))
     padded[: x.size(0)] = x
     out = x.new_empty(dist.get_world_size() * num_max, x.size(1))
-    dist.all_gather_into_tensor(out, padded)
+    gpu_distributed.all_gather_into_tensor(out, padded)
     return out.view(-1, num_max, x.size(1))
 
 
@@ -1279,7 +1279,7 @@ def _pressure_job(rank, num_ranks, iterations, seed, force_put=False):
             - (topk >= 0).sum()
         if (it + 1) % PRESSURE_SYNC_EVERY == 0 or it + 1 == iterations:
             window = flags_per_it[done : it + 1].sum()
-            dist.all_reduce(window)  # every rank stops at the same iteration
+            gpu_distributed.all_reduce(window)  # every rank stops at the same iteration
             done = it + 1
             total = int(window)
             ops.check_device_errors()
