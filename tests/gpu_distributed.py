@@ -253,7 +253,6 @@ class GpuRankPool:
                 "DEEP_EP_OPS_DEVICE": "cuda",
                 "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(100 // per_gpu),
                 "CUDA_MPS_PIPE_DIRECTORY": os.environ["CUDA_MPS_PIPE_DIRECTORY"],
-                "CUDA_MPS_LOG_DIRECTORY": os.environ.get("CUDA_MPS_LOG_DIRECTORY", ""),
             })
         full_env.update(env or {})
         for rank in range(world_size):
