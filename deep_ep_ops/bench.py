@@ -92,6 +92,10 @@ HOST_WARMUP = {"cuda": 10, "cpu": 1}  # untimed calls per case first
 HOST_MAX_SLEEP_US = 2_000_000  # the GPU sleeps at most this long per block
 HOST_MIN_CYCLES_PER_US = 2000.0  # torch.cuda._sleep cycles per µs assumed at least (~2 GHz)
 
+# Ranks sharing GPUs (README "Many ranks on one GPU"): timings are not performance figures.
+SHARED_GPU_BACKEND = "gloo-cuda"
+NOT_PERFORMANCE = "ranks share GPUs under CUDA MPS: correctness run, NOT performance figures"
+
 # Transport settings for the GPU machines: NVLink multicast (NVLS) stays off. Set with
 # ``setdefault`` before the ranks spawn, so a value the user exported wins.
 GPU_ENV_DEFAULTS = {
@@ -117,7 +121,9 @@ class Settings:
     num_experts: int
     num_iters: int
     num_warmup: int
-    backend: str  # "gloo" (CPU tensors) or "nccl" (one GPU per rank)
+    # "gloo" (CPU tensors), "nccl" (one GPU per rank) or "gloo-cuda" (ranks sharing GPUs under
+    # CUDA MPS, a gloo group driving the kernels: correctness only, no performance figures)
+    backend: str
     seed: int
     plot: Optional[str]
     out: Optional[str]
@@ -125,7 +131,11 @@ class Settings:
 
     @property
     def on_gpu(self) -> bool:
-        return self.backend == "nccl"
+        return self.backend in ("nccl", SHARED_GPU_BACKEND)
+
+    @property
+    def shared_gpu(self) -> bool:
+        return self.backend == SHARED_GPU_BACKEND
 
     def graphed(self, mode: str) -> bool:
         """Whether ``mode``'s ops are timed as CUDA-graph replays too."""
@@ -192,9 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-iters", type=int, help="timed iterations per op")
     parser.add_argument("--num-warmup", type=int, help="untimed warm-up calls per op")
     parser.add_argument("--seed", type=int, default=0, help="routing/data seed (plus the rank)")
-    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl", SHARED_GPU_BACKEND),
+                        default="auto",
                         help="gloo: CPU tensors; nccl: CUDA tensors, one GPU per rank; "
-                             "auto: nccl when CUDA is available")
+                             f"{SHARED_GPU_BACKEND}: CUDA tensors, several ranks per GPU under "
+                             "a running CUDA MPS daemon (correctness only, no performance "
+                             "figures); auto: nccl when CUDA is available")
     parser.add_argument("--plot", metavar="FILE.png", help="plot GB/s against tokens per rank")
     parser.add_argument("--out", metavar="DIR", help="write results.json and table.txt here")
     parser.add_argument("--no-graph", dest="graph", action="store_false",
@@ -211,9 +224,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
     backend = args.backend
     if backend == "auto":
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl" and not torch.cuda.is_available():
-        parser.error("--backend nccl needs CUDA GPUs, but torch.cuda.is_available() is False")
-    defaults = GPU_DEFAULTS if backend == "nccl" else CPU_DEFAULTS
+    if backend != "gloo" and not torch.cuda.is_available():
+        parser.error(f"--backend {backend} needs CUDA GPUs, but torch.cuda.is_available() is False")
+    defaults = CPU_DEFAULTS if backend == "gloo" else GPU_DEFAULTS
 
     def pick(name):
         value = getattr(args, name)
@@ -221,7 +234,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
 
     num_ranks = args.num_ranks
     if num_ranks is None:
-        num_ranks = torch.cuda.device_count() if backend == "nccl" else defaults["num_ranks"]
+        num_ranks = {"nccl": torch.cuda.device_count(), SHARED_GPU_BACKEND:
+                     2 * torch.cuda.device_count()}.get(backend, defaults["num_ranks"])
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.tokens is None:
         tokens = {mode: defaults["tokens"][mode] for mode in modes}
@@ -244,9 +258,13 @@ def _check_settings(s: Settings) -> Optional[str]:
     """The first problem with ``s`` as an argparse-style message, or ``None``."""
     if s.num_ranks < 1:
         return f"--num-ranks must be >= 1, got {s.num_ranks}"
-    if s.on_gpu and s.num_ranks > torch.cuda.device_count():
+    if s.backend == "nccl" and s.num_ranks > torch.cuda.device_count():
         return (f"--num-ranks {s.num_ranks} needs one GPU per rank, but only "
-                f"{torch.cuda.device_count()} are visible")
+                f"{torch.cuda.device_count()} are visible (--backend {SHARED_GPU_BACKEND} puts "
+                "several ranks on a GPU)")
+    if s.shared_gpu and not os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+        return (f"--backend {SHARED_GPU_BACKEND} needs a running CUDA MPS control daemon and its "
+                "CUDA_MPS_PIPE_DIRECTORY in the environment (README: Many ranks on one GPU)")
     if s.hidden < 1 or s.hidden % FP8_GROUP:
         return (f"--hidden must be a positive multiple of {FP8_GROUP} (the FP8 ops scale every "
                 f"{FP8_GROUP} channels), got {s.hidden}")
@@ -824,8 +842,9 @@ def buffer_sizes(s: Settings) -> tuple[int, int]:
 def _create_buffer(group, s: Settings):
     """A ``deep_ep_ops.Buffer`` sized for the largest call of this run (every SM count)."""
     num_nvl_bytes, num_rdma_bytes = buffer_sizes(s)
+    device = {"device": "cuda"} if s.shared_gpu else {}  # a gloo group driving the kernels
     return Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
-                  low_latency_mode=True)
+                  low_latency_mode=True, **device)
 
 
 def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> list[dict]:
@@ -836,7 +855,8 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
         # The side-by-side baseline (DESIGN.md §11): the reference over NCCL in this process.
         # It does not depend on the SM count: timed once per op, shown beside every SM row.
         reference_backend = ReferenceBackend(
-            buffer.name, s.num_ranks, s.num_experts, "reference/nccl"
+            buffer.name, s.num_ranks, s.num_experts,
+            "reference/gloo (host-staged)" if s.shared_gpu else "reference/nccl",
         )
 
     def sm_counts(case: Case) -> tuple[Optional[int], ...]:
@@ -1346,13 +1366,15 @@ def measure_host(rank: int, s: Settings, group, device: torch.device, buffer) ->
         # The op layer's share: what the call costs the host above one plain torch op's launch
         # (the baseline below, same run), which no op can avoid and which follows the host.
         row["op_layer_us"] = None if row["host_us"] is None else row["host_us"] - baseline_max
-        target = HOST_TARGET_US if on_gpu else None
+        target = HOST_TARGET_US if on_gpu and not s.shared_gpu else None
         row["vs_target"] = (
             target / max(row["op_layer_us"], 0.1) if target and row["host_us"] else None
         )
     return {
         "device": device.type, "backend": backend_label(on_gpu), "calls": HOST_CALLS[device.type],
-        "repeats": HOST_REPEATS[device.type], "target_us": HOST_TARGET_US if on_gpu else None,
+        "repeats": HOST_REPEATS[device.type],
+        "target_us": HOST_TARGET_US if on_gpu and not s.shared_gpu else None,
+        "shared_gpu": s.shared_gpu,
         "rows": rows,
         "sleep_cycles_per_us": None if sleep is None else {
             "measured": sleep.measured_cycles_per_us, "used": sleep.cycles_per_us},
@@ -1369,7 +1391,15 @@ def _available_cpus() -> int:
 
 def _rank_main(rank: int, s: Settings, port: int, result_path: str) -> None:
     """Entry point of a spawned rank: set up, time, and (rank 0) write the results."""
-    if s.on_gpu:
+    if s.shared_gpu:
+        per_gpu = -(-s.num_ranks // torch.cuda.device_count())
+        # Read when CUDA starts in this process: each rank's equal SM share.
+        os.environ.setdefault("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", str(100 // per_gpu))
+        device = torch.device("cuda", rank // per_gpu)
+        torch.cuda.set_device(device)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=s.num_ranks)
+    elif s.on_gpu:
         torch.cuda.set_device(rank)
         device = torch.device("cuda", rank)
         dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -1523,7 +1553,7 @@ def format_table(report: dict) -> str:
         f"deep_ep_ops bench: {s['num_ranks']} rank{'s' * (s['num_ranks'] != 1)} "
         f"({report['device']}), hidden {s['hidden']}, top-{s['num_topk']} "
         f"of {s['num_experts']} experts, {s['num_iters']} iterations after {s['num_warmup']} "
-        "warm-up"
+        "warm-up" + (f" -- {NOT_PERFORMANCE}" if is_shared_gpu_run(report) else "")
     )
     legend = (
         "median us: max over ranks of each rank's median; GB/s: received payload per rank, own "
@@ -1539,6 +1569,11 @@ def format_table(report: dict) -> str:
 def is_cpu_run(report: dict) -> bool:
     """A gloo run on CPU tensors: it times the reference backend only."""
     return report.get("device") == "cpu"
+
+
+def is_shared_gpu_run(report: dict) -> bool:
+    """Ranks sharing GPUs: the kernels ran, but the timings are not performance figures."""
+    return report.get("settings", {}).get("backend") == SHARED_GPU_BACKEND
 
 
 def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
@@ -1625,8 +1660,9 @@ def format_host(host: dict) -> str:
             "their wall time per call minus their GPU busy time per call); max over ranks; "
             "(grad): inputs require grad; "
             "op layer us = host us minus the torch.add baseline below (the launch every op "
-            f"pays); target: the op layer adds <= {host['target_us']:g} us per call, vs target = "
-            "target / op layer us (>= 1x meets it)"
+            + (f"pays); target: the op layer adds <= {host['target_us']:g} us per call, vs "
+               "target = target / op layer us (>= 1x meets it)"
+               if host.get("target_us") is not None else f"pays); {NOT_PERFORMANCE}, no target")
         )
         columns, right = HOST_COLUMNS, {2, 3, 4, 5, 6, 7, 8}
     else:
@@ -1652,6 +1688,7 @@ def format_summary(report: dict) -> str:
     if summary is None:
         summary = best_rows(report)
     cpu = is_cpu_run(report)
+    shared = is_shared_gpu_run(report)
     rows = []
     for r in summary:
         sms = "-" if r["num_sms"] is None else str(r["num_sms"])
@@ -1659,7 +1696,7 @@ def format_summary(report: dict) -> str:
             sms += f" (>{r['sm_budget']})"
         cells = [op_label(r), r["mode"], str(r["tokens_per_rank"]), sms, _median(r),
                  _number(r["gbps"], ".4g")]
-        if not cpu:
+        if not (cpu or shared):
             unit, bound = r["target"]["unit"], r["target"]["bound"]
             target = f">= {bound:g} GB/s" if unit == "GB/s" else f"<= {bound:g} us"
             vs_target = "n/a" if r.get("capture_error") else _ratio(r["vs_target"], ".3g")
@@ -1672,6 +1709,10 @@ def format_summary(report: dict) -> str:
             f"count within {SM_BUDGET} SMs; no GPU targets on a CPU run (DESIGN.md §11's are for "
             "4xH200)",
         ]
+        columns, right = CPU_SUMMARY_COLUMNS, {2, 4, 5, 6, 7}
+    elif shared:
+        lines = [f"summary ({NOT_PERFORMANCE}; no targets): fastest SM count within {SM_BUDGET} "
+                 "SMs"]
         columns, right = CPU_SUMMARY_COLUMNS, {2, 4, 5, 6, 7}
     else:
         lines = [

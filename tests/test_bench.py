@@ -457,3 +457,29 @@ def test_bench_graph_rows_table_and_summary():
     assert [(r["op"], r["median us"], r["vs target"], r["ref us"], r["speedup"]) for r in rows] == [
         ("dispatch fp8 [graph]", na, "n/a", "150.0", "n/a"),
     ]
+
+
+def test_bench_shared_gpu_report_is_labelled_not_performance():
+    """Ranks sharing a GPU (--backend gloo-cuda): the kernels ran, but every table says the
+    figures are not performance figures, and no target or ratio to one is shown."""
+    results = [_result("dispatch bf16", "normal", 20, 2000.0, 0.05),
+               _result("combine bf16", "low-latency", None, 1500.0, 0.02)]
+    host = _host_report("cuda")
+    host.update(target_us=None, shared_gpu=True)
+    for row in host["rows"]:
+        row["vs_target"] = None
+    report = {"device": "NVIDIA H200", "results": results, "host": host,
+              "settings": {"backend": bench.SHARED_GPU_BACKEND, "num_ranks": 4, "hidden": 7168,
+                           "num_topk": 8, "num_experts": 256, "num_iters": 10, "num_warmup": 2}}
+    report["summary"] = bench.best_rows(report)
+    text = bench.format_summary(report)
+    summary, host_rows = _parse_tables(text)
+    assert bench.NOT_PERFORMANCE in text.splitlines()[0]
+    assert "target" not in summary[0] and "vs target" not in summary[0]
+    assert "adds <=" not in text and "no target" in text
+    assert all(r["vs target"] == "-" for r in host_rows)
+    for r in results:
+        r.update(backend="cuda", reference_gbps=None)
+    assert bench.NOT_PERFORMANCE in bench.format_table(report).splitlines()[0]
+    with pytest.raises(SystemExit):  # no GPU here (or, on one, no MPS daemon named): refused
+        bench.parse_args(["--backend", bench.SHARED_GPU_BACKEND])
