@@ -1,4 +1,4 @@
-"""Autograd of every ``deep_ep`` op (DESIGN.md §7), written with ``deep_ep`` ops so backward
+"""Autograd of every ``deep_ep`` op (docs/DESIGN.md §7), written with ``deep_ep`` ops so backward
 graphs compile.
 
 The eager fast path on CUDA (``ops._direct``) records the same formulas from C++

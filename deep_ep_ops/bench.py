@@ -1,6 +1,6 @@
 """Benchmark of the ``deep_ep`` ops: ``python -m deep_ep_ops.bench``.
 
-Follows DESIGN.md §11 (DeepEP's methodology). The command spawns one process per rank (gloo on
+Follows docs/DESIGN.md §11 (DeepEP's methodology). The command spawns one process per rank (gloo on
 CPU, NCCL with one GPU per rank on CUDA), builds a ``deep_ep_ops.Buffer``, routes random tokens
 (top-k of random scores) and times, per tokens-per-rank value:
 
@@ -32,7 +32,7 @@ are the same code, the ratio columns show ``-`` and there are no graph rows.
 
 The last thing written to stdout is the report: the full table (one row per op, tokens, SM
 count and eager/graph), then a summary with one line per op with a target, eager and graph
-apart (the best SM count within DESIGN.md §11's 24-SM budget, its time and GB/s against the
+apart (the best SM count within docs/DESIGN.md §11's 24-SM budget, its time and GB/s against the
 target, and the speedup over the reference), then the host table. A CPU (gloo) run times the
 reference backend only: its summary and host table show no GPU targets and no ratios to them.
 ``--out DIR`` also writes it as ``DIR/table.txt`` with ``DIR/results.json``, and
@@ -71,9 +71,9 @@ GRAPH_SIDE_WARMUP = 2  # calls on the capture stream before capturing (per-strea
 NOT_CAPTURABLE = "n/a (not capturable)"
 FP8_GROUP = 128  # channels per FP8 scale
 DEFAULT_NUM_SMS = get_dispatch_config(1).num_sms  # what a call without a config uses
-SM_BUDGET = 24  # DESIGN.md §11: the normal-mode targets hold with at most this many SMs
+SM_BUDGET = 24  # docs/DESIGN.md §11: the normal-mode targets hold with at most this many SMs
 
-# DESIGN.md §11 targets (4xH200, DeepSeek-V3 shapes): (unit, bound). "GB/s" is a lower bound on
+# docs/DESIGN.md §11 targets (4xH200, DeepSeek-V3 shapes): (unit, bound). "GB/s" is a lower bound on
 # bandwidth, "us" an upper bound on the median time.
 TARGETS = {
     (NORMAL, "layout"): ("us", 20.0),
@@ -142,7 +142,7 @@ class Settings:
         return self.graph and self.on_gpu and mode in GRAPH_MODES
 
 
-# DESIGN.md §11 shapes on GPUs; on CPU, small enough for a laptop (well under a minute).
+# docs/DESIGN.md §11 shapes on GPUs; on CPU, small enough for a laptop (well under a minute).
 GPU_DEFAULTS = dict(
     hidden=7168, num_topk=8, num_experts=256, num_iters=100, num_warmup=20,
     tokens={NORMAL: (4096,), LOW_LATENCY: (128,)}, num_sms=(8, 16, 20, 24, 32),
@@ -298,7 +298,7 @@ def _check_settings(s: Settings) -> Optional[str]:
     return None
 
 
-# --- byte conventions (DESIGN.md §11) ---------------------------------------------------------
+# --- byte conventions (docs/DESIGN.md §11) ---------------------------------------------------------
 
 
 def bf16_row_bytes(hidden: int) -> int:
@@ -852,7 +852,7 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
     label = backend_label(s.on_gpu)
     reference_backend = None
     if s.on_gpu:
-        # The side-by-side baseline (DESIGN.md §11): the reference over NCCL in this process.
+        # The side-by-side baseline (docs/DESIGN.md §11): the reference over NCCL in this process.
         # It does not depend on the SM count: timed once per op, shown beside every SM row.
         reference_backend = ReferenceBackend(
             buffer.name, s.num_ranks, s.num_experts,
@@ -1577,7 +1577,7 @@ def is_shared_gpu_run(report: dict) -> bool:
 
 
 def best_rows(report: dict, sm_budget: int = SM_BUDGET) -> list[dict]:
-    """One row per op with a DESIGN.md §11 target and per timing (eager, graph), at its best
+    """One row per op with a docs/DESIGN.md §11 target and per timing (eager, graph), at its best
     SM count.
 
     Per mode, the tokens per rank of the targets (GPU defaults: 4096 normal, 128 low-latency)
@@ -1706,7 +1706,7 @@ def format_summary(report: dict) -> str:
     if cpu:
         lines = [
             f"summary (CPU, gloo): the reference backend only, not the CUDA kernels; fastest SM "
-            f"count within {SM_BUDGET} SMs; no GPU targets on a CPU run (DESIGN.md §11's are for "
+            f"count within {SM_BUDGET} SMs; no GPU targets on a CPU run (docs/DESIGN.md §11's are for "
             "4xH200)",
         ]
         columns, right = CPU_SUMMARY_COLUMNS, {2, 4, 5, 6, 7}
@@ -1716,7 +1716,7 @@ def format_summary(report: dict) -> str:
         columns, right = CPU_SUMMARY_COLUMNS, {2, 4, 5, 6, 7}
     else:
         lines = [
-            f"summary: fastest SM count within {SM_BUDGET} SMs; targets of DESIGN.md §11 (4xH200, "
+            f"summary: fastest SM count within {SM_BUDGET} SMs; targets of docs/DESIGN.md §11 (4xH200, "
             "4096 / 128 tokens per rank), vs target >= 1x meets it; speedup: ref us / ours "
             "(eager against eager, [graph] against the reference's graph replays)",
         ]

@@ -1,6 +1,6 @@
 """``nn.Module`` wrappers over the ``deep_ep`` ops: a token dispatcher and an example MoE layer.
 
-Everything here goes through ``deep_ep_ops.ops``, so autograd (DESIGN.md §7), ``torch.compile``
+Everything here goes through ``deep_ep_ops.ops``, so autograd (docs/DESIGN.md §7), ``torch.compile``
 and CUDA graphs see only ``deep_ep`` ops plus ordinary torch code.
 
 Three modes of :class:`MoEDispatcher`:
@@ -19,7 +19,7 @@ Where the top-k weights are applied: in normal/capacity mode the expert rank rec
 the (unweighted) combine sums the ranks' partial results. In low-latency mode
 ``low_latency_combine`` applies the weights. Either way the weights receive gradients.
 
-Notation as in DESIGN.md: ``T`` local tokens, ``H`` hidden, ``K`` top-k, ``R`` ranks, ``E``
+Notation as in docs/DESIGN.md: ``T`` local tokens, ``H`` hidden, ``K`` top-k, ``R`` ranks, ``E``
 experts, ``L = E / R`` local experts (rank ``r`` owns experts ``r*L .. r*L + L - 1``), ``M`` max
 tokens per rank (low latency), ``N`` received rows.
 """

@@ -1,7 +1,7 @@
 """Typed wrappers over ``torch.ops.deep_ep.*``: one function per op, results with names.
 
 ``buffer`` is the name of a live communicator (``Buffer.name``). Wrappers normalise arguments
-and name results; the semantics live in the ops (DESIGN.md §5).
+and name results; the semantics live in the ops (docs/DESIGN.md §5).
 """
 
 from __future__ import annotations

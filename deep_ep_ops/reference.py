@@ -1,7 +1,7 @@
 """Reference backend: every ``deep_ep`` op over ``torch.distributed`` collectives and plain torch.
 
 It is the oracle of the GPU tests, the CPU backend (gloo), and the CUDA fallback and benchmark
-baseline (NCCL). The code is device-agnostic. Row order and rounding follow DESIGN.md §5
+baseline (NCCL). The code is device-agnostic. Row order and rounding follow docs/DESIGN.md §5
 exactly: rows by source rank then source token; sums in fp32 (fp64 for fp64 inputs) in
 ascending rank order, or top-k order for low-latency combine, with one final rounding.
 

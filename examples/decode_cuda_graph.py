@@ -8,7 +8,7 @@ A decode step (router -> ``low_latency_dispatch`` in FP8 -> local experts ->
 once with ``torch.cuda.CUDAGraph`` and replayed: each replay copies new tokens into the graph's
 static input, replays, and is checked against the eager module on the same tokens. Eager calls
 are interleaved with the replays on purpose: the low-latency state must stay correct when
-captured and eager calls mix (DESIGN.md §5, "CUDA-graph safety").
+captured and eager calls mix (docs/DESIGN.md §5, "CUDA-graph safety").
 
 Needs CUDA GPUs (one per rank, NCCL); without them it prints a message and exits 0.
 """

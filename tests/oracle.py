@@ -1,6 +1,6 @@
 """Independent single-process model of all ranks of deep_ep_ops (the test oracle).
 
-Written from the semantics in DESIGN.md section 5 only; it imports nothing from deep_ep_ops.
+Written from the semantics in docs/DESIGN.md section 5 only; it imports nothing from deep_ep_ops.
 Every per-rank input is a Python list indexed by rank. Notation: R ranks, E experts,
 L = E // R local experts (rank r owns global experts r*L .. r*L+L-1), T_r tokens on rank r,
 H hidden, K top-k, M = num_max_dispatch_tokens_per_rank, N received rows.

@@ -35,7 +35,7 @@ EXPECTED_HOST_ROWS = [
 
 
 def _assert_no_gpu_targets(text: str) -> None:
-    """A CPU run's output has no DESIGN.md §11 bounds, no target columns and no ratios."""
+    """A CPU run's output has no docs/DESIGN.md §11 bounds, no target columns and no ratios."""
     assert "vs target" not in text and "target <=" not in text
     assert not re.search(r"[<>]= [\d.]+ (us|GB/s)", text), text
     assert not re.search(r"\b\d+(\.\d+)?x\b", text), text  # no "0.0004x" ratio anywhere

@@ -1,4 +1,4 @@
-"""Autograd of the ``deep_ep`` ops (DESIGN.md §7): ``gradcheck`` in float64 and dense models.
+"""Autograd of the ``deep_ep`` ops (docs/DESIGN.md §7): ``gradcheck`` in float64 and dense models.
 
 A communication op couples the ranks: rank r's outputs depend on every rank's inputs. Calling
 ``gradcheck`` on each rank's own inputs and outputs would mix rank r's perturbations with the

@@ -1,4 +1,4 @@
-"""``torch.library.opcheck`` on every ``deep_ep`` op (DESIGN.md §5: "opcheck passes on every op").
+"""``torch.library.opcheck`` on every ``deep_ep`` op (docs/DESIGN.md §5: "opcheck passes on every op").
 
 Communication ops run inside each rank of a 2-rank job: opcheck calls the op several times and
 every rank makes the same sequence of calls, so the collectives line up. Pure ops run in the
@@ -134,7 +134,7 @@ def _low_latency_dispatch_args(buffer, rank, num_ranks, rg, differentiable):
     x, topk, _, _ = _inputs(rank, num_ranks, hidden=512)
     samples = []
     for label, (use_fp8, round_scale, use_ue8m0) in LL_MODES.items():
-        # The FP8 output is not differentiable (DESIGN.md §7): grad only on the BF16 path.
+        # The FP8 output is not differentiable (docs/DESIGN.md §7): grad only on the BF16 path.
         x_in = _grad(x, rg and differentiable and not use_fp8)
         samples.append(
             (label, (x_in, topk, *_ll_args(buffer, num_ranks), use_fp8, round_scale, use_ue8m0))
@@ -222,7 +222,7 @@ def _clean_low_latency_buffer_samples(buffer, rank, num_ranks, rg):
 
 # op -> (sample builder, whether it is differentiable: checked with and without requires_grad).
 # The send/recv halves, the out= variant, the backward helpers and the cleanup have no autograd
-# formula (DESIGN.md §7 differentiates dispatch, combine and their low-latency forms).
+# formula (docs/DESIGN.md §7 differentiates dispatch, combine and their low-latency forms).
 DISTRIBUTED_SAMPLES = {
     "dispatch": (_dispatch_samples, True),
     "capacity_dispatch": (_capacity_dispatch_samples, True),

@@ -2,7 +2,7 @@
 
 Multi-rank ops run at 1, 2, 4 and 8 gloo ranks: each rank rebuilds every rank's inputs from a
 seed, runs its share of the ops and sends its outputs back; the test process rebuilds the same
-inputs, runs the oracle once and compares (bit-exact wherever DESIGN.md §5 is exact). Cases are
+inputs, runs the oracle once and compares (bit-exact wherever docs/DESIGN.md §5 is exact). Cases are
 batched into one rank job per world size and group, so the file stays cheap on small machines.
 Pure ops (``get_dispatch_layout`` and the FP8 casts) run in the test process.
 """
@@ -571,7 +571,7 @@ def _low_latency_job(rank, num_ranks, cases):
 
 
 def _check_ll_dispatch(fails, where, res, ref, case, num_ranks):
-    """Order-insensitive within an expert (DESIGN.md §5), exact everywhere else."""
+    """Order-insensitive within an expert (docs/DESIGN.md §5), exact everywhere else."""
     num_local = case["experts"] // num_ranks
     rows = num_ranks * case["max_tokens"]
     flags = _ll_flags(case)

@@ -227,7 +227,7 @@ __device__ __forceinline__ int4 pack_bf16x8(const float* v) {
   return make_int4(words[0], words[1], words[2], words[3]);
 }
 
-// The FP8 cast of DESIGN.md §5, bit for bit: per 128 channels amax = max(1e-4, max|x|),
+// The FP8 cast of docs/DESIGN.md §5, bit for bit: per 128 channels amax = max(1e-4, max|x|),
 // scale = 448 / amax (or a power of two with round_scale), values clamped to ±448.
 struct Fp8Scale {
   float scale, scale_inv;
