@@ -99,6 +99,46 @@ _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _FP8_GROUP = 128  # channels per FP8 scale
 
 
+class _Named:
+    """An op's arguments (or outputs) by their schema names: ``args.x``, ``args.buffer``."""
+
+    def __init__(self, names, values) -> None:
+        if len(names) != len(values):
+            raise AssertionError(f"{len(values)} values for the {len(names)} names {names}")
+        self.__dict__.update(zip(names, values))
+
+
+def _argument_names(op: str) -> list[str]:
+    return [a.name for a in getattr(_ops, op).default._schema.arguments]
+
+
+def _return_names(op: str) -> list[str]:
+    return [r.name for r in getattr(_ops, op).default._schema.returns]
+
+
+def _inputs(op: str, inputs) -> _Named:
+    return _Named(_argument_names(op), inputs)
+
+
+def _outputs(op: str, output) -> _Named:
+    output = output if isinstance(output, (tuple, list)) else (output,)
+    return _Named(_return_names(op), output)
+
+
+def _grads(op: str, **grads) -> tuple:
+    """The gradients ``backward`` returns, one per schema argument, given by name (``None``
+    for the rest). An unknown name raises: a schema edit cannot misplace a gradient."""
+    names = _argument_names(op)
+    unknown = set(grads) - set(names)
+    if unknown:
+        raise AssertionError(f"deep_ep::{op} has no arguments {sorted(unknown)}")
+    return tuple(grads.get(name) for name in names)
+
+
+_HANDLE_NAMES = ("rank_prefix_matrix", "channel_prefix_matrix", "recv_channel_prefix_matrix",
+                 "recv_src_idx", "is_token_in_rank", "send_head")
+
+
 def _zeros_if_none(grad, like):
     return torch.zeros_like(like) if grad is None else grad
 
@@ -139,20 +179,34 @@ def _check_fp8_payload(op: str, x, x_scales) -> None:
 # --- normal mode ---------------------------------------------------------------------------
 
 
-def _setup_dispatch(ctx, inputs, output):
-    # inputs: x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-    # num_tokens_per_expert, buffer, expert_alignment, [num_worst_tokens,] config
-    _check_fp8_payload("dispatch" if len(inputs) == 10 else "capacity_dispatch", *inputs[:2])
-    ctx.buffer, ctx.config = inputs[7], inputs[-1]
-    ctx.num_inputs = len(inputs)
-    ctx.num_worst_tokens = inputs[9] if len(inputs) == 11 else 0
-    ctx.has_weights = inputs[3] is not None
-    ctx.x_dtype = inputs[0].dtype
-    recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights = output[:4]
-    ctx.mark_non_differentiable(recv_x_scales, *output[4:])
-    if ctx.x_dtype not in _FLOATS:  # an FP8 payload carries no gradient
-        ctx.mark_non_differentiable(recv_x)
-    ctx.save_for_backward(recv_x, recv_topk_idx, recv_topk_weights, *output[5:9], inputs[5], output[9])
+def _setup_dispatch(op: str):
+    """``dispatch`` and ``capacity_dispatch`` (the same formula; capacity adds num_worst_tokens)."""
+
+    def setup(ctx, inputs, output):
+        a, out = _inputs(op, inputs), _outputs(op, output)
+        _check_fp8_payload(op, a.x, a.x_scales)
+        ctx.op, ctx.buffer, ctx.config = op, a.buffer, a.config
+        ctx.num_worst_tokens = getattr(a, "num_worst_tokens", 0)
+        ctx.has_weights = a.topk_weights is not None
+        ctx.x_dtype = a.x.dtype
+        ctx.mark_non_differentiable(
+            out.recv_x_scales, out.num_recv_tokens_per_expert, out.rank_prefix_matrix,
+            out.channel_prefix_matrix, out.recv_channel_prefix_matrix, out.recv_src_idx,
+            out.send_head, out.recv_topk_idx,
+        )
+        if ctx.x_dtype not in _FLOATS:  # an FP8 payload carries no gradient
+            ctx.mark_non_differentiable(out.recv_x)
+        handle = {**{n: getattr(out, n) for n in _HANDLE_NAMES if n != "is_token_in_rank"},
+                  "is_token_in_rank": a.is_token_in_rank}
+        ctx.save_for_backward(out.recv_x, out.recv_topk_idx, out.recv_topk_weights,
+                              *(handle[n] for n in _HANDLE_NAMES))
+
+    return setup
+
+
+def _handle_args(ctx, handle) -> dict:
+    return dict(zip(_HANDLE_NAMES, handle), buffer=ctx.buffer,
+                num_worst_tokens=ctx.num_worst_tokens, config=ctx.config)
 
 
 def _backward_dispatch(ctx, grad_recv_x, grad_scales, grad_topk_idx, grad_recv_topk_weights,
@@ -167,38 +221,42 @@ def _backward_dispatch(ctx, grad_recv_x, grad_scales, grad_topk_idx, grad_recv_t
     else:  # FP8 payload: only the weights are differentiable
         grad_recv_x = recv_x.new_zeros(recv_x.shape, dtype=torch.float32)
     grad_x, grad_topk_weights = _ops.combine(
-        grad_recv_x, grad_weights, None, None, *handle, ctx.buffer, ctx.num_worst_tokens,
-        ctx.config,
+        x=grad_recv_x, topk_weights=grad_weights, bias_0=None, bias_1=None,
+        **_handle_args(ctx, handle),
     )
-    grads = [None] * ctx.num_inputs
-    grads[0] = grad_x if ctx.x_dtype in _FLOATS else None
-    grads[3] = grad_topk_weights if ctx.has_weights else None
-    return tuple(grads)
+    return _grads(ctx.op, x=grad_x if ctx.x_dtype in _FLOATS else None,
+                  topk_weights=grad_topk_weights if ctx.has_weights else None)
 
 
 def _setup_cached_dispatch(ctx, inputs, output):
-    _check_fp8_payload("cached_dispatch", *inputs[:2])
-    ctx.buffer, ctx.num_worst_tokens, ctx.config = inputs[9], inputs[10], inputs[11]
-    ctx.has_weights = inputs[2] is not None
-    ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[0], output[2], *inputs[3:9])
+    a, out = _inputs("cached_dispatch", inputs), _outputs("cached_dispatch", output)
+    _check_fp8_payload("cached_dispatch", a.x, a.x_scales)
+    ctx.buffer, ctx.num_worst_tokens, ctx.config = a.buffer, a.num_worst_tokens, a.config
+    ctx.has_weights = a.topk_weights is not None
+    ctx.mark_non_differentiable(out.recv_x_scales)
+    ctx.save_for_backward(out.recv_x, out.recv_topk_weights,
+                          *(getattr(a, n) for n in _HANDLE_NAMES))
 
 
 def _backward_cached_dispatch(ctx, grad_recv_x, grad_scales, grad_recv_topk_weights):
     recv_x, recv_topk_weights, *handle = ctx.saved_tensors
     weights = _zeros_if_none(grad_recv_topk_weights, recv_topk_weights) if ctx.has_weights else None
     grad_x, grad_weights = _ops.combine(
-        _zeros_if_none(grad_recv_x, recv_x), weights, None, None, *handle, ctx.buffer,
-        ctx.num_worst_tokens, ctx.config,
+        x=_zeros_if_none(grad_recv_x, recv_x), topk_weights=weights, bias_0=None, bias_1=None,
+        **_handle_args(ctx, handle),
     )
-    return (grad_x, None, grad_weights if ctx.has_weights else None) + (None,) * 9
+    return _grads("cached_dispatch", x=grad_x,
+                  topk_weights=grad_weights if ctx.has_weights else None)
 
 
 def _setup_combine(ctx, inputs, output):
-    ctx.buffer, ctx.num_worst_tokens, ctx.config = inputs[10], inputs[11], inputs[12]
-    ctx.has_weights = inputs[1] is not None
-    ctx.bias_dtypes = [None if b is None else b.dtype for b in inputs[2:4]]
-    ctx.save_for_backward(output[0], output[1], *inputs[4:10])
+    a, out = _inputs("combine", inputs), _outputs("combine", output)
+    ctx.buffer, ctx.num_worst_tokens, ctx.config = a.buffer, a.num_worst_tokens, a.config
+    ctx.has_weights = a.topk_weights is not None
+    ctx.bias_dtypes = {n: getattr(a, n).dtype for n in ("bias_0", "bias_1")
+                       if getattr(a, n) is not None}
+    ctx.save_for_backward(out.combined_x, out.combined_topk_weights,
+                          *(getattr(a, n) for n in _HANDLE_NAMES))
 
 
 def _backward_combine(ctx, grad_combined_x, grad_combined_topk_weights):
@@ -208,10 +266,11 @@ def _backward_combine(ctx, grad_combined_x, grad_combined_topk_weights):
         _zeros_if_none(grad_combined_topk_weights, combined_weights) if ctx.has_weights else None
     )
     grad_x, _, grad_weights = _ops.cached_dispatch(
-        grad_combined_x, None, weights, *handle, ctx.buffer, ctx.num_worst_tokens, ctx.config
+        x=grad_combined_x, x_scales=None, topk_weights=weights, **_handle_args(ctx, handle)
     )
-    grad_biases = [None if d is None else grad_combined_x.to(d) for d in ctx.bias_dtypes]
-    return (grad_x, grad_weights if ctx.has_weights else None, *grad_biases) + (None,) * 9
+    grad_biases = {n: grad_combined_x.to(d) for n, d in ctx.bias_dtypes.items()}
+    return _grads("combine", x=grad_x, topk_weights=grad_weights if ctx.has_weights else None,
+                  **grad_biases)
 
 
 # --- low-latency mode ----------------------------------------------------------------------
@@ -229,18 +288,27 @@ def _weight_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _setup_low_latency_dispatch(ctx, inputs, output, pending_handle=False):
-    x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8 = inputs[:7]
-    if use_fp8 and x.requires_grad:
+_LL_NAMES = ("buffer", "num_ranks", "num_max_dispatch_tokens_per_rank", "num_experts")
+
+
+def _low_latency_args(a: _Named) -> dict:
+    """The arguments every low-latency op takes after its tensors, by name."""
+    return {n: getattr(a, n) for n in _LL_NAMES}
+
+
+def _setup_low_latency_dispatch(ctx, inputs, output, op="low_latency_dispatch",
+                                pending_handle=False):
+    a, out = _inputs(op, inputs), _outputs(op, output)
+    if a.use_fp8 and a.x.requires_grad:
         raise _fp8_low_latency_error("low_latency_dispatch")
-    ctx.args = (buffer, num_ranks, num_max, num_experts)
-    ctx.weight_dtype = _weight_dtype(x.dtype)
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.op, ctx.ll_args = op, _low_latency_args(a)
+    ctx.weight_dtype = _weight_dtype(a.x.dtype)
+    ctx.mark_non_differentiable(out.recv_x_scales, out.recv_count, out.src_info, out.layout_range)
     if pending_handle:  # completed in place by the receive: see the module docstring
-        ctx.save_for_backward(topk_idx)
-        ctx.pending_handle = (output[3], output[4])
+        ctx.save_for_backward(a.topk_idx)
+        ctx.pending_handle = (out.src_info, out.layout_range)
     else:
-        ctx.save_for_backward(topk_idx, output[3], output[4])
+        ctx.save_for_backward(a.topk_idx, out.src_info, out.layout_range)
         ctx.pending_handle = None
 
 
@@ -251,9 +319,10 @@ def _backward_low_latency_dispatch(ctx, grad_recv_x, *unused):
         (topk_idx,), (src_info, layout_range) = ctx.saved_tensors, ctx.pending_handle
     ones = _first_occurrence(topk_idx).to(ctx.weight_dtype)
     grad_x = _ops.low_latency_combine(
-        grad_recv_x, topk_idx, ones, src_info, layout_range, *ctx.args, False
+        x=grad_recv_x, topk_idx=topk_idx, topk_weights=ones, src_info=src_info,
+        layout_range=layout_range, zero_copy=False, **ctx.ll_args,
     )
-    return (grad_x,) + (None,) * 8
+    return _grads(ctx.op, x=grad_x)
 
 
 class _LowLatencyDispatchSend(torch.autograd.Function):
@@ -266,7 +335,8 @@ class _LowLatencyDispatchSend(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         output = _run_below_autograd(_ops.low_latency_dispatch_send.default, args)
-        _setup_low_latency_dispatch(ctx, args, output, pending_handle=True)
+        _setup_low_latency_dispatch(ctx, args, output, op="low_latency_dispatch_send",
+                                    pending_handle=True)
         return output
 
     @staticmethod
@@ -277,58 +347,70 @@ class _LowLatencyDispatchSend(torch.autograd.Function):
 def _low_latency_dispatch_send_autograd(*args):
     if not _needs_grad(args):
         return _run_below_autograd(_ops.low_latency_dispatch_send.default, args)
-    if args[6]:  # use_fp8: raise before anything is sent
+    if _inputs("low_latency_dispatch_send", args).use_fp8:  # raise before anything is sent
         raise _fp8_low_latency_error("low_latency_dispatch_send")
     return _LowLatencyDispatchSend.apply(*args)
 
 
-def _setup_low_latency_combine(ctx, inputs, output):
-    x, topk_idx, topk_weights, src_info, layout_range, *args = inputs
-    ctx.args = tuple(args[:4])  # buffer, num_ranks, num_max, num_experts
-    ctx.save_for_backward(x, topk_idx, topk_weights, src_info, layout_range)
+def _setup_low_latency_combine(op: str):
+    """``low_latency_combine`` and its send half (the same formula)."""
+
+    def setup(ctx, inputs, output):
+        a = _inputs(op, inputs)
+        ctx.op, ctx.ll_args = op, _low_latency_args(a)
+        ctx.save_for_backward(a.x, a.topk_idx, a.topk_weights, a.src_info, a.layout_range)
+
+    return setup
+
+
+def _gather_products(ctx, rows_of, other, acc, topk_weights, routes):
+    """``⟨gather(rows_of)[t, k], other[t]⟩`` in ``acc``, masked to ``topk_idx >= 0``: the
+    weights' gradient of a weighted low-latency combine or cached dispatch."""
+    rows = _ops.low_latency_gather(x=rows_of, **routes, **ctx.ll_args)
+    topk_idx = routes["topk_idx"]
+    grad = (rows.to(acc) * other.to(acc).unsqueeze(1)).sum(-1)
+    return torch.where(topk_idx >= 0, grad, 0).to(topk_weights.dtype)
 
 
 def _backward_low_latency_combine(ctx, grad_combined):
     x, topk_idx, topk_weights, src_info, layout_range = ctx.saved_tensors
+    routes = dict(topk_idx=topk_idx, src_info=src_info, layout_range=layout_range)
     grad_x = grad_weights = None
     if ctx.needs_input_grad[0]:
         grad_x = _ops.low_latency_cached_dispatch(
-            grad_combined, topk_idx, topk_weights, src_info, layout_range, *ctx.args
+            x=grad_combined, topk_weights=topk_weights, **routes, **ctx.ll_args
         )
     if ctx.needs_input_grad[2]:
-        rows = _ops.low_latency_gather(x, topk_idx, src_info, layout_range, *ctx.args)
         acc = _weight_dtype(x.dtype, topk_weights.dtype)
-        grad_weights = (rows.to(acc) * grad_combined.to(acc).unsqueeze(1)).sum(-1)
-        grad_weights = torch.where(topk_idx >= 0, grad_weights, 0).to(topk_weights.dtype)
-    return (grad_x, None, grad_weights) + (None,) * 7
+        grad_weights = _gather_products(ctx, x, grad_combined, acc, topk_weights, routes)
+    return _grads(ctx.op, x=grad_x, topk_weights=grad_weights)
 
 
 def _setup_low_latency_cached_dispatch(ctx, inputs, output):
-    x, topk_idx, topk_weights, src_info, layout_range, *args = inputs
-    ctx.args = tuple(args)  # buffer, num_ranks, num_max, num_experts
-    ctx.save_for_backward(x, topk_idx, topk_weights, src_info, layout_range)
+    a = _inputs("low_latency_cached_dispatch", inputs)
+    ctx.ll_args = _low_latency_args(a)
+    ctx.save_for_backward(a.x, a.topk_idx, a.topk_weights, a.src_info, a.layout_range)
 
 
 def _backward_low_latency_cached_dispatch(ctx, grad):
     x, topk_idx, topk_weights, src_info, layout_range = ctx.saved_tensors
+    routes = dict(topk_idx=topk_idx, src_info=src_info, layout_range=layout_range)
     grad_x = grad_weights = None
     if ctx.needs_input_grad[0]:  # the transpose of a weighted cached dispatch: a combine
         grad_x = _ops.low_latency_combine(
-            grad, topk_idx, topk_weights, src_info, layout_range, *ctx.args, False
+            x=grad, topk_weights=topk_weights, zero_copy=False, **routes, **ctx.ll_args
         ).to(x.dtype)
     if ctx.needs_input_grad[2]:
-        rows = _ops.low_latency_gather(grad, topk_idx, src_info, layout_range, *ctx.args)
         acc = _weight_dtype(x.dtype, grad.dtype, topk_weights.dtype)
-        grad_weights = (rows.to(acc) * x.to(acc).unsqueeze(1)).sum(-1)
-        grad_weights = torch.where(topk_idx >= 0, grad_weights, 0).to(topk_weights.dtype)
-    return (grad_x, None, grad_weights) + (None,) * 6
+        grad_weights = _gather_products(ctx, grad, x, acc, topk_weights, routes)
+    return _grads("low_latency_cached_dispatch", x=grad_x, topk_weights=grad_weights)
 
 
 def _setup_low_latency_gather(ctx, inputs, output):
-    x, topk_idx, src_info, layout_range, *args = inputs
-    ctx.args = tuple(args)  # buffer, num_ranks, num_max, num_experts
-    ctx.x_dtype = x.dtype
-    ctx.save_for_backward(topk_idx, src_info, layout_range)
+    a = _inputs("low_latency_gather", inputs)
+    ctx.ll_args = _low_latency_args(a)
+    ctx.x_dtype = a.x.dtype
+    ctx.save_for_backward(a.topk_idx, a.src_info, a.layout_range)
 
 
 def _backward_low_latency_gather(ctx, grad):
@@ -339,17 +421,19 @@ def _backward_low_latency_gather(ctx, grad):
     for k in range(topk_idx.size(1)):  # same count on every rank: K is the same everywhere
         one_hot = (columns == k).to(acc).expand(topk_idx.shape)
         part = _ops.low_latency_cached_dispatch(
-            grad[:, k].to(acc), topk_idx, one_hot, src_info, layout_range, *ctx.args
+            x=grad[:, k].to(acc), topk_idx=topk_idx, topk_weights=one_hot, src_info=src_info,
+            layout_range=layout_range, **ctx.ll_args,
         )
         grad_x = part if grad_x is None else grad_x + part
-    return (grad_x.to(ctx.x_dtype),) + (None,) * 7
+    return _grads("low_latency_gather", x=grad_x.to(ctx.x_dtype))
 
 
 # --- FP8 casts -----------------------------------------------------------------------------
 
 
 def _setup_per_token_cast_back(ctx, inputs, output):
-    x_fp8, x_scales = inputs
+    a = _inputs("per_token_cast_back", inputs)
+    x_fp8, x_scales = a.x_fp8, a.x_scales
     if x_fp8.requires_grad:
         raise RuntimeError(
             "deep_ep::per_token_cast_back: x_fp8 requires grad, but a gradient with respect to "
@@ -363,19 +447,22 @@ def _backward_per_token_cast_back(ctx, grad):
     (x_fp8,) = ctx.saved_tensors
     products = grad.float() * x_fp8.float()  # [..., H]: any leading dims
     groups = products.reshape(*x_fp8.shape[:-1], -1, _FP8_GROUP)
-    return None, groups.sum(-1).to(ctx.scales_dtype)
+    return _grads("per_token_cast_back", x_scales=groups.sum(-1).to(ctx.scales_dtype))
 
 
 # --- ops without a formula -----------------------------------------------------------------
 
 
-def _completing_kernel(name: str, mutated: tuple[int, ...]):
+def _completing_kernel(name: str):
     """``Autograd`` kernel of a receive half: the op below autograd, then version bumps.
 
     On the decode hot path: kept to what it must do (a fallthrough would be cheaper by about
     2 us per call, but would leave the backend's own ops under autograd and bump nothing).
     """
     op = getattr(_ops, name).default
+    # The arguments the schema declares written (``Tensor(a!)``), by position in the schema.
+    mutated = [i for i, a in enumerate(op._schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write]
 
     def kernel(*args):
         completed = [args[i] for i in mutated if args[i] is not None]
@@ -428,13 +515,15 @@ def register() -> None:
     from ._library import LIB as lib
 
     for name, backward, setup in (
-        ("dispatch", _backward_dispatch, _setup_dispatch),
-        ("capacity_dispatch", _backward_dispatch, _setup_dispatch),
+        ("dispatch", _backward_dispatch, _setup_dispatch("dispatch")),
+        ("capacity_dispatch", _backward_dispatch, _setup_dispatch("capacity_dispatch")),
         ("cached_dispatch", _backward_cached_dispatch, _setup_cached_dispatch),
         ("combine", _backward_combine, _setup_combine),
         ("low_latency_dispatch", _backward_low_latency_dispatch, _setup_low_latency_dispatch),
-        ("low_latency_combine", _backward_low_latency_combine, _setup_low_latency_combine),
-        ("low_latency_combine_send", _backward_low_latency_combine, _setup_low_latency_combine),
+        ("low_latency_combine", _backward_low_latency_combine,
+         _setup_low_latency_combine("low_latency_combine")),
+        ("low_latency_combine_send", _backward_low_latency_combine,
+         _setup_low_latency_combine("low_latency_combine_send")),
         ("low_latency_cached_dispatch", _backward_low_latency_cached_dispatch,
          _setup_low_latency_cached_dispatch),
         ("low_latency_gather", _backward_low_latency_gather, _setup_low_latency_gather),
@@ -442,10 +531,8 @@ def register() -> None:
     ):
         torch.library.register_autograd(f"deep_ep::{name}", backward, setup_context=setup)
     lib.impl("low_latency_dispatch_send", _low_latency_dispatch_send_autograd, "Autograd")
-    lib.impl("low_latency_dispatch_recv", _completing_kernel("low_latency_dispatch_recv",
-                                                             (0, 1, 2, 3, 4, 5)), "Autograd")
-    lib.impl("low_latency_combine_recv", _completing_kernel("low_latency_combine_recv", (0,)),
-             "Autograd")
+    for name in ("low_latency_dispatch_recv", "low_latency_combine_recv"):
+        lib.impl(name, _completing_kernel(name), "Autograd")
     for name, reason in _NO_FORMULA.items():
         lib.impl(name, _raising_kernel(name, reason), "Autograd")
     # Its one tensor input is int64, which cannot require grad: autograd has nothing to do.
