@@ -14,19 +14,15 @@ reference.register(_library.LIB, "CPU")
 # CUDA ops without a kernel in the extension (all of them without it) run the same reference
 # code over NCCL.
 _build.CUDA_REFERENCE_OPS = tuple(reference.register(_library.LIB, "CUDA"))
-if _build.HAS_CUDA_KERNELS:
-    # Buffers without an NVLink runtime (gloo groups, more than 8 ranks) take the reference
-    # path from inside the CUDA kernels' bindings.
-    for _name in ("dispatch", "capacity_dispatch", "cached_dispatch", "combine"):
-        _build._C.set_fallback(_name, getattr(reference, _name))
-if _build.HAS_LOW_LATENCY_KERNELS:
-    # Low-latency calls the NVSHMEM kernels do not take (see csrc/nvshmem/bindings.cpp).
-    for _name in (
-        "low_latency_dispatch", "low_latency_dispatch_send", "low_latency_dispatch_recv",
-        "low_latency_combine", "low_latency_combine_out", "low_latency_combine_send",
-        "low_latency_combine_recv", "clean_low_latency_buffer",
-    ):
-        _build._C_nvshmem.set_fallback(_name, getattr(reference, _name))
+# The kernels' bindings call the reference for the calls they do not take: buffers without a
+# runtime (no NVLink runtime: more than 8 ranks, a CPU buffer; no NVSHMEM runtime), and the
+# low-latency shapes the kernels do not support (see csrc/nvshmem/bindings.cpp). Every kernel
+# op that takes a buffer gets its fallback, from the op table.
+for _extension in (_library._NVLINK, _library._NVSHMEM):
+    _module = getattr(_build, _extension, None)
+    for _name in _library.kernel_ops(_extension) if _module is not None else ():
+        if _library.takes_buffer(_name):
+            _module.set_fallback(_name, getattr(reference, _name))
 _autograd.register()
 
 from .buffer import Buffer, EventOverlap  # noqa: E402

@@ -9,6 +9,8 @@ Handle tensors are spelled out in each schema so that no Python object crosses a
 ``str buffer`` names a communicator in ``deep_ep_ops._registry``.
 """
 
+from typing import NamedTuple, Optional
+
 import torch
 
 LIB = torch.library.Library("deep_ep", "DEF")
@@ -23,20 +25,35 @@ _LL_RECV = (
     "Tensor recv_x, Tensor recv_x_scales, Tensor recv_count, Tensor src_info, Tensor layout_range"
 )
 
-SCHEMAS = {
+_NVLINK, _NVSHMEM = "_C", "_C_nvshmem"  # the extensions: NVLink kernels, NVSHMEM kernels
+
+
+class Op(NamedTuple):
+    """One op: the CUDA extension with its kernel (``None``: the reference runs on CUDA too)
+    and its schema."""
+
+    kernel: Optional[str]
+    schema: str
+
+
+# The one table of ops. Everything else that lists ops derives from it: the reference kernels
+# registered per dispatch key (every op has one, ``reference.<name>``), the CUDA ops that warn
+# when they fall back for a missing extension, the ops whose kernel bindings call the reference
+# for buffers without a runtime (those with a ``buffer`` argument), the effectful ops below.
+OPS = {
     # Pure: no communication.
-    "get_dispatch_layout": (
+    "get_dispatch_layout": Op(_NVLINK, (
         "get_dispatch_layout(Tensor topk_idx, int num_experts, int num_ranks, int num_rdma_ranks)"
         " -> (Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank,"
         " Tensor num_tokens_per_expert, Tensor is_token_in_rank)"
-    ),
-    "per_token_cast_to_fp8": (
+    )),
+    "per_token_cast_to_fp8": Op(None, (
         "per_token_cast_to_fp8(Tensor x, bool round_scale, bool use_ue8m0)"
         " -> (Tensor x_fp8, Tensor x_scales)"
-    ),
-    "per_token_cast_back": "per_token_cast_back(Tensor x_fp8, Tensor x_scales) -> Tensor",
+    )),
+    "per_token_cast_back": Op(None, "per_token_cast_back(Tensor x_fp8, Tensor x_scales) -> Tensor"),
     # Normal (high-throughput) mode. The number of received rows is data dependent.
-    "dispatch": (
+    "dispatch": Op(_NVLINK, (
         "dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights,"
         " Tensor num_tokens_per_rank, Tensor is_token_in_rank, Tensor? num_tokens_per_expert,"
         " str buffer, int expert_alignment, int[] config)"
@@ -44,9 +61,9 @@ SCHEMAS = {
         " Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix,"
         " Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, Tensor recv_src_idx,"
         " Tensor send_head)"
-    ),
+    )),
     # Capacity mode (DeepEP's num_worst_tokens): static row count, no host sync.
-    "capacity_dispatch": (
+    "capacity_dispatch": Op(_NVLINK, (
         "capacity_dispatch(Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights,"
         " Tensor num_tokens_per_rank, Tensor is_token_in_rank, Tensor? num_tokens_per_expert,"
         " str buffer, int expert_alignment, int num_worst_tokens, int[] config)"
@@ -54,74 +71,83 @@ SCHEMAS = {
         " Tensor num_recv_tokens_per_expert, Tensor rank_prefix_matrix,"
         " Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, Tensor recv_src_idx,"
         " Tensor send_head)"
-    ),
-    "cached_dispatch": (
+    )),
+    "cached_dispatch": Op(_NVLINK, (
         f"cached_dispatch(Tensor x, Tensor? x_scales, Tensor? topk_weights, {_HANDLE},"
         " str buffer, int num_worst_tokens, int[] config)"
         " -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights)"
-    ),
-    "combine": (
+    )),
+    "combine": Op(_NVLINK, (
         f"combine(Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, {_HANDLE},"
         " str buffer, int num_worst_tokens, int[] config)"
         " -> (Tensor combined_x, Tensor combined_topk_weights)"
-    ),
+    )),
     # Low-latency (decode) mode: static shapes everywhere.
-    "low_latency_dispatch": (
+    "low_latency_dispatch": Op(_NVSHMEM, (
         f"low_latency_dispatch(Tensor x, Tensor topk_idx, {_LL_ARGS},"
         " bool use_fp8, bool round_scale, bool use_ue8m0)"
         f" -> ({_LL_RECV})"
-    ),
-    "low_latency_dispatch_send": (
+    )),
+    "low_latency_dispatch_send": Op(_NVSHMEM, (
         f"low_latency_dispatch_send(Tensor x, Tensor topk_idx, {_LL_ARGS},"
         " bool use_fp8, bool round_scale, bool use_ue8m0)"
         f" -> ({_LL_RECV})"
-    ),
-    "low_latency_dispatch_recv": (
+    )),
+    "low_latency_dispatch_recv": Op(_NVSHMEM, (
         "low_latency_dispatch_recv(Tensor(a!) recv_x, Tensor(b!) recv_x_scales,"
         " Tensor(c!) recv_count, Tensor(d!) src_info, Tensor(e!) layout_range,"
         " Tensor(f!)? cumulative_local_expert_recv_stats, str buffer) -> ()"
-    ),
-    "low_latency_combine": (
+    )),
+    "low_latency_combine": Op(_NVSHMEM, (
         "low_latency_combine(Tensor x, Tensor topk_idx, Tensor topk_weights, Tensor src_info,"
         f" Tensor layout_range, {_LL_ARGS}, bool zero_copy) -> Tensor"
-    ),
-    "low_latency_combine_out": (
+    )),
+    "low_latency_combine_out": Op(_NVSHMEM, (
         "low_latency_combine_out(Tensor x, Tensor topk_idx, Tensor topk_weights,"
         f" Tensor src_info, Tensor layout_range, {_LL_ARGS}, bool zero_copy,"
         " Tensor(a!) out) -> ()"
-    ),
-    "low_latency_combine_send": (
+    )),
+    "low_latency_combine_send": Op(_NVSHMEM, (
         "low_latency_combine_send(Tensor x, Tensor topk_idx, Tensor topk_weights,"
         f" Tensor src_info, Tensor layout_range, {_LL_ARGS}, bool zero_copy) -> Tensor"
-    ),
-    "low_latency_combine_recv": (
+    )),
+    "low_latency_combine_recv": Op(_NVSHMEM, (
         "low_latency_combine_recv(Tensor(a!) combined_x, Tensor topk_idx, Tensor topk_weights,"
         " str buffer) -> ()"
-    ),
+    )),
     # Backward helpers of the low-latency ops (themselves communication ops).
-    "low_latency_cached_dispatch": (
+    "low_latency_cached_dispatch": Op(None, (
         "low_latency_cached_dispatch(Tensor x, Tensor topk_idx, Tensor topk_weights,"
         f" Tensor src_info, Tensor layout_range, {_LL_ARGS}) -> Tensor"
-    ),
-    "low_latency_gather": (
+    )),
+    "low_latency_gather": Op(None, (
         "low_latency_gather(Tensor x, Tensor topk_idx, Tensor src_info, Tensor layout_range,"
         f" {_LL_ARGS}) -> Tensor"
-    ),
-    "clean_low_latency_buffer": (
+    )),
+    "clean_low_latency_buffer": Op(_NVSHMEM, (
         "clean_low_latency_buffer(Tensor(a!) workspace, str buffer,"
         " int num_max_dispatch_tokens_per_rank, int hidden, int num_experts) -> ()"
-    ),
+    )),
 }
+
+SCHEMAS = {name: op.schema for name, op in OPS.items()}
+
+
+def kernel_ops(extension: str) -> tuple[str, ...]:
+    """The ops ``extension`` (``"_C"`` or ``"_C_nvshmem"``) implements for the CUDA key."""
+    return tuple(name for name, op in OPS.items() if op.kernel == extension)
+
+
+def takes_buffer(name: str) -> bool:
+    """Whether the op talks to other ranks through a named buffer (``str buffer``)."""
+    return ", str buffer" in OPS[name].schema
 
 # Ops that talk to other ranks are registered as ordered effects, so that the compiler neither
 # drops them when an output is unused nor reorders them against each other (every rank must
 # issue the same collectives in the same order). ``dispatch`` is the exception: Inductor (torch
 # 2.13) cannot lower an effectful op with unbacked output sizes; its outputs are always consumed
 # by the expert computation, which keeps it alive and ordered by data dependencies.
-COMMUNICATION_OPS = tuple(
-    name for name in SCHEMAS
-    if name not in ("get_dispatch_layout", "per_token_cast_to_fp8", "per_token_cast_back")
-)
+COMMUNICATION_OPS = tuple(name for name in OPS if takes_buffer(name))
 EFFECTFUL_OPS = tuple(name for name in COMMUNICATION_OPS if name != "dispatch")
 
 

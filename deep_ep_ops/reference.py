@@ -20,7 +20,7 @@ import warnings
 import torch
 import torch.distributed as dist
 
-from . import _build, _registry
+from . import _build, _library, _registry
 from . import meta
 from .config import Config, get_low_latency_rdma_size_hint
 
@@ -770,26 +770,16 @@ def clean_low_latency_buffer(workspace, buffer, num_max_dispatch_tokens_per_rank
     _barrier(comm, "clean_low_latency_buffer")
 
 
-OPS = (
-    "get_dispatch_layout", "per_token_cast_to_fp8", "per_token_cast_back", "dispatch",
-    "capacity_dispatch", "cached_dispatch", "combine", "low_latency_dispatch",
-    "low_latency_dispatch_send", "low_latency_dispatch_recv", "low_latency_combine",
-    "low_latency_combine_out", "low_latency_combine_send", "low_latency_combine_recv",
-    "low_latency_cached_dispatch", "low_latency_gather", "clean_low_latency_buffer",
-)
+# Every op has its reference here, under its own name (``register`` fails at import otherwise).
+OPS = tuple(_library.OPS)
 
 
 # --- the CUDA fallback of a missing extension ----------------------------------------------
 
-# Ops with a CUDA kernel in a complete build: in deep_ep_ops._C, and in deep_ep_ops._C_nvshmem.
-CUDA_KERNEL_OPS = (
-    "get_dispatch_layout", "dispatch", "capacity_dispatch", "cached_dispatch", "combine",
-)
-LOW_LATENCY_KERNEL_OPS = (
-    "low_latency_dispatch", "low_latency_dispatch_send", "low_latency_dispatch_recv",
-    "low_latency_combine", "low_latency_combine_out", "low_latency_combine_send",
-    "low_latency_combine_recv", "clean_low_latency_buffer",
-)
+# Ops with a CUDA kernel in a complete build: in deep_ep_ops._C, and in deep_ep_ops._C_nvshmem
+# (from the op table).
+CUDA_KERNEL_OPS = _library.kernel_ops(_library._NVLINK)
+LOW_LATENCY_KERNEL_OPS = _library.kernel_ops(_library._NVSHMEM)
 
 
 class CudaFallbackWarning(UserWarning):
@@ -862,7 +852,9 @@ def register(lib: torch.library.Library, dispatch_key: str) -> list[str]:
         if not torch._C._dispatch_has_kernel_for_dispatch_key(f"deep_ep::{name}", dispatch_key)
     ]
     for name in missing:
-        fn = globals()[name]
+        fn = globals().get(name)
+        if fn is None:
+            raise AssertionError(f"deep_ep::{name} has no reference (deep_ep_ops.reference.{name})")
         if dispatch_key == "CUDA" and (name in CUDA_KERNEL_OPS or name in LOW_LATENCY_KERNEL_OPS):
             fn = _warning_fallback(name, fn)
         lib.impl(name, fn, dispatch_key)
