@@ -255,7 +255,7 @@ def _accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks):
-    meta.check_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks)
+    meta.check_get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks)
     _check_topk_range("get_dispatch_layout", topk_idx, num_experts)
     num_tokens = topk_idx.size(0)
     experts = torch.arange(num_experts, device=topk_idx.device)
@@ -287,10 +287,7 @@ def _dispatch(
     op, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
     num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config,
 ):
-    meta.check_dispatch(
-        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-        num_tokens_per_expert, expert_alignment, config,
-    )
+    """Both dispatches, after their op's check (``meta.check_dispatch`` / ``_capacity_``)."""
     comm = _comm(buffer, op, x.device)
     num_tokens, num_ranks = is_token_in_rank.shape
     _check_num_ranks(comm, op, num_ranks, "is_token_in_rank.size(1)")
@@ -370,6 +367,8 @@ def _dispatch(
 
 def dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
              num_tokens_per_expert, buffer, expert_alignment, config):
+    meta.check_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                        is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, config)
     return _dispatch(
         "dispatch", x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
         num_tokens_per_expert, buffer, expert_alignment, 0, config,
@@ -379,8 +378,10 @@ def dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_
 def capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                       is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
                       num_worst_tokens, config):
-    if num_worst_tokens < 1:
-        raise ValueError(f"num_worst_tokens must be >= 1, got {num_worst_tokens}")
+    meta.check_capacity_dispatch(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+        num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config,
+    )
     return _dispatch(
         "capacity_dispatch", x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
         is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens,
@@ -392,12 +393,11 @@ def cached_dispatch(x, x_scales, topk_weights, rank_prefix_matrix, channel_prefi
                     recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head,
                     buffer, num_worst_tokens, config):
     op = "cached_dispatch"
-    meta.check_handle(
-        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-        is_token_in_rank, send_head, num_worst_tokens, config,
+    meta.check_cached_dispatch(
+        x, x_scales, topk_weights, rank_prefix_matrix, channel_prefix_matrix,
+        recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+        num_worst_tokens, config,
     )
-    meta.check_payload(x, x_scales, topk_weights)
-    meta.check_size(x, "x", 0, is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)")
     comm = _comm(buffer, op, x.device)
     _check_num_ranks(comm, op, is_token_in_rank.size(1), "handle.is_token_in_rank.size(1)")
     _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
@@ -421,11 +421,11 @@ def combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_
             recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
             num_worst_tokens, config):
     op = "combine"
-    meta.check_handle(
-        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-        is_token_in_rank, send_head, num_worst_tokens, config,
+    meta.check_combine(
+        x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
+        recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+        num_worst_tokens, config,
     )
-    meta.check_combine(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank)
     comm = _comm(buffer, op, x.device)
     _check_num_ranks(comm, op, is_token_in_rank.size(1), "handle.is_token_in_rank.size(1)")
     _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
@@ -462,7 +462,7 @@ def _float_from_exponent(biased: torch.Tensor) -> torch.Tensor:
 
 
 def per_token_cast_to_fp8(x, round_scale, use_ue8m0):
-    meta.check_fp8_cast(x, round_scale, use_ue8m0)
+    meta.check_per_token_cast_to_fp8(x, round_scale, use_ue8m0)
     num_tokens, hidden = x.shape
     groups = x.float().view(num_tokens, hidden // meta.FP8_GROUP, meta.FP8_GROUP)
     amax = groups.abs().amax(-1).clamp(min=1e-4)
@@ -497,7 +497,7 @@ def unpack_scales(x_scales: torch.Tensor) -> torch.Tensor:
 def per_token_cast_back(x_fp8, x_scales):
     """``[..., H]`` FP8 times its scales ``[..., S]`` (any strides) -> contiguous bf16
     ``[..., H]``."""
-    meta.check_fp8_cast_back(x_fp8, x_scales)
+    meta.check_per_token_cast_back(x_fp8, x_scales)
     *lead, hidden = x_fp8.shape
     # A fresh contiguous float32 copy: the product below is written into it, so the result has
     # the fake's (contiguous) strides whatever the strides of the inputs.
@@ -583,8 +583,8 @@ def _ll_width(num_topk, num_local):
 
 def _low_latency_dispatch(op, x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8,
                           round_scale, use_ue8m0):
-    meta.check_low_latency_dispatch(
-        x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
+    getattr(meta, f"check_{op}")(
+        x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
     )
     comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(1), num_experts)
     _check_topk_range(op, topk_idx, num_experts)
@@ -642,12 +642,10 @@ def low_latency_dispatch_send(x, topk_idx, buffer, num_ranks, num_max_dispatch_t
 
 def low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info, layout_range,
                               cumulative_local_expert_recv_stats, buffer):
+    meta.check_low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info,
+                                         layout_range, cumulative_local_expert_recv_stats, buffer)
     _registry.get(buffer)
     if cumulative_local_expert_recv_stats is not None:
-        meta.check_tensor(
-            cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", 1,
-            (torch.int32,),
-        )
         cumulative_local_expert_recv_stats.add_(recv_count)
 
 
@@ -679,10 +677,8 @@ def _ll_gather(op, x, topk_idx, src_info, layout_range, buffer, num_ranks, num_m
 def low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ranks,
                        num_max_dispatch_tokens_per_rank, num_experts):
     op = "low_latency_gather"
-    meta.check_low_latency(topk_idx, num_ranks, num_max_dispatch_tokens_per_rank, num_experts)
-    meta.check_low_latency_handle(
-        src_info, layout_range, num_ranks, num_max_dispatch_tokens_per_rank, num_experts
-    )
+    meta.check_low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ranks,
+                                  num_max_dispatch_tokens_per_rank, num_experts)
     return _ll_gather(
         op, x, topk_idx, src_info, layout_range, buffer, num_ranks,
         num_max_dispatch_tokens_per_rank, num_experts,
@@ -691,9 +687,7 @@ def low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ranks,
 
 def _low_latency_combine(op, x, topk_idx, topk_weights, src_info, layout_range, buffer,
                          num_ranks, num_max, num_experts):
-    meta.check_low_latency_combine(
-        x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts
-    )
+    """Both combines and ``_out``, after their op's check."""
     rows = _ll_gather(
         op, x, topk_idx, src_info, layout_range, buffer, num_ranks, num_max, num_experts
     )
@@ -707,6 +701,9 @@ def _low_latency_combine(op, x, topk_idx, topk_weights, src_info, layout_range, 
 
 def low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks,
                         num_max_dispatch_tokens_per_rank, num_experts, zero_copy):
+    meta.check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                   num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
+                                   zero_copy)
     return _low_latency_combine(
         "low_latency_combine", x, topk_idx, topk_weights, src_info, layout_range, buffer,
         num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
@@ -716,6 +713,9 @@ def low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, buffe
 def low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range, buffer,
                              num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
                              zero_copy):
+    meta.check_low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range,
+                                        buffer, num_ranks, num_max_dispatch_tokens_per_rank,
+                                        num_experts, zero_copy)
     return _low_latency_combine(
         "low_latency_combine_send", x, topk_idx, topk_weights, src_info, layout_range, buffer,
         num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
@@ -723,13 +723,16 @@ def low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range, 
 
 
 def low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer):
+    meta.check_low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer)
     _registry.get(buffer)  # the reference send half already produced combined_x
 
 
 def low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_range, buffer,
                             num_ranks, num_max_dispatch_tokens_per_rank, num_experts, zero_copy,
                             out):
-    meta.check_low_latency_out(out, x, topk_idx)
+    meta.check_low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                       num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
+                                       zero_copy, out)
     out.copy_(_low_latency_combine(
         "low_latency_combine_out", x, topk_idx, topk_weights, src_info, layout_range, buffer,
         num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
@@ -740,9 +743,10 @@ def low_latency_cached_dispatch(x, topk_idx, topk_weights, src_info, layout_rang
                                 num_ranks, num_max_dispatch_tokens_per_rank, num_experts):
     """Row ``(e, slot of t)`` on the owner gets ``Σ_{k: topk_idx[t,k]=e} topk_weights[t,k]·x[t]``."""
     op = "low_latency_cached_dispatch"
-    num_max = num_max_dispatch_tokens_per_rank
-    num_local = meta.check_low_latency(topk_idx, num_ranks, num_max, num_experts)
-    meta.check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
+    meta.check_low_latency_cached_dispatch(x, topk_idx, topk_weights, src_info, layout_range,
+                                           buffer, num_ranks, num_max_dispatch_tokens_per_rank,
+                                           num_experts)
+    num_max, num_local = num_max_dispatch_tokens_per_rank, num_experts // num_ranks
     comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(1), num_experts)
     _check_topk_range(op, topk_idx, num_experts)
     width = _ll_width(topk_idx.size(1), num_local)
@@ -765,6 +769,8 @@ def low_latency_cached_dispatch(x, topk_idx, topk_weights, src_info, layout_rang
 
 def clean_low_latency_buffer(workspace, buffer, num_max_dispatch_tokens_per_rank, hidden,
                              num_experts):
+    meta.check_clean_low_latency_buffer(workspace, buffer, num_max_dispatch_tokens_per_rank,
+                                        hidden, num_experts)
     comm = _comm(buffer, "clean_low_latency_buffer", workspace.device)
     workspace.zero_()
     _barrier(comm, "clean_low_latency_buffer")

@@ -81,7 +81,7 @@ def check_layout(topk_idx, num_experts: int, num_ranks: int, num_rdma_ranks: int
 
 @torch.library.register_fake("deep_ep::get_dispatch_layout")
 def _get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks):
-    check_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks)
+    check_get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks)
     i32 = dict(dtype=torch.int32, device=topk_idx.device)
     return (
         torch.empty(num_ranks, **i32),
@@ -111,7 +111,7 @@ def num_scales(hidden, use_ue8m0: bool):
 
 @torch.library.register_fake("deep_ep::per_token_cast_to_fp8")
 def _per_token_cast_to_fp8(x, round_scale, use_ue8m0):
-    check_fp8_cast(x, round_scale, use_ue8m0)
+    check_per_token_cast_to_fp8(x, round_scale, use_ue8m0)
     num_tokens, hidden = x.shape
     scale_dtype = torch.int32 if use_ue8m0 else torch.float32
     return (
@@ -146,7 +146,7 @@ def check_fp8_cast_back(x_fp8, x_scales) -> None:
 
 @torch.library.register_fake("deep_ep::per_token_cast_back")
 def _per_token_cast_back(x_fp8, x_scales):
-    check_fp8_cast_back(x_fp8, x_scales)
+    check_per_token_cast_back(x_fp8, x_scales)
     return x_fp8.new_empty(x_fp8.shape, dtype=torch.bfloat16)
 
 
@@ -167,7 +167,7 @@ def check_payload(x, x_scales, topk_weights=None) -> None:
         check_size(topk_weights, "topk_weights", 0, x.size(0), "x.size(0)")
 
 
-def check_dispatch(
+def _check_dispatch_args(
     x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
     num_tokens_per_expert, expert_alignment, config,
 ) -> None:
@@ -230,7 +230,7 @@ def _dispatch(
 ):
     check_dispatch(
         x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-        num_tokens_per_expert, expert_alignment, config,
+        num_tokens_per_expert, buffer, expert_alignment, config,
     )
     # Rows received from all ranks: known only after the count exchange.
     num_rows = torch.library.get_ctx().new_dynamic_size(min=0)
@@ -245,11 +245,10 @@ def _capacity_dispatch(
     x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
     num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config,
 ):
-    check_dispatch(
+    check_capacity_dispatch(
         x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-        num_tokens_per_expert, expert_alignment, config,
+        num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config,
     )
-    _value(num_worst_tokens >= 1, f"num_worst_tokens must be >= 1, got {num_worst_tokens}")
     return _dispatch_outputs(
         x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
         num_worst_tokens, config,
@@ -287,12 +286,11 @@ def _cached_dispatch(
     recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
     num_worst_tokens, config,
 ):
-    check_handle(
-        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-        is_token_in_rank, send_head, num_worst_tokens, config,
+    check_cached_dispatch(
+        x, x_scales, topk_weights, rank_prefix_matrix, channel_prefix_matrix,
+        recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+        num_worst_tokens, config,
     )
-    check_payload(x, x_scales, topk_weights)
-    check_size(x, "x", 0, is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)")
     num_rows = recv_src_idx.size(0)
     return (
         x.new_empty((num_rows, x.size(1))),
@@ -307,7 +305,7 @@ def _cached_dispatch(
     )
 
 
-def check_combine(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank) -> None:
+def _check_combine_args(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank) -> None:
     check_tensor(x, "x", 2, FLOAT_DTYPES)
     check_size(x, "x", 0, recv_src_idx.size(0), "handle.recv_src_idx.size(0)")
     if topk_weights is not None:
@@ -329,11 +327,11 @@ def _combine(
     recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
     num_worst_tokens, config,
 ):
-    check_handle(
-        rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix, recv_src_idx,
-        is_token_in_rank, send_head, num_worst_tokens, config,
+    check_combine(
+        x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
+        recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+        num_worst_tokens, config,
     )
-    check_combine(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank)
     num_tokens = is_token_in_rank.size(0)
     return (
         x.new_empty((num_tokens, x.size(1))),
@@ -384,7 +382,7 @@ def check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_exp
     )
 
 
-def check_low_latency_dispatch(
+def _check_low_latency_dispatch_args(
     x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
 ) -> None:
     check_low_latency(topk_idx, num_ranks, num_max, num_experts)
@@ -415,29 +413,35 @@ def new_low_latency_dispatch_outputs(x, num_ranks, num_max, num_experts, use_fp8
     )
 
 
-def _low_latency_dispatch(
-    x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
-):
-    check_low_latency_dispatch(
-        x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
-    )
-    return new_low_latency_dispatch_outputs(x, num_ranks, num_max, num_experts, use_fp8, use_ue8m0)
+def _low_latency_dispatch_fake(op: str):
+    """The fake of ``low_latency_dispatch`` and of its send half (each with its own check)."""
+
+    def fake(x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
+             use_ue8m0):
+        globals()[f"check_{op}"](
+            x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
+        )
+        return new_low_latency_dispatch_outputs(
+            x, num_ranks, num_max, num_experts, use_fp8, use_ue8m0
+        )
+
+    return fake
 
 
-torch.library.register_fake("deep_ep::low_latency_dispatch")(_low_latency_dispatch)
-torch.library.register_fake("deep_ep::low_latency_dispatch_send")(_low_latency_dispatch)
+for _op in ("low_latency_dispatch", "low_latency_dispatch_send"):
+    torch.library.register_fake(f"deep_ep::{_op}")(_low_latency_dispatch_fake(_op))
 
 
 @torch.library.register_fake("deep_ep::low_latency_dispatch_recv")
 def _low_latency_dispatch_recv(
     recv_x, recv_x_scales, recv_count, src_info, layout_range, stats, buffer
 ):
-    if stats is not None:
-        check_tensor(stats, "cumulative_local_expert_recv_stats", 1, (torch.int32,))
-        check_size(stats, "cumulative_local_expert_recv_stats", 0, recv_count.size(0), "num_local_experts")
+    check_low_latency_dispatch_recv(
+        recv_x, recv_x_scales, recv_count, src_info, layout_range, stats, buffer
+    )
 
 
-def check_low_latency_combine(
+def _check_low_latency_combine_args(
     x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts
 ) -> None:
     num_local = check_low_latency(topk_idx, num_ranks, num_max, num_experts)
@@ -456,18 +460,22 @@ def check_low_latency_combine(
     )
 
 
-def _low_latency_combine(
-    x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max, num_experts,
-    zero_copy,
-):
-    check_low_latency_combine(
-        x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts
-    )
-    return x.new_empty((topk_idx.size(0), x.size(2)))
+def _low_latency_combine_fake(op: str):
+    """The fake of ``low_latency_combine`` and of its send half (each with its own check)."""
+
+    def fake(x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+             num_experts, zero_copy):
+        globals()[f"check_{op}"](
+            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+            num_experts, zero_copy,
+        )
+        return x.new_empty((topk_idx.size(0), x.size(2)))
+
+    return fake
 
 
-torch.library.register_fake("deep_ep::low_latency_combine")(_low_latency_combine)
-torch.library.register_fake("deep_ep::low_latency_combine_send")(_low_latency_combine)
+for _op in ("low_latency_combine", "low_latency_combine_send"):
+    torch.library.register_fake(f"deep_ep::{_op}")(_low_latency_combine_fake(_op))
 
 
 def check_low_latency_out(out, x, topk_idx) -> None:
@@ -484,38 +492,162 @@ def _low_latency_combine_out(
     x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max, num_experts,
     zero_copy, out,
 ):
-    check_low_latency_combine(
-        x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts
+    check_low_latency_combine_out(
+        x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+        num_experts, zero_copy, out,
     )
-    check_low_latency_out(out, x, topk_idx)
 
 
 @torch.library.register_fake("deep_ep::low_latency_combine_recv")
 def _low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer):
-    return None
+    check_low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer)
 
 
 @torch.library.register_fake("deep_ep::low_latency_cached_dispatch")
 def _low_latency_cached_dispatch(
     x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max, num_experts
 ):
-    num_local = check_low_latency(topk_idx, num_ranks, num_max, num_experts)
-    check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
-    check_tensor(x, "x", 2, FLOAT_DTYPES)
-    check_size(x, "x", 0, topk_idx.size(0), "topk_idx.size(0)")
-    check_tensor(topk_weights, "topk_weights", 2, WEIGHT_DTYPES)
-    return x.new_empty((num_local, num_ranks * num_max, x.size(1)))
+    check_low_latency_cached_dispatch(
+        x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+        num_experts,
+    )
+    return x.new_empty((num_experts // num_ranks, num_ranks * num_max, x.size(1)))
 
 
 @torch.library.register_fake("deep_ep::low_latency_gather")
 def _low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ranks, num_max, num_experts):
-    num_local = check_low_latency(topk_idx, num_ranks, num_max, num_experts)
-    check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
-    check_tensor(x, "x", 3, FLOAT_DTYPES)
-    check_size(x, "x", 0, num_local, "num_local_experts")
+    check_low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ranks, num_max,
+                             num_experts)
     return x.new_empty((topk_idx.size(0), topk_idx.size(1), x.size(2)))
 
 
 @torch.library.register_fake("deep_ep::clean_low_latency_buffer")
 def _clean_low_latency_buffer(workspace, buffer, num_max, hidden, num_experts):
-    return None
+    check_clean_low_latency_buffer(workspace, buffer, num_max, hidden, num_experts)
+
+
+# --- one check per op ---------------------------------------------------------------------
+#
+# ``check_<op>`` takes the op's arguments under their schema names (tests/test_schemas.py holds
+# the names equal) and is the first thing both the op's fake above and its reference backend
+# (deep_ep_ops/reference.py) do, so that tracing and running raise the same exception with the
+# same message for a bad argument. Checks that need the data (expert ids in range) or the
+# buffer (ranks, bytes) come after, in the reference and the kernels only.
+
+
+def check_get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks) -> None:
+    check_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks)
+
+
+def check_per_token_cast_to_fp8(x, round_scale, use_ue8m0) -> None:
+    check_fp8_cast(x, round_scale, use_ue8m0)
+
+
+def check_per_token_cast_back(x_fp8, x_scales) -> None:
+    check_fp8_cast_back(x_fp8, x_scales)
+
+
+def check_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                   num_tokens_per_expert, buffer, expert_alignment, config) -> None:
+    _check_dispatch_args(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                         is_token_in_rank, num_tokens_per_expert, expert_alignment, config)
+
+
+def check_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                            is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
+                            num_worst_tokens, config) -> None:
+    _check_dispatch_args(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                         is_token_in_rank, num_tokens_per_expert, expert_alignment, config)
+    _value(num_worst_tokens >= 1, f"num_worst_tokens must be >= 1, got {num_worst_tokens}")
+
+
+def check_cached_dispatch(x, x_scales, topk_weights, rank_prefix_matrix, channel_prefix_matrix,
+                          recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head,
+                          buffer, num_worst_tokens, config) -> None:
+    check_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+                 recv_src_idx, is_token_in_rank, send_head, num_worst_tokens, config)
+    check_payload(x, x_scales, topk_weights)
+    check_size(x, "x", 0, is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)")
+
+
+def check_combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
+                  recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
+                  num_worst_tokens, config) -> None:
+    check_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
+                 recv_src_idx, is_token_in_rank, send_head, num_worst_tokens, config)
+    _check_combine_args(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank)
+
+
+def check_low_latency_dispatch(x, topk_idx, buffer, num_ranks, num_max_dispatch_tokens_per_rank,
+                               num_experts, use_fp8, round_scale, use_ue8m0) -> None:
+    _check_low_latency_dispatch_args(x, topk_idx, num_ranks, num_max_dispatch_tokens_per_rank,
+                                     num_experts, use_fp8, round_scale, use_ue8m0)
+
+
+check_low_latency_dispatch_send = check_low_latency_dispatch
+
+
+def check_low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info, layout_range,
+                                    cumulative_local_expert_recv_stats, buffer) -> None:
+    stats = cumulative_local_expert_recv_stats
+    if stats is not None:
+        check_tensor(stats, "cumulative_local_expert_recv_stats", 1, (torch.int32,))
+        check_size(stats, "cumulative_local_expert_recv_stats", 0, recv_count.size(0),
+                   "num_local_experts")
+
+
+def check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                              num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
+                              zero_copy) -> None:
+    _check_low_latency_combine_args(x, topk_idx, topk_weights, src_info, layout_range, num_ranks,
+                                    num_max_dispatch_tokens_per_rank, num_experts)
+
+
+check_low_latency_combine_send = check_low_latency_combine
+
+
+def check_low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                  num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
+                                  zero_copy, out) -> None:
+    _check_low_latency_combine_args(x, topk_idx, topk_weights, src_info, layout_range, num_ranks,
+                                    num_max_dispatch_tokens_per_rank, num_experts)
+    check_low_latency_out(out, x, topk_idx)
+
+
+def check_low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer) -> None:
+    """The receive completes what its send returned: nothing to check beyond the schema's
+    types (the kernels' bindings hold it to the pending send)."""
+
+
+def check_low_latency_cached_dispatch(x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                      num_ranks, num_max_dispatch_tokens_per_rank,
+                                      num_experts) -> None:
+    num_max = num_max_dispatch_tokens_per_rank
+    check_low_latency(topk_idx, num_ranks, num_max, num_experts)
+    check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
+    check_tensor(x, "x", 2, FLOAT_DTYPES)
+    check_size(x, "x", 0, topk_idx.size(0), "topk_idx.size(0)")
+    check_tensor(topk_weights, "topk_weights", 2, WEIGHT_DTYPES)
+    _value(
+        topk_weights.shape == topk_idx.shape,
+        f"topk_weights must have the shape of topk_idx {tuple(topk_idx.shape)}, got "
+        f"{tuple(topk_weights.shape)}",
+    )
+
+
+def check_low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ranks,
+                             num_max_dispatch_tokens_per_rank, num_experts) -> None:
+    num_max = num_max_dispatch_tokens_per_rank
+    num_local = check_low_latency(topk_idx, num_ranks, num_max, num_experts)
+    check_low_latency_handle(src_info, layout_range, num_ranks, num_max, num_experts)
+    check_tensor(x, "x", 3, FLOAT_DTYPES)
+    _value(
+        tuple(x.shape[:2]) == (num_local, num_ranks * num_max),
+        f"x must have shape (num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank, "
+        f"hidden) = ({num_local}, {num_ranks * num_max}, hidden), got {tuple(x.shape)}",
+    )
+
+
+def check_clean_low_latency_buffer(workspace, buffer, num_max_dispatch_tokens_per_rank, hidden,
+                                   num_experts) -> None:
+    check_tensor(workspace, "workspace", 1, (torch.uint8,))

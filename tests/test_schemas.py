@@ -222,3 +222,56 @@ def test_gradients_are_returned_by_name():
     assert sum(g is not None for g in grads) == 2
     with pytest.raises(AssertionError, match="no arguments"):
         _autograd._grads("combine", bias_2="g")
+
+
+def _sample_args(name: str) -> list:
+    """Arguments of the schema's types (values meaningless: the patched check raises first)."""
+    values = []
+    for a in getattr(torch.ops.deep_ep, name).default._schema.arguments:
+        kind = str(a.type)
+        values.append(
+            torch.zeros(1) if kind == "Tensor" else None if kind == "Optional[Tensor]"
+            else "no_buffer" if kind == "str" else [2, 1, 1, 1, 1] if kind == "List[int]"
+            else False if kind == "bool" else 1
+        )
+    return values
+
+
+class _Called(Exception):
+    pass
+
+
+def test_one_check_per_op_called_first_by_fake_and_reference(monkeypatch):
+    """Every op has ``meta.check_<op>`` taking its schema's argument names, and both its fake
+    and its reference call it before anything else: tracing and running raise alike."""
+    import inspect
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from deep_ep_ops import _autograd, meta, reference
+
+    for name in sorted(SCHEMAS):
+        check = getattr(meta, f"check_{name}", None)
+        assert check is not None, f"meta has no check_{name}"
+        assert list(inspect.signature(check).parameters) == _autograd._argument_names(name), name
+
+        def called(*args, **kwargs):
+            raise _Called
+
+        monkeypatch.setattr(meta, f"check_{name}", called)
+        args = _sample_args(name)
+        try:
+            getattr(reference, name)(*args)
+        except _Called:
+            pass
+        else:
+            raise AssertionError(f"reference.{name} did not call meta.check_{name}")
+        with FakeTensorMode() as mode:
+            fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+            try:
+                getattr(torch.ops.deep_ep, name)(*fake_args)
+            except _Called:
+                pass
+            else:
+                raise AssertionError(f"the fake of deep_ep::{name} did not call check_{name}")
+        monkeypatch.undo()
