@@ -108,7 +108,7 @@ setup(
     name="deep_ep_ops",
     version="0.1.0",
     description="Expert-parallel dispatch/combine for MoE as PyTorch custom ops",
-    packages=["deep_ep_ops", "deep_ep_ops.meta"],
+    packages=["deep_ep_ops", "deep_ep_ops.bench", "deep_ep_ops.meta"],
     package_dir={"deep_ep_ops": "deep_ep_ops", "deep_ep_ops.meta": "meta"},
     python_requires=">=3.10",
     # numpy: torch.distributed's object collectives (all_gather_object, used by the benchmark
