@@ -117,7 +117,7 @@ void check_resident(const char* op, int num_blocks, int device) {
                         : std::string(), "); use a smaller num_sms (Buffer.set_num_sms)");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout_unchecked(
     const at::Tensor& topk_idx, int64_t num_experts, int64_t num_ranks, int64_t num_rdma_ranks) {
   TORCH_CHECK_TYPE(topk_idx.scalar_type() == at::kLong,
                    "topk_idx must have dtype torch.int64, got ", topk_idx.scalar_type());
@@ -152,6 +152,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout(
       at::cuda::getCurrentCUDAStream(device)));
   return {per_rank, per_rdma_rank, per_expert, in_rank};
 }
+
+constexpr char kGetDispatchLayoutName[] = "get_dispatch_layout";
+constexpr auto get_dispatch_layout = &Checked<kGetDispatchLayoutName, &get_dispatch_layout_unchecked>::call;
 
 
 // --- NVLink runtimes by buffer name ----------------------------------------------------------
@@ -233,8 +236,8 @@ NvlRuntime* runtime_for(const char* op, const std::string& buffer, const at::Ten
   check_runtime(op, buffer, *runtime, x, num_ranks);
   const int64_t needed =
       nvl_buffer_size_hint(config, x.size(1) * std::max<int64_t>(x.element_size(), 2), num_ranks);
-  TORCH_CHECK_VALUE(needed <= runtime->data_bytes, "deep_ep::", op, ": buffer ", buffer,
-                    " has num_nvl_bytes=", num(runtime->data_bytes), " but hidden=",
+  TORCH_CHECK_VALUE(needed <= runtime->data_bytes, "deep_ep::", op, ": buffer '", buffer,
+                    "' has num_nvl_bytes=", num(runtime->data_bytes), " but hidden=",
                     num(x.size(1)), " with this config needs ", num(needed),
                     " (Config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks))");
   return runtime;
@@ -457,7 +460,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
           rank_prefix, channel_prefix, recv_channel_prefix, recv_src, send_head};
 }
 
-DispatchResult dispatch(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+DispatchResult dispatch_unchecked(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
                         const c10::optional<at::Tensor>& topk_idx,
                         const c10::optional<at::Tensor>& topk_weights,
                         const at::Tensor& num_tokens_per_rank, const at::Tensor& is_token_in_rank,
@@ -469,7 +472,10 @@ DispatchResult dispatch(const at::Tensor& x, const c10::optional<at::Tensor>& x_
                        config);
 }
 
-DispatchResult capacity_dispatch(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+constexpr char kDispatchName[] = "dispatch";
+constexpr auto dispatch = &Checked<kDispatchName, &dispatch_unchecked>::call;
+
+DispatchResult capacity_dispatch_unchecked(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
                                  const c10::optional<at::Tensor>& topk_idx,
                                  const c10::optional<at::Tensor>& topk_weights,
                                  const at::Tensor& num_tokens_per_rank,
@@ -483,6 +489,9 @@ DispatchResult capacity_dispatch(const at::Tensor& x, const c10::optional<at::Te
                        num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, buffer,
                        expert_alignment, num_worst_tokens, config);
 }
+
+constexpr char kCapacityDispatchName[] = "capacity_dispatch";
+constexpr auto capacity_dispatch = &Checked<kCapacityDispatchName, &capacity_dispatch_unchecked>::call;
 
 void check_handle(const at::Tensor& rank_prefix_matrix, const at::Tensor& channel_prefix_matrix,
                   const at::Tensor& recv_channel_prefix_matrix, const at::Tensor& recv_src_idx,
@@ -514,7 +523,7 @@ void check_handle(const at::Tensor& rank_prefix_matrix, const at::Tensor& channe
     check_rows(recv_src_idx, "handle.recv_src_idx", num_worst_tokens, "num_worst_tokens");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch(
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
     const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
     const c10::optional<at::Tensor>& topk_weights, const at::Tensor& rank_prefix_matrix,
     const at::Tensor& channel_prefix_matrix, const at::Tensor& recv_channel_prefix_matrix,
@@ -558,7 +567,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch(
   return {payload.recv_x, payload.recv_scales, payload.recv_weights};
 }
 
-std::tuple<at::Tensor, at::Tensor> combine(
+constexpr char kCachedDispatchName[] = "cached_dispatch";
+constexpr auto cached_dispatch = &Checked<kCachedDispatchName, &cached_dispatch_unchecked>::call;
+
+std::tuple<at::Tensor, at::Tensor> combine_unchecked(
     const at::Tensor& x, const c10::optional<at::Tensor>& topk_weights,
     const c10::optional<at::Tensor>& bias_0, const c10::optional<at::Tensor>& bias_1,
     const at::Tensor& rank_prefix_matrix, const at::Tensor& channel_prefix_matrix,
@@ -639,6 +651,9 @@ std::tuple<at::Tensor, at::Tensor> combine(
   return {combined, combined_weights};
 }
 
+constexpr char kCombineName[] = "combine";
+constexpr auto combine = &Checked<kCombineName, &combine_unchecked>::call;
+
 // --- autograd of the eager fast path (csrc/autograd.h; formulas as deep_ep_ops/_autograd.py) --
 
 using Ints = std::vector<int64_t>;
@@ -667,10 +682,15 @@ struct DispatchFunction : public torch::autograd::Function<DispatchFunction> {
                                const OptTensor& num_tokens_per_expert, const std::string& buffer,
                                int64_t expert_alignment, int64_t num_worst_tokens,
                                const Ints& config) {
-    variable_list out = to_list(dispatch_impl(
-        num_worst_tokens > 0 ? kOpCapacityDispatch : kOpDispatch, x, c10::nullopt, topk_idx,
-        topk_weights, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, buffer,
-        expert_alignment, num_worst_tokens, config));
+    const OptTensor no_scales;
+    variable_list out = to_list(
+        num_worst_tokens > 0
+            ? capacity_dispatch(x, no_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                is_token_in_rank, num_tokens_per_expert, buffer,
+                                expert_alignment, num_worst_tokens, config)
+            : dispatch(x, no_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                       is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
+                       config));
     mark_non_differentiable(ctx, out, {out[1]});  // recv_x_scales: empty without FP8
     ctx->set_materialize_grads(false);
     ctx->saved_data["buffer"] = buffer;
@@ -799,11 +819,11 @@ struct CombineFunction : public torch::autograd::Function<CombineFunction> {
 }  // namespace deep_ep_ops
 
 TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
-  m.impl("get_dispatch_layout", &deep_ep_ops::get_dispatch_layout);
-  m.impl("dispatch", &deep_ep_ops::dispatch);
-  m.impl("capacity_dispatch", &deep_ep_ops::capacity_dispatch);
-  m.impl("cached_dispatch", &deep_ep_ops::cached_dispatch);
-  m.impl("combine", &deep_ep_ops::combine);
+  m.impl("get_dispatch_layout", deep_ep_ops::get_dispatch_layout);
+  m.impl("dispatch", deep_ep_ops::dispatch);
+  m.impl("capacity_dispatch", deep_ep_ops::capacity_dispatch);
+  m.impl("cached_dispatch", deep_ep_ops::cached_dispatch);
+  m.impl("combine", deep_ep_ops::combine);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -814,6 +834,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Map the peers' NVLink memory (IPC handles indexed by rank)");
   module.def("intranode_destroy", &deep_ep_ops::intranode_destroy,
              "Forget a buffer's runtime; free its memory when free_memory is true");
+  module.def("set_check", &deep_ep_ops::set_check,
+             "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,
              "Python implementation of an op for buffers without an NVLink runtime");
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,

@@ -111,6 +111,57 @@ Result call_fallback(const char* op, Args&&... args) {
   return it->second(std::forward<Args>(args)...).template cast<Result>();
 }
 
+// --- one wording for argument errors (meta.check_<op>) ---------------------------------------
+
+// The ops' Python checks (deep_ep_ops.meta.check_<op>, registered at import): the one source
+// of the wording of argument errors. Leaked like `fallbacks`.
+auto& python_checks = *new std::unordered_map<std::string, py::object>();
+
+void set_check(const std::string& op, py::object fn) { python_checks[op] = std::move(fn); }
+
+inline py::object to_python_arg(const at::Tensor& t) { return py::cast(t); }
+inline py::object to_python_arg(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? py::cast(*t) : py::none();
+}
+inline py::object to_python_arg(c10::string_view s) { return py::str(s.data(), s.size()); }
+inline py::object to_python_arg(const std::string& s) { return py::str(s); }
+inline py::object to_python_arg(c10::IntArrayRef v) {
+  return py::cast(std::vector<int64_t>(v.begin(), v.end()));
+}
+inline py::object to_python_arg(int64_t v) { return py::int_(v); }
+inline py::object to_python_arg(bool v) { return py::bool_(v); }
+
+// Raises the Python check's error for these arguments, if it rejects them.
+template <typename... Args>
+void raise_python_check(const char* op, const Args&... args) {
+  auto it = python_checks.find(op);  // filled once at import, before any call
+  if (it == python_checks.end() || !Py_IsInitialized()) return;
+  py::gil_scoped_acquire gil;
+  it->second(to_python_arg(args)...);
+}
+
+// An op's kernel function with its argument errors worded as on CPU and under tracing: a
+// ValueError / TypeError from a C++ check is replaced by the error of the op's Python check on
+// the same arguments when that check rejects them too (same type, same message); otherwise
+// (a check only the kernels make: a CUDA tensor, the buffer's runtime) the C++ error stands.
+// Nothing runs on the success path.
+template <const char* Name, auto Fn>
+struct Checked;
+template <const char* Name, typename R, typename... A, R (*Fn)(A...)>
+struct Checked<Name, Fn> {
+  static R call(A... args) {
+    try {
+      return Fn(args...);
+    } catch (const c10::ValueError&) {
+      raise_python_check(Name, args...);
+      throw;
+    } catch (const c10::TypeError&) {
+      raise_python_check(Name, args...);
+      throw;
+    }
+  }
+};
+
 // Checks every kernel call makes of the runtime of `buffer`: not broken by a timeout, on the
 // device of `x`, made for `num_ranks` ranks. Runtime needs `broken`, `device` and `num_ranks`.
 template <typename Runtime>

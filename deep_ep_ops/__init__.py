@@ -18,11 +18,14 @@ _build.CUDA_REFERENCE_OPS = tuple(reference.register(_library.LIB, "CUDA"))
 # runtime (no NVLink runtime: more than 8 ranks, a CPU buffer; no NVSHMEM runtime), and the
 # low-latency shapes the kernels do not support (see csrc/nvshmem/bindings.cpp). Every kernel
 # op that takes a buffer gets its fallback, from the op table.
+# Their argument errors are worded by the op's one check (meta.check_<op>), as on CPU.
 for _extension in (_library._NVLINK, _library._NVSHMEM):
     _module = getattr(_build, _extension, None)
     for _name in _library.kernel_ops(_extension) if _module is not None else ():
         if _library.takes_buffer(_name):
             _module.set_fallback(_name, getattr(reference, _name))
+        if hasattr(_module, "set_check"):  # an extension built before it had checks
+            _module.set_check(_name, getattr(meta, f"check_{_name}"))
 _autograd.register()
 
 from .buffer import Buffer, EventOverlap  # noqa: E402

@@ -338,3 +338,25 @@ def test_two_buffers_in_flight_on_two_streams(buffer, second_buffer):
     for count, got, normal in results:
         assert torch.equal(count, want_count) and torch.equal(got, want)
         assert torch.equal(normal, want_normal)
+
+
+def test_errors_on_cuda_match_cpu(buffer):
+    """tests/test_errors.py's table of bad calls on CUDA tensors (the kernels, their direct
+    entries) raises the same exception types with the same messages as on CPU (the reference),
+    but for the data-dependent cases the kernels report at the next call."""
+    import re
+
+    import test_errors
+    from distributed import run_on_ranks
+
+    def normalized(observed):  # buffer names come from per-process counters
+        return {label: (kind, re.sub(r"deep_ep_buffer_\d+", "deep_ep_buffer_N", message))
+                for label, (kind, message) in observed.items()}
+
+    ((_, _, cpu),) = run_on_ranks(1, test_errors._bad_inputs)
+    failures, _, cuda = test_errors._bad_inputs(0, 1, "cuda", skip=test_errors.DATA_DEPENDENT)
+    cpu, cuda = normalized(cpu), normalized(cuda)
+    assert failures == {}
+    mismatched = {label: {"cpu": cpu[label], "cuda": cuda.get(label)} for label in cpu
+                  if label not in test_errors.DATA_DEPENDENT and cuda.get(label) != cpu[label]}
+    assert mismatched == {}

@@ -163,8 +163,8 @@ LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const 
   const int64_t needed = zero_copy + low_latency_layout(static_cast<int>(num_ranks),
                                                         static_cast<int>(num_max),
                                                         static_cast<int>(hidden)).bytes;
-  TORCH_CHECK_VALUE(needed <= runtime->bytes, "deep_ep::", op, ": buffer ", buffer,
-                    " has num_rdma_bytes=", num(runtime->bytes), " but num_max_dispatch_tokens_"
+  TORCH_CHECK_VALUE(needed <= runtime->bytes, "deep_ep::", op, ": buffer '", buffer,
+                    "' has num_rdma_bytes=", num(runtime->bytes), " but num_max_dispatch_tokens_"
                     "per_rank=", num(num_max), ", hidden=", num(hidden), ", num_experts=",
                     num(num_experts), " need ", num(needed), " (get_low_latency_rdma_size_hint)");
   return runtime;
@@ -299,7 +299,7 @@ DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
   return out;
 }
 
-DispatchOutputs low_latency_dispatch(const at::Tensor& x, const at::Tensor& topk_idx,
+DispatchOutputs low_latency_dispatch_unchecked(const at::Tensor& x, const at::Tensor& topk_idx,
                                      const std::string& buffer, int64_t num_ranks,
                                      int64_t num_max, int64_t num_experts, bool use_fp8,
                                      bool round_scale, bool use_ue8m0) {
@@ -307,22 +307,35 @@ DispatchOutputs low_latency_dispatch(const at::Tensor& x, const at::Tensor& topk
                        num_experts, use_fp8, round_scale, use_ue8m0, c10::nullopt);
 }
 
+constexpr char kLowLatencyDispatchName[] = "low_latency_dispatch";
+constexpr auto low_latency_dispatch = &Checked<kLowLatencyDispatchName, &low_latency_dispatch_unchecked>::call;
+
 DispatchOutputs low_latency_dispatch_with_stats(const at::Tensor& x, const at::Tensor& topk_idx,
                                                 const std::string& buffer, int64_t num_ranks,
                                                 int64_t num_max, int64_t num_experts,
                                                 bool use_fp8, bool round_scale, bool use_ue8m0,
                                                 const c10::optional<at::Tensor>& stats) {
-  return dispatch_impl("low_latency_dispatch", false, x, topk_idx, buffer, num_ranks, num_max,
-                       num_experts, use_fp8, round_scale, use_ue8m0, stats);
+  try {
+    return dispatch_impl("low_latency_dispatch", false, x, topk_idx, buffer, num_ranks, num_max,
+                         num_experts, use_fp8, round_scale, use_ue8m0, stats);
+  } catch (const c10::Error& error) {  // worded as low_latency_dispatch's check (Checked)
+    if (dynamic_cast<const c10::ValueError*>(&error) || dynamic_cast<const c10::TypeError*>(&error))
+      raise_python_check("low_latency_dispatch", x, topk_idx, buffer, num_ranks, num_max,
+                         num_experts, use_fp8, round_scale, use_ue8m0);
+    throw;
+  }
 }
 
-DispatchOutputs low_latency_dispatch_send(const at::Tensor& x, const at::Tensor& topk_idx,
+DispatchOutputs low_latency_dispatch_send_unchecked(const at::Tensor& x, const at::Tensor& topk_idx,
                                           const std::string& buffer, int64_t num_ranks,
                                           int64_t num_max, int64_t num_experts, bool use_fp8,
                                           bool round_scale, bool use_ue8m0) {
   return dispatch_impl("low_latency_dispatch_send", true, x, topk_idx, buffer, num_ranks,
                        num_max, num_experts, use_fp8, round_scale, use_ue8m0, c10::nullopt);
 }
+
+constexpr char kLowLatencyDispatchSendName[] = "low_latency_dispatch_send";
+constexpr auto low_latency_dispatch_send = &Checked<kLowLatencyDispatchSendName, &low_latency_dispatch_send_unchecked>::call;
 
 // Whether the oldest pending send half of `queue` ran on the kernels (false: the reference).
 bool take_pending(std::deque<bool>& queue, const char* op, const std::string& buffer) {
@@ -334,7 +347,7 @@ bool take_pending(std::deque<bool>& queue, const char* op, const std::string& bu
   return kernels;
 }
 
-void low_latency_dispatch_recv(const at::Tensor& recv_x, const at::Tensor& recv_x_scales,
+void low_latency_dispatch_recv_unchecked(const at::Tensor& recv_x, const at::Tensor& recv_x_scales,
                                const at::Tensor& recv_count, const at::Tensor& src_info,
                                const at::Tensor& layout_range,
                                const c10::optional<at::Tensor>& stats,
@@ -358,6 +371,9 @@ void low_latency_dispatch_recv(const at::Tensor& recv_x, const at::Tensor& recv_
   C10_CUDA_CHECK(launch_low_latency_dispatch_recv(ll, args,
                                                   at::cuda::getCurrentCUDAStream(runtime->device)));
 }
+
+constexpr char kLowLatencyDispatchRecvName[] = "low_latency_dispatch_recv";
+constexpr auto low_latency_dispatch_recv = &Checked<kLowLatencyDispatchRecvName, &low_latency_dispatch_recv_unchecked>::call;
 
 // --- combine ----------------------------------------------------------------------------------
 
@@ -432,7 +448,7 @@ void combine_kernels(LowLatencyRuntime& runtime, const at::Tensor& x, const at::
                                             at::cuda::getCurrentCUDAStream(runtime.device)));
 }
 
-at::Tensor low_latency_combine(const at::Tensor& x, const at::Tensor& topk_idx,
+at::Tensor low_latency_combine_unchecked(const at::Tensor& x, const at::Tensor& topk_idx,
                                const at::Tensor& topk_weights, const at::Tensor& src_info,
                                const at::Tensor& layout_range, const std::string& buffer,
                                int64_t num_ranks, int64_t num_max, int64_t num_experts,
@@ -449,7 +465,10 @@ at::Tensor low_latency_combine(const at::Tensor& x, const at::Tensor& topk_idx,
   return out;
 }
 
-void low_latency_combine_out(const at::Tensor& x, const at::Tensor& topk_idx,
+constexpr char kLowLatencyCombineName[] = "low_latency_combine";
+constexpr auto low_latency_combine = &Checked<kLowLatencyCombineName, &low_latency_combine_unchecked>::call;
+
+void low_latency_combine_out_unchecked(const at::Tensor& x, const at::Tensor& topk_idx,
                              const at::Tensor& topk_weights, const at::Tensor& src_info,
                              const at::Tensor& layout_range, const std::string& buffer,
                              int64_t num_ranks, int64_t num_max, int64_t num_experts,
@@ -476,7 +495,10 @@ void low_latency_combine_out(const at::Tensor& x, const at::Tensor& topk_idx,
   }
 }
 
-at::Tensor low_latency_combine_send(const at::Tensor& x, const at::Tensor& topk_idx,
+constexpr char kLowLatencyCombineOutName[] = "low_latency_combine_out";
+constexpr auto low_latency_combine_out = &Checked<kLowLatencyCombineOutName, &low_latency_combine_out_unchecked>::call;
+
+at::Tensor low_latency_combine_send_unchecked(const at::Tensor& x, const at::Tensor& topk_idx,
                                     const at::Tensor& topk_weights, const at::Tensor& src_info,
                                     const at::Tensor& layout_range, const std::string& buffer,
                                     int64_t num_ranks, int64_t num_max, int64_t num_experts,
@@ -499,7 +521,10 @@ at::Tensor low_latency_combine_send(const at::Tensor& x, const at::Tensor& topk_
   return at::empty({topk_idx.size(0), x.size(2)}, x.options());
 }
 
-void low_latency_combine_recv(const at::Tensor& combined_x, const at::Tensor& topk_idx,
+constexpr char kLowLatencyCombineSendName[] = "low_latency_combine_send";
+constexpr auto low_latency_combine_send = &Checked<kLowLatencyCombineSendName, &low_latency_combine_send_unchecked>::call;
+
+void low_latency_combine_recv_unchecked(const at::Tensor& combined_x, const at::Tensor& topk_idx,
                               const at::Tensor& topk_weights, const std::string& buffer) {
   const char* op = "low_latency_combine_recv";
   LowLatencyRuntime* runtime = find_runtime(buffer);
@@ -523,8 +548,11 @@ void low_latency_combine_recv(const at::Tensor& combined_x, const at::Tensor& to
                                                  at::cuda::getCurrentCUDAStream(runtime->device)));
 }
 
+constexpr char kLowLatencyCombineRecvName[] = "low_latency_combine_recv";
+constexpr auto low_latency_combine_recv = &Checked<kLowLatencyCombineRecvName, &low_latency_combine_recv_unchecked>::call;
+
 // Collective reset: every rank's kernel state back to zero, the pinned shape forgotten.
-void clean_low_latency_buffer(const at::Tensor& workspace, const std::string& buffer,
+void clean_low_latency_buffer_unchecked(const at::Tensor& workspace, const std::string& buffer,
                               int64_t num_max, int64_t hidden, int64_t num_experts) {
   const char* op = "clean_low_latency_buffer";
   LowLatencyRuntime* runtime = find_runtime(buffer);
@@ -544,6 +572,9 @@ void clean_low_latency_buffer(const at::Tensor& workspace, const std::string& bu
   runtime->pending_dispatch.clear();
   runtime->pending_combine.clear();
 }
+
+constexpr char kCleanLowLatencyBufferName[] = "clean_low_latency_buffer";
+constexpr auto clean_low_latency_buffer = &Checked<kCleanLowLatencyBufferName, &clean_low_latency_buffer_unchecked>::call;
 
 // --- autograd of the eager fast path (csrc/autograd.h; formulas as deep_ep_ops/_autograd.py) --
 
@@ -670,14 +701,14 @@ struct LowLatencyCombineFunction : public torch::autograd::Function<LowLatencyCo
 }  // namespace deep_ep_ops
 
 TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
-  m.impl("low_latency_dispatch", &deep_ep_ops::low_latency_dispatch);
-  m.impl("low_latency_dispatch_send", &deep_ep_ops::low_latency_dispatch_send);
-  m.impl("low_latency_dispatch_recv", &deep_ep_ops::low_latency_dispatch_recv);
-  m.impl("low_latency_combine", &deep_ep_ops::low_latency_combine);
-  m.impl("low_latency_combine_out", &deep_ep_ops::low_latency_combine_out);
-  m.impl("low_latency_combine_send", &deep_ep_ops::low_latency_combine_send);
-  m.impl("low_latency_combine_recv", &deep_ep_ops::low_latency_combine_recv);
-  m.impl("clean_low_latency_buffer", &deep_ep_ops::clean_low_latency_buffer);
+  m.impl("low_latency_dispatch", deep_ep_ops::low_latency_dispatch);
+  m.impl("low_latency_dispatch_send", deep_ep_ops::low_latency_dispatch_send);
+  m.impl("low_latency_dispatch_recv", deep_ep_ops::low_latency_dispatch_recv);
+  m.impl("low_latency_combine", deep_ep_ops::low_latency_combine);
+  m.impl("low_latency_combine_out", deep_ep_ops::low_latency_combine_out);
+  m.impl("low_latency_combine_send", deep_ep_ops::low_latency_combine_send);
+  m.impl("low_latency_combine_recv", deep_ep_ops::low_latency_combine_recv);
+  m.impl("clean_low_latency_buffer", deep_ep_ops::clean_low_latency_buffer);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
@@ -691,6 +722,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Peers of a buffer reached with loads/stores (the others through NVSHMEM puts)");
   module.def("destroy", &deep_ep_ops::destroy,
              "Forget a buffer's runtime; free its memory (collective) when free_memory is true");
+  module.def("set_check", &deep_ep_ops::set_check,
+             "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,
              "Python implementation of an op for calls the kernels do not take");
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,
