@@ -219,7 +219,8 @@ int check_config(c10::IntArrayRef config) {
   return static_cast<int>(config[0]);
 }
 
-// Config.get_nvl_buffer_size_hint (deep_ep_ops/config.py), the bound DeepEP users size by.
+// Config.get_nvl_buffer_size_hint (deep_ep_ops/config.py), the bound DeepEP users size by;
+// tests/test_cuda_direct.py holds the two formulas equal.
 int64_t nvl_buffer_size_hint(c10::IntArrayRef config, int64_t hidden_bytes, int64_t num_ranks) {
   auto align = [](int64_t n) { return (n + 127) / 128 * 128; };
   const int64_t ranks = std::min<int64_t>(num_ranks, kMaxNvlRanks), channels = config[0] / 2;
@@ -834,6 +835,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Map the peers' NVLink memory (IPC handles indexed by rank)");
   module.def("intranode_destroy", &deep_ep_ops::intranode_destroy,
              "Forget a buffer's runtime; free its memory when free_memory is true");
+  module.def("nvl_buffer_size_hint", [](const std::vector<int64_t>& config, int64_t hidden_bytes,
+                                        int64_t num_ranks) {
+    return deep_ep_ops::nvl_buffer_size_hint(config, hidden_bytes, num_ranks);
+  }, "The NVLink bytes the kernels require (tests hold it equal to Config.get_nvl_buffer_size_hint)");
   module.def("set_check", &deep_ep_ops::set_check,
              "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,

@@ -360,3 +360,22 @@ def test_errors_on_cuda_match_cpu(buffer):
     mismatched = {label: {"cpu": cpu[label], "cuda": cuda.get(label)} for label in cpu
                   if label not in test_errors.DATA_DEPENDENT and cuda.get(label) != cpu[label]}
     assert mismatched == {}
+
+
+def test_buffer_size_formulas_agree():
+    """The kernels' own size checks and the Python size hints users size buffers by are two
+    formulas (C++ and Python): held equal over a grid of shapes and configs."""
+    from deep_ep_ops.config import Config, get_low_latency_rdma_size_hint
+
+    for num_ranks in (1, 2, 4, 8, 16):
+        for hidden_bytes in (2 * 256, 2 * 7168, 7168 + 4 * 56, 2 * 200):
+            for config in ((20, 6, 256, 6, 128), (24, 8, 512, 16, 128), (2, 1, 16, 1, 8)):
+                want = Config(*config).get_nvl_buffer_size_hint(hidden_bytes, num_ranks)
+                got = _build._C.nvl_buffer_size_hint(list(config), hidden_bytes, num_ranks)
+                assert got == want, (num_ranks, hidden_bytes, config)
+        for num_max, hidden, num_experts in ((128, 7168, 256), (1, 128, 16), (1024, 2048, 64)):
+            if num_experts % num_ranks:
+                continue
+            want = get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
+            got = _build._C_nvshmem.low_latency_buffer_bytes(num_max, hidden, num_ranks, num_experts)
+            assert got == want, (num_max, hidden, num_ranks, num_experts)

@@ -135,6 +135,15 @@ const std::initializer_list<at::ScalarType> kFloats = {at::kBFloat16, at::kHalf,
 
 // The runtime for a kernel call on `buffer`, or nullptr where the reference must run. Pins the
 // call shape (num_max, hidden, num_experts) of the buffer's kernel region.
+// The symmetric bytes a call of these shapes needs: the zero-copy combine rows, then the
+// kernels' region (config.get_low_latency_rdma_size_hint; test_cuda_direct holds them equal).
+int64_t low_latency_bytes_needed(int64_t num_max, int64_t hidden, int64_t num_ranks,
+                                 int64_t num_experts) {
+  const int64_t zero_copy = (num_experts * num_max * 2 * hidden + 127) / 128 * 128;
+  return zero_copy + low_latency_layout(static_cast<int>(num_ranks), static_cast<int>(num_max),
+                                        static_cast<int>(hidden)).bytes;
+}
+
 LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const at::Tensor& x,
                                int64_t hidden, int64_t num_topk, int64_t num_ranks,
                                int64_t num_max, int64_t num_experts) {
@@ -159,10 +168,7 @@ LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const 
       ", ", num(hidden), ", ", num(num_experts),
       "; call clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts) "
       "on every rank to switch");
-  const int64_t zero_copy = (num_experts * num_max * 2 * hidden + 127) / 128 * 128;
-  const int64_t needed = zero_copy + low_latency_layout(static_cast<int>(num_ranks),
-                                                        static_cast<int>(num_max),
-                                                        static_cast<int>(hidden)).bytes;
+  const int64_t needed = low_latency_bytes_needed(num_max, hidden, num_ranks, num_experts);
   TORCH_CHECK_VALUE(needed <= runtime->bytes, "deep_ep::", op, ": buffer '", buffer,
                     "' has num_rdma_bytes=", num(runtime->bytes), " but num_max_dispatch_tokens_"
                     "per_rank=", num(num_max), ", hidden=", num(hidden), ", num_experts=",
@@ -722,6 +728,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Peers of a buffer reached with loads/stores (the others through NVSHMEM puts)");
   module.def("destroy", &deep_ep_ops::destroy,
              "Forget a buffer's runtime; free its memory (collective) when free_memory is true");
+  module.def("low_latency_buffer_bytes", &deep_ep_ops::low_latency_bytes_needed,
+             "The symmetric bytes the kernels require (tests hold it equal to "
+             "get_low_latency_rdma_size_hint)");
   module.def("set_check", &deep_ep_ops::set_check,
              "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,
