@@ -41,21 +41,17 @@ import torch
 import torch.distributed as dist
 
 import gpu_distributed
-import test_cuda_intranode
 import test_semantics as semantics
 from deep_ep_ops import Buffer, _build, _registry, meta, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
 from deep_ep_ops.buffer import FORCE_PUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
 from gpu_distributed import max_ranks, run_on_gpus
-from test_cuda_intranode import (
+from gpu_helpers import (  # noqa: F401  (world_size: the module-scoped fixture: 2, 4 and 8
+    # ranks as far as there are GPUs, each size's pool closed after this module's tests of it)
     OPCHECK_UTILS, Diffs, _assert_no_diffs, _bits, _device, _generator, _grad, _new_buffer,
-    _nvl_bytes, _opcheck_utils, _routing, _sync,
+    _nvl_bytes, _opcheck_utils, _routing, _sync, world_size,
 )
-
-# The module-scoped fixture: 2, 4 and 8 ranks as far as there are GPUs, each size's pool closed
-# after this module's tests of that size.
-world_size = test_cuda_intranode.world_size
 
 pytestmark = [
     pytest.mark.gpu,
