@@ -28,6 +28,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpus.
 num_gpus=$(nvidia-smi -L | wc -l)
 if [ "$num_gpus" -lt 2 ] && [ "${DEEP_EP_OPS_GPU_SHARE:-1}" != 0 ]; then
   export DEEP_EP_OPS_GPU_WORLD_SIZES=${DEEP_EP_OPS_GPU_WORLD_SIZES:-2,4}
+  export DEEP_EP_OPS_GPU_TEST_SCALE=${DEEP_EP_OPS_GPU_TEST_SCALE:-0.1}  # one GPU for every rank
   if command -v nvidia-cuda-mps-control > /dev/null && [ -z "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
     export CUDA_MPS_PIPE_DIRECTORY=/tmp/deep_ep_ops_mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/deep_ep_ops_mps/log
     mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"

@@ -15,6 +15,23 @@ from gpu_distributed import max_ranks  # noqa: F401  (re-exported for the test m
 from deep_ep_ops import Buffer, Config
 from deep_ep_ops._registry import TIMEOUT_ENV
 
+# "0.1": the long GPU runs (pressure iterations, graph replays) at a tenth of their length, e.g.
+# for the one-GPU multi-rank mode, where every rank shares one GPU (scripts/gpu_run.sh sets it
+# there). Default 1.
+SCALE_ENV = "DEEP_EP_OPS_GPU_TEST_SCALE"
+
+
+def scaled(count: int) -> int:
+    """``count`` iterations scaled by DEEP_EP_OPS_GPU_TEST_SCALE (at least 1)."""
+    try:
+        factor = float(os.environ.get(SCALE_ENV, "1"))
+    except ValueError:
+        raise ValueError(f"{SCALE_ENV} must be a number, got {os.environ[SCALE_ENV]!r}") from None
+    if not 0 < factor <= 1:
+        raise ValueError(f"{SCALE_ENV} must be in (0, 1], got {factor}")
+    return max(1, round(count * factor))
+
+
 _INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 

@@ -40,7 +40,7 @@ from deep_ep_ops.config import get_combine_config, get_dispatch_config
 from gpu_distributed import run_on_gpus
 from gpu_helpers import (  # noqa: F401  (world_size: the module-scoped fixture)
     Diffs, _assert_no_diffs, _bits, _device, _generator, _grad, _new_buffer, _nvl_bytes,
-    _opcheck_utils, _routing, _sync, max_ranks, world_size,
+    _opcheck_utils, _routing, _sync, max_ranks, scaled, world_size,
 )
 from test_compile import _train_step
 
@@ -356,7 +356,7 @@ def test_normal_mode_edge_case_matches_reference(world_size, case):
 
 # --- 2. pressure ------------------------------------------------------------------------------
 
-PRESSURE_ITERATIONS, PRESSURE_TOKENS, PRESSURE_HIDDEN = 2000, 2048, 2048
+PRESSURE_ITERATIONS, PRESSURE_TOKENS, PRESSURE_HIDDEN = scaled(2000), 2048, 2048
 
 
 def _pressure_routing(rng, num_tokens, num_experts, num_topk, num_ranks, g, device):
@@ -730,7 +730,7 @@ def _cuda_graph_job(rank, num_ranks, replays):
     return result
 
 
-CUDA_GRAPH_REPLAYS = 1000
+CUDA_GRAPH_REPLAYS = scaled(1000)
 
 
 def test_cuda_graph_training_step_replays(world_size):

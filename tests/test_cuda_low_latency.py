@@ -50,7 +50,7 @@ from gpu_distributed import max_ranks, run_on_gpus
 from gpu_helpers import (  # noqa: F401  (world_size: the module-scoped fixture: 2, 4 and 8
     # ranks as far as there are GPUs, each size's pool closed after this module's tests of it)
     OPCHECK_UTILS, Diffs, _assert_no_diffs, _bits, _device, _generator, _grad, _new_buffer,
-    _nvl_bytes, _opcheck_utils, _routing, _sync, world_size,
+    _nvl_bytes, _opcheck_utils, _routing, _sync, scaled, world_size,
 )
 
 pytestmark = [
@@ -1199,7 +1199,7 @@ def test_cuda_graphs_replay_with_eager_and_normal_calls(world_size):
 
 # --- 5. pressure --------------------------------------------------------------------------------
 
-PRESSURE_ITERATIONS, PRESSURE_SEED, PRESSURE_SYNC_EVERY = 10_000, 7, 500
+PRESSURE_ITERATIONS, PRESSURE_SEED, PRESSURE_SYNC_EVERY = scaled(10_000), 7, 500
 PRESSURE_MAX_TOKENS, PRESSURE_HIDDEN, PRESSURE_LOCAL_EXPERTS, PRESSURE_TOPK = 32, 512, 16, 8
 PRESSURE_PAYLOADS = ("fp8", "bf16", "fp8_round", "fp8_ue8m0")
 PRESSURE_COMBINES = ("plain", "send/recv", "zero-copy")
@@ -1645,7 +1645,7 @@ PUT_PATH_CASES = [
     *CASES["semantics_bf16"], *CASES["semantics_fp8"], CASES["decode_shapes"][0],
     *CASES["limits"][:2], *CASES["nothing_moves"],
 ]
-PUT_PATH_PRESSURE_ITERATIONS = 1000
+PUT_PATH_PRESSURE_ITERATIONS = scaled(1000)
 
 
 def test_nvshmem_put_path_matches_reference(world_size):
