@@ -12,8 +12,8 @@
 # Python wheels the machine lacks (expecttest) may be carried in .whl/.
 # One GPU, many ranks: with fewer GPUs than the multi-rank tests' largest world size (default
 # "2,4" on one GPU), the tests run several ranks per GPU under CUDA MPS; this script starts the
-# MPS control daemon (pipe and log directories under /tmp) and stops it when it exits, failure
-# included. DEEP_EP_OPS_GPU_SHARE=0 turns the mode off (those tests skip).
+# MPS control daemon (pipe and log directories under /tmp) for the tests and stops it after
+# them (and when it exits, failure included); the bench and the examples run without it. DEEP_EP_OPS_GPU_SHARE=0 turns the mode off (those tests skip).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
 shift
@@ -26,21 +26,30 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpus.txt"
 num_gpus=$(nvidia-smi -L | wc -l)
-if [ "$num_gpus" -lt 2 ] && [ "${DEEP_EP_OPS_GPU_SHARE:-1}" != 0 ]; then
+mps_started=0
+start_mps() {  # one GPU: the multi-rank tests share it under CUDA MPS (only during the tests)
+  [ "$num_gpus" -lt 2 ] && [ "${DEEP_EP_OPS_GPU_SHARE:-1}" != 0 ] || return 0
   export DEEP_EP_OPS_GPU_WORLD_SIZES=${DEEP_EP_OPS_GPU_WORLD_SIZES:-2,4}
   export DEEP_EP_OPS_GPU_TEST_SCALE=${DEEP_EP_OPS_GPU_TEST_SCALE:-0.1}  # one GPU for every rank
-  if command -v nvidia-cuda-mps-control > /dev/null && [ -z "${CUDA_MPS_PIPE_DIRECTORY:-}" ]; then
-    export CUDA_MPS_PIPE_DIRECTORY=/tmp/deep_ep_ops_mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/deep_ep_ops_mps/log
-    mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
-    if nvidia-cuda-mps-control -d; then
-      trap 'echo quit | nvidia-cuda-mps-control; cp -r "$CUDA_MPS_LOG_DIRECTORY" "$out/mps-log" 2>/dev/null' EXIT
-      echo "one-GPU multi-rank mode: CUDA MPS started (ranks ${DEEP_EP_OPS_GPU_WORLD_SIZES})"
-    else
-      unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
-      echo "one-GPU multi-rank mode: CUDA MPS did not start (the test harness tries again)"
-    fi
+  command -v nvidia-cuda-mps-control > /dev/null && [ -z "${CUDA_MPS_PIPE_DIRECTORY:-}" ] || return 0
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/deep_ep_ops_mps/pipe CUDA_MPS_LOG_DIRECTORY=/tmp/deep_ep_ops_mps/log
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if nvidia-cuda-mps-control -d; then
+    mps_started=1
+    trap stop_mps EXIT
+    echo "one-GPU multi-rank mode: CUDA MPS started (ranks ${DEEP_EP_OPS_GPU_WORLD_SIZES})"
+  else
+    unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+    echo "one-GPU multi-rank mode: CUDA MPS did not start (the test harness tries again)"
   fi
-fi
+}
+stop_mps() {  # the daemon this script started, and nothing else
+  [ "$mps_started" = 1 ] || return 0
+  echo quit | nvidia-cuda-mps-control
+  cp -r "$CUDA_MPS_LOG_DIRECTORY" "$out/mps-log" 2>/dev/null
+  unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
+  mps_started=0
+}
 start=$(date +%s)
 if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
   grep -B2 -A8 "error" "$out/build.log" | head -60; echo "BUILD FAILED"; exit 1
@@ -70,10 +79,12 @@ if [ -n "${DEEPEP:-}" ]; then
 fi
 tests_rc=skipped
 if [ "${GPU_TESTS:-tests}" != none ]; then
+  start_mps
   # shellcheck disable=SC2086
   timeout "${GPU_TESTS_TIMEOUT_S:-420}" python3 -m pytest -q -m gpu --durations=15 ${GPU_TESTS:-tests} \
     > "$out/gpu_tests.log" 2>&1
   tests_rc=$?
+  stop_mps  # the bench and the examples run without MPS
   grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -3
   grep -E "^(FAILED|ERROR)" "$out/gpu_tests.log" | head -20
 fi
