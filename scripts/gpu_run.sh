@@ -13,7 +13,8 @@
 # One GPU, many ranks: with fewer GPUs than the multi-rank tests' largest world size (default
 # "2,4" on one GPU), the tests run several ranks per GPU under CUDA MPS; this script starts the
 # MPS control daemon (pipe and log directories under /tmp) for the tests and stops it after
-# them (and when it exits, failure included); the bench and the examples run without it. DEEP_EP_OPS_GPU_SHARE=0 turns the mode off (those tests skip).
+# them (and when it exits, failure included); the bench and the examples run without it.
+# DEEP_EP_OPS_GPU_SHARE=0 turns the mode off (those tests skip).
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
 shift
