@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -154,7 +155,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout_u
 }
 
 constexpr char kGetDispatchLayoutName[] = "get_dispatch_layout";
-constexpr auto get_dispatch_layout = &Checked<kGetDispatchLayoutName, &get_dispatch_layout_unchecked>::call;
+constexpr auto get_dispatch_layout =
+    &Checked<kGetDispatchLayoutName, &get_dispatch_layout_unchecked>::call;
 
 
 // --- NVLink runtimes by buffer name ----------------------------------------------------------
@@ -476,7 +478,8 @@ DispatchResult dispatch_unchecked(const at::Tensor& x, const c10::optional<at::T
 constexpr char kDispatchName[] = "dispatch";
 constexpr auto dispatch = &Checked<kDispatchName, &dispatch_unchecked>::call;
 
-DispatchResult capacity_dispatch_unchecked(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
+DispatchResult capacity_dispatch_unchecked(const at::Tensor& x,
+                                           const c10::optional<at::Tensor>& x_scales,
                                  const c10::optional<at::Tensor>& topk_idx,
                                  const c10::optional<at::Tensor>& topk_weights,
                                  const at::Tensor& num_tokens_per_rank,
@@ -492,7 +495,8 @@ DispatchResult capacity_dispatch_unchecked(const at::Tensor& x, const c10::optio
 }
 
 constexpr char kCapacityDispatchName[] = "capacity_dispatch";
-constexpr auto capacity_dispatch = &Checked<kCapacityDispatchName, &capacity_dispatch_unchecked>::call;
+constexpr auto capacity_dispatch =
+    &Checked<kCapacityDispatchName, &capacity_dispatch_unchecked>::call;
 
 void check_handle(const at::Tensor& rank_prefix_matrix, const at::Tensor& channel_prefix_matrix,
                   const at::Tensor& recv_channel_prefix_matrix, const at::Tensor& recv_src_idx,
@@ -838,7 +842,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("nvl_buffer_size_hint", [](const std::vector<int64_t>& config, int64_t hidden_bytes,
                                         int64_t num_ranks) {
     return deep_ep_ops::nvl_buffer_size_hint(config, hidden_bytes, num_ranks);
-  }, "The NVLink bytes the kernels require (tests hold it equal to Config.get_nvl_buffer_size_hint)");
+  }, "The NVLink bytes the kernels require (tests hold it equal to "
+     "Config.get_nvl_buffer_size_hint)");
+  module.def("op_names", [] {
+    std::map<int, std::string> names;
+    for (int op : {0, int(deep_ep_ops::kOpDispatch), int(deep_ep_ops::kOpCapacityDispatch),
+                   int(deep_ep_ops::kOpCachedDispatch), int(deep_ep_ops::kOpCombine)})
+      names[op] = deep_ep_ops::op_name(op);
+    return names;
+  }, "The op names device error reports use, by op id (tests hold them to the op table)");
   module.def("set_check", &deep_ep_ops::set_check,
              "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,
@@ -870,7 +882,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     result[tensors.size()] = runtime ? py::cast(runtime->recv_per_expert) : py::none();
     return std::move(result);
   };
-  module.def("dispatch", [with_host_counts](const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
+  module.def("dispatch", [with_host_counts](const Tensor& x, const OptTensor& x_scales,
+                                            const OptTensor& topk_idx,
                             const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
                             const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
                             const std::string& buffer, int64_t expert_alignment,

@@ -379,3 +379,16 @@ def test_buffer_size_formulas_agree():
             want = get_low_latency_rdma_size_hint(num_max, hidden, num_ranks, num_experts)
             got = _build._C_nvshmem.low_latency_buffer_bytes(num_max, hidden, num_ranks, num_experts)
             assert got == want, (num_max, hidden, num_ranks, num_experts)
+
+
+def test_kernel_op_names_are_in_the_op_table():
+    """The names the kernels' device error reports use (a C++ switch per extension) are ops
+    that extension implements in the op table."""
+    from deep_ep_ops import _library
+
+    for module, extension in ((_build._C, _library._NVLINK),
+                              (_build._C_nvshmem, _library._NVSHMEM)):
+        names = module.op_names()
+        assert names and all(n.startswith("deep_ep::") for n in names.values()), names
+        assert {n.removeprefix("deep_ep::") for n in names.values()} <= set(
+            _library.kernel_ops(extension)), names

@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -314,7 +315,8 @@ DispatchOutputs low_latency_dispatch_unchecked(const at::Tensor& x, const at::Te
 }
 
 constexpr char kLowLatencyDispatchName[] = "low_latency_dispatch";
-constexpr auto low_latency_dispatch = &Checked<kLowLatencyDispatchName, &low_latency_dispatch_unchecked>::call;
+constexpr auto low_latency_dispatch =
+    &Checked<kLowLatencyDispatchName, &low_latency_dispatch_unchecked>::call;
 
 DispatchOutputs low_latency_dispatch_with_stats(const at::Tensor& x, const at::Tensor& topk_idx,
                                                 const std::string& buffer, int64_t num_ranks,
@@ -341,7 +343,8 @@ DispatchOutputs low_latency_dispatch_send_unchecked(const at::Tensor& x, const a
 }
 
 constexpr char kLowLatencyDispatchSendName[] = "low_latency_dispatch_send";
-constexpr auto low_latency_dispatch_send = &Checked<kLowLatencyDispatchSendName, &low_latency_dispatch_send_unchecked>::call;
+constexpr auto low_latency_dispatch_send =
+    &Checked<kLowLatencyDispatchSendName, &low_latency_dispatch_send_unchecked>::call;
 
 // Whether the oldest pending send half of `queue` ran on the kernels (false: the reference).
 bool take_pending(std::deque<bool>& queue, const char* op, const std::string& buffer) {
@@ -379,7 +382,8 @@ void low_latency_dispatch_recv_unchecked(const at::Tensor& recv_x, const at::Ten
 }
 
 constexpr char kLowLatencyDispatchRecvName[] = "low_latency_dispatch_recv";
-constexpr auto low_latency_dispatch_recv = &Checked<kLowLatencyDispatchRecvName, &low_latency_dispatch_recv_unchecked>::call;
+constexpr auto low_latency_dispatch_recv =
+    &Checked<kLowLatencyDispatchRecvName, &low_latency_dispatch_recv_unchecked>::call;
 
 // --- combine ----------------------------------------------------------------------------------
 
@@ -472,7 +476,8 @@ at::Tensor low_latency_combine_unchecked(const at::Tensor& x, const at::Tensor& 
 }
 
 constexpr char kLowLatencyCombineName[] = "low_latency_combine";
-constexpr auto low_latency_combine = &Checked<kLowLatencyCombineName, &low_latency_combine_unchecked>::call;
+constexpr auto low_latency_combine =
+    &Checked<kLowLatencyCombineName, &low_latency_combine_unchecked>::call;
 
 void low_latency_combine_out_unchecked(const at::Tensor& x, const at::Tensor& topk_idx,
                              const at::Tensor& topk_weights, const at::Tensor& src_info,
@@ -502,7 +507,8 @@ void low_latency_combine_out_unchecked(const at::Tensor& x, const at::Tensor& to
 }
 
 constexpr char kLowLatencyCombineOutName[] = "low_latency_combine_out";
-constexpr auto low_latency_combine_out = &Checked<kLowLatencyCombineOutName, &low_latency_combine_out_unchecked>::call;
+constexpr auto low_latency_combine_out =
+    &Checked<kLowLatencyCombineOutName, &low_latency_combine_out_unchecked>::call;
 
 at::Tensor low_latency_combine_send_unchecked(const at::Tensor& x, const at::Tensor& topk_idx,
                                     const at::Tensor& topk_weights, const at::Tensor& src_info,
@@ -528,7 +534,8 @@ at::Tensor low_latency_combine_send_unchecked(const at::Tensor& x, const at::Ten
 }
 
 constexpr char kLowLatencyCombineSendName[] = "low_latency_combine_send";
-constexpr auto low_latency_combine_send = &Checked<kLowLatencyCombineSendName, &low_latency_combine_send_unchecked>::call;
+constexpr auto low_latency_combine_send =
+    &Checked<kLowLatencyCombineSendName, &low_latency_combine_send_unchecked>::call;
 
 void low_latency_combine_recv_unchecked(const at::Tensor& combined_x, const at::Tensor& topk_idx,
                               const at::Tensor& topk_weights, const std::string& buffer) {
@@ -555,7 +562,8 @@ void low_latency_combine_recv_unchecked(const at::Tensor& combined_x, const at::
 }
 
 constexpr char kLowLatencyCombineRecvName[] = "low_latency_combine_recv";
-constexpr auto low_latency_combine_recv = &Checked<kLowLatencyCombineRecvName, &low_latency_combine_recv_unchecked>::call;
+constexpr auto low_latency_combine_recv =
+    &Checked<kLowLatencyCombineRecvName, &low_latency_combine_recv_unchecked>::call;
 
 // Collective reset: every rank's kernel state back to zero, the pinned shape forgotten.
 void clean_low_latency_buffer_unchecked(const at::Tensor& workspace, const std::string& buffer,
@@ -580,7 +588,8 @@ void clean_low_latency_buffer_unchecked(const at::Tensor& workspace, const std::
 }
 
 constexpr char kCleanLowLatencyBufferName[] = "clean_low_latency_buffer";
-constexpr auto clean_low_latency_buffer = &Checked<kCleanLowLatencyBufferName, &clean_low_latency_buffer_unchecked>::call;
+constexpr auto clean_low_latency_buffer =
+    &Checked<kCleanLowLatencyBufferName, &clean_low_latency_buffer_unchecked>::call;
 
 // --- autograd of the eager fast path (csrc/autograd.h; formulas as deep_ep_ops/_autograd.py) --
 
@@ -731,6 +740,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("low_latency_buffer_bytes", &deep_ep_ops::low_latency_bytes_needed,
              "The symmetric bytes the kernels require (tests hold it equal to "
              "get_low_latency_rdma_size_hint)");
+  module.def("op_names", [] {
+    std::map<int, std::string> names;
+    for (int op : {int(deep_ep_ops::kOpLowLatencyDispatch),
+                   int(deep_ep_ops::kOpLowLatencyCombine)})
+      names[op] = deep_ep_ops::op_name(op);
+    return names;
+  }, "The op names device error reports use, by op id (tests hold them to the op table)");
   module.def("set_check", &deep_ep_ops::set_check,
              "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,
