@@ -326,6 +326,33 @@ def low_latency_dispatch(xs, topk_idxs, num_experts, M, use_fp8=True, round_scal
     return results
 
 
+def low_latency_dispatch_batched(topk_all: torch.Tensor, rank: int, num_local: int) -> dict:
+    """``low_latency_dispatch``'s layout for ``rank`` in tensor ops, on any device: what the GPU
+    tests' pressure and CUDA-graph runs check every step against (a Python loop per step would
+    be too slow). From every rank's ``topk [R, M, K]`` (-1 past each rank's tokens): ``count
+    [L]``, ``layout_range [L, R]``, ``source [L, R*M]`` (the flat ``rank * M + token`` of row j,
+    -1 past the count) and ``valid [L, R*M]``. tests/test_semantics.py holds it equal to
+    ``low_latency_dispatch``."""
+    num_ranks, num_max, num_topk = topk_all.shape
+    flat = num_ranks * num_max
+    device = topk_all.device
+    experts = rank * num_local + torch.arange(num_local, device=device)
+    member = (topk_all.reshape(flat, num_topk, 1) == experts).any(1).t().contiguous()  # [L, RM]
+    per_source = member.view(num_local, num_ranks, num_max).sum(-1)  # [L, R]
+    count = per_source.sum(-1)
+    # Row of each member: members before it; the others go to a spare column.
+    target = torch.where(member, member.cumsum(1) - 1, flat)
+    source = torch.full((num_local, flat + 1), -1, dtype=torch.int64, device=device)
+    rows = torch.arange(flat, device=device).expand(num_local, flat).contiguous()
+    source.scatter_(1, target, rows)
+    return dict(
+        count=count.to(torch.int32),
+        layout_range=((per_source.cumsum(-1) - per_source) << 32) | per_source,
+        source=source[:, :flat],
+        valid=torch.arange(flat, device=device) < count.unsqueeze(1),
+    )
+
+
 def low_latency_combine(recv_xs_per_rank, ll_dispatch_results, topk_idxs, topk_weights):
     """Weighted combine. recv_xs_per_rank[r] is `[L, R*M, hidden]` bf16 laid out like rank r's
     low-latency dispatch; topk_idxs[s] / topk_weights[s] are `[num_tokens, num_topk]`.

@@ -1,10 +1,12 @@
 """GPU: the low-latency (decode) NVSHMEM kernels of low_latency_dispatch / low_latency_combine.
 
-Every test runs in a pool of NCCL ranks, one GPU each (``tests/gpu_distributed.py``), at 2, 4
-and 8 ranks as far as the machine has GPUs. Two oracles: the reference backend, called directly
-on the same CUDA tensors and buffer (it runs over NCCL); and, where a reference call per step
-would be too slow (pressure, CUDA graphs), a vectorised model of every rank that each rank
-evaluates on its GPU from inputs that all ranks generate from one shared seed.
+Every test runs in a pool of ranks (``tests/gpu_distributed.py``: one GPU each over NCCL, or
+several per GPU under CUDA MPS over gloo), at 2, 4 and 8 ranks as far as the machine allows. Two
+oracles: the reference backend, called directly on the same CUDA tensors and buffer; and, where
+a reference call per step would be too slow (pressure, CUDA graphs), the vectorised layout of
+every rank in ``tests/oracle.py`` (``low_latency_dispatch_batched``, held equal to the per-rank
+oracle on CPU by tests/test_semantics.py), which each rank evaluates on its GPU from inputs
+that all ranks generate from one shared seed.
 
 The contract checked:
 
@@ -41,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 import gpu_distributed
+import oracle
 import test_semantics as semantics
 from deep_ep_ops import Buffer, _build, _registry, meta, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
@@ -868,7 +871,7 @@ def test_rejected_combine_receive_keeps_the_send_pending(world_size):
     _assert_no_diffs(run_on_gpus(world_size, _rejected_combine_receive_job))
 
 
-# --- the vectorised model of every rank (pressure and CUDA graphs) ----------------------------
+# --- checks against the vectorised model of every rank (oracle.low_latency_dispatch_batched) ---
 
 CHECKS = (
     "recv_count", "layout_range", "src_info rows", "recv_x rows", "recv_x_scales rows",
@@ -908,30 +911,6 @@ def _new_problem(g, rng: random.Random, tokens, num_max, hidden, num_experts, nu
         topk[rank, count:] = -1
     weights = torch.rand(num_ranks, num_max, num_topk, generator=g, device=device)
     return dict(x=x, topk=topk, weights=weights, kind=kind)
-
-
-def _expected_dispatch(topk_all: torch.Tensor, rank: int, num_local: int) -> dict:
-    """What ``rank`` receives, from every rank's ``topk [R, M, K]``: per local expert, the members
-    (source, token) in source-rank-major, ascending-token order; ``source [L, R*M]`` is the flat
-    ``rank * M + token`` of row j (-1 past the count)."""
-    num_ranks, num_max, num_topk = topk_all.shape
-    flat = num_ranks * num_max
-    device = topk_all.device
-    experts = rank * num_local + torch.arange(num_local, device=device)
-    member = (topk_all.reshape(flat, num_topk, 1) == experts).any(1).t().contiguous()  # [L, RM]
-    per_source = member.view(num_local, num_ranks, num_max).sum(-1)  # [L, R]
-    count = per_source.sum(-1)
-    # Row of each member: members before it; the others go to a spare column.
-    target = torch.where(member, member.cumsum(1) - 1, flat)
-    source = torch.full((num_local, flat + 1), -1, dtype=torch.int64, device=device)
-    rows = torch.arange(flat, device=device).expand(num_local, flat).contiguous()
-    source.scatter_(1, target, rows)
-    return dict(
-        count=count.to(torch.int32),
-        layout_range=((per_source.cumsum(-1) - per_source) << 32) | per_source,
-        source=source[:, :flat],
-        valid=torch.arange(flat, device=device) < count.unsqueeze(1),
-    )
 
 
 def _dispatch_mismatches(out: ops.LowLatencyDispatchOutput, expected: dict, x_all, flags):
@@ -1049,7 +1028,7 @@ def _run_steps(steps, split: bool, num_experts: int, local_factors, scratch):
 
 def _step_mismatches(step: _Step, out, combined, rank, num_local, factors) -> torch.Tensor:
     problem = step.problem
-    expected = _expected_dispatch(problem["topk"], rank, num_local)
+    expected = oracle.low_latency_dispatch_batched(problem["topk"], rank, num_local)
     dispatch = _dispatch_mismatches(out, expected, problem["x"], step.flags)
     seen = step.x
     if step.flags["use_fp8"]:
@@ -1252,7 +1231,7 @@ def _pressure_job(rank, num_ranks, iterations, seed, force_put=False):
         else:
             out = ops.low_latency_dispatch(name, x, topk, num_max, num_experts, **flags,
                                            cumulative_local_expert_recv_stats=stats)
-        expected = _expected_dispatch(problem["topk"], rank, num_local)
+        expected = oracle.low_latency_dispatch_batched(problem["topk"], rank, num_local)
         expected_stats += expected["count"]
         dispatch = _dispatch_mismatches(out, expected, problem["x"], flags)
         y = _expected_expert_outputs(problem["x"], expected, local_factors)

@@ -795,3 +795,32 @@ def test_per_token_cast_of_zero_tokens(round_scale, use_ue8m0):
     fails.same("scales", scales, ref_scales)
     fails.same("cast back", ops.per_token_cast_back(x_fp8, scales), x)
     fails.assert_none()
+
+
+@pytest.mark.parametrize("num_ranks, num_max, num_local, num_topk", [
+    (1, 8, 4, 2), (2, 16, 3, 4), (4, 5, 2, 8), (8, 3, 1, 2),
+])
+def test_batched_low_latency_layout_matches_oracle(num_ranks, num_max, num_local, num_topk):
+    """The vectorised layout the GPU pressure and graph runs check against
+    (``oracle.low_latency_dispatch_batched``) equals the per-rank oracle: counts, layout ranges
+    and the source of every row, with -1 entries, repeated experts and ranks of fewer tokens."""
+    g = torch.Generator().manual_seed(num_ranks * 100 + num_max)
+    num_experts = num_ranks * num_local
+    tokens = [int(torch.randint(0, num_max + 1, (), generator=g)) for _ in range(num_ranks)]
+    topk_all = torch.randint(-1, num_experts, (num_ranks, num_max, num_topk), generator=g)
+    topk_all[:, :, -1] = torch.where(torch.rand(num_ranks, num_max, generator=g) < 0.3,
+                                     topk_all[:, :, 0], topk_all[:, :, -1])  # repeats
+    for r, count in enumerate(tokens):
+        topk_all[r, count:] = -1
+    xs = [torch.randn(count, 128, generator=g).bfloat16() for count in tokens]
+    per_rank = oracle.low_latency_dispatch(xs, [topk_all[r, :tokens[r]] for r in range(num_ranks)],
+                                           num_experts, num_max, use_fp8=False)
+    for rank, want in enumerate(per_rank):
+        got = oracle.low_latency_dispatch_batched(topk_all, rank, num_local)
+        assert torch.equal(got["count"], want["recv_count"])
+        assert torch.equal(got["layout_range"], want["layout_range"])
+        src = torch.where(got["valid"], got["source"] % num_max, -1).to(torch.int32)
+        assert torch.equal(src, want["src_info"])
+        for l, rows in enumerate(want["rows"]):  # the source rank of each row, too
+            sources = [int(s) // num_max for s in got["source"][l, :len(rows)]]
+            assert sources == [s for s, _ in rows]
