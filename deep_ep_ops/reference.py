@@ -135,10 +135,20 @@ def _check_topk_range(op: str, topk_idx: torch.Tensor, num_experts: int) -> None
 # --- packing several per-row tensors into one byte matrix ----------------------------------
 
 
+def _row_bytes(t: torch.Tensor) -> torch.Tensor:
+    """``[rows, n]`` -> its ``[rows, n * element_size]`` bytes. An empty tensor may carry any
+    strides (a contiguous ``[0, 1]`` float tensor can have stride 0 in its last dim, which
+    ``view(torch.uint8)`` refuses): it is replaced by a fresh one (the FP8 cast of a rank with
+    no tokens)."""
+    if t.numel() == 0:
+        t = t.new_empty(t.shape)
+    return t.view(torch.uint8)
+
+
 def _pack(tensors: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
     """``[rows, ...]`` tensors of any dtypes -> ``[rows, bytes]`` uint8, plus how to undo it."""
     rows = tensors[0].size(0)
-    parts = [t.contiguous().view(rows, math.prod(t.shape[1:])).view(torch.uint8) for t in tensors]
+    parts = [_row_bytes(t.contiguous().view(rows, math.prod(t.shape[1:]))) for t in tensors]
     specs = [(t.dtype, tuple(t.shape[1:]), p.size(1)) for t, p in zip(tensors, parts)]
     return torch.cat(parts, dim=1), specs
 

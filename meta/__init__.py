@@ -535,24 +535,57 @@ def _clean_low_latency_buffer(workspace, buffer, num_max, hidden, num_experts):
 # buffer (ranks, bytes) come after, in the reference and the kernels only.
 
 
+def _op_check(check):
+    """``check_<op>``, first making sure every tensor argument is on one device (the first
+    tensor's): mixed devices would otherwise reach a kernel of one of them (a meta tensor among
+    CPU ones runs the fake and returns uninitialised tensors)."""
+    import functools
+    import inspect
+
+    names = list(inspect.signature(check).parameters)
+    op = check.__name__[len("check_"):]
+
+    @functools.wraps(check)
+    def checked(*args):
+        first = None
+        for name, value in zip(names, args):
+            if not isinstance(value, torch.Tensor):
+                continue
+            if first is None:
+                first = (name, value.device)
+            elif value.device != first[1]:
+                raise ValueError(
+                    f"deep_ep::{op}: {name} is on {value.device} but {first[0]} is on "
+                    f"{first[1]}; every tensor argument must be on one device"
+                )
+        return check(*args)
+
+    return checked
+
+
+@_op_check
 def check_get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks) -> None:
     check_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks)
 
 
+@_op_check
 def check_per_token_cast_to_fp8(x, round_scale, use_ue8m0) -> None:
     check_fp8_cast(x, round_scale, use_ue8m0)
 
 
+@_op_check
 def check_per_token_cast_back(x_fp8, x_scales) -> None:
     check_fp8_cast_back(x_fp8, x_scales)
 
 
+@_op_check
 def check_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                    num_tokens_per_expert, buffer, expert_alignment, config) -> None:
     _check_dispatch_args(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                          is_token_in_rank, num_tokens_per_expert, expert_alignment, config)
 
 
+@_op_check
 def check_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                             is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
                             num_worst_tokens, config) -> None:
@@ -561,6 +594,7 @@ def check_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_
     _value(num_worst_tokens >= 1, f"num_worst_tokens must be >= 1, got {num_worst_tokens}")
 
 
+@_op_check
 def check_cached_dispatch(x, x_scales, topk_weights, rank_prefix_matrix, channel_prefix_matrix,
                           recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head,
                           buffer, num_worst_tokens, config) -> None:
@@ -570,6 +604,7 @@ def check_cached_dispatch(x, x_scales, topk_weights, rank_prefix_matrix, channel
     check_size(x, "x", 0, is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)")
 
 
+@_op_check
 def check_combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_matrix,
                   recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, buffer,
                   num_worst_tokens, config) -> None:
@@ -578,15 +613,22 @@ def check_combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_p
     _check_combine_args(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank)
 
 
+@_op_check
 def check_low_latency_dispatch(x, topk_idx, buffer, num_ranks, num_max_dispatch_tokens_per_rank,
                                num_experts, use_fp8, round_scale, use_ue8m0) -> None:
     _check_low_latency_dispatch_args(x, topk_idx, num_ranks, num_max_dispatch_tokens_per_rank,
                                      num_experts, use_fp8, round_scale, use_ue8m0)
 
 
-check_low_latency_dispatch_send = check_low_latency_dispatch
+@_op_check
+def check_low_latency_dispatch_send(x, topk_idx, buffer, num_ranks,
+                                    num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
+                                    round_scale, use_ue8m0) -> None:
+    _check_low_latency_dispatch_args(x, topk_idx, num_ranks, num_max_dispatch_tokens_per_rank,
+                                     num_experts, use_fp8, round_scale, use_ue8m0)
 
 
+@_op_check
 def check_low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info, layout_range,
                                     cumulative_local_expert_recv_stats, buffer) -> None:
     stats = cumulative_local_expert_recv_stats
@@ -596,6 +638,7 @@ def check_low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info,
                    "num_local_experts")
 
 
+@_op_check
 def check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, buffer,
                               num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
                               zero_copy) -> None:
@@ -603,9 +646,15 @@ def check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range,
                                     num_max_dispatch_tokens_per_rank, num_experts)
 
 
-check_low_latency_combine_send = check_low_latency_combine
+@_op_check
+def check_low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                   num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
+                                   zero_copy) -> None:
+    _check_low_latency_combine_args(x, topk_idx, topk_weights, src_info, layout_range, num_ranks,
+                                    num_max_dispatch_tokens_per_rank, num_experts)
 
 
+@_op_check
 def check_low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_range, buffer,
                                   num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
                                   zero_copy, out) -> None:
@@ -614,11 +663,13 @@ def check_low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_ra
     check_low_latency_out(out, x, topk_idx)
 
 
+@_op_check
 def check_low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer) -> None:
     """The receive completes what its send returned: nothing to check beyond the schema's
     types (the kernels' bindings hold it to the pending send)."""
 
 
+@_op_check
 def check_low_latency_cached_dispatch(x, topk_idx, topk_weights, src_info, layout_range, buffer,
                                       num_ranks, num_max_dispatch_tokens_per_rank,
                                       num_experts) -> None:
@@ -635,6 +686,7 @@ def check_low_latency_cached_dispatch(x, topk_idx, topk_weights, src_info, layou
     )
 
 
+@_op_check
 def check_low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ranks,
                              num_max_dispatch_tokens_per_rank, num_experts) -> None:
     num_max = num_max_dispatch_tokens_per_rank
@@ -648,6 +700,7 @@ def check_low_latency_gather(x, topk_idx, src_info, layout_range, buffer, num_ra
     )
 
 
+@_op_check
 def check_clean_low_latency_buffer(workspace, buffer, num_max_dispatch_tokens_per_rank, hidden,
                                    num_experts) -> None:
     check_tensor(workspace, "workspace", 1, (torch.uint8,))

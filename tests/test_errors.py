@@ -124,3 +124,52 @@ def test_missing_peer_times_out_naming_op_and_peer():
         pool.close(kill=True)
     assert skipped == "skipped"
     assert "deep_ep::dispatch" in message and "rank 1" in message and "2 s" in message, message
+
+
+def _fp8_with_an_empty_rank(rank, world_size):
+    """FP8 dispatch (normal and low-latency) at hidden 128 with a rank that has no tokens."""
+    buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 1 << 26, low_latency_mode=True)
+    num_tokens = T if rank == 0 else 0
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(num_tokens, 128, generator=g).bfloat16()
+    topk = torch.randint(0, E, (num_tokens, K), generator=g)
+    weights = torch.rand(num_tokens, K, generator=g)
+    layout = ops.get_dispatch_layout(topk, E, world_size)
+    x_fp8, scales = ops.per_token_cast_to_fp8(x)
+    normal = ops.dispatch(buffer.name, x_fp8, layout, topk, weights, x_scales=scales)
+    low_latency = ops.low_latency_dispatch(buffer.name, x, topk, M, E, use_fp8=True)
+    buffer.destroy()
+    return normal.recv_x.size(0), int(low_latency.recv_count.sum())
+
+
+def test_fp8_dispatch_with_a_rank_without_tokens():
+    results = run_on_ranks(2, _fp8_with_an_empty_rank)
+    # Rank 0's T tokens reach the ranks of their experts; rank 1 sends nothing.
+    assert sum(rows for rows, _ in results) >= T
+    assert sum(rows for _, rows in results) >= T
+
+
+def _mixed_devices(rank, world_size):
+    """Tensor arguments on two devices raise, naming the argument, before any exchange."""
+    buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 1 << 26, low_latency_mode=True)
+    x = torch.randn(T, H, dtype=torch.bfloat16)
+    topk = torch.randint(0, E, (T, K))
+    weights = torch.rand(T, K)
+    layout = ops.get_dispatch_layout(topk, E, world_size)
+    out = ops.dispatch(buffer.name, x, layout, topk, weights)
+    meta_handle = out.handle._replace(send_head=out.handle.send_head.to("meta"))
+    cases = {
+        "dispatch": lambda: ops.dispatch(buffer.name, x, layout, topk.to("meta"), weights),
+        "combine": lambda: ops.combine(buffer.name, out.recv_x, meta_handle),
+        "low_latency_dispatch": lambda: ops.low_latency_dispatch(
+            buffer.name, x, topk.to("meta"), M, E, use_fp8=False),
+    }
+    problems = {label: _expect(fn, ValueError, f"deep_ep::{label}: ", " is on meta but ")
+                for label, fn in cases.items()}
+    buffer.destroy()
+    return {k: v for k, v in problems.items() if v}
+
+
+def test_mixed_devices_raise_naming_the_argument():
+    for problems in run_on_ranks(2, _mixed_devices):
+        assert problems == {}
