@@ -131,6 +131,8 @@ OPS = {
 }
 
 SCHEMAS = {name: op.schema for name, op in OPS.items()}
+OP_NAMES = tuple(OPS)
+OPS_INDEX = {name: i for i, name in enumerate(OP_NAMES)}
 
 
 def kernel_ops(extension: str) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,48 @@ def _comm(buffer: str, op: str, device: torch.device) -> _registry.Communicator:
         )
     comm.enter(op)
     return comm
+
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.float8_e4m3fn,
+           torch.uint8, torch.int8, torch.int32, torch.int64, torch.bool)
+_AGREED_VALUES = 15  # values per agreement vector (after the op), fixed: any two ops line up
+
+
+def _dtype_code(t: Optional[torch.Tensor]) -> int:
+    return -1 if t is None else _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -2
+
+
+def _agree(comm, op: str, **values: int) -> None:
+    """Every rank checks that all ranks called ``op`` with the same ``values`` (what sizes the
+    exchange: shapes, M, hidden, E, num_worst_tokens, the FP8 flags) and raises on every rank a
+    ``ValueError`` naming the first argument they disagree on and each rank's value.
+
+    On groups whose collectives run on the host (gloo), where mismatched sizes would abort the
+    process (gloo's size checks are fatal) or pair the wrong calls: one fixed-size all_gather
+    before the op's own exchanges. (NCCL groups serve the CUDA reference, the benchmark's
+    baseline; the kernels agree through their own exchanges.)"""
+    if not comm.host_collectives:
+        return
+    names = list(values)
+    if len(names) > _AGREED_VALUES:
+        raise AssertionError(f"deep_ep::{op}: {len(names)} values to agree on, at most "
+                             f"{_AGREED_VALUES}")
+    vector = [_library.OPS_INDEX[op], *(int(values[n]) for n in names)]
+    vector += [0] * (_AGREED_VALUES + 1 - len(vector))
+    everyone = _all_gather(comm, op, torch.tensor(vector, dtype=torch.int64)).tolist()
+    ops_called = [row[0] for row in everyone]
+    if len(set(ops_called)) > 1:
+        called = ", ".join(f"rank {r}: {_library.OP_NAMES[c]}" for r, c in enumerate(ops_called))
+        raise ValueError(f"deep_ep::{op} on buffer {comm.name!r}: the ranks called different "
+                         f"ops at the same point ({called})")
+    for i, name in enumerate(names, start=1):
+        column = [row[i] for row in everyone]
+        if len(set(column)) > 1:
+            shown = [_DTYPES[v] if name.endswith("dtype") and 0 <= v < len(_DTYPES) else v
+                     for v in column]
+            each = ", ".join(f"rank {r}: {v}" for r, v in enumerate(shown))
+            raise ValueError(f"deep_ep::{op} on buffer {comm.name!r}: the ranks disagree on "
+                             f"{name} ({each}); every rank must pass the same")
 
 
 def _check_nvl_bytes(comm, op: str, hidden: int, element_size: int, config) -> None:
@@ -299,6 +342,13 @@ def _dispatch(
 ):
     """Both dispatches, after their op's check (``meta.check_dispatch`` / ``_capacity_``)."""
     comm = _comm(buffer, op, x.device)
+    _agree(comm, op, hidden=x.size(1), x_dtype=_dtype_code(x),
+           x_scales=-1 if x_scales is None else x_scales.size(1),
+           num_topk=-1 if topk_idx is None else topk_idx.size(1),
+           topk_weights_dtype=_dtype_code(topk_weights),
+           num_experts=0 if num_tokens_per_expert is None else num_tokens_per_expert.size(0),
+           num_ranks=is_token_in_rank.size(1), expert_alignment=expert_alignment,
+           num_worst_tokens=num_worst_tokens, num_sms=config[0])
     num_tokens, num_ranks = is_token_in_rank.shape
     _check_num_ranks(comm, op, num_ranks, "is_token_in_rank.size(1)")
     _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
@@ -409,6 +459,11 @@ def cached_dispatch(x, x_scales, topk_weights, rank_prefix_matrix, channel_prefi
         num_worst_tokens, config,
     )
     comm = _comm(buffer, op, x.device)
+    _agree(comm, op, hidden=x.size(1), x_dtype=_dtype_code(x),
+           x_scales=-1 if x_scales is None else x_scales.size(1),
+           topk_weights=-1 if topk_weights is None else topk_weights.size(1),
+           num_ranks=is_token_in_rank.size(1), num_worst_tokens=num_worst_tokens,
+           num_sms=config[0])
     _check_num_ranks(comm, op, is_token_in_rank.size(1), "handle.is_token_in_rank.size(1)")
     _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
     counts = _counts_from_prefix(rank_prefix_matrix)
@@ -437,6 +492,10 @@ def combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_
         num_worst_tokens, config,
     )
     comm = _comm(buffer, op, x.device)
+    _agree(comm, op, hidden=x.size(1), x_dtype=_dtype_code(x),
+           topk_weights=-1 if topk_weights is None else topk_weights.size(1),
+           num_ranks=is_token_in_rank.size(1), num_worst_tokens=num_worst_tokens,
+           num_sms=config[0])
     _check_num_ranks(comm, op, is_token_in_rank.size(1), "handle.is_token_in_rank.size(1)")
     _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
     counts = _counts_from_prefix(rank_prefix_matrix)
@@ -526,8 +585,12 @@ def per_token_cast_back(x_fp8, x_scales):
 # data they hold, so any row order inside an expert (consistent with src_info/layout_range) works.
 
 
-def _ll_comm(op, buffer, device, num_ranks, num_max, hidden, num_experts):
+def _ll_comm(op, buffer, device, num_ranks, num_max, hidden, num_experts, **agreed):
+    """The communicator of a low-latency call, after the ranks agreed on its shapes (and on
+    ``agreed``: the op's own flags and sizes)."""
     comm = _comm(buffer, op, device)
+    _agree(comm, op, num_ranks=num_ranks, num_max_dispatch_tokens_per_rank=num_max,
+           hidden=hidden, num_experts=num_experts, **agreed)
     _check_num_ranks(comm, op, num_ranks, "num_ranks")
     if not comm.low_latency_mode:
         raise ValueError(
@@ -596,7 +659,9 @@ def _low_latency_dispatch(op, x, topk_idx, buffer, num_ranks, num_max, num_exper
     getattr(meta, f"check_{op}")(
         x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0
     )
-    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(1), num_experts)
+    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(1), num_experts,
+                    num_topk=topk_idx.size(1), x_dtype=_dtype_code(x), use_fp8=use_fp8,
+                    round_scale=round_scale, use_ue8m0=use_ue8m0)
     _check_topk_range(op, topk_idx, num_experts)
     me, num_local, num_tokens = comm.rank, num_experts // num_ranks, x.size(0)
     payload = [*per_token_cast_to_fp8(x, round_scale, use_ue8m0)] if use_fp8 else [x]
@@ -673,7 +738,8 @@ def _ll_back_to_sources(op, comm, x, src_info, layout_range, num_max, num_topk):
 def _ll_gather(op, x, topk_idx, src_info, layout_range, buffer, num_ranks, num_max,
                num_experts):
     """``[T, K, H]``: for each ``(t, k)`` the row of expert ``topk_idx[t, k]`` (0 where -1)."""
-    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(2), num_experts)
+    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(2), num_experts,
+                    num_topk=topk_idx.size(1), x_dtype=_dtype_code(x))
     _check_topk_range(op, topk_idx, num_experts)
     back, width = _ll_back_to_sources(
         op, comm, x, src_info, layout_range, num_max, topk_idx.size(1)
@@ -757,7 +823,8 @@ def low_latency_cached_dispatch(x, topk_idx, topk_weights, src_info, layout_rang
                                            buffer, num_ranks, num_max_dispatch_tokens_per_rank,
                                            num_experts)
     num_max, num_local = num_max_dispatch_tokens_per_rank, num_experts // num_ranks
-    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(1), num_experts)
+    comm = _ll_comm(op, buffer, x.device, num_ranks, num_max, x.size(1), num_experts,
+                    num_topk=topk_idx.size(1), x_dtype=_dtype_code(x))
     _check_topk_range(op, topk_idx, num_experts)
     width = _ll_width(topk_idx.size(1), num_local)
     index, valid, _ = _ll_positions_at_source(topk_idx, num_local, num_max, width)
@@ -782,6 +849,9 @@ def clean_low_latency_buffer(workspace, buffer, num_max_dispatch_tokens_per_rank
     meta.check_clean_low_latency_buffer(workspace, buffer, num_max_dispatch_tokens_per_rank,
                                         hidden, num_experts)
     comm = _comm(buffer, "clean_low_latency_buffer", workspace.device)
+    _agree(comm, "clean_low_latency_buffer",
+           num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
+           num_experts=num_experts)
     workspace.zero_()
     _barrier(comm, "clean_low_latency_buffer")
 

@@ -1,5 +1,7 @@
 """Bad input raises a clear exception naming the argument; a missing peer times out, no hang."""
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -173,3 +175,68 @@ def _mixed_devices(rank, world_size):
 def test_mixed_devices_raise_naming_the_argument():
     for problems in run_on_ranks(2, _mixed_devices):
         assert problems == {}
+
+
+# --- ranks that disagree --------------------------------------------------------------------
+
+DISAGREEMENTS = {  # label -> (the argument the error names, fragments of its message)
+    "low-latency M": "num_max_dispatch_tokens_per_rank",
+    "low-latency num_experts": "num_experts",
+    "low-latency use_fp8": "use_fp8",
+    "normal hidden": "hidden",
+    "normal num_experts": "num_experts",
+    "capacity num_worst_tokens": "num_worst_tokens",
+    "normal fp8 flags": "x_dtype",
+    "different ops": "different ops",
+}
+
+
+def _disagree(rank, world_size, label):
+    """Rank 0 passes one value, the others another; every rank must raise the same ValueError
+    naming the argument and each rank's value, then the buffer still works (no process aborts,
+    no rank left out of step)."""
+    buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 1 << 26, low_latency_mode=True)
+    name, odd, num_e = buffer.name, rank == 0, 24  # 24 experts: a multiple of 2 and 3 ranks
+    g = torch.Generator().manual_seed(rank)
+    hidden = 2 * H if odd and label == "normal hidden" else H
+    x = torch.randn(T, hidden, generator=g).bfloat16()
+    experts = 2 * num_e if odd and label in ("normal num_experts", "low-latency num_experts") else num_e
+    topk = torch.randint(0, num_e, (T, K), generator=g)
+    weights = torch.rand(T, K, generator=g)
+    layout = ops.get_dispatch_layout(topk, experts, world_size)
+    calls = {
+        "low-latency M": lambda: ops.low_latency_dispatch(name, x, topk, M + odd, num_e),
+        "low-latency num_experts": lambda: ops.low_latency_dispatch(name, x, topk, M, experts),
+        "low-latency use_fp8": lambda: ops.low_latency_dispatch(name, x, topk, M, num_e, use_fp8=odd),
+        "normal hidden": lambda: ops.dispatch(name, x, layout, topk, weights),
+        "normal num_experts": lambda: ops.dispatch(name, x, layout, topk, weights),
+        "capacity num_worst_tokens": lambda: ops.dispatch(
+            name, x, layout, topk, weights, num_worst_tokens=world_size * T + odd),
+        "normal fp8 flags": lambda: ops.dispatch(
+            name, *((ops.per_token_cast_to_fp8(x)[0],) if odd else (x,)), layout, topk, weights,
+            x_scales=ops.per_token_cast_to_fp8(x)[1] if odd else None),
+        "different ops": lambda: (ops.low_latency_dispatch(name, x, topk, M, num_e) if odd else
+                                  ops.dispatch(name, x, layout, topk, weights)),
+    }
+    start = time.monotonic()
+    problem = _expect(calls[label], ValueError, DISAGREEMENTS[label], "rank 0", "rank 1")
+    elapsed = time.monotonic() - start
+    # In step afterwards: the same call with agreeing arguments works on every rank.
+    layout = ops.get_dispatch_layout(topk, num_e, world_size)
+    after = ops.dispatch(name, x[:, :H], layout, topk, weights).recv_x.size(0)
+    buffer.destroy()
+    return problem, elapsed, after
+
+
+@pytest.mark.parametrize("num_ranks", [2, 3])
+def test_ranks_that_disagree_all_raise(num_ranks):
+    pool = RankPool(num_ranks, {"DEEP_EP_OPS_TIMEOUT_S": "10"})
+    try:
+        for label in DISAGREEMENTS:
+            for rank, (problem, elapsed, after) in enumerate(pool.run(_disagree, label,
+                                                                       timeout=60)):
+                assert problem == "", (label, rank, problem)
+                assert elapsed < 5, (label, rank, elapsed)
+                assert after > 0, (label, rank)
+    finally:
+        pool.close(kill=True)
