@@ -53,6 +53,9 @@ class Communicator:
     # The group's collectives run on the host (not NCCL): the reference stages CUDA tensors
     # through host copies.
     host_collectives: bool = False
+    # A collective of this buffer timed out or failed: further calls raise (the group may hold
+    # a half-done exchange).
+    broken: bool = False
 
     def enter(self, op: str) -> None:
         """Mark the start of a collective op, so that a timeout can name the lagging peers."""

@@ -35,6 +35,9 @@ def _wait(comm: _registry.Communicator, op: str, work) -> None:
     try:
         work.wait(timeout=comm.timeout)
     except RuntimeError as error:
+        # The group may hold a half-done collective now: the buffer refuses further calls, as
+        # the CUDA kernels' buffers do after a timeout (one behaviour for one event).
+        comm.broken = True
         if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
             raise RuntimeError(
                 f"deep_ep::{op} on buffer {comm.name!r} (rank {comm.rank}): {error}"
@@ -89,6 +92,9 @@ def _barrier(comm, op: str) -> None:
 
 def _comm(buffer: str, op: str, device: torch.device) -> _registry.Communicator:
     comm = _registry.get(buffer)
+    if comm.broken:
+        raise RuntimeError(f"deep_ep::{op}: buffer {buffer} is unusable after a timeout or a "
+                           "failed exchange; destroy it and create a new one")
     if comm.device.type != device.type:
         raise ValueError(
             f"deep_ep::{op}: tensors are on {device} but buffer {buffer!r} was created for "

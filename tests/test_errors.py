@@ -114,8 +114,13 @@ def _missing_peer(rank, world_size):
     try:
         ops.dispatch(buffer.name, x, layout, topk, torch.rand(T, K))
     except TimeoutError as error:
-        return str(error)
-    return "no timeout"
+        message = str(error)
+    else:
+        return "no timeout"
+    # Afterwards the buffer refuses calls (its group may hold the half-done exchange).
+    refused = _expect(lambda: ops.dispatch(buffer.name, x, layout, topk, torch.rand(T, K)),
+                      RuntimeError, "unusable after a timeout", buffer.name)
+    return message + ("" if not refused else f" | after the timeout: {refused}")
 
 
 def test_missing_peer_times_out_naming_op_and_peer():
@@ -126,6 +131,7 @@ def test_missing_peer_times_out_naming_op_and_peer():
         pool.close(kill=True)
     assert skipped == "skipped"
     assert "deep_ep::dispatch" in message and "rank 1" in message and "2 s" in message, message
+    assert "after the timeout" not in message, message  # the buffer refused the next call
 
 
 def _fp8_with_an_empty_rank(rank, world_size):
