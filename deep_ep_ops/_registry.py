@@ -8,14 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import itertools
 import os
+import threading
 
 import torch
 import torch.distributed as dist
 
 _COMMUNICATORS: dict[str, Communicator] = {}
-_NEXT_ID = itertools.count()
+_NEXT_ID = 0  # the least id this process may give a new buffer
+_NEXT_ID_LOCK = threading.Lock()
+
+
+def _agreed_name(group: dist.ProcessGroup) -> str:
+    """A buffer name identical on every rank of ``group`` and new in every rank's registry,
+    whatever each process created before: the largest of the ranks' next ids (collective)."""
+    global _NEXT_ID
+    with _NEXT_ID_LOCK:
+        local = _NEXT_ID
+    ids: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(ids, local, group=group)
+    agreed = max(ids)
+    with _NEXT_ID_LOCK:
+        _NEXT_ID = max(_NEXT_ID, agreed + 1)
+    return f"deep_ep_buffer_{agreed}"
 
 TIMEOUT_ENV = "DEEP_EP_OPS_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
@@ -89,7 +104,7 @@ def create(
     workspace: torch.Tensor,
 ) -> Communicator:
     """Collectively create and register a communicator over ``group`` (eager only)."""
-    name = f"deep_ep_buffer_{next(_NEXT_ID)}"
+    name = _agreed_name(group)
     rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
     store = None
     if dist.get_backend(group) == dist.Backend.GLOO:

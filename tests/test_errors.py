@@ -246,3 +246,21 @@ def test_ranks_that_disagree_all_raise(num_ranks):
                 assert after > 0, (label, rank)
     finally:
         pool.close(kill=True)
+
+
+def _names_after_uneven_history(rank, world_size):
+    """Rank 0 made two more buffers than the others (on a group of its own): the next buffer
+    on the whole group still gets one name on every rank."""
+    alone = dist.new_group([0])
+    if rank == 0:
+        for _ in range(2):
+            deep_ep.Buffer(alone, 1 << 20).destroy()
+    buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 20)
+    name = buffer.name
+    buffer.destroy()
+    return name
+
+
+def test_buffer_names_agree_whatever_each_rank_did_before():
+    names = run_on_ranks(2, _names_after_uneven_history)
+    assert names[0] == names[1], names
