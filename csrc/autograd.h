@@ -73,6 +73,12 @@ inline std::vector<c10::IValue> call_op(const char* op, NamedArgs args) {
   return stack;
 }
 
+// `args` followed by `more`.
+inline NamedArgs with(NamedArgs args, const NamedArgs& more) {
+  args.insert(args.end(), more.begin(), more.end());
+  return args;
+}
+
 inline at::Tensor tensor_or_undefined(const c10::IValue& v) {
   return v.isTensor() ? v.toTensor() : at::Tensor();
 }

@@ -664,17 +664,23 @@ constexpr auto combine = &Checked<kCombineName, &combine_unchecked>::call;
 using Ints = std::vector<int64_t>;
 using OptTensor = c10::optional<at::Tensor>;
 
-NamedArgs handle_args(const variable_list& h, const std::string& buffer, int64_t num_worst_tokens,
-                      const Ints& config) {
-  return {{"rank_prefix_matrix", h[0]}, {"channel_prefix_matrix", h[1]},
-          {"recv_channel_prefix_matrix", h[2]}, {"recv_src_idx", h[3]},
-          {"is_token_in_rank", h[4]}, {"send_head", h[5]}, {"buffer", buffer},
-          {"num_worst_tokens", num_worst_tokens}, {"config", config}};
+// What every normal-mode autograd function keeps for its backward besides tensors.
+void save_normal_args(AutogradContext* ctx, const std::string& buffer, int64_t num_worst_tokens,
+                      const Ints& config, bool has_weights) {
+  ctx->saved_data["buffer"] = buffer;
+  ctx->saved_data["num_worst_tokens"] = num_worst_tokens;
+  ctx->saved_data["config"] = config;
+  ctx->saved_data["has_weights"] = has_weights;
 }
 
-NamedArgs with(NamedArgs args, NamedArgs more) {
-  args.insert(args.end(), more.begin(), more.end());
-  return args;
+// The handle's six tensors `h` and the saved buffer, num_worst_tokens and config, by name.
+NamedArgs handle_args(AutogradContext* ctx, const variable_list& h) {
+  return {{"rank_prefix_matrix", h[0]}, {"channel_prefix_matrix", h[1]},
+          {"recv_channel_prefix_matrix", h[2]}, {"recv_src_idx", h[3]},
+          {"is_token_in_rank", h[4]}, {"send_head", h[5]},
+          {"buffer", ctx->saved_data["buffer"]},
+          {"num_worst_tokens", ctx->saved_data["num_worst_tokens"]},
+          {"config", ctx->saved_data["config"]}};
 }
 
 // dispatch and capacity_dispatch of a floating-point x (no FP8 payload): grad x = combine of
@@ -698,10 +704,7 @@ struct DispatchFunction : public torch::autograd::Function<DispatchFunction> {
                        config));
     mark_non_differentiable(ctx, out, {out[1]});  // recv_x_scales: empty without FP8
     ctx->set_materialize_grads(false);
-    ctx->saved_data["buffer"] = buffer;
-    ctx->saved_data["num_worst_tokens"] = num_worst_tokens;
-    ctx->saved_data["config"] = config;
-    ctx->saved_data["has_weights"] = topk_weights.has_value();
+    save_normal_args(ctx, buffer, num_worst_tokens, config, topk_weights.has_value());
     ctx->save_for_backward({out[0], out[2], out[3], out[5], out[6], out[7], out[8],
                             is_token_in_rank, out[9]});
     return out;
@@ -720,9 +723,7 @@ struct DispatchFunction : public torch::autograd::Function<DispatchFunction> {
     const auto out = call_op("combine", with(
         {{"x", grads[0].defined() ? grads[0] : at::zeros_like(recv_x)},
          {"topk_weights", weights}, {"bias_0", c10::IValue()}, {"bias_1", c10::IValue()}},
-        handle_args(handle, ctx->saved_data["buffer"].toStringRef(),
-                    ctx->saved_data["num_worst_tokens"].toInt(),
-                    ctx->saved_data["config"].toIntVector())));
+        handle_args(ctx, handle)));
     variable_list result(10);
     result[0] = out[0].toTensor();
     if (has_weights) result[2] = out[1].toTensor();
@@ -742,10 +743,7 @@ struct CachedDispatchFunction : public torch::autograd::Function<CachedDispatchF
         handle[5], buffer, num_worst_tokens, config));
     mark_non_differentiable(ctx, out, {out[1]});
     ctx->set_materialize_grads(false);
-    ctx->saved_data["buffer"] = buffer;
-    ctx->saved_data["num_worst_tokens"] = num_worst_tokens;
-    ctx->saved_data["config"] = config;
-    ctx->saved_data["has_weights"] = topk_weights.has_value();
+    save_normal_args(ctx, buffer, num_worst_tokens, config, topk_weights.has_value());
     variable_list saved{out[0], out[2]};
     saved.insert(saved.end(), handle.begin(), handle.end());
     ctx->save_for_backward(saved);
@@ -761,9 +759,7 @@ struct CachedDispatchFunction : public torch::autograd::Function<CachedDispatchF
     const auto out = call_op("combine", with(
         {{"x", grads[0].defined() ? grads[0] : at::zeros_like(saved[0])},
          {"topk_weights", weights}, {"bias_0", c10::IValue()}, {"bias_1", c10::IValue()}},
-        handle_args(handle, ctx->saved_data["buffer"].toStringRef(),
-                    ctx->saved_data["num_worst_tokens"].toInt(),
-                    ctx->saved_data["config"].toIntVector())));
+        handle_args(ctx, handle)));
     variable_list result(8);  // x, topk_weights, the handle's six tensors
     result[0] = out[0].toTensor();
     if (has_weights) result[1] = out[1].toTensor();
@@ -783,10 +779,7 @@ struct CombineFunction : public torch::autograd::Function<CombineFunction> {
                                         handle[2], handle[3], handle[4], handle[5], buffer,
                                         num_worst_tokens, config));
     ctx->set_materialize_grads(false);
-    ctx->saved_data["buffer"] = buffer;
-    ctx->saved_data["num_worst_tokens"] = num_worst_tokens;
-    ctx->saved_data["config"] = config;
-    ctx->saved_data["has_weights"] = topk_weights.has_value();
+    save_normal_args(ctx, buffer, num_worst_tokens, config, topk_weights.has_value());
     ctx->saved_data["bias_0"] = bias_0 ? c10::IValue(static_cast<int64_t>(bias_0->scalar_type()))
                                        : c10::IValue();
     ctx->saved_data["bias_1"] = bias_1 ? c10::IValue(static_cast<int64_t>(bias_1->scalar_type()))
@@ -806,9 +799,7 @@ struct CombineFunction : public torch::autograd::Function<CombineFunction> {
     if (has_weights) weights = grads[1].defined() ? grads[1] : at::zeros_like(saved[1]);
     const auto out = call_op("cached_dispatch", with(
         {{"x", grad}, {"x_scales", c10::IValue()}, {"topk_weights", weights}},
-        handle_args(handle, ctx->saved_data["buffer"].toStringRef(),
-                    ctx->saved_data["num_worst_tokens"].toInt(),
-                    ctx->saved_data["config"].toIntVector())));
+        handle_args(ctx, handle)));
     variable_list result(10);  // x, topk_weights, bias_0, bias_1, the handle's six tensors
     result[0] = out[0].toTensor();
     if (has_weights) result[1] = tensor_or_undefined(out[2]);

@@ -92,6 +92,8 @@ is pending. Either way the call raises, never the backward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 _ops = torch.ops.deep_ep
@@ -108,12 +110,14 @@ class _Named:
         self.__dict__.update(zip(names, values))
 
 
-def _argument_names(op: str) -> list[str]:
-    return [a.name for a in getattr(_ops, op).default._schema.arguments]
+@functools.cache  # read once per op: setup_context runs on every call with grad
+def _argument_names(op: str) -> tuple[str, ...]:
+    return tuple(a.name for a in getattr(_ops, op).default._schema.arguments)
 
 
-def _return_names(op: str) -> list[str]:
-    return [r.name for r in getattr(_ops, op).default._schema.returns]
+@functools.cache
+def _return_names(op: str) -> tuple[str, ...]:
+    return tuple(r.name for r in getattr(_ops, op).default._schema.returns)
 
 
 def _inputs(op: str, inputs) -> _Named:

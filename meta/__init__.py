@@ -535,15 +535,16 @@ def _clean_low_latency_buffer(workspace, buffer, num_max, hidden, num_experts):
 # buffer (ranks, bytes) come after, in the reference and the kernels only.
 
 
-def _op_check(check):
+def _op_check(check, op=None):
     """``check_<op>``, first making sure every tensor argument is on one device (the first
     tensor's): mixed devices would otherwise reach a kernel of one of them (a meta tensor among
-    CPU ones runs the fake and returns uninitialised tensors)."""
+    CPU ones runs the fake and returns uninitialised tensors). ``op`` defaults to the name
+    after ``check_`` (a send half shares its fused op's check under its own name)."""
     import functools
     import inspect
 
     names = list(inspect.signature(check).parameters)
-    op = check.__name__[len("check_"):]
+    op = op or check.__name__[len("check_"):]
 
     @functools.wraps(check)
     def checked(*args):
@@ -620,12 +621,8 @@ def check_low_latency_dispatch(x, topk_idx, buffer, num_ranks, num_max_dispatch_
                                      num_experts, use_fp8, round_scale, use_ue8m0)
 
 
-@_op_check
-def check_low_latency_dispatch_send(x, topk_idx, buffer, num_ranks,
-                                    num_max_dispatch_tokens_per_rank, num_experts, use_fp8,
-                                    round_scale, use_ue8m0) -> None:
-    _check_low_latency_dispatch_args(x, topk_idx, num_ranks, num_max_dispatch_tokens_per_rank,
-                                     num_experts, use_fp8, round_scale, use_ue8m0)
+check_low_latency_dispatch_send = _op_check(check_low_latency_dispatch.__wrapped__,
+                                            "low_latency_dispatch_send")
 
 
 @_op_check
@@ -646,12 +643,8 @@ def check_low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range,
                                     num_max_dispatch_tokens_per_rank, num_experts)
 
 
-@_op_check
-def check_low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range, buffer,
-                                   num_ranks, num_max_dispatch_tokens_per_rank, num_experts,
-                                   zero_copy) -> None:
-    _check_low_latency_combine_args(x, topk_idx, topk_weights, src_info, layout_range, num_ranks,
-                                    num_max_dispatch_tokens_per_rank, num_experts)
+check_low_latency_combine_send = _op_check(check_low_latency_combine.__wrapped__,
+                                           "low_latency_combine_send")
 
 
 @_op_check

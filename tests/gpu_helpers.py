@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 
 import gpu_distributed
-from gpu_distributed import max_ranks  # noqa: F401  (re-exported for the test modules)
 from deep_ep_ops import Buffer, Config
 from deep_ep_ops._registry import TIMEOUT_ENV
+from test_semantics import _bits  # noqa: F401  (the bit view of the CPU tests, re-exported)
 
 # "0.1": the long GPU runs (pressure iterations, graph replays) at a tenth of their length, e.g.
 # for the one-GPU multi-rank mode, where every rank shares one GPU (scripts/gpu_run.sh sets it
@@ -30,9 +30,6 @@ def scaled(count: int) -> int:
     if not 0 < factor <= 1:
         raise ValueError(f"{SCALE_ENV} must be in (0, 1], got {factor}")
     return max(1, round(count * factor))
-
-
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _show(t: torch.Tensor, index) -> str:
@@ -95,12 +92,6 @@ def _new_buffer(num_nvl_bytes: int, timeout_s: float | None = None) -> Buffer:
             del os.environ[TIMEOUT_ENV]
         else:
             os.environ[TIMEOUT_ENV] = previous
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    if t.dtype == torch.bool:
-        return t.to(torch.uint8)
-    return t.contiguous().view(_INT_OF_SIZE[t.element_size()])
 
 
 class Diffs:

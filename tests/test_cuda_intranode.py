@@ -37,10 +37,10 @@ import gpu_distributed
 from deep_ep_ops import Buffer, EventOverlap, _build, ops, reference
 from deep_ep_ops._registry import TIMEOUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
-from gpu_distributed import run_on_gpus
+from gpu_distributed import max_ranks, run_on_gpus
 from gpu_helpers import (  # noqa: F401  (world_size: the module-scoped fixture)
     Diffs, _assert_no_diffs, _bits, _device, _generator, _grad, _new_buffer, _nvl_bytes,
-    _opcheck_utils, _routing, _sync, max_ranks, scaled, world_size,
+    _opcheck_utils, _routing, _sync, scaled, world_size,
 )
 from test_compile import _train_step
 

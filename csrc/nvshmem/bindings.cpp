@@ -609,11 +609,6 @@ void save_low_latency_args(AutogradContext* ctx, const std::string& buffer, int6
   ctx->saved_data["num_experts"] = num_experts;
 }
 
-NamedArgs with(NamedArgs args, const NamedArgs& more) {
-  args.insert(args.end(), more.begin(), more.end());
-  return args;
-}
-
 // BF16 low_latency_dispatch and its send half: grad x = the sum over the token's copies (a
 // low-latency combine with weight 1 on the first occurrence of each expert). The send half's
 // src_info and layout_range are completed in place by its receive later, so they are held as
@@ -816,24 +811,30 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     if (mode == Direct::kAutograd) deep_ep_ops::bump_versions(mutated);
     return py::bool_(true);
   });
-  module.def("low_latency_combine", [](const Tensor& x, const Tensor& topk_idx,
-                                       const Tensor& topk_weights, const Tensor& src_info,
-                                       const Tensor& layout_range, const std::string& buffer,
-                                       int64_t num_ranks, int64_t num_max, int64_t num_experts,
-                                       bool zero_copy) -> py::object {
-    switch (deep_ep_ops::eager_direct_mode(x, topk_idx, topk_weights, src_info, layout_range)) {
-      case Direct::kPlain:
-        return py::cast(deep_ep_ops::low_latency_combine(
-            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
-            num_experts, zero_copy));
-      case Direct::kAutograd:
-        return py::cast(deep_ep_ops::LowLatencyCombineFunction::apply(
-            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
-            num_experts, zero_copy, false));
-      case Direct::kOps: break;
-    }
-    return py::none();
-  });
+  // The functional combine and its send half: one entry each, the same code.
+  auto combine_entry = [](bool send_only) {
+    const auto kernel =
+        send_only ? deep_ep_ops::low_latency_combine_send : deep_ep_ops::low_latency_combine;
+    return [kernel, send_only](const Tensor& x, const Tensor& topk_idx,
+                               const Tensor& topk_weights, const Tensor& src_info,
+                               const Tensor& layout_range, const std::string& buffer,
+                               int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                               bool zero_copy) -> py::object {
+      switch (deep_ep_ops::eager_direct_mode(x, topk_idx, topk_weights, src_info,
+                                             layout_range)) {
+        case Direct::kPlain:
+          return py::cast(kernel(x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                                 num_ranks, num_max, num_experts, zero_copy));
+        case Direct::kAutograd:
+          return py::cast(deep_ep_ops::LowLatencyCombineFunction::apply(
+              x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+              num_experts, zero_copy, send_only));
+        case Direct::kOps: break;
+      }
+      return py::none();
+    };
+  };
+  module.def("low_latency_combine", combine_entry(false));
   module.def("low_latency_combine_out", [](const Tensor& x, const Tensor& topk_idx,
                                            const Tensor& topk_weights, const Tensor& src_info,
                                            const Tensor& layout_range, const std::string& buffer,
@@ -846,24 +847,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                          buffer, num_ranks, num_max, num_experts, zero_copy, out);
     return py::object(py::bool_(true));
   });
-  module.def("low_latency_combine_send", [](const Tensor& x, const Tensor& topk_idx,
-                                            const Tensor& topk_weights, const Tensor& src_info,
-                                            const Tensor& layout_range, const std::string& buffer,
-                                            int64_t num_ranks, int64_t num_max,
-                                            int64_t num_experts, bool zero_copy) -> py::object {
-    switch (deep_ep_ops::eager_direct_mode(x, topk_idx, topk_weights, src_info, layout_range)) {
-      case Direct::kPlain:
-        return py::cast(deep_ep_ops::low_latency_combine_send(
-            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
-            num_experts, zero_copy));
-      case Direct::kAutograd:
-        return py::cast(deep_ep_ops::LowLatencyCombineFunction::apply(
-            x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
-            num_experts, zero_copy, true));
-      case Direct::kOps: break;
-    }
-    return py::none();
-  });
+  module.def("low_latency_combine_send", combine_entry(true));
   module.def("low_latency_combine_recv", [](const Tensor& combined_x, const Tensor& topk_idx,
                                             const Tensor& topk_weights,
                                             const std::string& buffer) -> py::object {

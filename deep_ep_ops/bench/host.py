@@ -240,6 +240,18 @@ def _line_up(device, group) -> None:
         torch.cuda.synchronize(device)
 
 
+def _call_phases(phases: list[Phase], num_calls: int) -> list[float]:
+    """``num_calls`` back-to-back calls of ``phases``; the seconds spent in each phase."""
+    spent = [0.0] * len(phases)
+    for _ in range(num_calls):
+        value = None
+        for p, (_, fn) in enumerate(phases):
+            start = time.perf_counter()
+            value = fn(value)
+            spent[p] += time.perf_counter() - start
+    return spent
+
+
 def _time_host_blocks(phases: list[Phase], num_calls: int, repeats: int, device, group,
                       sleep: Optional[_GpuSleep], estimate_us: float):
     """Per repeat, the wall µs per call of each phase over ``num_calls`` back-to-back calls.
@@ -253,14 +265,7 @@ def _time_host_blocks(phases: list[Phase], num_calls: int, repeats: int, device,
         done = None
         if sleep is not None:  # long enough for every call, whatever the GPU does per call
             done = sleep(min(2 * num_calls * estimate_us + 10_000, HOST_MAX_SLEEP_US))
-        spent = [0.0] * len(phases)
-        for _ in range(num_calls):
-            value = None
-            for p, (_, fn) in enumerate(phases):
-                start = time.perf_counter()
-                value = fn(value)
-                spent[p] += time.perf_counter() - start
-            value = None
+        spent = _call_phases(phases, num_calls)
         if done is not None and done.query():
             went_idle = True
         samples.append([t / num_calls * 1e6 for t in spent])
@@ -315,15 +320,8 @@ def _time_host_synced(phases: list[Phase], num_calls: int, repeats: int, device,
     samples = []
     for _ in range(repeats):
         _line_up(device, group)
-        spent = [0.0] * len(phases)
         start = time.perf_counter()
-        for _ in range(num_calls):
-            value = None
-            for p, (_, fn) in enumerate(phases):
-                begin = time.perf_counter()
-                value = fn(value)
-                spent[p] += time.perf_counter() - begin
-            value = None
+        spent = _call_phases(phases, num_calls)
         torch.cuda.synchronize(device)
         wall = (time.perf_counter() - start) / num_calls * 1e6
         samples.append((wall, [t / num_calls * 1e6 for t in spent]))
