@@ -277,8 +277,9 @@ using DispatchResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 
 void check_payload(const at::Tensor& x, const c10::optional<at::Tensor>& x_scales,
                    const c10::optional<at::Tensor>& topk_weights) {
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must have 2 dims, got shape ", shape(x));
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor");
+  // The dtypes meta.ANY_DTYPES lists (the Python check rewords the message).
+  check_tensor(x, "x", 2, {at::kBFloat16, at::kHalf, at::kFloat, at::kDouble, at::kFloat8_e4m3fn,
+                           at::kByte, at::kChar, at::kInt, at::kLong});
   const bool fp8 = x.scalar_type() == at::kFloat8_e4m3fn;
   TORCH_CHECK_VALUE(!fp8 || x_scales.has_value(),
                     "x is float8_e4m3fn, so x_scales must be given");

@@ -2,7 +2,8 @@
 # On a GPU machine: build the extensions, run the GPU tests and the benchmark, write logs to the
 # directory given as the argument and print a short table last.
 #   scripts/gpu_run.sh OUT_DIR [extra bench arguments...]
-# Environment: GPU_TESTS (pytest targets, default "tests"; "none" skips the tests),
+# Environment: GPU_TESTS (pytest targets, default "tests"; "none" skips the tests), GPU_TESTS_K
+# (a pytest -k expression),
 # BENCH_MODES (default "normal low-latency"; "none" skips the benchmark), EXAMPLES (1: run the
 # two decode examples on every GPU, the default; 0: skip), GPU_TESTS_TIMEOUT_S, BENCH_TIMEOUT_S,
 # DEEP_EP_OPS_GPU_WORLD_SIZES (e.g. "4": the multi-GPU tests at 4 ranks only), and DEEPEP (an
@@ -82,8 +83,9 @@ tests_rc=skipped
 if [ "${GPU_TESTS:-tests}" != none ]; then
   start_mps
   # shellcheck disable=SC2086
-  timeout "${GPU_TESTS_TIMEOUT_S:-420}" python3 -m pytest -q -m gpu --durations=15 ${GPU_TESTS:-tests} \
-    > "$out/gpu_tests.log" 2>&1
+  # SIGINT first: pytest still prints the failures and the slowest tests when time runs out.
+  timeout -s INT -k 30 "${GPU_TESTS_TIMEOUT_S:-420}" python3 -m pytest -v -rfE --tb=short -m gpu \
+    --durations=15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} ${GPU_TESTS:-tests} > "$out/gpu_tests.log" 2>&1
   tests_rc=$?
   stop_mps  # the bench and the examples run without MPS
   grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -3

@@ -1554,8 +1554,14 @@ def _ll_timeout_job(rank, num_ranks, scenario):
     x = _token_rows(num_max, hidden, g, device)
     topk = _ll_routing("random", num_max, num_experts, num_topk, num_ranks, g, device)
     weights = torch.rand(num_max, num_topk, generator=g, device=device)
-    # Everyone together first (one-time setup, the buffer's shapes), then rank 0 alone.
+    # Everyone together first (one-time setup, the buffer's shapes), then rank 0 alone. The
+    # barriers line the ranks up at each warm-up call: with four processes on one GPU, a rank's
+    # first launch of a kernel can come seconds after its peers', past the 3 s timeout.
+    _sync(device)
+    dist.barrier()
     out = ops.low_latency_dispatch(name, x, topk, num_max, num_experts, use_fp8=False)
+    _sync(device)
+    dist.barrier()
     ops.low_latency_combine(name, out.recv_x, topk, weights, out.handle)
     _sync(device)
     dist.barrier()  # over NCCL: nobody is inside a low-latency kernel any more
