@@ -2,35 +2,28 @@
 
 Ops take ``str buffer``; the name resolves here to the process group, the rank and the
 communication memory. Nothing else is global: several communicators may live at once.
+
+Creation (``create``) meets the peers through the group's store within the timeout and gives
+each buffer its own gloo group; the per-process progress server lets a failed exchange name
+the ranks it waited for (docs/DESIGN.md §4).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
+import socket
 import threading
+import time
 
 import torch
 import torch.distributed as dist
 
 _COMMUNICATORS: dict[str, Communicator] = {}
-_NEXT_ID = 0  # the least id this process may give a new buffer
-_NEXT_ID_LOCK = threading.Lock()
-
-
-def _agreed_name(group: dist.ProcessGroup) -> str:
-    """A buffer name identical on every rank of ``group`` and new in every rank's registry,
-    whatever each process created before: the largest of the ranks' next ids (collective)."""
-    global _NEXT_ID
-    with _NEXT_ID_LOCK:
-        local = _NEXT_ID
-    ids: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(ids, local, group=group)
-    agreed = max(ids)
-    with _NEXT_ID_LOCK:
-        _NEXT_ID = max(_NEXT_ID, agreed + 1)
-    return f"deep_ep_buffer_{agreed}"
+_CREATIONS: dict[str, int] = {}  # buffers created so far per process group (by group name)
+_LOCK = threading.Lock()
 
 TIMEOUT_ENV = "DEEP_EP_OPS_TIMEOUT_S"
 DEFAULT_TIMEOUT_S = 300.0
@@ -45,6 +38,60 @@ def timeout_from_env() -> datetime.timedelta:
     if seconds <= 0:
         raise ValueError(f"{TIMEOUT_ENV} must be positive, got {raw!r}")
     return datetime.timedelta(seconds=seconds)
+
+
+class _ProgressServer:
+    """Answers peers asking where this process stands in a buffer's calls (one per process, a
+    daemon thread on an ephemeral TCP port). Error messages use it to name the rank a call
+    waits for; it costs nothing per op call (it reads the communicator's fields)."""
+
+    _instance: "_ProgressServer | None" = None
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("0.0.0.0", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, name="deep_ep_ops progress", daemon=True).start()
+
+    @classmethod
+    def get(cls) -> "_ProgressServer":
+        with _LOCK:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                try:
+                    conn.settimeout(1.0)
+                    name = conn.recv(256).decode(errors="replace").strip()
+                    comm = _COMMUNICATORS.get(name)
+                    conn.sendall(json.dumps(None if comm is None else comm.progress()).encode())
+                except OSError:
+                    pass
+
+
+def _ask(host: str, port: int, name: str, deadline: float):
+    """A peer's progress on buffer ``name``: a dict, or why there is none ("gone": nothing
+    listens any more; "silent": no answer before ``deadline``)."""
+    try:
+        with socket.create_connection((host, port), timeout=max(0.05, deadline - time.monotonic())) as conn:
+            conn.sendall(name.encode() + b"\n")
+            reply = b""
+            while chunk := conn.recv(4096):
+                reply += chunk
+        return json.loads(reply.decode()) if reply else "silent"
+    except ConnectionRefusedError:
+        return "gone"
+    except (OSError, ValueError):
+        return "silent"
 
 
 @dataclasses.dataclass
@@ -62,9 +109,16 @@ class Communicator:
     timeout: datetime.timedelta
     # Low-latency workspace (the zero-copy combine buffer lives in it on the reference path).
     workspace: torch.Tensor
-    # Peer tracking for timeout messages: every op call publishes this rank's call count.
-    store: dist.Store | None = None
+    # The buffer's own gloo group over the same ranks, its collectives bounded by ``timeout``
+    # (gloo's own limit too, so an abandoned exchange never outlives it): the reference's
+    # exchanges on host groups, and destroy's barrier on every group.
+    pg: dist.ProcessGroup | None = None
+    # Every rank's progress server (host, port), for messages naming the rank a call waits for.
+    peers: list = dataclasses.field(default_factory=list)
+    # This rank's progress: calls made, the last op, and the error it raised, if any.
     num_calls: int = 0
+    op: str = ""
+    error: str = ""
     # The group's collectives run on the host (not NCCL): the reference stages CUDA tensors
     # through host copies.
     host_collectives: bool = False
@@ -73,25 +127,132 @@ class Communicator:
     broken: bool = False
 
     def enter(self, op: str) -> None:
-        """Mark the start of a collective op, so that a timeout can name the lagging peers."""
-        self.num_calls += 1
-        if self.store is not None:
-            self.store.set(self._key(self.rank), f"{self.num_calls}:{op}")
+        """Mark the start of a collective op (local only: peers read it when they must)."""
+        self.num_calls, self.op, self.error = self.num_calls + 1, op, ""
 
-    def lagging_peers(self) -> list[str]:
-        if self.store is None:
-            return []
-        lagging = []
-        for peer in range(self.num_ranks):
-            if peer == self.rank:
-                continue
-            calls, _, op = self.store.get(self._key(peer)).decode().partition(":")
-            if int(calls) < self.num_calls:
-                lagging.append(f"rank {peer} (at call {calls}{', ' + op if op else ''})")
-        return lagging
+    def failed(self, op: str, error: BaseException, entered: bool) -> None:
+        """Record that this rank's call of ``op`` raised (before its exchange unless
+        ``entered``), so that peers waiting for it can say so."""
+        if not entered:
+            self.num_calls, self.op = self.num_calls + 1, op
+        self.error = f"{type(error).__name__}: {error}"[:400]
 
-    def _key(self, rank: int) -> str:
-        return f"deep_ep_ops/{self.name}/calls/{rank}"
+    def progress(self) -> dict:
+        return {"calls": self.num_calls, "op": self.op, "error": self.error}
+
+    def peer_report(self, budget_s: float = 0.5) -> str:
+        """Where each peer stands relative to this rank's current call, asked within
+        ``budget_s``: the ranks behind, gone, silent or failed, or that all reached it."""
+        deadline = time.monotonic() + budget_s
+        answers: dict = {}
+
+        def ask(peer: int) -> None:
+            host, port = self.peers[peer]
+            answers[peer] = _ask(host, port, self.name, deadline)
+
+        threads = [threading.Thread(target=ask, args=(peer,), daemon=True)
+                   for peer in range(self.num_ranks) if peer != self.rank and self.peers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        problems = []
+        for peer in sorted(answers) + [p for p in range(self.num_ranks)
+                                       if p != self.rank and p not in answers and self.peers]:
+            answer = answers.get(peer, "silent")
+            if answer == "gone":
+                problems.append(f"rank {peer} (its process is gone)")
+            elif answer == "silent" or answer is None:
+                problems.append(f"rank {peer} (does not answer: stalled, frozen or unreachable)"
+                                if answer == "silent" else
+                                f"rank {peer} (has destroyed this buffer, or never made it)")
+            elif answer["calls"] < self.num_calls:
+                at = (f"it is at call {answer['calls']}, {answer['op']}" if answer["calls"] else
+                      "it has made no call on this buffer")
+                problems.append(f"rank {peer} (never reached this call: {at})")
+            elif answer["calls"] == self.num_calls and answer["error"]:
+                problems.append(f"rank {peer} (raised {answer['error']})")
+            elif answer["calls"] > self.num_calls:
+                problems.append(f"rank {peer} (ahead, at call {answer['calls']}, {answer['op']})")
+        if problems:
+            return ", ".join(problems)
+        return "a peer (every peer reached this call and answers; one may be stalled inside it)"
+
+    def exchange_error(self, op: str, error: BaseException) -> Exception:
+        """The error every survivor of a failed exchange raises: the op, this rank and the
+        ranks that are behind, gone, silent or failed (asked within half a second)."""
+        who = self.peer_report()
+        where = f"deep_ep::{op} on buffer {self.name!r} (rank {self.rank}/{self.num_ranks})"
+        if "timed out" in str(error).lower() or "timeout" in str(error).lower():
+            return TimeoutError(
+                f"{where}: timed out after {self.timeout.total_seconds():g} s waiting for "
+                f"{who}; set {TIMEOUT_ENV} to change the limit. Cause: {error}")
+        return RuntimeError(f"{where}: the exchange failed; {who}. Cause: {error}")
+
+
+def _host() -> str:
+    return socket.gethostname()
+
+
+def _address(host: str, port: int) -> tuple[str, int]:
+    return ("127.0.0.1" if host == _host() else host, port)
+
+
+def _group_store(group: dist.ProcessGroup) -> dist.Store:
+    return dist.distributed_c10d._get_process_group_store(group)
+
+
+def _own_store(group: dist.ProcessGroup, timeout: datetime.timedelta) -> dist.Store:
+    """A store connection of the buffer's own over the group's store: gloo's rendezvous blocks
+    its store client while it waits, so two buffers made at once from two threads must not
+    share one (they would wait on each other). Stores other than a TCPStore are shared."""
+    store = _group_store(group)
+    while isinstance(store, dist.PrefixStore):
+        store = store.underlying_store
+    if isinstance(store, dist.TCPStore):
+        return dist.TCPStore(store.host, store.port, is_master=False, timeout=timeout,
+                             wait_for_workers=False)
+    return _group_store(group)
+
+
+def _rendezvous(group: dist.ProcessGroup, rank: int, num_ranks: int,
+                timeout: datetime.timedelta) -> tuple[str, list, dist.ProcessGroup]:
+    """Collectively, through the group's store, every wait bounded by ``timeout``: name the
+    buffer, learn the ranks' progress servers and build the buffer's own gloo group. Every key
+    written is deleted before returning.
+
+    The name is the group's name and the number of buffers this process made on the group
+    before: identical on every rank (creation is collective, so every rank counts the same),
+    whatever each process made on other groups, and unique in the process (safe from several
+    threads, each on its own group)."""
+    server = _ProgressServer.get()
+    with _LOCK:
+        seq = _CREATIONS.get(group.group_name, 0)
+        _CREATIONS[group.group_name] = seq + 1
+    name = f"deep_ep_buffer_{group.group_name}_{seq}"
+    where = f"deep_ep_ops.Buffer {name} (rank {rank}/{num_ranks})"
+    store = dist.PrefixStore(f"deep_ep_ops/{group.group_name}/{seq}/", _own_store(group, timeout))
+    store.set(f"peer/{rank}", json.dumps([_host(), server.port]))
+    keys = [f"peer/{r}" for r in range(num_ranks)]
+    deadline = time.monotonic() + timeout.total_seconds()
+    while not store.check(keys):
+        if time.monotonic() > deadline:
+            missing = [r for r, key in enumerate(keys) if not store.check([key])]
+            raise TimeoutError(
+                f"{where}: rank(s) {', '.join(map(str, missing))} did not create their Buffer "
+                f"within {timeout.total_seconds():g} s; set {TIMEOUT_ENV} to change the limit")
+        time.sleep(0.002)
+    peers = [_address(*json.loads(store.get(key))) for key in keys]
+    pg_store = dist.PrefixStore("pg/", store)
+    try:
+        pg = dist.ProcessGroupGloo(pg_store, rank, num_ranks, timeout)
+        pg.barrier().wait(timeout)  # everyone read the keys and joined the group
+    except RuntimeError as error:
+        raise TimeoutError(f"{where}: the ranks did not all join the buffer's group within "
+                           f"{timeout.total_seconds():g} s ({error})") from error
+    store.delete_key(f"peer/{rank}")
+    pg_store.delete_key(f"0/{rank}")  # gloo's rendezvous key of this rank
+    return name, peers, pg
 
 
 def create(
@@ -103,29 +264,19 @@ def create(
     device: torch.device,
     workspace: torch.Tensor,
 ) -> Communicator:
-    """Collectively create and register a communicator over ``group`` (eager only)."""
-    name = _agreed_name(group)
+    """Collectively create and register a communicator over ``group`` (eager only), within
+    ``DEEP_EP_OPS_TIMEOUT_S`` whatever the peers do."""
     rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
-    store = None
-    if dist.get_backend(group) == dist.Backend.GLOO:
-        # Gloo ops run on the host, so a store write per call costs little and lets a timeout
-        # say which peer is missing. Keys are per buffer name; names repeat only per process.
-        store = dist.PrefixStore(f"deep_ep_ops/{group.group_name}", _group_store(group))
+    timeout = timeout_from_env()
+    name, peers, pg = _rendezvous(group, rank, num_ranks, timeout)
     comm = Communicator(
         name=name, group=group, rank=rank, num_ranks=num_ranks, device=device,
         num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
-        low_latency_mode=low_latency_mode, timeout=timeout_from_env(), workspace=workspace,
-        store=store, host_collectives=dist.get_backend(group) != dist.Backend.NCCL,
+        low_latency_mode=low_latency_mode, timeout=timeout, workspace=workspace, pg=pg,
+        peers=peers, host_collectives=dist.get_backend(group) != dist.Backend.NCCL,
     )
-    if store is not None:
-        store.set(comm._key(rank), "0:")
     _COMMUNICATORS[name] = comm
-    dist.barrier(group=group)
     return comm
-
-
-def _group_store(group: dist.ProcessGroup) -> dist.Store:
-    return dist.distributed_c10d._get_process_group_store(group)
 
 
 def get(name: str) -> Communicator:
@@ -139,6 +290,10 @@ def get(name: str) -> Communicator:
     return comm
 
 
+def lookup(name) -> Communicator | None:
+    """The live communicator named ``name``, or ``None`` (no error)."""
+    return _COMMUNICATORS.get(name) if isinstance(name, str) else None
+
+
 def remove(name: str) -> None:
     _COMMUNICATORS.pop(name, None)
-

@@ -234,13 +234,27 @@ class Buffer:
     # --- life cycle ---------------------------------------------------------------------
 
     def destroy(self) -> None:
-        """Collectively release the buffer; later calls on it raise. Calling it twice is a no-op."""
+        """Collectively release the buffer; later calls on it raise. Calling it twice is a no-op.
+
+        Bounded: the ranks meet within ``DEEP_EP_OPS_TIMEOUT_S``; a buffer broken by a timeout
+        or a failed exchange is released at once, without meeting. When the peers do not all
+        come, the buffer is released here (its memory left to the process exit, as a peer may
+        still use it) and a ``TimeoutError`` names the ranks that did not come."""
         if self._destroyed:
             return
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # no kernel of ours still uses the memory
-        dist.barrier(group=self.group)
-        self._release(free_memory=True)
+        comm, error = self._comm, None
+        if not comm.broken:
+            comm.enter("destroy")
+            try:
+                comm.pg.barrier().wait(comm.timeout)
+            except RuntimeError as cause:
+                comm.broken = True
+                error = comm.exchange_error("destroy", cause)
+        self._release(free_memory=error is None and not comm.broken)
+        if error is not None:
+            raise error from None
 
     def _release(self, free_memory: bool = False) -> None:
         self._destroyed = True

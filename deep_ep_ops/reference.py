@@ -29,26 +29,16 @@ from .config import Config, get_low_latency_rdma_size_hint
 
 
 def _wait(comm: _registry.Communicator, op: str, work) -> None:
-    if comm.device.type != "cpu" and not comm.host_collectives:
+    if not comm.host_collectives:
         work.wait()  # NCCL: orders the current stream; the watchdog enforces the timeout
         return
     try:
-        work.wait(timeout=comm.timeout)
+        work.wait(comm.timeout)
     except RuntimeError as error:
         # The group may hold a half-done collective now: the buffer refuses further calls, as
         # the CUDA kernels' buffers do after a timeout (one behaviour for one event).
         comm.broken = True
-        if "timed out" not in str(error).lower() and "timeout" not in str(error).lower():
-            raise RuntimeError(
-                f"deep_ep::{op} on buffer {comm.name!r} (rank {comm.rank}): {error}"
-            ) from error
-        lagging = comm.lagging_peers()
-        who = ", ".join(lagging) if lagging else "a peer (all peers reached this call)"
-        raise TimeoutError(
-            f"deep_ep::{op} on buffer {comm.name!r} (rank {comm.rank}/{comm.num_ranks}): "
-            f"timed out after {comm.timeout.total_seconds():g} s waiting for {who}; "
-            f"set {_registry.TIMEOUT_ENV} to change the limit. Cause: {error}"
-        ) from error
+        raise comm.exchange_error(op, error) from error
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
@@ -67,8 +57,12 @@ def _all_gather(comm, op: str, t: torch.Tensor) -> torch.Tensor:
     device = t.device
     t = _staged(comm, _wire(t.contiguous()))
     out = t.new_empty((comm.num_ranks * t.numel(),))
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    _wait(comm, op, gather(out, t.view(-1), group=comm.group, async_op=True))
+    if comm.host_collectives:  # the buffer's own gloo group
+        work = comm.pg._allgather_base(out, t.view(-1))
+    else:
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+        work = gather(out, t.view(-1), group=comm.group, async_op=True)
+    _wait(comm, op, work)
     return out.view(comm.num_ranks, *t.shape).to(device)
 
 
@@ -78,10 +72,14 @@ def _all_to_all(comm, op: str, send: torch.Tensor, send_splits=None, recv_splits
     device = send.device
     send = _staged(comm, send)
     out = send.new_empty((rows, *send.shape[1:]))
-    work = dist.all_to_all_single(
-        _wire(out), _wire(send.contiguous()), recv_splits, send_splits, group=comm.group,
-        async_op=True,
-    )
+    if comm.host_collectives:
+        work = comm.pg.alltoall_base(_wire(out), _wire(send.contiguous()), recv_splits or [],
+                                     send_splits or [])
+    else:
+        work = dist.all_to_all_single(
+            _wire(out), _wire(send.contiguous()), recv_splits, send_splits, group=comm.group,
+            async_op=True,
+        )
     _wait(comm, op, work)
     return out.to(device)
 
@@ -931,6 +929,26 @@ def _warning_fallback(name: str, fn):
     return cuda_reference
 
 
+def _noting_failures(name: str, fn):
+    """``fn`` that, when it raises, records it on the buffer it names, so that peers waiting
+    for this rank's exchange can say which rank raised what (``Communicator.failed``)."""
+    index = [a.name for a in getattr(torch.ops.deep_ep, name).default._schema.arguments].index(
+        "buffer")
+
+    @functools.wraps(fn)
+    def noting(*args, **kwargs):
+        comm = _registry.lookup(args[index] if index < len(args) else kwargs.get("buffer"))
+        calls = comm.num_calls if comm is not None else 0
+        try:
+            return fn(*args, **kwargs)
+        except Exception as error:
+            if comm is not None and not comm.broken:
+                comm.failed(name, error, entered=comm.num_calls > calls)
+            raise
+
+    return noting
+
+
 def register(lib: torch.library.Library, dispatch_key: str) -> list[str]:
     """Register this module's ops for ``dispatch_key`` where no kernel is registered yet.
 
@@ -947,6 +965,8 @@ def register(lib: torch.library.Library, dispatch_key: str) -> list[str]:
         fn = globals().get(name)
         if fn is None:
             raise AssertionError(f"deep_ep::{name} has no reference (deep_ep_ops.reference.{name})")
+        if _library.takes_buffer(name):
+            fn = _noting_failures(name, fn)
         if dispatch_key == "CUDA" and (name in CUDA_KERNEL_OPS or name in LOW_LATENCY_KERNEL_OPS):
             fn = _warning_fallback(name, fn)
         lib.impl(name, fn, dispatch_key)

@@ -104,10 +104,14 @@ def test_bad_inputs_raise_clear_errors(num_ranks):
         assert failures == {}
 
 
+_KEPT = []  # buffers a rank keeps alive without calling them
+
+
 def _missing_peer(rank, world_size):
     buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 0)
     if rank == 1:
-        return "skipped"  # this rank never calls dispatch
+        _KEPT.append(buffer)  # alive, but this rank never calls dispatch
+        return "skipped"
     x = torch.randn(T, H, dtype=torch.bfloat16)
     topk = torch.randint(0, E, (T, K))
     layout = ops.get_dispatch_layout(topk, E, world_size)
