@@ -40,15 +40,6 @@ std::mutex state_mutex;
 
 auto& runtimes = *new RuntimeRegistry<NvlRuntime>();  // NVLink runtimes by buffer name (leaked)
 
-const char* op_name(int op) {
-  switch (op) {
-    case kOpDispatch: return "deep_ep::dispatch";
-    case kOpCapacityDispatch: return "deep_ep::capacity_dispatch";
-    case kOpCachedDispatch: return "deep_ep::cached_dispatch";
-    case kOpCombine: return "deep_ep::combine";
-    default: return "deep_ep::get_dispatch_layout";
-  }
-}
 
 
 // Raise (once) an error a kernel reported since the last call; returns the device word.
@@ -838,9 +829,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
      "Config.get_nvl_buffer_size_hint)");
   module.def("op_names", [] {
     std::map<int, std::string> names;
-    for (int op : {0, int(deep_ep_ops::kOpDispatch), int(deep_ep_ops::kOpCapacityDispatch),
-                   int(deep_ep_ops::kOpCachedDispatch), int(deep_ep_ops::kOpCombine)})
-      names[op] = deep_ep_ops::op_name(op);
+    for (int op = 0; op < deep_ep_ops::kNumOps; ++op) names[op] = deep_ep_ops::op_name(op);
     return names;
   }, "The op names device error reports use, by op id (tests hold them to the op table)");
   module.def("set_check", &deep_ep_ops::set_check,

@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include "generated/op_table.h"  // written by setup.py from the op table
+
 namespace deep_ep_ops {
 
 constexpr int kLowLatencyMaxTopk = 16;      // top-k entries a message carries
@@ -13,10 +15,7 @@ constexpr int kLowLatencyMaxTokens = 1024;  // tokens per rank (num_max_dispatch
 constexpr int kLowLatencyMaxRanks = 64;
 constexpr int kLowLatencyMaxMembers = 8192;  // num_ranks * num_max_dispatch_tokens_per_rank
 
-enum LowLatencyOp : int {
-  kOpLowLatencyDispatch = 11,
-  kOpLowLatencyCombine = 12,
-};
+// Op ids (kOpLowLatencyDispatch, ...): generated/op_table.h.
 
 // Byte offsets of the kernels' regions inside one rank's symmetric allocation (the same on
 // every rank). The regions sit at the end of the allocation, after the zero-copy combine area
@@ -69,7 +68,7 @@ struct LowLatency {
   LowLatencyLayout layout;
   uint64_t timeout_ns;
   int* error;             // the device error word (kErrorWordInts ints, mapped host memory)
-  int op;                 // LowLatencyOp, for error reports
+  int op;                 // OpId of the call, for error reports
   int num_sms;            // blocks of a launch at most
 };
 

@@ -27,10 +27,6 @@ namespace {
 
 auto& runtimes = *new RuntimeRegistry<LowLatencyRuntime>();  // leaked: see RuntimeRegistry
 
-const char* op_name(int op) {
-  return op == kOpLowLatencyCombine ? "deep_ep::low_latency_combine"
-                                    : "deep_ep::low_latency_dispatch";
-}
 
 // Raise (once) an error a kernel reported since the last call; returns the device word.
 int* checked_error_word(const std::string& op, int device) {
@@ -737,9 +733,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "get_low_latency_rdma_size_hint)");
   module.def("op_names", [] {
     std::map<int, std::string> names;
-    for (int op : {int(deep_ep_ops::kOpLowLatencyDispatch),
-                   int(deep_ep_ops::kOpLowLatencyCombine)})
-      names[op] = deep_ep_ops::op_name(op);
+    for (int op = 0; op < deep_ep_ops::kNumOps; ++op) names[op] = deep_ep_ops::op_name(op);
     return names;
   }, "The op names device error reports use, by op id (tests hold them to the op table)");
   module.def("set_check", &deep_ep_ops::set_check,
