@@ -20,6 +20,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "generated/build_id.h"  // written by setup.py
 #include "kernels/api.h"
 #include "autograd.h"
 #include "runtime.h"
@@ -816,6 +817,7 @@ TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA kernels of deep_ep_ops (registered for the deep_ep ops on import)";
+  module.attr("source_hash") = deep_ep_ops::kSourceHash;  // the sources it was built from
   module.def("intranode_create", &deep_ep_ops::intranode_create,
              "Allocate a buffer's NVLink memory; returns its IPC handle");
   module.def("intranode_open", &deep_ep_ops::intranode_open,

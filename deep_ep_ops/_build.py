@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 
 import torch
+
+from . import _sources
 
 
 def _load(name: str):
@@ -27,11 +30,22 @@ HAS_LOW_LATENCY_KERNELS = _C_nvshmem is not None
 CUDA_REFERENCE_OPS: tuple[str, ...] = ()  # filled by deep_ep_ops/__init__.py
 
 
+def _sources_line() -> str:
+    """Which sources the extensions were built from, and whether those beside the package (an
+    editable install) are still them."""
+    built = sorted({getattr(m, "source_hash", "unknown") for m in (_C, _C_nvshmem) if m})
+    here = _sources.source_hash(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    state = ("" if here is None else ", the sources here" if built == [here] else
+             f", STALE: the sources here are {here}; rebuild")
+    return f"  built from sources {' and '.join(built)}{state}"
+
+
 def build_info() -> str:
     """A short report of the installed backends."""
     lines = [f"deep_ep_ops: torch {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
     if HAS_CUDA_KERNELS:
         lines.append(f"  CUDA kernels: built ({EXTENSION}): layout and intranode NVLink kernels")
+        lines.append(_sources_line())
         lines.append(
             f"  NVSHMEM kernels: built ({LOW_LATENCY_EXTENSION}): low-latency dispatch/combine"
             if HAS_LOW_LATENCY_KERNELS else

@@ -10,6 +10,7 @@ the ranks it waited for (docs/DESIGN.md §4).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import datetime
 import json
@@ -288,6 +289,15 @@ def get(name: str) -> Communicator:
             "was it destroyed, or created on another process?"
         )
     return comm
+
+
+@atexit.register
+def _release_groups() -> None:
+    """Drop the buffers' own groups while the interpreter is whole (their threads end within
+    the timeout of their last exchange): torn down later, at finalisation, a group whose
+    exchange timed out can abort the process."""
+    for comm in list(_COMMUNICATORS.values()):
+        comm.pg = None
 
 
 def lookup(name) -> Communicator | None:

@@ -10,7 +10,9 @@
 # unpacked DeepEP V1 tree, e.g. .deepep: build DeepEP there and run its tests against DeepEP and
 # against this package, scripts/deepep_suite.py; DEEPEP_PROCESSES ranks, default: the GPUs;
 # DEEPEP_TESTS, DEEPEP_INTRANODE_ARGS: passed on).
-# Python wheels the machine lacks (expecttest) may be carried in .whl/.
+# Python wheels the machine lacks (expecttest) may be carried in .whl/. SAVE_PREBUILT=1 packs
+# the built extensions into OUT_DIR/<source hash>.tar.xz; carried back as .prebuilt/ they are
+# used instead of a rebuild while the sources (deep_ep_ops/_sources.py) are unchanged.
 # One GPU, many ranks: with fewer GPUs than the multi-rank tests' largest world size (default
 # "2,4" on one GPU), the tests run several ranks per GPU under CUDA MPS; this script starts the
 # MPS control daemon (pipe and log directories under /tmp) for the tests and stops it after
@@ -53,10 +55,24 @@ stop_mps() {  # the daemon this script started, and nothing else
   mps_started=0
 }
 start=$(date +%s)
-if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
-  grep -B2 -A8 "error" "$out/build.log" | head -60; echo "BUILD FAILED"; exit 1
+key=$(python3 deep_ep_ops/_sources.py)
+if [ -f ".prebuilt/$key.tar.xz" ]; then  # built earlier from these very sources: no rebuild
+  DEEP_EP_OPS_NO_CUDA=1 python3 -m pip install --no-build-isolation --no-deps -e . \
+    > "$out/build.log" 2>&1 && tar -xJf ".prebuilt/$key.tar.xz" -C deep_ep_ops \
+    || { echo "PREBUILT INSTALL FAILED"; exit 1; }
+  echo "build: prebuilt extensions of sources $key ($(( $(date +%s) - start )) s)"
+else
+  if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
+    grep -B2 -A8 "error" "$out/build.log" | head -60; echo "BUILD FAILED"; exit 1
+  fi
+  echo "build: $(( $(date +%s) - start )) s"
+  if [ "${SAVE_PREBUILT:-0}" = 1 ]; then  # for a later call: carry it back as .prebuilt/
+    (cd deep_ep_ops && XZ_OPT=-T0 tar -cJf "$out/$key.tar.xz" _C*.so)
+    size=$(stat -c %s "$out/$key.tar.xz")
+    if [ "$size" -gt $((16 << 20)) ]; then rm "$out/$key.tar.xz"; echo "prebuilt: $size bytes, too large"
+    else echo "prebuilt: $out/$key.tar.xz ($size bytes)"; fi
+  fi
 fi
-echo "build: $(( $(date +%s) - start )) s"
 python3 -c "import deep_ep_ops; print(deep_ep_ops.build_info())" | tee "$out/build_info.txt"
 deepep_rc=""
 if [ -n "${DEEPEP:-}" ]; then

@@ -25,20 +25,25 @@ from distributed import RankPool, _free_port, _from_bytes
 
 TIMEOUT_S = 2.0
 BOUND_S = TIMEOUT_S + 1.0  # the issue's bound: DEEP_EP_OPS_TIMEOUT_S + 1 s
-E, T, H, K = 8, 6, 256, 2
+E, T, H, K = 12, 6, 256, 2  # 12 experts: a multiple of 2 and 3 ranks
 _KEPT = []  # buffers a rank keeps alive while it does something else
 
 
-def _run(world_size: int, fn, *args, deadline_s: float = 60.0) -> dict:
+def _run(world_size: int, fn, *args, deadline_s: float = 60.0, silent=()) -> dict:
     """``fn(rank, world_size, *args)`` on fresh ranks; rank -> its result, ``("error", text)``
-    or ``None`` (no report before the deadline: frozen, dead or stuck). The ranks are killed
-    afterwards whatever they do."""
+    or ``None`` (no report before the deadline: frozen, dead or stuck; the ``silent`` ranks
+    are not waited for once the others reported). The ranks are killed afterwards whatever
+    they do."""
     pool = RankPool(world_size, {"DEEP_EP_OPS_TIMEOUT_S": str(TIMEOUT_S)})
     try:
         for conn in pool.conns:
             conn.send((fn, args))
         end, results = time.monotonic() + deadline_s, {}
-        for rank, conn in enumerate(pool.conns):
+        order = [r for r in range(world_size) if r not in silent] + list(silent)
+        for rank in order:
+            conn = pool.conns[rank]
+            if rank in silent:
+                end = min(end, time.monotonic() + 1.0)
             try:
                 ready = conn.poll(max(0.0, end - time.monotonic()))
                 status, payload = conn.recv() if ready else (None, None)
@@ -76,8 +81,8 @@ def _outcome(fn) -> dict:
 
 
 def _faulty_peer(rank, world_size, fault):
-    """Rank 1 misbehaves (``fault``) around a dispatch; rank 0 reports its error, then what a
-    second call and destroy() do."""
+    """Rank 1 misbehaves (``fault``) around a dispatch; the others report their error, then
+    what a second call and destroy() do."""
     buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 0)
     x, topk, weights, layout = _inputs(rank, world_size)
     dispatch = lambda: ops.dispatch(buffer.name, x, layout, topk, weights)  # noqa: E731
@@ -112,10 +117,19 @@ FAULTS = {  # fault -> (the error type on rank 0, what its message must say abou
 }
 
 
-@pytest.mark.parametrize("fault", list(FAULTS))
-def test_a_faulty_peer_is_named_within_the_timeout(fault):
-    results = _run(2, _faulty_peer, fault, deadline_s=60)
-    report = results[0]
+@pytest.mark.parametrize("fault, num_ranks", [(fault, 2) for fault in FAULTS]
+                         + [("stalls", 3), ("raises", 3)])
+def test_a_faulty_peer_is_named_within_the_timeout(fault, num_ranks):
+    silent = (1,) if fault in ("freezes", "dies", "dies inside") else ()
+    results = _run(num_ranks, _faulty_peer, fault, deadline_s=60, silent=silent)
+    for rank in range(num_ranks):
+        if rank != 1:  # every survivor names rank 1
+            _check_survivor(fault, results[rank])
+    if fault == "raises":  # the rank that raised got its own clear error, at once
+        assert results[1]["type"] == "ValueError" and results[1]["elapsed"] < 0.5, results[1]
+
+
+def _check_survivor(fault, report):
     assert isinstance(report, dict), report
     kinds, says = FAULTS[fault]
     first = report["first"]
@@ -128,8 +142,6 @@ def test_a_faulty_peer_is_named_within_the_timeout(fault):
     assert second["elapsed"] < 0.5, second
     # destroy() of the broken buffer returns at once (no meeting).
     assert report["destroy"]["type"] is None and report["destroy"]["elapsed"] < 0.5, report
-    if fault == "raises":  # the rank that raised got its own clear error, at once
-        assert results[1]["type"] == "ValueError" and results[1]["elapsed"] < 0.5, results[1]
 
 
 # --- bounded creation and destroy ------------------------------------------------------------
@@ -185,7 +197,8 @@ _EXIT_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_interpreter_exit_after_a_timeout_is_bounded(tmp_path):
+@pytest.mark.parametrize("attempt", range(3))  # it once aborted at random: try it thrice
+def test_interpreter_exit_after_a_timeout_is_bounded(tmp_path, attempt):
     script = tmp_path / "exit_after_timeout.py"
     script.write_text(_EXIT_SCRIPT)
     port = _free_port()
@@ -195,7 +208,7 @@ def test_interpreter_exit_after_a_timeout_is_bounded(tmp_path):
     try:
         out, _ = procs[0].communicate(timeout=120)
         exited = time.time()
-        assert procs[0].returncode == 0, out
+        assert procs[0].returncode == 0, out  # a clean exit, no abort
         failed_at = json.loads(out.strip().splitlines()[-1])["failed_at"]
         assert exited - failed_at <= BOUND_S, (exited - failed_at, out)
         assert procs[1].poll() is None  # the stalled rank was still there all along

@@ -335,3 +335,28 @@ def test_cast_back_bad_dtypes():
     with pytest.raises(TypeError, match="x_scales must have dtype"):
         ops.per_token_cast_back(torch.zeros(2, 128).to(torch.float8_e4m3fn),
                                 torch.zeros(2, 1, dtype=torch.float64))
+
+
+def test_source_hash_follows_the_sources_not_the_generated_headers(tmp_path):
+    """The hash build_info() compares a built extension with: it changes with any source and
+    ignores csrc/generated/ (which setup.py writes from it)."""
+    import shutil
+
+    from deep_ep_ops import _sources
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    copy = tmp_path / "repo"
+    shutil.copytree(os.path.join(root, "csrc"), copy / "csrc",
+                    ignore=shutil.ignore_patterns("generated"))
+    os.makedirs(copy / "deep_ep_ops")
+    shutil.copy(os.path.join(root, "setup.py"), copy / "setup.py")
+    shutil.copy(os.path.join(root, "deep_ep_ops", "_library.py"), copy / "deep_ep_ops")
+    first = _sources.source_hash(str(copy))
+    assert first == _sources.source_hash(root)
+    os.makedirs(copy / "csrc" / "generated")
+    (copy / "csrc" / "generated" / "op_table.h").write_text("// generated\n")
+    assert _sources.source_hash(str(copy)) == first
+    with open(copy / "csrc" / "runtime.h", "a") as f:
+        f.write("// a change\n")
+    assert _sources.source_hash(str(copy)) != first
+    assert _sources.source_hash(str(tmp_path)) is None  # no csrc/: nothing to compare

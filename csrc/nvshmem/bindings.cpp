@@ -17,6 +17,7 @@
 #include <string>
 #include <unordered_map>
 
+#include "generated/build_id.h"  // written by setup.py
 #include "autograd.h"
 #include "nvshmem/api.h"
 #include "nvshmem/runtime.h"
@@ -720,6 +721,7 @@ TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Low-latency NVSHMEM kernels of deep_ep_ops (registered for the deep_ep ops on "
                  "import)";
+  module.attr("source_hash") = deep_ep_ops::kSourceHash;  // the sources it was built from
   module.def("unique_id", &deep_ep_ops::unique_id, "NVSHMEM unique id bytes (rank 0 makes it)");
   module.def("join", &deep_ep_ops::join, "Join the NVSHMEM job: (unique_id, rank, num_ranks, device)");
   module.def("create", &deep_ep_ops::create,
