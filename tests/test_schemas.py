@@ -281,37 +281,24 @@ def test_one_check_per_op_called_first_by_fake_and_reference(monkeypatch):
         monkeypatch.undo()
 
 
-def _setup_functions(*names):
-    """Functions of setup.py, loaded without running setup()."""
-    import ast
-
-    path = os.path.join(os.path.dirname(__file__), os.pardir, "setup.py")
-    tree = ast.parse(open(path).read())
-    body = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name in names]
-    namespace = {"os": os}
-    exec(compile(ast.Module(body=body, type_ignores=[]), path, "exec"), namespace)
-    return [namespace[name] for name in names]
-
-
-def test_cpp_op_ids_are_generated_from_the_op_table(tmp_path):
-    """setup.py writes the C++ op ids and names from the op table (an op's id is its index);
+def test_cpp_op_ids_are_generated_from_the_op_table():
+    """The build writes the C++ op ids and names from the op table (an op's id is its index);
     every kOp constant csrc/ uses is one of them."""
     import glob
     import re
 
-    op_names, write = _setup_functions("_op_names", "_write_op_table")
-    assert op_names() == list(_library.OP_NAMES)
-    header = tmp_path / "op_table.h"
-    write(str(header))
-    text = header.read_text()
+    from deep_ep_ops import _sources
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    assert _sources.op_names(root) == list(_library.OP_NAMES)
+    text = _sources.op_table_header(_sources.op_names(root))
     generated = dict(re.findall(r"  (kOp\w+) = (\d+),", text))
     assert len(generated) == len(_library.OP_NAMES)
     for i, name in enumerate(_library.OP_NAMES):
-        constant = "kOp" + "".join(w.title() for w in name.split("_"))
-        assert generated[constant] == str(i) and f'"deep_ep::{name}",' in text
-    root = os.path.join(os.path.dirname(__file__), os.pardir, "csrc")
+        assert generated[_sources.op_constant(name)] == str(i)
+        assert f'"deep_ep::{name}",' in text
     used = set()
-    for source in glob.glob(os.path.join(root, "**", "*.*"), recursive=True):
+    for source in glob.glob(os.path.join(root, "csrc", "**", "*.*"), recursive=True):
         if "generated" not in source:
             used |= set(re.findall(r"\bkOp[A-Z]\w*", open(source).read()))
     assert used and used <= set(generated), used - set(generated)
