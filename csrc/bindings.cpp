@@ -62,6 +62,15 @@ int* checked_error_word(const char* op, int device) {
     TORCH_CHECK_VALUE(code != kErrorBadHandle, where,
                       ": the handle's send_head and rank_prefix_matrix do not come from one "
                       "dispatch");
+    if (code == kErrorDisagree) {  // capacity mode: found by the notify kernel, raised here
+      static const char* const fields[kNotifyMetaInts] = DEEP_EP_NOTIFY_META_FIELDS;
+      const int field = (value >> 28) & 7;
+      runtimes.mark_broken(device);
+      TORCH_CHECK_VALUE(false, where, ": the ranks disagree on ", fields[field], " (rank ",
+                        num(peer), ": ", num(value & 0x0fffffff), "); every rank must pass the "
+                        "same. The call did not run, and the NVLink buffers on this device are "
+                        "unusable now");
+    }
     if (code == kErrorTimeout) {
       runtimes.mark_broken(device);
       TORCH_CHECK(false, where, ": timed out after ", num(value), " s waiting for rank ",
@@ -248,13 +257,32 @@ int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
 
 // Rows received, written by the notify kernel into mapped memory: the one host wait of the
 // data-dependent dispatch. Bounded, and it raises what the kernel reported.
-int64_t wait_num_recv(const NvlRuntime& runtime, const char* op) {
+// The ranks' disagreement the notify kernel found (num_recv -3), as a ValueError naming the
+// argument, a peer's value and this rank's (`meta`: the call's DispatchLayoutArgs::meta).
+[[noreturn]] void raise_disagreement(const NvlRuntime& runtime, const char* op, const int* meta) {
+  static const char* const fields[kNotifyMetaInts] = DEEP_EP_NOTIFY_META_FIELDS;
+  const DeviceReport report = take_device_report(runtime.device);
+  const int field = (report.value >> 28) & 7, theirs = report.value & 0x0fffffff;
+  auto shown = [&](int v) {
+    return field == 1 ? std::string(c10::toString(static_cast<at::ScalarType>(v)))
+         : field == 7 ? std::string(op_name(v)) : num(v);
+  };
+  TORCH_CHECK_VALUE(report.code != kErrorDisagree, "deep_ep::", op, " on buffer ", runtime.name,
+                    ": the ranks disagree on ", fields[field], " (rank ", num(report.peer), ": ",
+                    shown(theirs), ", rank ", num(runtime.rank), ": ",
+                    shown(field == 5 ? meta[field] & 0x0fffffff : meta[field]),
+                    "); every rank must pass the same");
+  TORCH_CHECK(false, "deep_ep::", op, ": the ranks disagree on the call's arguments");
+}
+
+int64_t wait_num_recv(const NvlRuntime& runtime, const char* op, const int* meta) {
   using clock = std::chrono::steady_clock;
   const auto deadline = clock::now() + std::chrono::nanoseconds(runtime.timeout_ns) +
                         std::chrono::seconds(10);
   while (true) {
     const int value = *runtime.num_recv_host;
     if (value >= 0) return value;
+    if (value == -3) raise_disagreement(runtime, op, meta);
     checked_error_word(op, runtime.device);
     TORCH_CHECK(value != -2, "deep_ep::", op, ": buffer ", runtime.name,
                 " is unusable after a timeout; destroy it and create a new one");
@@ -393,7 +421,8 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   const int64_t channels = num_sms / 2;
   const int64_t num_experts = num_tokens_per_expert ? num_tokens_per_expert->size(0) : 0;
   const int64_t num_local = num_experts / num_ranks;
-  TORCH_CHECK_VALUE(num_ranks + channels + num_local <= kMaxNotifyInts, "deep_ep::", op, ": ",
+  TORCH_CHECK_VALUE(num_ranks + channels + num_local <= kMaxNotifyInts - kNotifyMetaInts,
+                    "deep_ep::", op, ": ",
                     num(num_experts / num_ranks), " experts per rank is more than this build "
                     "supports");
   const auto i32 = x.options().dtype(at::kInt);
@@ -426,9 +455,14 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   layout.num_recv_tokens_per_expert = recv_per_expert.data_ptr<int>();
   layout.counts = counts.data_ptr<int>();
   layout.num_recv_host = num_worst_tokens > 0 ? nullptr : runtime->num_recv_device;
+  const int64_t meta[kNotifyMetaInts] = {
+      x.size(1), static_cast<int64_t>(x.scalar_type()), x_scales ? x_scales->size(1) : 0,
+      topk_idx ? topk_idx->size(1) : 0, num_experts, num_worst_tokens, num_sms, op_id};
+  for (int f = 0; f < kNotifyMetaInts; ++f) layout.meta[f] = static_cast<int>(meta[f]);
   if (num_worst_tokens == 0) *runtime->num_recv_host = -1;
   C10_CUDA_CHECK(launch_dispatch_notify(nvl, layout, stream));
-  const int64_t num_rows = num_worst_tokens > 0 ? num_worst_tokens : wait_num_recv(*runtime, op);
+  const int64_t num_rows =
+      num_worst_tokens > 0 ? num_worst_tokens : wait_num_recv(*runtime, op, layout.meta);
   if (num_worst_tokens == 0) {  // for Buffer.dispatch's host list, without a copy
     runtime->recv_per_expert.resize(num_local);
     for (int64_t l = 0; l < num_local; ++l)

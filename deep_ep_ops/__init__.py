@@ -26,6 +26,8 @@ for _extension in (_library._NVLINK, _library._NVSHMEM):
             _module.set_fallback(_name, getattr(reference, _name))
         if hasattr(_module, "set_check"):  # an extension built before it had checks
             _module.set_check(_name, getattr(meta, f"check_{_name}"))
+if hasattr(getattr(_build, _library._NVSHMEM, None), "set_pin_agreement"):
+    _build._C_nvshmem.set_pin_agreement(reference.agree_on_pinned_shapes)
 _autograd.register()
 
 from .buffer import Buffer, EventOverlap  # noqa: E402

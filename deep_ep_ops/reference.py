@@ -52,17 +52,27 @@ def _staged(comm, t: torch.Tensor) -> torch.Tensor:
     return t.cpu() if comm.host_collectives and t.device.type != "cpu" else t
 
 
+def _host_all_gather(comm, op: str, t: torch.Tensor) -> torch.Tensor:
+    """A host tensor's all_gather over the buffer's own gloo group, bounded by its timeout."""
+    out = t.new_empty((comm.num_ranks * t.numel(),))
+    try:
+        comm.pg._allgather_base(out, t.contiguous().view(-1)).wait(comm.timeout)
+    except RuntimeError as error:
+        comm.broken = True
+        raise comm.exchange_error(op, error) from error
+    return out.view(comm.num_ranks, *t.shape)
+
+
 def _all_gather(comm, op: str, t: torch.Tensor) -> torch.Tensor:
     """``[*shape]`` on each rank -> ``[num_ranks, *shape]`` on every rank."""
     device = t.device
     t = _staged(comm, _wire(t.contiguous()))
-    out = t.new_empty((comm.num_ranks * t.numel(),))
     if comm.host_collectives:  # the buffer's own gloo group
-        work = comm.pg._allgather_base(out, t.view(-1))
-    else:
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        work = gather(out, t.view(-1), group=comm.group, async_op=True)
-    _wait(comm, op, work)
+        return _host_all_gather(comm, op, t).to(device)
+    out = t.new_empty((comm.num_ranks * t.numel(),))
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    work = gather(out, t.view(-1), group=comm.group, async_op=True)
+    work.wait()  # NCCL: orders the current stream; the watchdog enforces the timeout
     return out.view(comm.num_ranks, *t.shape).to(device)
 
 
@@ -111,7 +121,7 @@ def _dtype_code(t: Optional[torch.Tensor]) -> int:
     return -1 if t is None else _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -2
 
 
-def _agree(comm, op: str, **values: int) -> None:
+def _agree(comm, op: str, *, always: bool = False, **values: int) -> None:
     """Every rank checks that all ranks called ``op`` with the same ``values`` (what sizes the
     exchange: shapes, M, hidden, E, num_worst_tokens, the FP8 flags) and raises on every rank a
     ``ValueError`` naming the first argument they disagree on and each rank's value.
@@ -119,8 +129,9 @@ def _agree(comm, op: str, **values: int) -> None:
     On groups whose collectives run on the host (gloo), where mismatched sizes would abort the
     process (gloo's size checks are fatal) or pair the wrong calls: one fixed-size all_gather
     before the op's own exchanges. (NCCL groups serve the CUDA reference, the benchmark's
-    baseline; the kernels agree through their own exchanges.)"""
-    if not comm.host_collectives:
+    baseline; the kernels agree through their own exchanges.) ``always``: on any group, over
+    the buffer's own gloo group (the low-latency kernels' pinning call)."""
+    if not (comm.host_collectives or always):
         return
     names = list(values)
     if len(names) > _AGREED_VALUES:
@@ -128,7 +139,7 @@ def _agree(comm, op: str, **values: int) -> None:
                              f"{_AGREED_VALUES}")
     vector = [_library.OPS_INDEX[op], *(int(values[n]) for n in names)]
     vector += [0] * (_AGREED_VALUES + 1 - len(vector))
-    everyone = _all_gather(comm, op, torch.tensor(vector, dtype=torch.int64)).tolist()
+    everyone = _host_all_gather(comm, op, torch.tensor(vector, dtype=torch.int64)).tolist()
     ops_called = [row[0] for row in everyone]
     if len(set(ops_called)) > 1:
         called = ", ".join(f"rank {r}: {_library.OP_NAMES[c]}" for r, c in enumerate(ops_called))
@@ -947,6 +958,21 @@ def _noting_failures(name: str, fn):
             raise
 
     return noting
+
+
+def agree_on_pinned_shapes(op: str, buffer: str, num_max_dispatch_tokens_per_rank: int,
+                           hidden: int, num_experts: int) -> None:
+    """The low-latency kernels' pinning call (the first on a buffer since its creation or
+    ``clean_low_latency_buffer``; csrc/nvshmem/bindings.cpp calls this): the ranks check, once
+    per pin and over the buffer's own group, that they pin the same shapes, and all raise a
+    ``ValueError`` naming the argument and each rank's value when they do not (the buffer stays
+    unpinned and in step). Later calls must match the pin (a local check): no exchange on the
+    kernels' fast path."""
+    comm = _registry.get(buffer)
+    comm.enter(op)
+    _agree(comm, op, always=True,
+           num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
+           num_experts=num_experts)
 
 
 def register(lib: torch.library.Library, dispatch_key: str) -> list[str]:

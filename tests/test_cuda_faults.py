@@ -68,3 +68,134 @@ def test_creation_and_destroy_are_bounded_and_name_the_ranks(world_size):
         if exit_codes[stage] != [0] * world_size:
             problems.append(f"{stage}: exit codes {exit_codes[stage]} (None: killed)")
     assert not problems, "\n".join(problems)
+
+
+# --- ranks that disagree, on the low-latency kernels ---------------------------------------------
+
+
+def _ll_disagreement(rank, num_ranks):
+    """Rank 0 pins another num_max_dispatch_tokens_per_rank, then calls with another use_fp8:
+    every rank raises a ValueError naming the argument and the ranks' values, and the buffer
+    stays in step (the agreeing call after each works)."""
+    import torch
+
+    from deep_ep_ops import ops
+    from gpu_helpers import _device, _generator, _routing
+
+    device = _device()
+    num_max, hidden, num_topk, num_experts = 16, 512, 4, 4 * num_ranks
+    hint = max(Buffer.get_low_latency_rdma_size_hint(m, hidden, num_ranks, num_experts)
+               for m in (num_max, num_max + 1))
+    buffer = Buffer(dist.group.WORLD, num_rdma_bytes=hint, low_latency_mode=True)
+    g = _generator(device, 5 + rank)
+    x = torch.randn(num_max, hidden, generator=g, device=device).bfloat16()
+    topk = _routing("random", num_max, num_experts, num_topk, num_ranks, g, device)
+    report = {}
+
+    def attempt(label, fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ops.check_device_errors()
+        except Exception as error:  # noqa: BLE001  (the test process checks type and message)
+            report[label] = (type(error).__name__, str(error))
+        else:
+            report[label] = (None, "")
+
+    odd = rank == 0
+    attempt("M", lambda: ops.low_latency_dispatch(buffer.name, x, topk, num_max + odd,
+                                                   num_experts, use_fp8=False))
+    attempt("M agreed", lambda: ops.low_latency_dispatch(buffer.name, x, topk, num_max,
+                                                          num_experts, use_fp8=False))
+    attempt("use_fp8", lambda: ops.low_latency_dispatch(buffer.name, x, topk, num_max,
+                                                         num_experts, use_fp8=odd))
+    attempt("use_fp8 agreed", lambda: ops.low_latency_dispatch(buffer.name, x, topk, num_max,
+                                                                num_experts, use_fp8=True))
+    buffer.destroy()
+    return report
+
+
+def test_low_latency_ranks_that_disagree_all_raise(world_size):
+    if not _build.HAS_LOW_LATENCY_KERNELS:
+        pytest.skip("the NVSHMEM extension is not built")
+    problems = []
+    for rank, report in enumerate(gpu_distributed.run_on_gpus(world_size, _ll_disagreement)):
+        for label, fragments in (("M", ("num_max_dispatch_tokens_per_rank", "rank 0: 17",
+                                        "rank 1: 16")),
+                                 ("use_fp8", ("the ranks disagree on use_fp8",))):
+            kind, message = report[label]
+            if kind != "ValueError" or not all(f in message for f in fragments):
+                problems.append(f"rank {rank} {label}: {kind}: {message!r}")
+        for label in ("M agreed", "use_fp8 agreed"):
+            if report[label][0] is not None:
+                problems.append(f"rank {rank} {label}: {report[label]}")
+    assert not problems, "\n".join(problems)
+
+
+# --- ranks that disagree, on the normal-mode kernels -------------------------------------------
+
+
+def _normal_disagreement(rank, num_ranks, scenario="once"):
+    """Rank 0 dispatches another hidden (the host waits for the counts: every rank raises at
+    the call, and the agreeing call after works), then another num_worst_tokens in capacity
+    mode (no host wait: the error is raised after it, and the buffer refuses calls after)."""
+    import torch
+
+    from deep_ep_ops import ops
+    from deep_ep_ops.config import get_dispatch_config
+    from gpu_helpers import _device, _generator, _nvl_bytes, _routing
+
+    device = _device()
+    num_tokens, hidden, num_topk, num_experts = 64, 256, 2, 4 * num_ranks
+    config = get_dispatch_config(num_ranks).to_list()
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes([config], [4 * hidden], num_ranks))
+    g = _generator(device, 7 + rank)
+    topk = _routing("random", num_tokens, num_experts, num_topk, num_ranks, g, device)
+    weights = torch.rand(num_tokens, num_topk, generator=g, device=device)
+    layout = ops.get_dispatch_layout(topk, num_experts, num_ranks)
+    odd = rank == 0
+    x = torch.randn(num_tokens, hidden, generator=g, device=device).bfloat16()
+    wide = torch.randn(num_tokens, 2 * hidden, generator=g, device=device).bfloat16()
+    report = {}
+
+    def attempt(label, fn):
+        try:
+            fn()
+            torch.cuda.synchronize()
+            ops.check_device_errors()
+        except Exception as error:  # noqa: BLE001  (the test process checks type and message)
+            report[label] = (type(error).__name__, str(error))
+        else:
+            report[label] = (None, "")
+
+    attempt("hidden", lambda: ops.dispatch(buffer.name, wide if odd else x, layout, topk, weights,
+                                           config=config))
+    attempt("hidden agreed", lambda: ops.dispatch(buffer.name, x, layout, topk, weights,
+                                                  config=config))
+    worst = num_tokens * num_ranks
+    attempt("num_worst_tokens", lambda: ops.dispatch(
+        buffer.name, x, layout, topk, weights, num_worst_tokens=worst + odd, config=config))
+    attempt("after", lambda: ops.dispatch(buffer.name, x, layout, topk, weights, config=config))
+    return report  # the buffer is unusable now: no destroy
+
+
+def test_normal_mode_ranks_that_disagree_all_raise(world_size):
+    results, exit_codes = gpu_distributed.run_in_fresh_pools(
+        world_size, {"DEEP_EP_OPS_TIMEOUT_S": str(TIMEOUT_S)},
+        _normal_disagreement, ["once"], timeout=120)
+    problems = []
+    for rank, report in enumerate(results["once"]):
+        want = {"hidden": ("ValueError", "the ranks disagree on hidden", "rank 0: 512"),
+                "num_worst_tokens": ("ValueError", "the ranks disagree on num_worst_tokens"),
+                "after": ("RuntimeError", "unusable")}
+        if rank != 0:
+            want["hidden"] += (f"rank {rank}: 256",)
+        for label, (want_kind, *fragments) in want.items():
+            kind, message = report[label]
+            if kind != want_kind or not all(f in message for f in fragments):
+                problems.append(f"rank {rank} {label}: {kind}: {message!r}")
+        if report["hidden agreed"][0] is not None:
+            problems.append(f"rank {rank} hidden agreed: {report['hidden agreed']}")
+    if exit_codes["once"] != [0] * world_size:
+        problems.append(f"exit codes {exit_codes['once']} (None: killed)")
+    assert not problems, "\n".join(problems)

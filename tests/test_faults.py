@@ -265,3 +265,29 @@ def _keys_left(rank, world_size):
 def test_buffers_leave_no_store_keys():
     results = _run(2, _keys_left)
     assert results[0][0] == results[0][1], results  # rank 0 hosts the store: its count is all
+
+
+# --- the low-latency kernels' pinning call --------------------------------------------------------
+
+
+def _pin_disagreement(rank, world_size):
+    """reference.agree_on_pinned_shapes (the low-latency kernels call it at their pinning
+    call): ranks that pin different shapes all raise naming the argument; agreeing ones pass."""
+    from deep_ep_ops import reference
+
+    buffer = deep_ep.Buffer(dist.group.WORLD, 0, 1 << 20, low_latency_mode=True)
+    odd = rank == 0
+    disagree = _outcome(lambda: reference.agree_on_pinned_shapes(
+        "low_latency_dispatch", buffer.name, 8 + odd, 256, 12))
+    agree = _outcome(lambda: reference.agree_on_pinned_shapes(
+        "low_latency_dispatch", buffer.name, 8, 256, 12))
+    buffer.destroy()
+    return disagree, agree
+
+
+def test_pinned_shapes_must_agree():
+    for rank, (disagree, agree) in _run(2, _pin_disagreement).items():
+        assert disagree["type"] == "ValueError", (rank, disagree)
+        assert ("the ranks disagree on num_max_dispatch_tokens_per_rank (rank 0: 9, rank 1: 8)"
+                in disagree["message"]), (rank, disagree)
+        assert agree["type"] is None, (rank, agree)

@@ -20,6 +20,10 @@ enum DeviceError : int {
   kErrorCapacity = 3,          // capacity mode: more rows than num_worst_tokens; value = rows
   kErrorCountMismatch = 4,     // num_tokens_per_rank disagrees with is_token_in_rank
   kErrorBadHandle = 5,         // send_head / rank_prefix_matrix are not from one dispatch
+  kErrorDisagree = 6,          // a peer called with other arguments. Low-latency dispatch:
+                               // use_fp8, value = (this rank << 8) | the peer's use_fp8;
+                               // normal-mode dispatch: value = (field << 28) | the peer's
+                               // value of it (fields: kNotifyMetaFields)
 };
 constexpr int kErrorWordInts = 4;
 
@@ -44,7 +48,14 @@ cudaError_t launch_get_dispatch_layout(const int64_t* topk_idx, int num_tokens, 
 
 constexpr int kMaxNvlRanks = 8;     // ranks of one NVLink domain
 constexpr int kMaxBlocks = 160;     // blocks (SMs) of one normal-mode call
-constexpr int kMaxNotifyInts = 2048;  // one notify row: num_ranks + channels + local experts
+constexpr int kMaxNotifyInts = 2048;  // one notify row: num_ranks + channels + local experts,
+                                      // then the call's arguments (kNotifyMetaInts)
+// The arguments of a normal-mode dispatch every rank must pass alike, in the last ints of each
+// notify row; the notify kernel compares every peer's with its own.
+constexpr int kNotifyMetaInts = 8;
+#define DEEP_EP_NOTIFY_META_FIELDS                                                          \
+  {"hidden", "x.dtype", "x_scales.size(1)", "topk_idx.size(1)", "num_experts",             \
+   "num_worst_tokens", "config.num_sms", "op"}
 
 // Bytes of the control region at the start of every rank's NVLink allocation (the data region,
 // num_nvl_bytes of staging, follows). The allocation must be zeroed before first use.
@@ -86,7 +97,8 @@ struct DispatchLayoutArgs {
   int* recv_channel_prefix_matrix;
   int* num_recv_tokens_per_expert;
   int* counts;
-  int* num_recv_host;
+  int* num_recv_host;            // -3 from the kernel: the ranks disagree (see meta)
+  int meta[kNotifyMetaInts];     // this call's arguments, DEEP_EP_NOTIFY_META_FIELDS
 };
 cudaError_t launch_dispatch_notify(const Intranode& nvl, const DispatchLayoutArgs& args,
                                    cudaStream_t stream);

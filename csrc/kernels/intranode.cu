@@ -250,15 +250,16 @@ __global__ void __launch_bounds__(kThreads)
 notify(Intranode nvl, DispatchLayoutArgs args) {
   const int num_ranks = nvl.num_ranks, me = nvl.rank, channels = args.num_channels;
   const int num_local = args.num_tokens_per_expert ? args.num_experts / num_ranks : 0;
-  const int row_ints = num_ranks + channels + num_local;
+  const int row_ints = num_ranks + channels + num_local, meta_at = kMaxNotifyInts - kNotifyMetaInts;
   Control* ctl = control(nvl.local);
   __shared__ uint8_t* peer_base[kMaxNvlRanks];
-  __shared__ int parity, aborted, num_recv;
+  __shared__ int parity, aborted, num_recv, disagree;
   __shared__ int my_start[kMaxNvlRanks], recv_offset[kMaxNvlRanks];
   if (threadIdx.x < num_ranks) peer_base[threadIdx.x] = nvl.peers[threadIdx.x];
   if (threadIdx.x == 0) {
     parity = static_cast<int>(ctl->notify_epoch & 1);
     aborted = is_aborted(nvl);
+    disagree = 0;
   }
   __syncthreads();
   if (aborted) {
@@ -273,11 +274,36 @@ notify(Intranode nvl, DispatchLayoutArgs args) {
                         : args.num_tokens_per_expert[dst * num_local + k - num_ranks - channels];
     control(peer_base[dst])->notify_rows[parity][me][k] = value;
   }
+  for (int i = threadIdx.x; i < num_ranks * kNotifyMetaInts; i += blockDim.x)
+    control(peer_base[i / kNotifyMetaInts])->notify_rows[parity][me][meta_at + i % kNotifyMetaInts] =
+        args.meta[i % kNotifyMetaInts];
   if (!barrier(nvl, peer_base)) {
     if (threadIdx.x == 0 && args.num_recv_host) *reinterpret_cast<volatile int*>(args.num_recv_host) = -2;
     return;
   }
   const volatile int(*rows)[kMaxNotifyInts] = ctl->notify_rows[parity];
+  // Every rank compares every peer's arguments with its own, so all of them see a
+  // disagreement: none launches the data kernel (the host raises on -3; capacity mode, which
+  // does not wait, marks the buffer aborted and the next call raises). In step either way.
+  for (int i = threadIdx.x; i < num_ranks * kNotifyMetaInts; i += blockDim.x) {
+    const int src = i / kNotifyMetaInts, f = i % kNotifyMetaInts;
+    const int theirs = rows[src][meta_at + f];
+    if (theirs != args.meta[f] && atomicCAS(&disagree, 0, 1) == 0)
+      report(nvl, kErrorDisagree, src, (f << 28) | (theirs & 0x0fffffff));
+  }
+  __syncthreads();
+  if (disagree) {
+    if (threadIdx.x == 0) {
+      if (args.num_recv_host) {
+        __threadfence_system();
+        *reinterpret_cast<volatile int*>(args.num_recv_host) = -3;
+      } else {
+        atomicExch(&ctl->aborted, 1);
+      }
+      ctl->notify_epoch += 1;
+    }
+    return;
+  }
   for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {
     const int src = i / num_ranks, dst = i % num_ranks;
     int sum = 0;
@@ -848,7 +874,8 @@ size_t intranode_control_bytes() { return kControlBytes; }
 cudaError_t launch_dispatch_notify(const Intranode& nvl, const DispatchLayoutArgs& args,
                                    cudaStream_t stream) {
   if (nvl.num_ranks > kMaxNvlRanks || args.num_channels > kMaxChannels ||
-      nvl.num_ranks + args.num_channels + args.num_experts / nvl.num_ranks > kMaxNotifyInts)
+      nvl.num_ranks + args.num_channels + args.num_experts / nvl.num_ranks >
+          kMaxNotifyInts - kNotifyMetaInts)
     return cudaErrorInvalidValue;
   intranode::count_rows<<<nvl.num_ranks, kThreads, 0, stream>>>(nvl, args);
   intranode::notify<<<1, kThreads, 0, stream>>>(nvl, args);

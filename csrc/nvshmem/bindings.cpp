@@ -37,6 +37,10 @@ int* checked_error_word(const std::string& op, int device) {
     TORCH_CHECK_VALUE(report.code != kErrorExpertOutOfRange, "deep_ep::", op,
                       ": an earlier low-latency call on cuda:", num(device), " saw topk_idx entry ",
                       num(report.value), " outside [-1, num_experts); it was treated as -1");
+    TORCH_CHECK_VALUE(report.code != kErrorDisagree, where, ": the ranks disagree on use_fp8 "
+                      "(rank ", num(report.peer), ": ", report.value & 1 ? "True" : "False",
+                      ", rank ", num(report.value >> 8), ": ", report.value & 1 ? "False" : "True",
+                      "); that call's outputs are invalid; every rank must pass the same");
     TORCH_CHECK_VALUE(report.code != kErrorBadHandle, where, ": token ", num(report.value),
                       " of rank ", num(report.peer), " is routed to an expert here that the "
                       "handle holds no row for: topk_idx does not match the dispatch of the handle");
@@ -142,6 +146,31 @@ int64_t low_latency_bytes_needed(int64_t num_max, int64_t hidden, int64_t num_ra
                                         static_cast<int>(hidden)).bytes;
 }
 
+// The ranks' agreement on the shapes a buffer is pinned to (reference.agree_on_pinned_shapes,
+// registered at import): one exchange over the buffer's own group at the pinning call only
+// (the first since creation or clean_low_latency_buffer), none on later calls. Leaked like the
+// fallbacks.
+py::object& pin_agreement() {
+  static auto* fn = new py::object();
+  return *fn;
+}
+
+void set_pin_agreement(py::object fn) { pin_agreement() = std::move(fn); }
+
+// Raises on every rank when the ranks pin different shapes (a ValueError naming the argument
+// and each rank's value); a failed exchange (timeout, a peer gone) leaves the buffer broken.
+void agree_on_pinned_shapes(const char* op, const std::string& buffer, LowLatencyRuntime& runtime,
+                            int64_t num_max, int64_t hidden, int64_t num_experts) {
+  if (!pin_agreement() || !Py_IsInitialized()) return;
+  py::gil_scoped_acquire gil;
+  try {
+    pin_agreement()(op, buffer, num_max, hidden, num_experts);
+  } catch (py::error_already_set& error) {
+    if (!error.matches(PyExc_ValueError)) runtime.broken = true;
+    throw;
+  }
+}
+
 LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const at::Tensor& x,
                                int64_t hidden, int64_t num_topk, int64_t num_ranks,
                                int64_t num_max, int64_t num_experts) {
@@ -153,6 +182,7 @@ LowLatencyRuntime* runtime_for(const char* op, const std::string& buffer, const 
       num_ranks * num_max > kLowLatencyMaxMembers)
     return nullptr;
   if (runtime->num_max_tokens == 0) {
+    agree_on_pinned_shapes(op, buffer, *runtime, num_max, hidden, num_experts);
     runtime->num_max_tokens = static_cast<int>(num_max);
     runtime->hidden = static_cast<int>(hidden);
     runtime->num_experts = static_cast<int>(num_experts);
@@ -742,6 +772,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,
              "Python implementation of an op for calls the kernels do not take");
+  module.def("set_pin_agreement", &deep_ep_ops::set_pin_agreement,
+             "Python agreement of the ranks on the shapes a buffer's first call pins");
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,
              "Raise an error a low-latency kernel on this device reported since the last call");
   // The op kernels again, called from Python without the dispatcher (see ops._direct in

@@ -257,10 +257,11 @@ __device__ __forceinline__ uint32_t fp8x4(const float* v, float scale) {
 
 // The start of a send half: every rank must have acknowledged reading my call seq - 2 (acks:
 // their words in my region), then the block that claimed the first unit (`publish`) publishes
-// this call's count word to every rank ((seq << 32) | (num_topk << 16) | num_tokens in
-// `counts` [half][me]). False after a timeout.
+// this call's count word to every rank ((seq << 32) | (flags << 24) | (num_topk << 16) |
+// num_tokens in `counts` [half][me]; `flags`: the per-call arguments every rank must pass
+// alike, which the receivers compare with theirs). False after a timeout.
 __device__ bool open_send(const LowLatency& ll, int64_t acks, int64_t counts, uint64_t seq,
-                          int num_topk, int num_tokens, bool publish) {
+                          int num_topk, int num_tokens, bool publish, unsigned flags = 0) {
   __shared__ int ok;
   if (threadIdx.x == 0) ok = 1;
   __syncthreads();
@@ -272,7 +273,8 @@ __device__ bool open_send(const LowLatency& ll, int64_t acks, int64_t counts, ui
   const int64_t mine = counts + 8LL * ((seq & 1) * ll.num_ranks + ll.rank);
   if (publish)
     for (int d = threadIdx.x; d < ll.num_ranks; d += blockDim.x)
-      signal(ll, d, mine, (seq << 32) | (static_cast<uint64_t>(num_topk) << 16) |
+      signal(ll, d, mine, (seq << 32) | (static_cast<uint64_t>(flags & 0xffu) << 24) |
+                              (static_cast<uint64_t>(num_topk) << 16) |
                               static_cast<uint64_t>(num_tokens));
   return true;
 }
@@ -301,7 +303,7 @@ __device__ uint64_t dispatch_send(const LowLatency& ll, const LowLatencyDispatch
 
   const int first = claim(&ctr->claims[0]);
   if (!open_send(ll, ll.layout.dispatch_acks, ll.layout.dispatch_counts, seq, a.num_topk,
-                 a.num_tokens, first == 0))
+                 a.num_tokens, first == 0, a.use_fp8 ? 1u : 0u))
     return 0;
 
   for (int t = first; t < a.num_tokens; t = claim(&ctr->claims[0])) {
@@ -419,10 +421,16 @@ __device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv
     __syncthreads();
     for (int r = tid; r < num_ranks; r += kThreads) {
       const int64_t count = ll.layout.dispatch_counts + 8 * (int64_t(half) * num_ranks + r);
-      if (!wait_at_least(ll, count, seq, r, 32)) ok = 0;
+      const bool arrived = wait_at_least(ll, count, seq, r, 32);
+      if (!arrived) ok = 0;
       const uint64_t word = load_acquire(local_word(ll, count));
       first_pair[r + 1] = static_cast<int>(word & 0xffffu);
       per_source[r] = 0;
+      // A sender that called with another use_fp8 (its messages are laid out for that): the
+      // outputs of this call are invalid; the next call raises. The protocol still completes.
+      const int sender_fp8 = static_cast<int>((word >> 24) & 1u);
+      if (arrived && sender_fp8 != (a.use_fp8 ? 1 : 0))
+        report_error(ll.error, ll.op, kErrorDisagree, r, (me << 8) | sender_fp8);
     }
     __syncthreads();
     if (!ok) return;
