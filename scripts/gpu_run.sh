@@ -11,8 +11,8 @@
 # against this package, scripts/deepep_suite.py; DEEPEP_PROCESSES ranks, default: the GPUs;
 # DEEPEP_TESTS, DEEPEP_INTRANODE_ARGS: passed on).
 # Python wheels the machine lacks (expecttest) may be carried in .whl/. SAVE_PREBUILT=1 packs
-# the built extensions into OUT_DIR/<source hash>.tar.xz; carried back as .prebuilt/ they are
-# used instead of a rebuild while the sources (deep_ep_ops/_sources.py) are unchanged.
+# each built extension into OUT_DIR/<source hash>.<name>.tar.xz; carried back in .prebuilt/
+# they are used instead of a rebuild while the sources (deep_ep_ops/_sources.py) are unchanged.
 # One GPU, many ranks: with fewer GPUs than the multi-rank tests' largest world size (default
 # "2,4" on one GPU), the tests run several ranks per GPU under CUDA MPS; this script starts the
 # MPS control daemon (pipe and log directories under /tmp) for the tests and stops it after
@@ -21,7 +21,7 @@
 set -uo pipefail
 out=${1:?usage: scripts/gpu_run.sh OUT_DIR [extra bench arguments...]}
 shift
-mkdir -p "$out"
+mkdir -p "$out" && out=$(cd "$out" && pwd)  # absolute: the prebuilt archives are written from elsewhere
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
@@ -56,21 +56,22 @@ stop_mps() {  # the daemon this script started, and nothing else
 }
 start=$(date +%s)
 key=$(python3 deep_ep_ops/_sources.py)
-if [ -f ".prebuilt/$key.tar.xz" ]; then  # built earlier from these very sources: no rebuild
+if compgen -G ".prebuilt/$key.*.tar.xz" > /dev/null; then  # built from these very sources
   DEEP_EP_OPS_NO_CUDA=1 python3 -m pip install --no-build-isolation --no-deps -e . \
-    > "$out/build.log" 2>&1 && tar -xJf ".prebuilt/$key.tar.xz" -C deep_ep_ops \
-    || { echo "PREBUILT INSTALL FAILED"; exit 1; }
+    > "$out/build.log" 2>&1 || { echo "PREBUILT INSTALL FAILED"; exit 1; }
+  for archive in .prebuilt/"$key".*.tar.xz; do tar -xJf "$archive" -C deep_ep_ops || exit 1; done
   echo "build: prebuilt extensions of sources $key ($(( $(date +%s) - start )) s)"
 else
   if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
     grep -B2 -A8 "error" "$out/build.log" | head -60; echo "BUILD FAILED"; exit 1
   fi
   echo "build: $(( $(date +%s) - start )) s"
-  if [ "${SAVE_PREBUILT:-0}" = 1 ]; then  # for a later call: carry it back as .prebuilt/
-    (cd deep_ep_ops && XZ_OPT=-T0 tar -cJf "$out/$key.tar.xz" _C*.so)
-    size=$(stat -c %s "$out/$key.tar.xz")
-    if [ "$size" -gt $((16 << 20)) ]; then rm "$out/$key.tar.xz"; echo "prebuilt: $size bytes, too large"
-    else echo "prebuilt: $out/$key.tar.xz ($size bytes)"; fi
+  if [ "${SAVE_PREBUILT:-0}" = 1 ]; then  # for a later call: carry them back as .prebuilt/
+    for so in deep_ep_ops/_C*.so; do  # one archive each (the files that come back are small)
+      name=$(basename "$so" | cut -d. -f1)
+      (cd deep_ep_ops && XZ_OPT="-T0 -9" tar -cJf "$out/$key.$name.tar.xz" "$(basename "$so")")
+      echo "prebuilt: $out/$key.$name.tar.xz ($(stat -c %s "$out/$key.$name.tar.xz") bytes)"
+    done
   fi
 fi
 python3 -c "import deep_ep_ops; print(deep_ep_ops.build_info())" | tee "$out/build_info.txt"
