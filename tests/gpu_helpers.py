@@ -1,5 +1,5 @@
 """Helpers the multi-rank GPU tests share (tests/test_cuda_intranode.py,
-tests/test_cuda_low_latency.py): the world-size fixture, the rank's device and generators,
+tests/test_cuda_low_latency*.py, tests/test_cuda_faults.py): the world-size fixture, the rank's device and generators,
 buffers, the per-rank difference collector, routings and opcheck utilities."""
 
 from __future__ import annotations
