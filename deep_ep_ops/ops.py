@@ -2,6 +2,27 @@
 
 ``buffer`` is the name of a live communicator (``Buffer.name``). Wrappers normalise arguments
 and name results; the semantics live in the ops (docs/DESIGN.md §5).
+
+The path of one call, ``low_latency_dispatch`` (every op with a kernel goes the same way)::
+
+    ops.low_latency_dispatch(buffer, x, topk_idx, ...)        this module: arguments, names
+      | eager, plain tensors, not compiling (_direct)
+      +-> _C_nvshmem.low_latency_dispatch (C++ direct entry, csrc/nvshmem/bindings.cpp)
+      |     no grad needed: the kernel binding below, called directly
+      |     an input requires grad: the same, recorded by a C++ autograd Function whose
+      |       backward calls deep_ep ops (csrc/autograd.h)
+      |     anything else (a dispatch mode, a tensor subclass): None, so on to torch.ops
+      +-> torch.ops.deep_ep.low_latency_dispatch (the dispatcher; schema in _library.OPS)
+            Autograd  _autograd.py: setup_context / backward by argument name
+            Meta, fake (torch.compile)  meta/: check_low_latency_dispatch, then shapes
+            CPU       reference.low_latency_dispatch: the check, then gloo exchanges
+            CUDA      the kernel binding: C++ checks (their wording: the meta check),
+                      the buffer's runtime, the launch on the current stream;
+                      no runtime or a shape the kernels do not take:
+                        call_fallback -> reference.low_latency_dispatch (NCCL, or gloo
+                        staging through the host)
+                      the extension missing or stale: the reference registered for CUDA,
+                        with a CudaFallbackWarning once
 """
 
 from __future__ import annotations
@@ -75,14 +96,14 @@ class LowLatencyDispatchOutput(NamedTuple):
 def _direct(kernels, *tensors):
     """The extension module whose kernel functions an eager call may try directly, or ``None``.
 
-    An eager call that needs no autograd and is not being traced gains nothing from the
-    dispatcher: the extension's direct entries run the same C++ function the op's CUDA
-    registration runs, minus the dispatcher's argument parsing and the Python autograd kernel
-    (about 20 µs of host time per low-latency call). Here: no ``torch.compile`` tracing, and
-    plain ``torch.Tensor`` objects (``type()`` is free; attribute reads are not, under a
-    torch-function mode such as ``torch.set_default_device``). The entries check the rest in
-    C++ (no input requiring grad in grad mode, CUDA tensors, no fake/functional/functorch
-    wrapper, no dispatch mode) and return ``None`` where the call must take ``torch.ops``.
+    An eager call that is not being traced gains nothing from the dispatcher: the extension's
+    direct entries run the same C++ function the op's CUDA registration runs, minus the
+    dispatcher's argument parsing and the Python autograd kernel (about 20 µs of host time per
+    low-latency call); with an input requiring grad they record the backward from C++. Here:
+    no ``torch.compile`` tracing, and plain ``torch.Tensor`` objects (``type()`` is free;
+    attribute reads are not, under a torch-function mode such as ``torch.set_default_device``).
+    The entries check the rest in C++ (CUDA tensors, no fake/functional/functorch wrapper, no
+    dispatch mode) and return ``None`` where the call must take ``torch.ops``.
     """
     if kernels is None or torch.compiler.is_compiling():
         return None
