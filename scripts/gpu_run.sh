@@ -50,7 +50,10 @@ start_mps() {  # one GPU: the multi-rank tests share it under CUDA MPS (only dur
 stop_mps() {  # the daemon this script started, and nothing else
   [ "$mps_started" = 1 ] || return 0
   echo quit | nvidia-cuda-mps-control
-  cp -r "$CUDA_MPS_LOG_DIRECTORY" "$out/mps-log" 2>/dev/null
+  # Its logs only when the tests failed (few files come back from a device call), and not
+  # beside prebuilt archives.
+  [ "${tests_rc:-0}" != 0 ] && [ "${SAVE_PREBUILT:-0}" != 1 ] &&
+    cp -r "$CUDA_MPS_LOG_DIRECTORY" "$out/mps-log" 2>/dev/null
   unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
   mps_started=0
 }
