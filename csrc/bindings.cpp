@@ -43,6 +43,22 @@ auto& runtimes = *new RuntimeRegistry<NvlRuntime>();  // NVLink runtimes by buff
 
 
 
+// One value of a notify row's call arguments (DispatchLayoutArgs::meta), for messages.
+std::string notify_meta_shown(int field, int value) {
+  value &= 0x0fffffff;  // what a disagreement report carries of it
+  return field == 1 ? std::string(c10::toString(static_cast<at::ScalarType>(value)))
+       : field == 7 ? std::string(op_name(value)) : num(value);
+}
+
+// A notify kernel's disagreement report (value = (field << 28) | the peer's value of it):
+// "the ranks disagree on <field> (rank <peer>: <value>".
+std::string disagreement_of(const DeviceReport& report) {
+  static const char* const fields[kNotifyMetaInts] = DEEP_EP_NOTIFY_META_FIELDS;
+  const int field = (report.value >> 28) & 7;
+  return "the ranks disagree on " + std::string(fields[field]) + " (rank " + num(report.peer) +
+         ": " + notify_meta_shown(field, report.value);
+}
+
 // Raise (once) an error a kernel reported since the last call; returns the device word.
 int* checked_error_word(const char* op, int device) {
   const DeviceReport report = take_device_report(device);
@@ -63,13 +79,10 @@ int* checked_error_word(const char* op, int device) {
                       ": the handle's send_head and rank_prefix_matrix do not come from one "
                       "dispatch");
     if (code == kErrorDisagree) {  // capacity mode: found by the notify kernel, raised here
-      static const char* const fields[kNotifyMetaInts] = DEEP_EP_NOTIFY_META_FIELDS;
-      const int field = (value >> 28) & 7;
       runtimes.mark_broken(device);
-      TORCH_CHECK_VALUE(false, where, ": the ranks disagree on ", fields[field], " (rank ",
-                        num(peer), ": ", num(value & 0x0fffffff), "); every rank must pass the "
-                        "same. The call did not run, and the NVLink buffers on this device are "
-                        "unusable now");
+      TORCH_CHECK_VALUE(false, where, ": ", disagreement_of(report), "); every rank must pass "
+                        "the same. The call did not run, and the NVLink buffers on this device "
+                        "are unusable now");
     }
     if (code == kErrorTimeout) {
       runtimes.mark_broken(device);
@@ -255,26 +268,19 @@ int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
   return v;
 }
 
-// Rows received, written by the notify kernel into mapped memory: the one host wait of the
-// data-dependent dispatch. Bounded, and it raises what the kernel reported.
 // The ranks' disagreement the notify kernel found (num_recv -3), as a ValueError naming the
 // argument, a peer's value and this rank's (`meta`: the call's DispatchLayoutArgs::meta).
 [[noreturn]] void raise_disagreement(const NvlRuntime& runtime, const char* op, const int* meta) {
-  static const char* const fields[kNotifyMetaInts] = DEEP_EP_NOTIFY_META_FIELDS;
   const DeviceReport report = take_device_report(runtime.device);
-  const int field = (report.value >> 28) & 7, theirs = report.value & 0x0fffffff;
-  auto shown = [&](int v) {
-    return field == 1 ? std::string(c10::toString(static_cast<at::ScalarType>(v)))
-         : field == 7 ? std::string(op_name(v)) : num(v);
-  };
+  const int field = (report.value >> 28) & 7;
   TORCH_CHECK_VALUE(report.code != kErrorDisagree, "deep_ep::", op, " on buffer ", runtime.name,
-                    ": the ranks disagree on ", fields[field], " (rank ", num(report.peer), ": ",
-                    shown(theirs), ", rank ", num(runtime.rank), ": ",
-                    shown(field == 5 ? meta[field] & 0x0fffffff : meta[field]),
-                    "); every rank must pass the same");
+                    ": ", disagreement_of(report), ", rank ", num(runtime.rank), ": ",
+                    notify_meta_shown(field, meta[field]), "); every rank must pass the same");
   TORCH_CHECK(false, "deep_ep::", op, ": the ranks disagree on the call's arguments");
 }
 
+// Rows received, written by the notify kernel into mapped memory: the one host wait of the
+// data-dependent dispatch. Bounded, and it raises what the kernel reported.
 int64_t wait_num_recv(const NvlRuntime& runtime, const char* op, const int* meta) {
   using clock = std::chrono::steady_clock;
   const auto deadline = clock::now() + std::chrono::nanoseconds(runtime.timeout_ns) +
@@ -863,11 +869,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return deep_ep_ops::nvl_buffer_size_hint(config, hidden_bytes, num_ranks);
   }, "The NVLink bytes the kernels require (tests hold it equal to "
      "Config.get_nvl_buffer_size_hint)");
-  module.def("op_names", [] {
-    std::map<int, std::string> names;
-    for (int op = 0; op < deep_ep_ops::kNumOps; ++op) names[op] = deep_ep_ops::op_name(op);
-    return names;
-  }, "The op names device error reports use, by op id (tests hold them to the op table)");
+  module.def("op_names", &deep_ep_ops::op_names_by_id,
+             "The op names device error reports use, by op id (tests hold them to the op table)");
   module.def("set_check", &deep_ep_ops::set_check,
              "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -110,6 +111,14 @@ Result call_fallback(const char* op, Args&&... args) {
   auto it = fallbacks.find(op);
   TORCH_CHECK(it != fallbacks.end(), "deep_ep::", op, " has no reference fallback registered");
   return it->second(std::forward<Args>(args)...).template cast<Result>();
+}
+
+// The op names device error reports use, by op id (the generated op table; both extensions
+// expose it as op_names, which tests hold to deep_ep_ops._library.OPS).
+std::map<int, std::string> op_names_by_id() {
+  std::map<int, std::string> names;
+  for (int op = 0; op < kNumOps; ++op) names[op] = op_name(op);
+  return names;
 }
 
 // --- one wording for argument errors (meta.check_<op>) ---------------------------------------

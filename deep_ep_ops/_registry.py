@@ -151,22 +151,21 @@ class Communicator:
             host, port = self.peers[peer]
             answers[peer] = _ask(host, port, self.name, deadline)
 
-        threads = [threading.Thread(target=ask, args=(peer,), daemon=True)
-                   for peer in range(self.num_ranks) if peer != self.rank and self.peers]
+        others = [peer for peer in range(self.num_ranks) if peer != self.rank]
+        threads = [threading.Thread(target=ask, args=(peer,), daemon=True) for peer in others]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         problems = []
-        for peer in sorted(answers) + [p for p in range(self.num_ranks)
-                                       if p != self.rank and p not in answers and self.peers]:
-            answer = answers.get(peer, "silent")
+        for peer in others:
+            answer = answers.get(peer, "silent")  # still asking at the deadline: silent
             if answer == "gone":
                 problems.append(f"rank {peer} (its process is gone)")
-            elif answer == "silent" or answer is None:
-                problems.append(f"rank {peer} (does not answer: stalled, frozen or unreachable)"
-                                if answer == "silent" else
-                                f"rank {peer} (has destroyed this buffer, or never made it)")
+            elif answer == "silent":
+                problems.append(f"rank {peer} (does not answer: stalled, frozen or unreachable)")
+            elif answer is None:
+                problems.append(f"rank {peer} (has destroyed this buffer, or never made it)")
             elif answer["calls"] < self.num_calls:
                 at = (f"it is at call {answer['calls']}, {answer['op']}" if answer["calls"] else
                       "it has made no call on this buffer")
@@ -178,6 +177,17 @@ class Communicator:
         if problems:
             return ", ".join(problems)
         return "a peer (every peer reached this call and answers; one may be stalled inside it)"
+
+    def wait(self, op: str, work) -> None:
+        """Wait for ``work`` of the buffer's own group (or a gloo group) within the timeout; on
+        a timeout or a failure the buffer is broken (the group may hold a half-done exchange:
+        further calls raise, as the CUDA kernels' buffers do after a timeout, one behaviour for
+        one event) and the error names the op and the problem peers."""
+        try:
+            work.wait(self.timeout)
+        except RuntimeError as error:
+            self.broken = True
+            raise self.exchange_error(op, error) from error
 
     def exchange_error(self, op: str, error: BaseException) -> Exception:
         """The error every survivor of a failed exchange raises: the op, this rank and the

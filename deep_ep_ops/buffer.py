@@ -248,13 +248,12 @@ class Buffer:
         if not comm.broken:
             comm.enter("destroy")
             try:
-                comm.pg.barrier().wait(comm.timeout)
-            except RuntimeError as cause:
-                comm.broken = True
-                error = comm.exchange_error("destroy", cause)
+                comm.wait("destroy", comm.pg.barrier())
+            except (TimeoutError, RuntimeError) as failed:  # release first, then raise
+                error = failed
         self._release(free_memory=error is None and not comm.broken)
         if error is not None:
-            raise error from None
+            raise error
 
     def _release(self, free_memory: bool = False) -> None:
         self._destroyed = True

@@ -29,16 +29,10 @@ from .config import Config, get_low_latency_rdma_size_hint
 
 
 def _wait(comm: _registry.Communicator, op: str, work) -> None:
-    if not comm.host_collectives:
+    if comm.host_collectives:
+        comm.wait(op, work)
+    else:
         work.wait()  # NCCL: orders the current stream; the watchdog enforces the timeout
-        return
-    try:
-        work.wait(comm.timeout)
-    except RuntimeError as error:
-        # The group may hold a half-done collective now: the buffer refuses further calls, as
-        # the CUDA kernels' buffers do after a timeout (one behaviour for one event).
-        comm.broken = True
-        raise comm.exchange_error(op, error) from error
 
 
 def _wire(t: torch.Tensor) -> torch.Tensor:
@@ -55,11 +49,7 @@ def _staged(comm, t: torch.Tensor) -> torch.Tensor:
 def _host_all_gather(comm, op: str, t: torch.Tensor) -> torch.Tensor:
     """A host tensor's all_gather over the buffer's own gloo group, bounded by its timeout."""
     out = t.new_empty((comm.num_ranks * t.numel(),))
-    try:
-        comm.pg._allgather_base(out, t.contiguous().view(-1)).wait(comm.timeout)
-    except RuntimeError as error:
-        comm.broken = True
-        raise comm.exchange_error(op, error) from error
+    comm.wait(op, comm.pg._allgather_base(out, t.contiguous().view(-1)))
     return out.view(comm.num_ranks, *t.shape)
 
 
@@ -71,8 +61,7 @@ def _all_gather(comm, op: str, t: torch.Tensor) -> torch.Tensor:
         return _host_all_gather(comm, op, t).to(device)
     out = t.new_empty((comm.num_ranks * t.numel(),))
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    work = gather(out, t.view(-1), group=comm.group, async_op=True)
-    work.wait()  # NCCL: orders the current stream; the watchdog enforces the timeout
+    _wait(comm, op, gather(out, t.view(-1), group=comm.group, async_op=True))
     return out.view(comm.num_ranks, *t.shape).to(device)
 
 

@@ -8,6 +8,7 @@ error must come within DEEP_EP_OPS_TIMEOUT_S + 1 s and the ranks must exit clean
 
 from __future__ import annotations
 
+import functools
 import time
 
 import pytest
@@ -51,6 +52,23 @@ def _absent_peer(rank, num_ranks, stage):
 _KEPT = []
 
 
+def _attempt(report: dict, label: str, fn) -> None:
+    """``report[label]``: what ``fn``, a synchronize and a device-error check raised (type name
+    and message), or ``(None, "")``."""
+    import torch
+
+    from deep_ep_ops import ops
+
+    try:
+        fn()
+        torch.cuda.synchronize()
+        ops.check_device_errors()
+    except Exception as error:  # noqa: BLE001  (the test process checks type and message)
+        report[label] = (type(error).__name__, str(error))
+    else:
+        report[label] = (None, "")
+
+
 def test_creation_and_destroy_are_bounded_and_name_the_ranks(world_size):
     stages = ("create", "destroy")
     results, exit_codes = gpu_distributed.run_in_fresh_pools(
@@ -91,16 +109,7 @@ def _ll_disagreement(rank, num_ranks):
     x = torch.randn(num_max, hidden, generator=g, device=device).bfloat16()
     topk = _routing("random", num_max, num_experts, num_topk, num_ranks, g, device)
     report = {}
-
-    def attempt(label, fn):
-        try:
-            fn()
-            torch.cuda.synchronize()
-            ops.check_device_errors()
-        except Exception as error:  # noqa: BLE001  (the test process checks type and message)
-            report[label] = (type(error).__name__, str(error))
-        else:
-            report[label] = (None, "")
+    attempt = functools.partial(_attempt, report)
 
     odd = rank == 0
     attempt("M", lambda: ops.low_latency_dispatch(buffer.name, x, topk, num_max + odd,
@@ -157,16 +166,7 @@ def _normal_disagreement(rank, num_ranks, scenario="once"):
     x = torch.randn(num_tokens, hidden, generator=g, device=device).bfloat16()
     wide = torch.randn(num_tokens, 2 * hidden, generator=g, device=device).bfloat16()
     report = {}
-
-    def attempt(label, fn):
-        try:
-            fn()
-            torch.cuda.synchronize()
-            ops.check_device_errors()
-        except Exception as error:  # noqa: BLE001  (the test process checks type and message)
-            report[label] = (type(error).__name__, str(error))
-        else:
-            report[label] = (None, "")
+    attempt = functools.partial(_attempt, report)
 
     attempt("hidden", lambda: ops.dispatch(buffer.name, wide if odd else x, layout, topk, weights,
                                            config=config))

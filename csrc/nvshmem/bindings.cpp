@@ -763,11 +763,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("low_latency_buffer_bytes", &deep_ep_ops::low_latency_bytes_needed,
              "The symmetric bytes the kernels require (tests hold it equal to "
              "get_low_latency_rdma_size_hint)");
-  module.def("op_names", [] {
-    std::map<int, std::string> names;
-    for (int op = 0; op < deep_ep_ops::kNumOps; ++op) names[op] = deep_ep_ops::op_name(op);
-    return names;
-  }, "The op names device error reports use, by op id (tests hold them to the op table)");
+  module.def("op_names", &deep_ep_ops::op_names_by_id,
+             "The op names device error reports use, by op id (tests hold them to the op table)");
   module.def("set_check", &deep_ep_ops::set_check,
              "Python check of an op (meta.check_<op>): the wording of its argument errors");
   module.def("set_fallback", &deep_ep_ops::set_fallback,
