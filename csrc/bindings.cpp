@@ -288,7 +288,10 @@ int64_t wait_num_recv(const NvlRuntime& runtime, const char* op, const int* meta
   while (true) {
     const int value = *runtime.num_recv_host;
     if (value >= 0) return value;
-    if (value == -3) raise_disagreement(runtime, op, meta);
+    // The notify kernel writes its report before the -3 (checked_error_word would take the
+    // report as a capacity-mode one and break the buffers): this call's disagreement either way.
+    if (value == -3 || error_word(runtime.device).host[0] == kErrorDisagree)
+      raise_disagreement(runtime, op, meta);
     checked_error_word(op, runtime.device);
     TORCH_CHECK(value != -2, "deep_ep::", op, ": buffer ", runtime.name,
                 " is unusable after a timeout; destroy it and create a new one");
