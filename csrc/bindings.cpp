@@ -14,6 +14,7 @@
 #include <chrono>
 #include <map>
 #include <memory>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -60,7 +61,10 @@ std::string disagreement_of(const DeviceReport& report) {
 }
 
 // Raise (once) an error a kernel reported since the last call; returns the device word.
-int* checked_error_word(const char* op, int device) {
+// `this_call`, given by a dispatch waiting for its counts: raises a disagreement the notify
+// kernel reported (before its -3 reaches the host) as that call's, which breaks nothing.
+int* checked_error_word(const char* op, int device,
+                        const std::function<void(const DeviceReport&)>& this_call = {}) {
   const DeviceReport report = take_device_report(device);
   const int code = report.code;
   if (code != kErrorNone) {
@@ -78,6 +82,7 @@ int* checked_error_word(const char* op, int device) {
     TORCH_CHECK_VALUE(code != kErrorBadHandle, where,
                       ": the handle's send_head and rank_prefix_matrix do not come from one "
                       "dispatch");
+    if (code == kErrorDisagree && this_call) this_call(report);
     if (code == kErrorDisagree) {  // capacity mode: found by the notify kernel, raised here
       runtimes.mark_broken(device);
       TORCH_CHECK_VALUE(false, where, ": ", disagreement_of(report), "); every rank must pass "
@@ -270,8 +275,8 @@ int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
 
 // The ranks' disagreement the notify kernel found (num_recv -3), as a ValueError naming the
 // argument, a peer's value and this rank's (`meta`: the call's DispatchLayoutArgs::meta).
-[[noreturn]] void raise_disagreement(const NvlRuntime& runtime, const char* op, const int* meta) {
-  const DeviceReport report = take_device_report(runtime.device);
+[[noreturn]] void raise_disagreement(const NvlRuntime& runtime, const char* op, const int* meta,
+                                     const DeviceReport& report) {
   const int field = (report.value >> 28) & 7;
   TORCH_CHECK_VALUE(report.code != kErrorDisagree, "deep_ep::", op, " on buffer ", runtime.name,
                     ": ", disagreement_of(report), ", rank ", num(runtime.rank), ": ",
@@ -288,11 +293,11 @@ int64_t wait_num_recv(const NvlRuntime& runtime, const char* op, const int* meta
   while (true) {
     const int value = *runtime.num_recv_host;
     if (value >= 0) return value;
-    // The notify kernel writes its report before the -3 (checked_error_word would take the
-    // report as a capacity-mode one and break the buffers): this call's disagreement either way.
-    if (value == -3 || error_word(runtime.device).host[0] == kErrorDisagree)
-      raise_disagreement(runtime, op, meta);
-    checked_error_word(op, runtime.device);
+    // The report comes before the -3: whichever of the two the host sees first raises it.
+    if (value == -3) raise_disagreement(runtime, op, meta, take_device_report(runtime.device));
+    checked_error_word(op, runtime.device, [&](const DeviceReport& report) {
+      raise_disagreement(runtime, op, meta, report);
+    });
     TORCH_CHECK(value != -2, "deep_ep::", op, ": buffer ", runtime.name,
                 " is unusable after a timeout; destroy it and create a new one");
     TORCH_CHECK(clock::now() < deadline, "deep_ep::", op, ": timed out waiting for the row "
