@@ -480,6 +480,11 @@ def test_bench_shared_gpu_report_is_labelled_not_performance():
     assert all(r["vs target"] == "-" for r in host_rows)
     for r in results:
         r.update(backend="cuda", reference_gbps=None)
-    assert bench.NOT_PERFORMANCE in bench.format_table(report).splitlines()[0]
+    results[1]["reference_capture_error"] = "RuntimeError: no capture"
+    table = bench.format_table(report)
+    assert bench.NOT_PERFORMANCE in table.splitlines()[0]
+    # The baseline ran on the gloo group, staged through the host (NCCL refuses shared GPUs).
+    assert "ref: reference/gloo (host-staged)" in table and "NCCL" not in table
+    assert "on reference/gloo (host-staged): RuntimeError: no capture" in table
     with pytest.raises(SystemExit):  # no GPU here (or, on one, no MPS daemon named): refused
         bench.parse_args(["--backend", bench.SHARED_GPU_BACKEND])

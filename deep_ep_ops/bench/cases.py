@@ -18,7 +18,7 @@ from ..buffer import Buffer
 from ..config import Config, get_combine_config, get_dispatch_config
 from .settings import (
     EAGER, GRAPH, GRAPH_SIDE_WARMUP, LOW_LATENCY, NORMAL, Settings, bf16_row_bytes,
-    fp8_row_bytes,
+    fp8_row_bytes, reference_label,
 )
 
 
@@ -564,11 +564,11 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
     label = backend_label(s.on_gpu)
     reference_backend = None
     if s.on_gpu:
-        # The side-by-side baseline (docs/DESIGN.md §11): the reference over NCCL in this process.
+        # The side-by-side baseline (docs/DESIGN.md §11): the reference in this process.
         # It does not depend on the SM count: timed once per op, shown beside every SM row.
         reference_backend = ReferenceBackend(
             buffer.name, s.num_ranks, s.num_experts,
-            "reference/gloo (host-staged)" if s.shared_gpu else "reference/nccl",
+            reference_label(s.shared_gpu),
         )
 
     def sm_counts(case: Case) -> tuple[Optional[int], ...]:

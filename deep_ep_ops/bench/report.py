@@ -10,7 +10,7 @@ from typing import Optional
 
 from .settings import (
     EAGER, GPU_DEFAULTS, GRAPH, NORMAL, NOT_CAPTURABLE, NOT_PERFORMANCE, SHARED_GPU_BACKEND,
-    SM_BUDGET, TARGETS,
+    SM_BUDGET, TARGETS, reference_label,
 )
 
 
@@ -84,13 +84,14 @@ def _align_rows(columns: Sequence[str], rows: list[tuple[str, ...]], right: set[
     return [header, "-" * len(header), *(line(r) for r in rows)]
 
 
-def capture_notes(rows: list[dict]) -> list[str]:
-    """One line per backend and op that did not capture in a CUDA graph, with the reason."""
+def capture_notes(rows: list[dict], reference: str = reference_label(False)) -> list[str]:
+    """One line per backend and op that did not capture in a CUDA graph, with the reason
+    (``reference``: the baseline's label)."""
     notes = []
     for r in rows:
         failures = [(r["backend"], r.get("capture_error"))]
         if r.get("reference_capture_error"):
-            failures.append(("reference/nccl", r["reference_capture_error"]))
+            failures.append((reference, r["reference_capture_error"]))
         for backend, error in failures:
             note = (f"  {op_label(r)} ({r['mode']}, {r['tokens_per_rank']} tokens/rank) on "
                     f"{backend}: {error}")
@@ -118,15 +119,16 @@ def format_table(report: dict) -> str:
         f"of {s['num_experts']} experts, {s['num_iters']} iterations after {s['num_warmup']} "
         "warm-up" + (f" -- {NOT_PERFORMANCE}" if is_shared_gpu_run(report) else "")
     )
+    reference = reference_label(is_shared_gpu_run(report))
     legend = (
         "median us: max over ranks of each rank's median; GB/s: received payload per rank, own "
-        "share included\nSMs: Config.num_sms; ref: the reference on NCCL (one run per op, shown "
+        f"share included\nSMs: Config.num_sms; ref: {reference} (one run per op, shown "
         "beside every SM count); vs ref: ref us / ours (= our GB/s / ref GB/s)\n"
         "send/recv us: the two halves of a split op; [graph]: replays of the same calls "
         "captured in CUDA graphs (one per half), beside the reference's replays"
     )
     lines = [title, legend, *_align_rows(TABLE_COLUMNS, rows, {2, 3, 4, 5, 6, 8, 9, 10})]
-    return "\n".join(lines + capture_notes(report["results"]))
+    return "\n".join(lines + capture_notes(report["results"], reference))
 
 
 def is_cpu_run(report: dict) -> bool:

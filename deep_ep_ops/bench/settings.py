@@ -46,6 +46,12 @@ HOST_MIN_CYCLES_PER_US = 2000.0  # torch.cuda._sleep cycles per µs assumed at l
 SHARED_GPU_BACKEND = "gloo-cuda"
 NOT_PERFORMANCE = "ranks share GPUs under CUDA MPS: correctness run, NOT performance figures"
 
+
+def reference_label(shared_gpu: bool) -> str:
+    """The baseline beside the kernels: the reference over NCCL, or (ranks sharing GPUs, where
+    NCCL refuses) over the buffer's gloo group with the CUDA tensors staged through the host."""
+    return "reference/gloo (host-staged)" if shared_gpu else "reference/nccl"
+
 # Transport settings for the GPU machines: NVLink multicast (NVLS) stays off. Set with
 # ``setdefault`` before the ranks spawn, so a value the user exported wins.
 GPU_ENV_DEFAULTS = {
