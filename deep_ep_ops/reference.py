@@ -110,18 +110,18 @@ def _dtype_code(t: Optional[torch.Tensor]) -> int:
     return -1 if t is None else _DTYPES.index(t.dtype) if t.dtype in _DTYPES else -2
 
 
-def _agree(comm, op: str, *, always: bool = False, **values: int) -> None:
+def _agree(comm, op: str, **values: int) -> None:
     """Every rank checks that all ranks called ``op`` with the same ``values`` (what sizes the
     exchange: shapes, M, hidden, E, num_worst_tokens, the FP8 flags) and raises on every rank a
     ``ValueError`` naming the first argument they disagree on and each rank's value.
 
-    On groups whose collectives run on the host (gloo), where mismatched sizes would abort the
-    process (gloo's size checks are fatal) or pair the wrong calls: one fixed-size all_gather
-    before the op's own exchanges. (NCCL groups serve the CUDA reference, the benchmark's
-    baseline; the kernels agree through their own exchanges.) ``always``: on any group, over
-    the buffer's own gloo group (the low-latency kernels' pinning call)."""
-    if not (comm.host_collectives or always):
-        return
+    One fixed-size all_gather over the buffer's own gloo group, before the op's own exchanges,
+    on every group: on gloo, mismatched sizes would abort the process (gloo's size checks are
+    fatal) or pair the wrong calls; on NCCL they would hang or corrupt. Bounded by the
+    buffer's timeout, and a rank that never comes is named (the NCCL exchanges after it are
+    bounded by NCCL's own watchdog only). Host-side: no GPU sync, nothing captured in a graph
+    (a captured call agrees once, at capture). The kernels agree inside their own exchanges
+    (docs/DESIGN.md §8); the low-latency pinning call comes here too."""
     names = list(values)
     if len(names) > _AGREED_VALUES:
         raise AssertionError(f"deep_ep::{op}: {len(names)} values to agree on, at most "
@@ -959,7 +959,7 @@ def agree_on_pinned_shapes(op: str, buffer: str, num_max_dispatch_tokens_per_ran
     kernels' fast path."""
     comm = _registry.get(buffer)
     comm.enter(op)
-    _agree(comm, op, always=True,
+    _agree(comm, op,
            num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
            num_experts=num_experts)
 

@@ -201,11 +201,17 @@ DISAGREEMENTS = {  # label -> (the argument the error names, fragments of its me
 }
 
 
-def _disagree(rank, world_size, label):
+def _disagree(rank, world_size, label, device_collectives=False):
     """Rank 0 passes one value, the others another; every rank must raise the same ValueError
     naming the argument and each rank's value, then the buffer still works (no process aborts,
-    no rank left out of step)."""
+    no rank left out of step). ``device_collectives``: the reference's exchanges take the path
+    they take on an NCCL group (the group's own collectives, no host staging or bounded
+    waits), which agrees the same way."""
+    from deep_ep_ops import _registry
+
     buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, 1 << 26, low_latency_mode=True)
+    if device_collectives:
+        _registry.get(buffer.name).host_collectives = False
     name, odd, num_e = buffer.name, rank == 0, 24  # 24 experts: a multiple of 2 and 3 ranks
     g = torch.Generator().manual_seed(rank)
     hidden = 2 * H if odd and label == "normal hidden" else H
@@ -247,6 +253,20 @@ def test_ranks_that_disagree_all_raise(num_ranks):
                                                                        timeout=60)):
                 assert problem == "", (label, rank, problem)
                 assert elapsed < 5, (label, rank, elapsed)
+                assert after > 0, (label, rank)
+    finally:
+        pool.close(kill=True)
+
+
+def test_ranks_that_disagree_all_raise_on_device_collectives():
+    """The agreement does not depend on the group's backend: with the exchanges of an NCCL
+    group (modelled on gloo: NCCL needs a GPU per rank), the same errors, in step after."""
+    pool = RankPool(2, {"DEEP_EP_OPS_TIMEOUT_S": "10"})
+    try:
+        for label in ("low-latency M", "normal hidden", "capacity num_worst_tokens"):
+            for rank, (problem, _, after) in enumerate(pool.run(_disagree, label, True,
+                                                                 timeout=60)):
+                assert problem == "", (label, rank, problem)
                 assert after > 0, (label, rank)
     finally:
         pool.close(kill=True)
