@@ -55,11 +55,12 @@ _KEPT = []
 
 def _attempt(report: dict, label: str, fn) -> None:
     """``report[label]``: what ``fn``, a synchronize and a device-error check raised (type name
-    and message), or ``(None, "")``."""
+    and message), or ``(None, "")``; ``report["seconds"][label]``: how long that took."""
     import torch
 
     from deep_ep_ops import ops
 
+    start = time.monotonic()
     try:
         fn()
         torch.cuda.synchronize()
@@ -68,6 +69,17 @@ def _attempt(report: dict, label: str, fn) -> None:
         report[label] = (type(error).__name__, str(error))
     else:
         report[label] = (None, "")
+    report.setdefault("seconds", {})[label] = time.monotonic() - start
+
+
+def _record(world_size: int, case: str, reports: list, labels) -> None:
+    """The fault table's rows of ``labels`` from every rank's report (scripts/gpu_run.sh)."""
+    for rank, report in enumerate(reports):
+        for label in labels:
+            kind, message = report[label]
+            gpu_distributed.record_fault(world_size, f"{case}: {label}", rank,
+                                         f"{kind}: {message}" if kind else "no error",
+                                         report["seconds"][label])
 
 
 def test_creation_and_destroy_are_bounded_and_name_the_ranks(world_size):
@@ -86,6 +98,9 @@ def test_creation_and_destroy_are_bounded_and_name_the_ranks(world_size):
             problems.append(f"{stage}: took {first['elapsed']:.1f} s")
         if exit_codes[stage] != [0] * world_size:
             problems.append(f"{stage}: exit codes {exit_codes[stage]} (None: killed)")
+        gpu_distributed.record_fault(world_size, f"absent at {stage}", 0,
+                                     f"{first['error_type']}: {first['message']}",
+                                     first["elapsed"])
     assert not problems, "\n".join(problems)
 
 
@@ -129,7 +144,9 @@ def test_low_latency_ranks_that_disagree_all_raise(world_size):
     if not _build.HAS_LOW_LATENCY_KERNELS:
         pytest.skip("the NVSHMEM extension is not built")
     problems = []
-    for rank, report in enumerate(gpu_distributed.run_on_gpus(world_size, _ll_disagreement)):
+    reports = gpu_distributed.run_on_gpus(world_size, _ll_disagreement)
+    _record(world_size, "low-latency disagreement", reports, ("M", "use_fp8"))
+    for rank, report in enumerate(reports):
         for label, fragments in (("M", ("num_max_dispatch_tokens_per_rank", "rank 0: 17",
                                         "rank 1: 16")),
                                  ("use_fp8", ("the ranks disagree on use_fp8",))):
@@ -185,6 +202,8 @@ def test_normal_mode_ranks_that_disagree_all_raise(world_size):
         world_size, {"DEEP_EP_OPS_TIMEOUT_S": str(TIMEOUT_S)},
         _normal_disagreement, ["once"], timeout=120)
     problems = []
+    _record(world_size, "normal-mode disagreement", results["once"],
+            ("hidden", "num_worst_tokens", "after"))
     for rank, report in enumerate(results["once"]):
         want = {"hidden": ("ValueError", "the ranks disagree on hidden", "rank 0: 512"),
                 "num_worst_tokens": ("ValueError", "the ranks disagree on num_worst_tokens"),
@@ -247,6 +266,7 @@ def test_data_kernel_ranks_that_disagree_all_raise(world_size, scenario):
         world_size, {"DEEP_EP_OPS_TIMEOUT_S": str(TIMEOUT_S)},
         _data_kernel_disagreement, [scenario], timeout=120)
     problems = []
+    _record(world_size, f"{scenario} disagreement", results[scenario], ("call", "after"))
     for rank, report in enumerate(results[scenario]):
         # Rank 0 hears a peer's 256; every other rank hears rank 0's 512.
         peer_value = r"rank [1-9]\d*: 256" if rank == 0 else r"rank 0: 512"

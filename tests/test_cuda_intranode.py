@@ -1017,6 +1017,8 @@ def test_timeout_names_op_and_missing_peer(world_size):
         if not any(re.search(rf"\brank {peer}\b", message) for peer in missing_peers):
             problems.append(f"{label}: message names no missing peer "
                             f"(rank 1..{world_size - 1}): {message}")
+        gpu_distributed.record_fault(world_size, f"missing peer: {label}", 0,
+                                     f"{first['error_type']}: {message}", first["elapsed"])
         problems += gpu_distributed.timeout_problems(
             label, results[scenario], exit_codes[scenario], TIMEOUT_S
         )

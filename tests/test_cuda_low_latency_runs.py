@@ -796,6 +796,8 @@ def test_missing_peer_times_out_naming_op_and_rank(world_size):
             problems.append(f"{label}: the message does not name {op_pattern}: {message}")
         if not re.search(r"\brank\b", message):
             problems.append(f"{label}: the message names no rank: {message}")
+        gpu_distributed.record_fault(world_size, f"missing peer: {label}", 0,
+                                     f"{first['error_type']}: {message}", first["elapsed"])
         problems += gpu_distributed.timeout_problems(
             label, results[scenario], exit_codes[scenario], LL_TIMEOUT_S
         )
