@@ -18,9 +18,12 @@ import os
 import socket
 import threading
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+
+from . import topology
 
 _COMMUNICATORS: dict[str, Communicator] = {}
 _CREATIONS: dict[str, int] = {}  # buffers created so far per process group (by group name)
@@ -126,6 +129,13 @@ class Communicator:
     # A collective of this buffer timed out or failed: further calls raise (the group may hold
     # a half-done exchange).
     broken: bool = False
+    # Ranks per node (NVLink domain), consecutive: rank = node * num_nvl_ranks + local index.
+    num_nvl_ranks: int = 1
+
+    @property
+    def num_rdma_ranks(self) -> int:
+        """Nodes of the buffer (1: intranode)."""
+        return self.num_ranks // self.num_nvl_ranks
 
     def enter(self, op: str) -> None:
         """Mark the start of a collective op (local only: peers read it when they must)."""
@@ -227,10 +237,12 @@ def _own_store(group: dist.ProcessGroup, timeout: datetime.timedelta) -> dist.St
 
 
 def _rendezvous(group: dist.ProcessGroup, rank: int, num_ranks: int,
-                timeout: datetime.timedelta) -> tuple[str, list, dist.ProcessGroup]:
+                timeout: datetime.timedelta,
+                ranks_per_node: int) -> tuple[str, list, dist.ProcessGroup, int]:
     """Collectively, through the group's store, every wait bounded by ``timeout``: name the
-    buffer, learn the ranks' progress servers and build the buffer's own gloo group. Every key
-    written is deleted before returning.
+    buffer, learn the ranks' progress servers and hosts, agree on the ranks per node (this
+    rank asks for ``ranks_per_node``, 0: from the hosts; ``topology.ranks_per_node``) and build
+    the buffer's own gloo group. Every key written is deleted before returning.
 
     The name is the group's name and the number of buffers this process made on the group
     before: identical on every rank (creation is collective, so every rank counts the same),
@@ -243,7 +255,7 @@ def _rendezvous(group: dist.ProcessGroup, rank: int, num_ranks: int,
     name = f"deep_ep_buffer_{group.group_name}_{seq}"
     where = f"deep_ep_ops.Buffer {name} (rank {rank}/{num_ranks})"
     store = dist.PrefixStore(f"deep_ep_ops/{group.group_name}/{seq}/", _own_store(group, timeout))
-    store.set(f"peer/{rank}", json.dumps([_host(), server.port]))
+    store.set(f"peer/{rank}", json.dumps([_host(), server.port, ranks_per_node]))
     keys = [f"peer/{r}" for r in range(num_ranks)]
     deadline = time.monotonic() + timeout.total_seconds()
     while not store.check(keys):
@@ -253,7 +265,8 @@ def _rendezvous(group: dist.ProcessGroup, rank: int, num_ranks: int,
                 f"{where}: rank(s) {', '.join(map(str, missing))} did not create their Buffer "
                 f"within {timeout.total_seconds():g} s; set {TIMEOUT_ENV} to change the limit")
         time.sleep(0.002)
-    peers = [_address(*json.loads(store.get(key))) for key in keys]
+    entries = [json.loads(store.get(key)) for key in keys]
+    peers = [_address(host, port) for host, port, _ in entries]
     pg_store = dist.PrefixStore("pg/", store)
     try:
         pg = dist.ProcessGroupGloo(pg_store, rank, num_ranks, timeout)
@@ -263,7 +276,10 @@ def _rendezvous(group: dist.ProcessGroup, rank: int, num_ranks: int,
                            f"{timeout.total_seconds():g} s ({error})") from error
     store.delete_key(f"peer/{rank}")
     pg_store.delete_key(f"0/{rank}")  # gloo's rendezvous key of this rank
-    return name, peers, pg
+    # After the group's barrier: every rank has read every key, whatever it raises here.
+    per_node = topology.ranks_per_node([host for host, _, _ in entries],
+                                       [request for _, _, request in entries], where)
+    return name, peers, pg, per_node
 
 
 def create(
@@ -274,17 +290,21 @@ def create(
     low_latency_mode: bool,
     device: torch.device,
     workspace: torch.Tensor,
+    ranks_per_node: Optional[int] = None,
 ) -> Communicator:
     """Collectively create and register a communicator over ``group`` (eager only), within
-    ``DEEP_EP_OPS_TIMEOUT_S`` whatever the peers do."""
+    ``DEEP_EP_OPS_TIMEOUT_S`` whatever the peers do. ``ranks_per_node``: the ``Buffer``
+    argument (``topology``)."""
     rank, num_ranks = dist.get_rank(group), dist.get_world_size(group)
     timeout = timeout_from_env()
-    name, peers, pg = _rendezvous(group, rank, num_ranks, timeout)
+    requested = topology.requested_ranks_per_node(ranks_per_node)
+    name, peers, pg, per_node = _rendezvous(group, rank, num_ranks, timeout, requested)
     comm = Communicator(
         name=name, group=group, rank=rank, num_ranks=num_ranks, device=device,
         num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
         low_latency_mode=low_latency_mode, timeout=timeout, workspace=workspace, pg=pg,
         peers=peers, host_collectives=dist.get_backend(group) != dist.Backend.NCCL,
+        num_nvl_ranks=per_node,
     )
     _COMMUNICATORS[name] = comm
     return comm

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import _build, _registry, ops
 from .config import (
-    NUM_MAX_NVL_PEERS, Config, get_combine_config, get_dispatch_config,
+    Config, get_combine_config, get_dispatch_config,
     get_low_latency_rdma_size_hint,
 )
 
@@ -130,6 +130,7 @@ class Buffer:
         comm=None,
         *,
         device: Union[str, torch.device, None] = None,
+        num_ranks_per_node: Optional[int] = None,
     ) -> None:
         if group is None or not dist.is_initialized():
             raise ValueError("group must be an initialised torch.distributed process group")
@@ -151,8 +152,13 @@ class Buffer:
             group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
             low_latency_mode=low_latency_mode, device=self.device,
             workspace=torch.empty(0, dtype=torch.uint8, device=self.device),
+            ranks_per_node=num_ranks_per_node,
         )
         self.name = self._comm.name
+        # Topology (deep_ep_ops.topology): nodes of consecutive ranks.
+        self.num_nvl_ranks = self._comm.num_nvl_ranks
+        self.num_rdma_ranks = self._comm.num_rdma_ranks
+        self.nvl_rank, self.rdma_rank = self.rank % self.num_nvl_ranks, self.rank // self.num_nvl_ranks
         self._destroyed = False
         self._has_nvl_runtime = self._has_ll_runtime = False
         if self._wants_nvl_runtime():
@@ -167,10 +173,11 @@ class Buffer:
             )
 
     def _wants_nvl_runtime(self) -> bool:
-        """Normal-mode CUDA kernels need the extension, NCCL ranks on one NVLink domain and bytes."""
+        """Normal-mode CUDA kernels need the extension, ranks on one NVLink domain (one node)
+        and bytes."""
         return (
             _build.HAS_CUDA_KERNELS and self.device.type == "cuda" and self.num_nvl_bytes > 0
-            and self.group_size <= NUM_MAX_NVL_PEERS
+            and not self._is_internode()
         )
 
     def _create_nvl_runtime(self) -> None:
@@ -361,8 +368,8 @@ class Buffer:
         """``(num_tokens_per_rank, num_tokens_per_rdma_rank | None, num_tokens_per_expert,
         is_token_in_rank, event)`` for ``topk_idx [num_tokens, num_topk]`` int64."""
         _wait_previous(previous_event)
-        num_rdma_ranks = max(1, self.group_size // NUM_MAX_NVL_PEERS)
-        layout = ops.get_dispatch_layout(topk_idx, num_experts, self.group_size, num_rdma_ranks)
+        layout = ops.get_dispatch_layout(topk_idx, num_experts, self.group_size,
+                                         self.num_rdma_ranks)
         per_rdma_rank = layout.num_tokens_per_rdma_rank if self._is_internode() else None
         return (
             layout.num_tokens_per_rank, per_rdma_rank, layout.num_tokens_per_expert,
@@ -617,7 +624,7 @@ class Buffer:
     # --- helpers --------------------------------------------------------------------------
 
     def _is_internode(self) -> bool:
-        return self.group_size > NUM_MAX_NVL_PEERS
+        return self.num_rdma_ranks > 1
 
     def _event(self, async_finish: bool) -> EventOverlap:
         return EventOverlap(_record_event(self.device) if async_finish else None)

@@ -45,8 +45,9 @@ def test_buffer_and_config_cover_deepep_v1():
     params = inspect.signature(deep_ep.Buffer.__init__).parameters
     # DeepEP's arguments in DeepEP's order (positional calls keep working), then ours,
     # keyword-only.
-    assert list(params)[1:] == list(DEEPEP_BUFFER_ARGS) + ["device"]
-    assert params["device"].kind is inspect.Parameter.KEYWORD_ONLY
+    ours = ["device", "num_ranks_per_node"]
+    assert list(params)[1:] == list(DEEPEP_BUFFER_ARGS) + ours
+    assert all(params[name].kind is inspect.Parameter.KEYWORD_ONLY for name in ours)
     assert [m for m in DEEPEP_CONFIG_METHODS if not hasattr(deep_ep.Config, m)] == []
     # DeepEP's tests build configs positionally with three arguments.
     assert deep_ep.Config(24, 8, 256).to_list()[:3] == [24, 8, 256]
