@@ -202,6 +202,214 @@ def combine(recv_xs, dispatch_results, num_ranks_tokens, recv_topk_weights=None,
     return out
 
 
+# ----------------------------------------------------------------------------- 3b. internode
+# R ranks form S = R // P nodes of P consecutive ranks: rank r is (node r // P, local r % P).
+# A token of a rank with T tokens is in channel t // max(ceil(T / C), 1) of C channels.
+def _token_channels(num_tokens, num_channels):
+    """Channel of each token of a rank with num_tokens tokens."""
+    per_channel = max(-(-num_tokens // num_channels), 1)
+    return [t // per_channel for t in range(num_tokens)]
+
+
+def _check_nodes(num_ranks, ranks_per_node):
+    if ranks_per_node < 1 or num_ranks % ranks_per_node != 0:
+        raise ValueError(f"ranks_per_node={ranks_per_node} does not divide {num_ranks} ranks")
+    return num_ranks // ranks_per_node
+
+
+def internode_handles(is_token_in_ranks, ranks_per_node, num_channels, num_worst_tokens=0):
+    """The internode dispatch handle of every rank (DeepEP's ten fields, DESIGN.md section 5).
+
+    is_token_in_ranks[r] is rank r's `[T_r, R]` bool routing; P = ranks_per_node, C =
+    num_channels. Returns per rank me = (node m, local j) a dict, int32 except the first:
+    is_token_in_rank (the input, unchanged), rdma_channel_prefix_matrix [S, C] (per destination
+    node, inclusive prefix over channels of me's tokens sent there), gbl_channel_prefix_matrix
+    [R, C] (the same per destination rank), recv_rdma_channel_prefix_matrix [S, C] (row n:
+    rank (n, j)'s rdma_channel_prefix_matrix row m), recv_rdma_rank_prefix_sum [S] (inclusive
+    prefix over n of rank (n, j)'s tokens sent to node m), recv_gbl_channel_prefix_matrix
+    [R, C] (per source and channel, the first row of that channel at me), recv_gbl_rank_prefix_sum
+    [R] (inclusive prefix over sources of the rows me receives), recv_src_meta [N, 2] (per row:
+    source token, index among the forwarder's RDMA rows), send_rdma_head [T_me, S] (per token
+    and node: its index among me's tokens sent to that node, -1 if not sent), send_nvl_head
+    [N_f, P] (as forwarder of the ranks (n, j): per RDMA row and local rank q, the row index
+    at rank (m, q), -1 if it does not receive the token).
+    Received rows are ordered by source rank then source token; a forwarder's RDMA rows by
+    source node then source token. With num_worst_tokens > 0, recv_src_meta and send_nvl_head
+    have num_worst_tokens rows, padding -1; more rows raise ValueError.
+    """
+    R = len(is_token_in_ranks)
+    P = ranks_per_node
+    S = _check_nodes(R, P)
+    C = num_channels
+    if C < 1:
+        raise ValueError(f"num_channels={C}, expected >= 1")
+    routes = [is_token_in_ranks[r].tolist() for r in range(R)]  # routes[r][t][d]
+    for r in range(R):
+        if is_token_in_ranks[r].dim() != 2 or is_token_in_ranks[r].shape[1] != R:
+            raise ValueError(f"is_token_in_ranks[{r}] has shape "
+                             f"{tuple(is_token_in_ranks[r].shape)}, expected [T, {R}]")
+    Ts = [len(routes[r]) for r in range(R)]
+    chans = [_token_channels(Ts[r], C) for r in range(R)]
+    in_node = [[[any(routes[r][t][n * P + q] for q in range(P)) for n in range(S)]
+                for t in range(Ts[r])] for r in range(R)]  # in_node[r][t][n]
+
+    # Rows received at each rank d: (source rank, source token), source major.
+    rows = [[(s, t) for s in range(R) for t in range(Ts[s]) if routes[s][t][d]]
+            for d in range(R)]
+    row_at = [{st: i for i, st in enumerate(rows[d])} for d in range(R)]
+    if num_worst_tokens > 0:
+        for d in range(R):
+            if len(rows[d]) > num_worst_tokens:
+                raise ValueError(f"rank {d} receives {len(rows[d])} tokens > "
+                                 f"num_worst_tokens={num_worst_tokens}")
+
+    # Sender side, per rank r.
+    rdma_cpm, gbl_cpm, send_rdma_head = [], [], []
+    for r in range(R):
+        m_rdma = torch.zeros(S, C, dtype=torch.int32)
+        m_gbl = torch.zeros(R, C, dtype=torch.int32)
+        head = torch.full((Ts[r], S), -1, dtype=torch.int32)
+        sent = [0] * S  # tokens so far sent to each node
+        for t in range(Ts[r]):
+            for n in range(S):
+                if in_node[r][t][n]:
+                    m_rdma[n, chans[r][t]:] += 1
+                    head[t, n] = sent[n]
+                    sent[n] += 1
+            for d in range(R):
+                if routes[r][t][d]:
+                    m_gbl[d, chans[r][t]:] += 1
+        rdma_cpm.append(m_rdma)
+        gbl_cpm.append(m_gbl)
+        send_rdma_head.append(head)
+
+    out = []
+    for me in range(R):
+        m, j = me // P, me % P
+        # As forwarder: what ranks (n, j) send to node m.
+        recv_rdma_cpm = torch.zeros(S, C, dtype=torch.int32)
+        recv_rdma_sum = torch.zeros(S, dtype=torch.int32)
+        total = 0
+        for n in range(S):
+            recv_rdma_cpm[n] = rdma_cpm[n * P + j][m]
+            total += int(rdma_cpm[n * P + j][m, C - 1])
+            recv_rdma_sum[n] = total
+        # As receiver: rows by source rank, then source token.
+        recv_gbl_cpm = torch.zeros(R, C, dtype=torch.int32)
+        recv_gbl_sum = torch.zeros(R, dtype=torch.int32)
+        start = 0  # rows from sources before s
+        for s in range(R):
+            mine = [t for t in range(Ts[s]) if routes[s][t][me]]
+            for c in range(C):
+                recv_gbl_cpm[s, c] = start + sum(1 for t in mine if chans[s][t] < c)
+            start += len(mine)
+            recv_gbl_sum[s] = start
+        N = len(rows[me])
+        meta = torch.full((num_worst_tokens if num_worst_tokens > 0 else N, 2), -1,
+                          dtype=torch.int32)
+        for i, (s, t) in enumerate(rows[me]):
+            n, l = s // P, s % P
+            # First RDMA row of node n at the forwarder (m, l): what ranks (n' < n, l) sent to m.
+            first = sum(int(rdma_cpm[n2 * P + l][m, C - 1]) for n2 in range(n))
+            meta[i, 0] = t
+            meta[i, 1] = first + int(send_rdma_head[s][t, m])
+        # As forwarder: RDMA rows by source node, then source token.
+        fwd = [(n * P + j, t) for n in range(S) for t in range(Ts[n * P + j])
+               if in_node[n * P + j][t][m]]
+        N_f = len(fwd)
+        assert N_f == total
+        if num_worst_tokens > 0 and N_f > num_worst_tokens:
+            raise ValueError(f"rank {me} forwards {N_f} tokens > "
+                             f"num_worst_tokens={num_worst_tokens}")
+        nvl_head = torch.full((num_worst_tokens if num_worst_tokens > 0 else N_f, P), -1,
+                              dtype=torch.int32)
+        for i, (s, t) in enumerate(fwd):
+            for q in range(P):
+                d = m * P + q
+                if routes[s][t][d]:
+                    nvl_head[i, q] = row_at[d][(s, t)]
+        out.append({
+            "is_token_in_rank": is_token_in_ranks[me],
+            "rdma_channel_prefix_matrix": rdma_cpm[me],
+            "gbl_channel_prefix_matrix": gbl_cpm[me],
+            "recv_rdma_channel_prefix_matrix": recv_rdma_cpm,
+            "recv_rdma_rank_prefix_sum": recv_rdma_sum,
+            "recv_gbl_channel_prefix_matrix": recv_gbl_cpm,
+            "recv_gbl_rank_prefix_sum": recv_gbl_sum,
+            "recv_src_meta": meta,
+            "send_rdma_head": send_rdma_head[me],
+            "send_nvl_head": nvl_head,
+        })
+    return out
+
+
+def internode_combine(recv_xs, dispatch_results, num_ranks_tokens, ranks_per_node,
+                      recv_topk_weights=None, bias_0=None, bias_1=None):
+    """Unweighted combine over nodes of ranks_per_node ranks: `combine`'s arguments and result,
+    summed as the internode path does (DESIGN.md section 5).
+
+    Per original token and per node holding one of its receiving ranks, in ascending node
+    order: the partial sum of that node's rows (ascending rank, in f32; f64 for f64 input) is
+    rounded to the dtype of recv_x; the partials are summed in f32 (f64), then bias_0, then
+    bias_1 are added and the sum is rounded once more. Weights likewise, partials in f32 (f64
+    for f64 weights). A token received nowhere gets its bias only. One node is the intranode
+    path: the result is `combine`'s (the one partial is not rounded).
+    """
+    R = len(recv_xs)
+    P = ranks_per_node
+    S = _check_nodes(R, P)
+    if S == 1:
+        return combine(recv_xs, dispatch_results, num_ranks_tokens, recv_topk_weights,
+                       bias_0, bias_1)
+    dtype = recv_xs[0].dtype
+    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    H = recv_xs[0].shape[1]
+    # (source rank, source token) -> row, per receiving rank; only the real rows.
+    where = []
+    for r in range(R):
+        d = dispatch_results[r]
+        n = d["num_recv_tokens"]
+        where.append({(int(d["recv_src_rank"][j]), int(d["recv_src_idx"][j])): j
+                      for j in range(n)})
+    w_dtype = None
+    if recv_topk_weights is not None:
+        w_dtype = torch.float64 if recv_topk_weights[0].dtype == torch.float64 else torch.float32
+    out = []
+    for s in range(R):
+        T = num_ranks_tokens[s]
+        cx = torch.zeros(T, H, dtype=dtype)
+        cw = None if w_dtype is None else torch.zeros(T, recv_topk_weights[0].shape[1],
+                                                      dtype=w_dtype)
+        for t in range(T):
+            acc = torch.zeros(H, dtype=acc_dtype)
+            wacc = None if cw is None else torch.zeros(cw.shape[1], dtype=w_dtype)
+            for node in range(S):
+                part = torch.zeros(H, dtype=acc_dtype)
+                wpart = None if cw is None else torch.zeros(cw.shape[1], dtype=w_dtype)
+                found = False
+                for r in range(node * P, (node + 1) * P):
+                    j = where[r].get((s, t))
+                    if j is None:
+                        continue
+                    found = True
+                    part = part + recv_xs[r][j].to(acc_dtype)
+                    if wpart is not None:
+                        wpart = wpart + recv_topk_weights[r][j].to(w_dtype)
+                if not found:
+                    continue
+                acc = acc + part.to(dtype).to(acc_dtype)  # the partial, rounded
+                if wacc is not None:
+                    wacc = wacc + wpart
+            for bias in (bias_0, bias_1):
+                if bias is not None and bias[s] is not None:
+                    acc = acc + bias[s][t].to(acc_dtype)
+            cx[t] = acc.to(dtype)
+            if wacc is not None:
+                cw[t] = wacc
+        out.append({"combined_x": cx, "combined_topk_weights": cw})
+    return out
+
+
 # ----------------------------------------------------------------------------- 4. FP8
 def _f32_bits(x):
     return x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF

@@ -1,0 +1,188 @@
+"""The reference of the internode ops (docs/DESIGN.md section 5, "Internode"): a buffer whose
+ranks form several nodes. Rows, top-k, weights and scales are those of the intranode ops; the
+handle is DeepEP's ten fields, in our definitions, and combine sums per node first (each
+node's partial rounded to ``x.dtype``), then over the nodes.
+
+Work in progress: these functions are not registered as ops yet (no schema, fake or autograd);
+``tests/test_internode_reference.py`` holds them against ``tests/oracle.py``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import reference
+from .reference import (
+    _accumulation_dtype, _all_gather, _channel_prefix, _comm, _counts_from_prefix,
+    _exclusive_cumsum, _pack, _return_rows, _send_rows, _unpack,
+)
+
+
+class InternodeHandle(NamedTuple):
+    """DeepEP's internode handle order (``handle[-4]`` is ``recv_gbl_rank_prefix_sum``)."""
+
+    is_token_in_rank: torch.Tensor  # [T, R] bool
+    rdma_channel_prefix_matrix: torch.Tensor  # [S, C]
+    gbl_channel_prefix_matrix: torch.Tensor  # [R, C]
+    recv_rdma_channel_prefix_matrix: torch.Tensor  # [S, C]
+    recv_rdma_rank_prefix_sum: torch.Tensor  # [S]
+    recv_gbl_channel_prefix_matrix: torch.Tensor  # [R, C]
+    recv_gbl_rank_prefix_sum: torch.Tensor  # [R]
+    recv_src_meta: torch.Tensor  # [N, 2]
+    send_rdma_head: torch.Tensor  # [T, S]
+    send_nvl_head: torch.Tensor  # [N_f, P]
+
+
+def _my_counts(num_ranks: int, me: int, sent: torch.Tensor, received: torch.Tensor):
+    """The ``[R, R]`` count matrix ``_send_rows`` / ``_return_rows`` read: only this rank's row
+    (``sent``: rows to each rank) and column (``received``: rows from each rank) are used."""
+    counts = sent.new_zeros((num_ranks, num_ranks), dtype=torch.int64)
+    counts[me] = sent.to(torch.int64)
+    counts[:, me] = received.to(torch.int64)
+    return counts
+
+
+def _handle(comm, op, is_token_in_rank, counts, recv_channel_prefix, recv_src_idx, send_head,
+            num_worst_tokens, channels) -> InternodeHandle:
+    """The internode handle of a dispatch whose intranode reference gave ``counts [R, R]``
+    (rows from each rank to each rank), ``recv_channel_prefix``, ``recv_src_idx`` and
+    ``send_head``."""
+    me, num_ranks, per_node = comm.rank, comm.num_ranks, comm.num_nvl_ranks
+    num_nodes, node, local = num_ranks // per_node, comm.rank // per_node, comm.rank % per_node
+    num_tokens = is_token_in_rank.size(0)
+    i32 = torch.int32
+    in_node = is_token_in_rank.view(num_tokens, num_nodes, per_node).any(-1)  # [T, S]
+    rdma_prefix = _channel_prefix(in_node, channels)  # [S, C]
+    gbl_prefix = _channel_prefix(is_token_in_rank, channels)  # [R, C]
+    everyone = _all_gather(comm, op, rdma_prefix)  # [R, S, C]
+    # As forwarder: the ranks of my local index in every node send me their tokens for my node.
+    recv_rdma_prefix = everyone[local::per_node, node]  # [S, C]
+    to_node = (everyone[:, node, -1] if channels else everyone.new_zeros((num_ranks,)))
+    to_node = to_node.view(num_nodes, per_node)  # [n, l]: tokens of rank (n, l) for my node
+    recv_rdma_rank_prefix = to_node[:, local].cumsum(0)
+    send_rdma_head = torch.where(in_node, in_node.to(torch.int64).cumsum(0) - 1, -1)
+
+    # Per received row: its source token, and its index among its forwarder's rows (the
+    # forwarder (my node, the source's local index) orders them by source node, then token).
+    head_rows = _send_rows(comm, op, send_rdma_head.to(i32), is_token_in_rank, counts,
+                           num_worst_tokens)  # [N, S]
+    received = counts[:, me]
+    row = torch.arange(head_rows.size(0), device=is_token_in_rank.device)
+    source = torch.searchsorted(received.cumsum(0), row, right=True).clamp(max=num_ranks - 1)
+    forwarder_start = _exclusive_cumsum(to_node, 0)  # [n, l]
+    meta_index = (forwarder_start[source // per_node, source % per_node]
+                  + head_rows[:, node].to(torch.int64))
+    is_real = row < received.sum()
+    recv_src_meta = torch.where(is_real[:, None],
+                                torch.stack([recv_src_idx.to(torch.int64), meta_index], 1), -1)
+
+    # As forwarder: the row index at every rank of my node of each token I forward.
+    ranks = torch.arange(num_ranks, device=row.device)
+    to_forwarder = in_node[:, ranks // per_node] & (ranks % per_node == local)  # [T, R]
+    forwarded = _all_gather(comm, op, to_forwarder.sum(0, dtype=torch.int64))  # [src, dst]
+    forward_counts = _my_counts(num_ranks, me, forwarded[me], forwarded[:, me])
+    nvl_rows = _send_rows(comm, op, send_head.to(i32), to_forwarder, forward_counts,
+                          num_worst_tokens)  # [N_f, R]
+    num_forwarded = forwarded[:, me].sum()
+    nvl_real = torch.arange(nvl_rows.size(0), device=row.device) < num_forwarded
+    send_nvl_head = torch.where(nvl_real[:, None],
+                                nvl_rows[:, node * per_node:(node + 1) * per_node], -1)
+    return InternodeHandle(
+        is_token_in_rank, rdma_prefix.to(i32), gbl_prefix.to(i32), recv_rdma_prefix.to(i32),
+        recv_rdma_rank_prefix.to(i32), recv_channel_prefix.to(i32),
+        received.cumsum(0).to(i32), recv_src_meta.to(i32), send_rdma_head.to(i32),
+        send_nvl_head.to(i32),
+    )
+
+
+def internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                       is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
+                       num_worst_tokens, config):
+    """Dispatch on a buffer of several nodes: ``(recv_x, recv_x_scales, recv_topk_idx,
+    recv_topk_weights, num_recv_tokens_per_expert, InternodeHandle)``; the rows are the
+    intranode dispatch's."""
+    op = "capacity_dispatch" if num_worst_tokens else "dispatch"  # until the ops exist
+    out = reference._dispatch(op, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                              is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
+                              num_worst_tokens, config)
+    comm = _comm(buffer, op, x.device)
+    counts = _counts_from_prefix(out[5])
+    handle = _handle(comm, op, is_token_in_rank, counts, out[7], out[8], out[9],
+                     num_worst_tokens, reference.meta.num_channels(config))
+    return (*out[:5], handle)
+
+
+def _counts_of(comm, handle: InternodeHandle) -> torch.Tensor:
+    received = handle.recv_gbl_rank_prefix_sum.to(torch.int64)
+    received = torch.cat([received[:1], received[1:] - received[:-1]])
+    sent = handle.is_token_in_rank.sum(0)
+    return _my_counts(comm.num_ranks, comm.rank, sent, received)
+
+
+def internode_cached_dispatch(x, x_scales, topk_weights, handle: InternodeHandle, buffer,
+                              num_worst_tokens):
+    """Dispatch ``x`` again along ``handle``'s routes: ``(recv_x, recv_x_scales,
+    recv_topk_weights)``."""
+    op = "cached_dispatch"
+    comm = _comm(buffer, op, x.device)
+    counts = _counts_of(comm, handle)
+    recv_x = _send_rows(comm, op, x, handle.is_token_in_rank, counts, num_worst_tokens)
+    extras = [t for t in (x_scales, topk_weights) if t is not None]
+    received = []
+    if extras:
+        packed, specs = _pack(extras)
+        received = _unpack(_send_rows(comm, op, packed, handle.is_token_in_rank, counts,
+                                      num_worst_tokens), specs)
+    empty = x.new_empty((recv_x.size(0), 0), dtype=torch.float32)
+    recv_x_scales = received.pop(0) if x_scales is not None else empty
+    recv_topk_weights = received.pop(0) if topk_weights is not None else empty.clone()
+    return recv_x, recv_x_scales, recv_topk_weights
+
+
+def _reduce_by_node(back, slot, is_token_in_rank, acc_dtype, partial_dtype, per_node):
+    """``Σ_n (Σ_{r in node n} back[slot[t, r]])`` with each node's sum (ascending ranks, in
+    ``acc_dtype``) rounded to ``partial_dtype`` before the sum over nodes (ascending); on one
+    node, the flat sum (no partial to round)."""
+    num_tokens, num_ranks = is_token_in_rank.shape
+    acc = back.new_zeros((num_tokens, *back.shape[1:]), dtype=acc_dtype)
+    if back.size(0) == 0:
+        return acc
+    mask_shape = (num_tokens,) + (1,) * (back.dim() - 1)
+    one_node = per_node == num_ranks  # every rank local: the intranode (flat) sum
+    for first in range(0, num_ranks, per_node):
+        partial = torch.zeros_like(acc)
+        for r in range(first, first + per_node):
+            present = is_token_in_rank[:, r]
+            rows = back.index_select(0, torch.where(present, slot[:, r], 0)).to(acc_dtype)
+            partial = partial + torch.where(present.view(mask_shape), rows, 0)
+        acc = partial if one_node else acc + partial.to(partial_dtype).to(acc_dtype)
+    return acc
+
+
+def internode_combine(x, topk_weights, bias_0, bias_1, handle: InternodeHandle, buffer,
+                      num_worst_tokens):
+    """Sum the rows of ``x`` back on their source ranks, per node first (docs/DESIGN.md):
+    ``(combined_x, combined_topk_weights)``."""
+    op = "combine"
+    comm = _comm(buffer, op, x.device)
+    counts = _counts_of(comm, handle)
+    acc_dtype = _accumulation_dtype(x.dtype)
+    back, slot = _return_rows(comm, op, x, handle.is_token_in_rank, counts, num_worst_tokens)
+    acc = _reduce_by_node(back, slot, handle.is_token_in_rank, acc_dtype, x.dtype,
+                          comm.num_nvl_ranks)
+    for bias in (bias_0, bias_1):
+        if bias is not None:
+            acc = acc + bias.to(acc_dtype)
+    num_tokens = handle.is_token_in_rank.size(0)
+    combined_weights: Optional[torch.Tensor]
+    if topk_weights is None:
+        combined_weights = x.new_zeros((num_tokens, 0), dtype=torch.float32)
+    else:
+        back_w, slot_w = _return_rows(comm, op, topk_weights, handle.is_token_in_rank, counts,
+                                      num_worst_tokens)
+        combined_weights = _reduce_by_node(back_w, slot_w, handle.is_token_in_rank,
+                                           topk_weights.dtype, topk_weights.dtype,
+                                           comm.num_nvl_ranks)
+    return acc.to(x.dtype), combined_weights
