@@ -93,6 +93,7 @@ is pending. Either way the call raises, never the backward.
 from __future__ import annotations
 
 import functools
+import typing
 
 import torch
 
@@ -183,33 +184,52 @@ def _check_fp8_payload(op: str, x, x_scales) -> None:
 # --- normal mode ---------------------------------------------------------------------------
 
 
-def _setup_dispatch(op: str):
-    """``dispatch`` and ``capacity_dispatch`` (the same formula; capacity adds num_worst_tokens)."""
+class _Family(typing.NamedTuple):
+    """The normal-mode ops of one path (intranode or internode): their handle's field names (as
+    in the schemas) and the ops the formulas call."""
+
+    handle: tuple
+    combine: str
+    cached_dispatch: str
+
+
+_INTRANODE = _Family(_HANDLE_NAMES, "combine", "cached_dispatch")
+_INTERNODE = _Family(
+    ("is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
+     "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
+     "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
+     "send_rdma_head", "send_nvl_head"),
+    "internode_combine", "internode_cached_dispatch",
+)
+
+
+def _setup_dispatch(op: str, family: _Family = _INTRANODE):
+    """The dispatches of a family (the same formula; capacity adds num_worst_tokens): the
+    backward is the family's combine along the handle."""
 
     def setup(ctx, inputs, output):
         a, out = _inputs(op, inputs), _outputs(op, output)
         _check_fp8_payload(op, a.x, a.x_scales)
-        ctx.op, ctx.buffer, ctx.config = op, a.buffer, a.config
+        ctx.op, ctx.family, ctx.buffer, ctx.config = op, family, a.buffer, a.config
         ctx.num_worst_tokens = getattr(a, "num_worst_tokens", 0)
         ctx.has_weights = a.topk_weights is not None
         ctx.x_dtype = a.x.dtype
+        handle = {**{n: getattr(out, n) for n in family.handle if n != "is_token_in_rank"},
+                  "is_token_in_rank": a.is_token_in_rank}
         ctx.mark_non_differentiable(
-            out.recv_x_scales, out.num_recv_tokens_per_expert, out.rank_prefix_matrix,
-            out.channel_prefix_matrix, out.recv_channel_prefix_matrix, out.recv_src_idx,
-            out.send_head, out.recv_topk_idx,
+            out.recv_x_scales, out.num_recv_tokens_per_expert, out.recv_topk_idx,
+            *(t for n, t in handle.items() if n != "is_token_in_rank"),
         )
         if ctx.x_dtype not in _FLOATS:  # an FP8 payload carries no gradient
             ctx.mark_non_differentiable(out.recv_x)
-        handle = {**{n: getattr(out, n) for n in _HANDLE_NAMES if n != "is_token_in_rank"},
-                  "is_token_in_rank": a.is_token_in_rank}
         ctx.save_for_backward(out.recv_x, out.recv_topk_idx, out.recv_topk_weights,
-                              *(handle[n] for n in _HANDLE_NAMES))
+                              *(handle[n] for n in family.handle))
 
     return setup
 
 
 def _handle_args(ctx, handle) -> dict:
-    return dict(zip(_HANDLE_NAMES, handle), buffer=ctx.buffer,
+    return dict(zip(ctx.family.handle, handle), buffer=ctx.buffer,
                 num_worst_tokens=ctx.num_worst_tokens, config=ctx.config)
 
 
@@ -224,7 +244,7 @@ def _backward_dispatch(ctx, grad_recv_x, grad_scales, grad_topk_idx, grad_recv_t
         grad_recv_x = _zeros_if_none(grad_recv_x, recv_x)
     else:  # FP8 payload: only the weights are differentiable
         grad_recv_x = recv_x.new_zeros(recv_x.shape, dtype=torch.float32)
-    grad_x, grad_topk_weights = _ops.combine(
+    grad_x, grad_topk_weights = getattr(_ops, ctx.family.combine)(
         x=grad_recv_x, topk_weights=grad_weights, bias_0=None, bias_1=None,
         **_handle_args(ctx, handle),
     )
@@ -232,35 +252,42 @@ def _backward_dispatch(ctx, grad_recv_x, grad_scales, grad_topk_idx, grad_recv_t
                   topk_weights=grad_topk_weights if ctx.has_weights else None)
 
 
-def _setup_cached_dispatch(ctx, inputs, output):
-    a, out = _inputs("cached_dispatch", inputs), _outputs("cached_dispatch", output)
-    _check_fp8_payload("cached_dispatch", a.x, a.x_scales)
-    ctx.buffer, ctx.num_worst_tokens, ctx.config = a.buffer, a.num_worst_tokens, a.config
-    ctx.has_weights = a.topk_weights is not None
-    ctx.mark_non_differentiable(out.recv_x_scales)
-    ctx.save_for_backward(out.recv_x, out.recv_topk_weights,
-                          *(getattr(a, n) for n in _HANDLE_NAMES))
+def _setup_cached_dispatch(op: str = "cached_dispatch", family: _Family = _INTRANODE):
+    def setup(ctx, inputs, output):
+        a, out = _inputs(op, inputs), _outputs(op, output)
+        _check_fp8_payload(op, a.x, a.x_scales)
+        ctx.op, ctx.family = op, family
+        ctx.buffer, ctx.num_worst_tokens, ctx.config = a.buffer, a.num_worst_tokens, a.config
+        ctx.has_weights = a.topk_weights is not None
+        ctx.mark_non_differentiable(out.recv_x_scales)
+        ctx.save_for_backward(out.recv_x, out.recv_topk_weights,
+                              *(getattr(a, n) for n in family.handle))
+
+    return setup
 
 
 def _backward_cached_dispatch(ctx, grad_recv_x, grad_scales, grad_recv_topk_weights):
     recv_x, recv_topk_weights, *handle = ctx.saved_tensors
     weights = _zeros_if_none(grad_recv_topk_weights, recv_topk_weights) if ctx.has_weights else None
-    grad_x, grad_weights = _ops.combine(
+    grad_x, grad_weights = getattr(_ops, ctx.family.combine)(
         x=_zeros_if_none(grad_recv_x, recv_x), topk_weights=weights, bias_0=None, bias_1=None,
         **_handle_args(ctx, handle),
     )
-    return _grads("cached_dispatch", x=grad_x,
-                  topk_weights=grad_weights if ctx.has_weights else None)
+    return _grads(ctx.op, x=grad_x, topk_weights=grad_weights if ctx.has_weights else None)
 
 
-def _setup_combine(ctx, inputs, output):
-    a, out = _inputs("combine", inputs), _outputs("combine", output)
-    ctx.buffer, ctx.num_worst_tokens, ctx.config = a.buffer, a.num_worst_tokens, a.config
-    ctx.has_weights = a.topk_weights is not None
-    ctx.bias_dtypes = {n: getattr(a, n).dtype for n in ("bias_0", "bias_1")
-                       if getattr(a, n) is not None}
-    ctx.save_for_backward(out.combined_x, out.combined_topk_weights,
-                          *(getattr(a, n) for n in _HANDLE_NAMES))
+def _setup_combine(op: str = "combine", family: _Family = _INTRANODE):
+    def setup(ctx, inputs, output):
+        a, out = _inputs(op, inputs), _outputs(op, output)
+        ctx.op, ctx.family = op, family
+        ctx.buffer, ctx.num_worst_tokens, ctx.config = a.buffer, a.num_worst_tokens, a.config
+        ctx.has_weights = a.topk_weights is not None
+        ctx.bias_dtypes = {n: getattr(a, n).dtype for n in ("bias_0", "bias_1")
+                           if getattr(a, n) is not None}
+        ctx.save_for_backward(out.combined_x, out.combined_topk_weights,
+                              *(getattr(a, n) for n in family.handle))
+
+    return setup
 
 
 def _backward_combine(ctx, grad_combined_x, grad_combined_topk_weights):
@@ -269,11 +296,11 @@ def _backward_combine(ctx, grad_combined_x, grad_combined_topk_weights):
     weights = (
         _zeros_if_none(grad_combined_topk_weights, combined_weights) if ctx.has_weights else None
     )
-    grad_x, _, grad_weights = _ops.cached_dispatch(
+    grad_x, _, grad_weights = getattr(_ops, ctx.family.cached_dispatch)(
         x=grad_combined_x, x_scales=None, topk_weights=weights, **_handle_args(ctx, handle)
     )
     grad_biases = {n: grad_combined_x.to(d) for n, d in ctx.bias_dtypes.items()}
-    return _grads("combine", x=grad_x, topk_weights=grad_weights if ctx.has_weights else None,
+    return _grads(ctx.op, x=grad_x, topk_weights=grad_weights if ctx.has_weights else None,
                   **grad_biases)
 
 
@@ -521,8 +548,15 @@ def register() -> None:
     for name, backward, setup in (
         ("dispatch", _backward_dispatch, _setup_dispatch("dispatch")),
         ("capacity_dispatch", _backward_dispatch, _setup_dispatch("capacity_dispatch")),
-        ("cached_dispatch", _backward_cached_dispatch, _setup_cached_dispatch),
-        ("combine", _backward_combine, _setup_combine),
+        ("cached_dispatch", _backward_cached_dispatch, _setup_cached_dispatch()),
+        ("combine", _backward_combine, _setup_combine()),
+        ("internode_dispatch", _backward_dispatch,
+         _setup_dispatch("internode_dispatch", _INTERNODE)),
+        ("internode_capacity_dispatch", _backward_dispatch,
+         _setup_dispatch("internode_capacity_dispatch", _INTERNODE)),
+        ("internode_cached_dispatch", _backward_cached_dispatch,
+         _setup_cached_dispatch("internode_cached_dispatch", _INTERNODE)),
+        ("internode_combine", _backward_combine, _setup_combine("internode_combine", _INTERNODE)),
         ("low_latency_dispatch", _backward_low_latency_dispatch, _setup_low_latency_dispatch),
         ("low_latency_combine", _backward_low_latency_combine,
          _setup_low_latency_combine("low_latency_combine")),

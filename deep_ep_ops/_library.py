@@ -20,6 +20,27 @@ _HANDLE = (
     "Tensor rank_prefix_matrix, Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, "
     "Tensor recv_src_idx, Tensor is_token_in_rank, Tensor send_head"
 )
+# The internode handle: DeepEP's ten fields in its order (docs/DESIGN.md section 5).
+_INTERNODE_HANDLE = (
+    "Tensor is_token_in_rank, Tensor rdma_channel_prefix_matrix, Tensor gbl_channel_prefix_matrix,"
+    " Tensor recv_rdma_channel_prefix_matrix, Tensor recv_rdma_rank_prefix_sum,"
+    " Tensor recv_gbl_channel_prefix_matrix, Tensor recv_gbl_rank_prefix_sum,"
+    " Tensor recv_src_meta, Tensor send_rdma_head, Tensor send_nvl_head"
+)
+# What an internode dispatch returns: its rows, then the handle but is_token_in_rank (an input).
+_INTERNODE_DISPATCH_OUT = (
+    "Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights,"
+    " Tensor num_recv_tokens_per_expert, Tensor rdma_channel_prefix_matrix,"
+    " Tensor gbl_channel_prefix_matrix, Tensor recv_rdma_channel_prefix_matrix,"
+    " Tensor recv_rdma_rank_prefix_sum, Tensor recv_gbl_channel_prefix_matrix,"
+    " Tensor recv_gbl_rank_prefix_sum, Tensor recv_src_meta, Tensor send_rdma_head,"
+    " Tensor send_nvl_head"
+)
+_INTERNODE_DISPATCH_ARGS = (
+    "Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights,"
+    " Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank, Tensor is_token_in_rank,"
+    " Tensor? num_tokens_per_expert, str buffer, int expert_alignment"
+)
 _LL_ARGS = "str buffer, int num_ranks, int num_max_dispatch_tokens_per_rank, int num_experts"
 _LL_RECV = (
     "Tensor recv_x, Tensor recv_x_scales, Tensor recv_count, Tensor src_info, Tensor layout_range"
@@ -80,6 +101,26 @@ OPS = {
     "combine": Op(_NVLINK, (
         f"combine(Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1, {_HANDLE},"
         " str buffer, int num_worst_tokens, int[] config)"
+        " -> (Tensor combined_x, Tensor combined_topk_weights)"
+    )),
+    # Internode normal mode (ranks on several nodes): the same rows, a handle of ten fields.
+    # The reference runs on CUDA too until the internode kernels exist.
+    "internode_dispatch": Op(None, (
+        f"internode_dispatch({_INTERNODE_DISPATCH_ARGS}, int[] config)"
+        f" -> ({_INTERNODE_DISPATCH_OUT})"
+    )),
+    "internode_capacity_dispatch": Op(None, (
+        f"internode_capacity_dispatch({_INTERNODE_DISPATCH_ARGS}, int num_worst_tokens,"
+        f" int[] config) -> ({_INTERNODE_DISPATCH_OUT})"
+    )),
+    "internode_cached_dispatch": Op(None, (
+        f"internode_cached_dispatch(Tensor x, Tensor? x_scales, Tensor? topk_weights,"
+        f" {_INTERNODE_HANDLE}, str buffer, int num_worst_tokens, int[] config)"
+        " -> (Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_weights)"
+    )),
+    "internode_combine": Op(None, (
+        f"internode_combine(Tensor x, Tensor? topk_weights, Tensor? bias_0, Tensor? bias_1,"
+        f" {_INTERNODE_HANDLE}, str buffer, int num_worst_tokens, int[] config)"
         " -> (Tensor combined_x, Tensor combined_topk_weights)"
     )),
     # Low-latency (decode) mode: static shapes everywhere.
@@ -146,11 +187,13 @@ def takes_buffer(name: str) -> bool:
 
 # Ops that talk to other ranks are registered as ordered effects, so that the compiler neither
 # drops them when an output is unused nor reorders them against each other (every rank must
-# issue the same collectives in the same order). ``dispatch`` is the exception: Inductor (torch
-# 2.13) cannot lower an effectful op with unbacked output sizes; its outputs are always consumed
-# by the expert computation, which keeps it alive and ordered by data dependencies.
+# issue the same collectives in the same order). The data-dependent dispatches are the
+# exception: Inductor (torch 2.13) cannot lower an effectful op with unbacked output sizes;
+# their outputs are always consumed by the expert computation, which keeps them alive and
+# ordered by data dependencies.
+DATA_DEPENDENT_OPS = ("dispatch", "internode_dispatch")
 COMMUNICATION_OPS = tuple(name for name in OPS if takes_buffer(name))
-EFFECTFUL_OPS = tuple(name for name in COMMUNICATION_OPS if name != "dispatch")
+EFFECTFUL_OPS = tuple(name for name in COMMUNICATION_OPS if name not in DATA_DEPENDENT_OPS)
 
 
 def _register_effect(name: str) -> None:

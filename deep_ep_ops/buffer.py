@@ -403,12 +403,13 @@ class Buffer:
         _wait_previous(previous_event)
         x, x_scales = (x if isinstance(x, tuple) else (x, None))
         config = config or self.get_dispatch_config(self.group_size)
+        internode = self._is_internode()
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
-            recv_x, recv_x_scales, _ = ops.cached_dispatch(
-                self.name, x, handle, x_scales=x_scales, config=config
-            )
+            cached = ops.internode_cached_dispatch if internode else ops.cached_dispatch
+            recv_x, recv_x_scales, _ = cached(self.name, x, handle, x_scales=x_scales,
+                                              config=config)
             recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
             return recv, None, None, None, None, self._event(async_finish)
         if num_tokens_per_rank is None or is_token_in_rank is None:
@@ -418,13 +419,22 @@ class Buffer:
             )
         if topk_idx is not None and num_tokens_per_expert is None:
             raise ValueError("num_tokens_per_expert is needed with topk_idx")
+        if internode and num_tokens_per_rdma_rank is None:
+            raise ValueError(f"dispatch on buffer {self.name!r} ({self.num_rdma_ranks} nodes) "
+                             "needs num_tokens_per_rdma_rank (from get_dispatch_layout)")
         layout = ops.DispatchLayout(
             num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
         )
-        out, host_counts = ops._dispatch(
-            self.name, x, layout, topk_idx, topk_weights, x_scales, expert_alignment,
-            num_worst_tokens, config,
-        )
+        if internode:  # the reference until the internode kernels exist: no host counts
+            out, host_counts = ops.internode_dispatch(
+                self.name, x, layout, topk_idx, topk_weights, x_scales=x_scales,
+                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
+                config=config), None
+        else:
+            out, host_counts = ops._dispatch(
+                self.name, x, layout, topk_idx, topk_weights, x_scales, expert_alignment,
+                num_worst_tokens, config,
+            )
         recv = (out.recv_x, out.recv_x_scales) if x_scales is not None else out.recv_x
         # DeepEP returns host counts except in capacity mode, where the list is empty; with or
         # without top-k, from num_tokens_per_expert (empty without it). The kernels hand them
@@ -456,7 +466,8 @@ class Buffer:
         """Normal-mode combine; returns ``(combined_x, combined_topk_weights | None, event)``."""
         self._live()
         _wait_previous(previous_event)
-        out = ops.combine(
+        combine = ops.internode_combine if self._is_internode() else ops.combine
+        out = combine(
             self.name, x, handle, topk_weights=topk_weights, bias=bias,
             config=config or self.get_combine_config(self.group_size),
         )
@@ -470,15 +481,15 @@ class Buffer:
                            config: Optional[Config] = None,
                            previous_event: Optional[EventOverlap] = None,
                            async_finish: bool = False, allocate_on_comm_stream: bool = False):
-        """DeepEP's internode entry point: the same as ``dispatch`` (the ops choose the path
-        from the group; the handle is a ``DispatchHandle`` either way)."""
+        """DeepEP's internode entry point: the same as ``dispatch``, which takes the internode
+        ops (and returns an ``InternodeHandle``) on a buffer of several nodes."""
         return self.dispatch(
             x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
             num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens,
             config, previous_event, async_finish, allocate_on_comm_stream,
         )
 
-    def internode_combine(self, x: torch.Tensor, handle: ops.DispatchHandle,
+    def internode_combine(self, x: torch.Tensor, handle: ops.InternodeHandle,
                           topk_weights: Optional[torch.Tensor] = None, bias=None,
                           config: Optional[Config] = None,
                           previous_event: Optional[EventOverlap] = None,

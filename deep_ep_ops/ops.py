@@ -247,6 +247,123 @@ def combine(
     return CombineOutput(*(_ops.combine(*args) if out is None else out))
 
 
+# --- internode normal mode (ranks on several nodes; docs/DESIGN.md section 5) ----------------
+
+
+class InternodeHandle(NamedTuple):
+    """What internode combine and cached dispatch need from an internode dispatch: DeepEP's ten
+    internode handle fields in DeepEP's order, and nothing else, so that DeepEP's positional
+    access works (``handle[-4]`` is ``recv_gbl_rank_prefix_sum``). A capacity-mode dispatch
+    returns an ``InternodeCapacityHandle`` (the same fields). ``S`` nodes, ``C`` channels,
+    ``N`` rows received, ``N_f`` rows received as the forwarder of the same-local-index ranks
+    of every node."""
+
+    is_token_in_rank: torch.Tensor  # [T, R] bool
+    rdma_channel_prefix_matrix: torch.Tensor  # [S, C]: tokens to node n from channels <= c
+    gbl_channel_prefix_matrix: torch.Tensor  # [R, C]: tokens to rank r from channels <= c
+    recv_rdma_channel_prefix_matrix: torch.Tensor  # [S, C]: as forwarder, from node n
+    recv_rdma_rank_prefix_sum: torch.Tensor  # [S]: as forwarder, inclusive over source nodes
+    recv_gbl_channel_prefix_matrix: torch.Tensor  # [R, C]: first row of (source r, channel c)
+    recv_gbl_rank_prefix_sum: torch.Tensor  # [R]: rows received, inclusive over sources
+    recv_src_meta: torch.Tensor  # [N, 2]: source token, index among its forwarder's rows
+    send_rdma_head: torch.Tensor  # [T, S]: index in the stream to node n, or -1
+    send_nvl_head: torch.Tensor  # [N_f, P]: row of each forwarded token at local rank q, or -1
+
+    @property
+    def num_worst_tokens(self) -> int:
+        """0: the data-dependent mode."""
+        return 0
+
+
+class InternodeCapacityHandle(InternodeHandle):
+    """The handle of a capacity-mode internode dispatch: ``num_worst_tokens`` is its row
+    count (``recv_src_meta`` has that many rows, padding included)."""
+
+    __slots__ = ()
+
+    @property
+    def num_worst_tokens(self) -> int:
+        return self.recv_src_meta.size(0)
+
+
+class InternodeDispatchOutput(NamedTuple):
+    recv_x: torch.Tensor  # as DispatchOutput
+    recv_x_scales: torch.Tensor
+    recv_topk_idx: torch.Tensor
+    recv_topk_weights: torch.Tensor
+    num_recv_tokens_per_expert: torch.Tensor
+    handle: InternodeHandle
+
+
+def _check_internode_handle(handle) -> InternodeHandle:
+    if not isinstance(handle, InternodeHandle):
+        raise TypeError("handle must be an InternodeHandle from internode_dispatch(), got "
+                        f"{type(handle).__name__}")
+    return handle
+
+
+def internode_dispatch(
+    buffer: str,
+    x: torch.Tensor,
+    layout: DispatchLayout,
+    topk_idx: Optional[torch.Tensor] = None,
+    topk_weights: Optional[torch.Tensor] = None,
+    *,
+    x_scales: Optional[torch.Tensor] = None,
+    expert_alignment: int = 1,
+    num_worst_tokens: int = 0,
+    config: ConfigLike = None,
+) -> InternodeDispatchOutput:
+    """``dispatch`` on a buffer whose ranks form several nodes: the same rows, an
+    ``InternodeHandle``. ``layout`` must come from ``get_dispatch_layout`` with the buffer's
+    node count (``Buffer.num_rdma_ranks``)."""
+    cfg = _config_list(config, layout.is_token_in_rank.size(1), get_dispatch_config)
+    args = (x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank,
+            layout.num_tokens_per_rdma_rank, layout.is_token_in_rank,
+            layout.num_tokens_per_expert, buffer, expert_alignment)
+    if num_worst_tokens:
+        out = _ops.internode_capacity_dispatch(*args, num_worst_tokens, cfg)
+    else:
+        out = _ops.internode_dispatch(*args, cfg)
+    kind = InternodeCapacityHandle if num_worst_tokens else InternodeHandle
+    return InternodeDispatchOutput(*out[:5], kind(layout.is_token_in_rank, *out[5:]))
+
+
+def internode_cached_dispatch(
+    buffer: str,
+    x: torch.Tensor,
+    handle: InternodeHandle,
+    *,
+    x_scales: Optional[torch.Tensor] = None,
+    topk_weights: Optional[torch.Tensor] = None,
+    config: ConfigLike = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``cached_dispatch`` along an ``InternodeHandle``."""
+    handle = _check_internode_handle(handle)
+    cfg = _config_list(config, handle.is_token_in_rank.size(1), get_dispatch_config)
+    return _ops.internode_cached_dispatch(x, x_scales, topk_weights, *handle, buffer,
+                                          handle.num_worst_tokens, cfg)
+
+
+def internode_combine(
+    buffer: str,
+    x: torch.Tensor,
+    handle: InternodeHandle,
+    *,
+    topk_weights: Optional[torch.Tensor] = None,
+    bias=None,
+    config: ConfigLike = None,
+) -> CombineOutput:
+    """``combine`` along an ``InternodeHandle``: per token, each node's rows summed in fp32
+    and rounded to ``x.dtype``, then the nodes' partial sums (and ``bias``) in fp32, rounded
+    once more (docs/DESIGN.md: within one rounding of ``combine``'s flat sum)."""
+    handle = _check_internode_handle(handle)
+    bias_0, bias_1 = _unpack_bias(bias)
+    cfg = _config_list(config, handle.is_token_in_rank.size(1), get_combine_config)
+    return CombineOutput(*_ops.internode_combine(x, topk_weights, bias_0, bias_1, *handle,
+                                                 buffer, handle.num_worst_tokens, cfg))
+
+
 def check_device_errors(device: Optional[torch.device] = None) -> None:
     """Raise an error a CUDA kernel reported since the last op call on ``device``.
 

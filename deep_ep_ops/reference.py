@@ -986,3 +986,10 @@ def register(lib: torch.library.Library, dispatch_key: str) -> list[str]:
             fn = _warning_fallback(name, fn)
         lib.impl(name, fn, dispatch_key)
     return missing
+
+
+# The internode ops' reference (it builds on this module's helpers, hence imported last).
+from .reference_internode import (  # noqa: E402
+    internode_cached_dispatch, internode_capacity_dispatch, internode_combine,
+    internode_dispatch,
+)

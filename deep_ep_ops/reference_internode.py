@@ -3,13 +3,13 @@ ranks form several nodes. Rows, top-k, weights and scales are those of the intra
 handle is DeepEP's ten fields, in our definitions, and combine sums per node first (each
 node's partial rounded to ``x.dtype``), then over the nodes.
 
-Work in progress: these functions are not registered as ops yet (no schema, fake or autograd);
-``tests/test_internode_reference.py`` holds them against ``tests/oracle.py``.
+Registered as the reference of the ``internode_*`` ops (also on CUDA until the internode
+kernels exist); ``tests/test_internode_reference.py`` holds them against ``tests/oracle.py``.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -20,8 +20,8 @@ from .reference import (
 )
 
 
-class InternodeHandle(NamedTuple):
-    """DeepEP's internode handle order (``handle[-4]`` is ``recv_gbl_rank_prefix_sum``)."""
+class _Handle(NamedTuple):
+    """The ten handle fields (``ops.InternodeHandle`` without ``num_worst_tokens``)."""
 
     is_token_in_rank: torch.Tensor  # [T, R] bool
     rdma_channel_prefix_matrix: torch.Tensor  # [S, C]
@@ -45,7 +45,7 @@ def _my_counts(num_ranks: int, me: int, sent: torch.Tensor, received: torch.Tens
 
 
 def _handle(comm, op, is_token_in_rank, counts, recv_channel_prefix, recv_src_idx, send_head,
-            num_worst_tokens, channels) -> InternodeHandle:
+            num_worst_tokens, channels) -> _Handle:
     """The internode handle of a dispatch whose intranode reference gave ``counts [R, R]``
     (rows from each rank to each rank), ``recv_channel_prefix``, ``recv_src_idx`` and
     ``send_head``."""
@@ -89,7 +89,7 @@ def _handle(comm, op, is_token_in_rank, counts, recv_channel_prefix, recv_src_id
     nvl_real = torch.arange(nvl_rows.size(0), device=row.device) < num_forwarded
     send_nvl_head = torch.where(nvl_real[:, None],
                                 nvl_rows[:, node * per_node:(node + 1) * per_node], -1)
-    return InternodeHandle(
+    return _Handle(
         is_token_in_rank, rdma_prefix.to(i32), gbl_prefix.to(i32), recv_rdma_prefix.to(i32),
         recv_rdma_rank_prefix.to(i32), recv_channel_prefix.to(i32),
         received.cumsum(0).to(i32), recv_src_meta.to(i32), send_rdma_head.to(i32),
@@ -97,36 +97,85 @@ def _handle(comm, op, is_token_in_rank, counts, recv_channel_prefix, recv_src_id
     )
 
 
-def internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                       is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
-                       num_worst_tokens, config):
-    """Dispatch on a buffer of several nodes: ``(recv_x, recv_x_scales, recv_topk_idx,
-    recv_topk_weights, num_recv_tokens_per_expert, InternodeHandle)``; the rows are the
-    intranode dispatch's."""
-    op = "capacity_dispatch" if num_worst_tokens else "dispatch"  # until the ops exist
+def _check_nodes(comm, op: str, num_nodes: int, what: str) -> None:
+    if num_nodes != comm.num_rdma_ranks:
+        raise ValueError(f"deep_ep::{op}: {what} implies {num_nodes} nodes but buffer "
+                         f"{comm.name!r} has {comm.num_rdma_ranks} ({comm.num_nvl_ranks} ranks "
+                         "per node)")
+
+
+def _internode_dispatch(op, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                        num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                        buffer, expert_alignment, num_worst_tokens, config):
+    """Both internode dispatches, after their op's check: the intranode reference's rows and
+    the internode handle, but ``is_token_in_rank`` (an input)."""
+    comm = _comm(buffer, op, x.device)
+    _check_nodes(comm, op, num_tokens_per_rdma_rank.size(0), "num_tokens_per_rdma_rank.size(0)")
     out = reference._dispatch(op, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                               is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
                               num_worst_tokens, config)
-    comm = _comm(buffer, op, x.device)
     counts = _counts_from_prefix(out[5])
     handle = _handle(comm, op, is_token_in_rank, counts, out[7], out[8], out[9],
                      num_worst_tokens, reference.meta.num_channels(config))
-    return (*out[:5], handle)
+    return (*out[:5], *handle[1:])
 
 
-def _counts_of(comm, handle: InternodeHandle) -> torch.Tensor:
+def internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                       num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, buffer,
+                       expert_alignment, config):
+    reference.meta.check_internode_dispatch(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+        is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, config)
+    return _internode_dispatch(
+        "internode_dispatch", x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+        num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, buffer,
+        expert_alignment, 0, config)
+
+
+def internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                                buffer, expert_alignment, num_worst_tokens, config):
+    reference.meta.check_internode_capacity_dispatch(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+        is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens,
+        config)
+    return _internode_dispatch(
+        "internode_capacity_dispatch", x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+        num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, buffer,
+        expert_alignment, num_worst_tokens, config)
+
+
+def _counts_of(comm, handle: _Handle) -> torch.Tensor:
     received = handle.recv_gbl_rank_prefix_sum.to(torch.int64)
     received = torch.cat([received[:1], received[1:] - received[:-1]])
     sent = handle.is_token_in_rank.sum(0)
     return _my_counts(comm.num_ranks, comm.rank, sent, received)
 
 
-def internode_cached_dispatch(x, x_scales, topk_weights, handle: InternodeHandle, buffer,
-                              num_worst_tokens):
-    """Dispatch ``x`` again along ``handle``'s routes: ``(recv_x, recv_x_scales,
-    recv_topk_weights)``."""
-    op = "cached_dispatch"
+def _handle_comm(op, x, handle: _Handle, buffer, num_worst_tokens, config, **agreed):
+    """The communicator of a call along ``handle``, after the ranks agreed on the call."""
     comm = _comm(buffer, op, x.device)
+    reference._agree(comm, op, hidden=x.size(1), x_dtype=reference._dtype_code(x),
+                     num_ranks=handle.is_token_in_rank.size(1),
+                     num_worst_tokens=num_worst_tokens, num_sms=config[0], **agreed)
+    reference._check_num_ranks(comm, op, handle.is_token_in_rank.size(1),
+                               "handle.is_token_in_rank.size(1)")
+    _check_nodes(comm, op, handle.rdma_channel_prefix_matrix.size(0),
+                 "handle.rdma_channel_prefix_matrix.size(0)")
+    return comm
+
+
+def internode_cached_dispatch(x, x_scales, topk_weights, *handle_and_rest):
+    """Dispatch ``x`` again along the handle's routes: ``(recv_x, recv_x_scales,
+    recv_topk_weights)``."""
+    op = "internode_cached_dispatch"
+    *fields, buffer, num_worst_tokens, config = handle_and_rest
+    reference.meta.check_internode_cached_dispatch(x, x_scales, topk_weights, *fields, buffer,
+                                                   num_worst_tokens, config)
+    handle = _Handle(*fields)
+    comm = _handle_comm(op, x, handle, buffer, num_worst_tokens, config,
+                        x_scales=-1 if x_scales is None else x_scales.size(1),
+                        topk_weights=-1 if topk_weights is None else topk_weights.size(1))
     counts = _counts_of(comm, handle)
     recv_x = _send_rows(comm, op, x, handle.is_token_in_rank, counts, num_worst_tokens)
     extras = [t for t in (x_scales, topk_weights) if t is not None]
@@ -161,12 +210,16 @@ def _reduce_by_node(back, slot, is_token_in_rank, acc_dtype, partial_dtype, per_
     return acc
 
 
-def internode_combine(x, topk_weights, bias_0, bias_1, handle: InternodeHandle, buffer,
-                      num_worst_tokens):
+def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
     """Sum the rows of ``x`` back on their source ranks, per node first (docs/DESIGN.md):
     ``(combined_x, combined_topk_weights)``."""
-    op = "combine"
-    comm = _comm(buffer, op, x.device)
+    op = "internode_combine"
+    *fields, buffer, num_worst_tokens, config = handle_and_rest
+    reference.meta.check_internode_combine(x, topk_weights, bias_0, bias_1, *fields, buffer,
+                                           num_worst_tokens, config)
+    handle = _Handle(*fields)
+    comm = _handle_comm(op, x, handle, buffer, num_worst_tokens, config,
+                        topk_weights=-1 if topk_weights is None else topk_weights.size(1))
     counts = _counts_of(comm, handle)
     acc_dtype = _accumulation_dtype(x.dtype)
     back, slot = _return_rows(comm, op, x, handle.is_token_in_rank, counts, num_worst_tokens)
@@ -176,7 +229,6 @@ def internode_combine(x, topk_weights, bias_0, bias_1, handle: InternodeHandle, 
         if bias is not None:
             acc = acc + bias.to(acc_dtype)
     num_tokens = handle.is_token_in_rank.size(0)
-    combined_weights: Optional[torch.Tensor]
     if topk_weights is None:
         combined_weights = x.new_zeros((num_tokens, 0), dtype=torch.float32)
     else:

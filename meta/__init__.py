@@ -305,9 +305,10 @@ def _cached_dispatch(
     )
 
 
-def _check_combine_args(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank) -> None:
+def _check_combine_args(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank,
+                        rows_of: str = "handle.recv_src_idx") -> None:
     check_tensor(x, "x", 2, FLOAT_DTYPES)
-    check_size(x, "x", 0, recv_src_idx.size(0), "handle.recv_src_idx.size(0)")
+    check_size(x, "x", 0, recv_src_idx.size(0), f"{rows_of}.size(0)")
     if topk_weights is not None:
         check_tensor(topk_weights, "topk_weights", 2, WEIGHT_DTYPES)
         check_size(topk_weights, "topk_weights", 0, x.size(0), "x.size(0)")
@@ -339,6 +340,86 @@ def _combine(
             (num_tokens, 0 if topk_weights is None else topk_weights.size(1)),
             dtype=torch.float32 if topk_weights is None else topk_weights.dtype,
         ),
+    )
+
+
+def _internode_dispatch_outputs(x, x_scales, topk_idx, topk_weights, num_tokens_per_rdma_rank,
+                                is_token_in_rank, num_tokens_per_expert, num_rows,
+                                num_forwarded, config):
+    num_tokens, num_ranks = is_token_in_rank.shape
+    num_nodes = num_tokens_per_rdma_rank.size(0)
+    channels = num_channels(config)
+    rows = _dispatch_outputs(x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+                             num_tokens_per_expert, num_rows, config)[:5]
+    i32 = dict(dtype=torch.int32)
+    return (
+        *rows,
+        x.new_empty((num_nodes, channels), **i32),
+        x.new_empty((num_ranks, channels), **i32),
+        x.new_empty((num_nodes, channels), **i32),
+        x.new_empty((num_nodes,), **i32),
+        x.new_empty((num_ranks, channels), **i32),
+        x.new_empty((num_ranks,), **i32),
+        x.new_empty((num_rows, 2), **i32),
+        x.new_empty((num_tokens, num_nodes), **i32),
+        x.new_empty((num_forwarded, num_ranks // num_nodes), **i32),
+    )
+
+
+@torch.library.register_fake("deep_ep::internode_dispatch")
+def _internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                        num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, buffer,
+                        expert_alignment, config):
+    check_internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                             num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                             buffer, expert_alignment, config)
+    # Rows received, and rows forwarded as the same-local-index rank of every node: known
+    # only after the count exchange.
+    ctx = torch.library.get_ctx()
+    return _internode_dispatch_outputs(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rdma_rank, is_token_in_rank,
+        num_tokens_per_expert, ctx.new_dynamic_size(min=0), ctx.new_dynamic_size(min=0), config)
+
+
+@torch.library.register_fake("deep_ep::internode_capacity_dispatch")
+def _internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                 num_tokens_per_rdma_rank, is_token_in_rank,
+                                 num_tokens_per_expert, buffer, expert_alignment,
+                                 num_worst_tokens, config):
+    check_internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                      num_tokens_per_rdma_rank, is_token_in_rank,
+                                      num_tokens_per_expert, buffer, expert_alignment,
+                                      num_worst_tokens, config)
+    return _internode_dispatch_outputs(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rdma_rank, is_token_in_rank,
+        num_tokens_per_expert, num_worst_tokens, num_worst_tokens, config)
+
+
+@torch.library.register_fake("deep_ep::internode_cached_dispatch")
+def _internode_cached_dispatch(x, x_scales, topk_weights, *handle_and_rest):
+    *handle, buffer, num_worst_tokens, config = handle_and_rest
+    check_internode_cached_dispatch(x, x_scales, topk_weights, *handle, buffer,
+                                    num_worst_tokens, config)
+    num_rows = _handle_of(handle)["recv_src_meta"].size(0)
+    return (
+        x.new_empty((num_rows, x.size(1))),
+        x.new_empty((num_rows, 0 if x_scales is None else x_scales.size(1)),
+                    dtype=torch.float32 if x_scales is None else x_scales.dtype),
+        x.new_empty((num_rows, 0 if topk_weights is None else topk_weights.size(1)),
+                    dtype=torch.float32 if topk_weights is None else topk_weights.dtype),
+    )
+
+
+@torch.library.register_fake("deep_ep::internode_combine")
+def _internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
+    *handle, buffer, num_worst_tokens, config = handle_and_rest
+    check_internode_combine(x, topk_weights, bias_0, bias_1, *handle, buffer, num_worst_tokens,
+                            config)
+    num_tokens = handle[0].size(0)
+    return (
+        x.new_empty((num_tokens, x.size(1))),
+        x.new_empty((num_tokens, 0 if topk_weights is None else topk_weights.size(1)),
+                    dtype=torch.float32 if topk_weights is None else topk_weights.dtype),
     )
 
 
@@ -612,6 +693,125 @@ def check_combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_p
     check_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
                  recv_src_idx, is_token_in_rank, send_head, num_worst_tokens, config)
     _check_combine_args(x, topk_weights, bias_0, bias_1, recv_src_idx, is_token_in_rank)
+
+
+# --- internode normal mode -------------------------------------------------------------------
+
+INTERNODE_HANDLE_FIELDS = (
+    "is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
+    "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
+    "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
+    "send_rdma_head", "send_nvl_head",
+)
+
+
+def _check_nodes(num_ranks: int, num_nodes: int, what: str) -> None:
+    _value(num_nodes >= 1 and num_ranks % num_nodes == 0,
+           f"{what} ({num_nodes} nodes) must divide num_ranks ({num_ranks})")
+
+
+def _check_internode_dispatch_args(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                   num_tokens_per_rdma_rank, is_token_in_rank,
+                                   num_tokens_per_expert, expert_alignment, config) -> None:
+    _check_dispatch_args(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                         is_token_in_rank, num_tokens_per_expert, expert_alignment, config)
+    check_tensor(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", 1, (torch.int32,))
+    _check_nodes(is_token_in_rank.size(1), num_tokens_per_rdma_rank.size(0),
+                 "num_tokens_per_rdma_rank.size(0)")
+
+
+def check_internode_handle(handle: dict, num_worst_tokens, config) -> None:
+    """The ten tensors of an internode handle (by field name) agree in shape with each other
+    and with ``config`` (their channels)."""
+    is_token_in_rank = handle["is_token_in_rank"]
+    check_tensor(is_token_in_rank, "handle.is_token_in_rank", 2, (torch.bool,))
+    num_tokens, num_ranks = is_token_in_rank.shape
+    rdma = handle["rdma_channel_prefix_matrix"]
+    check_tensor(rdma, "handle.rdma_channel_prefix_matrix", 2, (torch.int32,))
+    num_nodes, channels = rdma.size(0), num_channels(config)
+    _check_nodes(num_ranks, num_nodes, "handle.rdma_channel_prefix_matrix.size(0)")
+    per_node = num_ranks // num_nodes
+    recv_src_meta, send_nvl_head = handle["recv_src_meta"], handle["send_nvl_head"]
+    check_tensor(recv_src_meta, "handle.recv_src_meta", 2, (torch.int32,))
+    check_tensor(send_nvl_head, "handle.send_nvl_head", 2, (torch.int32,))
+    shapes = {
+        "rdma_channel_prefix_matrix": (num_nodes, channels),
+        "gbl_channel_prefix_matrix": (num_ranks, channels),
+        "recv_rdma_channel_prefix_matrix": (num_nodes, channels),
+        "recv_rdma_rank_prefix_sum": (num_nodes,),
+        "recv_gbl_channel_prefix_matrix": (num_ranks, channels),
+        "recv_gbl_rank_prefix_sum": (num_ranks,),
+        "recv_src_meta": (recv_src_meta.size(0), 2),
+        "send_rdma_head": (num_tokens, num_nodes),
+        "send_nvl_head": (send_nvl_head.size(0), per_node),
+    }
+    for name, shape in shapes.items():
+        t = handle[name]
+        check_tensor(t, f"handle.{name}", len(shape), (torch.int32,))
+        _value(tuple(t.shape) == shape,
+               f"handle.{name} must have shape {shape} (num_ranks={num_ranks}, nodes={num_nodes}, "
+               f"channels={channels} from config.num_sms={config[0]}), got {tuple(t.shape)}: "
+               "handle and config mismatch")
+    _value(num_worst_tokens >= 0, f"num_worst_tokens must be >= 0, got {num_worst_tokens}")
+    if num_worst_tokens > 0:
+        check_size(recv_src_meta, "handle.recv_src_meta", 0, num_worst_tokens, "num_worst_tokens")
+        check_size(send_nvl_head, "handle.send_nvl_head", 0, num_worst_tokens, "num_worst_tokens")
+
+
+def _handle_of(args: tuple) -> dict:
+    return dict(zip(INTERNODE_HANDLE_FIELDS, args))
+
+
+@_op_check
+def check_internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                             num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                             buffer, expert_alignment, config) -> None:
+    _check_internode_dispatch_args(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                   num_tokens_per_rdma_rank, is_token_in_rank,
+                                   num_tokens_per_expert, expert_alignment, config)
+
+
+@_op_check
+def check_internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                      num_tokens_per_rdma_rank, is_token_in_rank,
+                                      num_tokens_per_expert, buffer, expert_alignment,
+                                      num_worst_tokens, config) -> None:
+    _check_internode_dispatch_args(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                   num_tokens_per_rdma_rank, is_token_in_rank,
+                                   num_tokens_per_expert, expert_alignment, config)
+    _value(num_worst_tokens >= 1, f"num_worst_tokens must be >= 1, got {num_worst_tokens}")
+
+
+@_op_check
+def check_internode_cached_dispatch(x, x_scales, topk_weights, is_token_in_rank,
+                                    rdma_channel_prefix_matrix, gbl_channel_prefix_matrix,
+                                    recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum,
+                                    recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum,
+                                    recv_src_meta, send_rdma_head, send_nvl_head, buffer,
+                                    num_worst_tokens, config) -> None:
+    check_internode_handle(_handle_of((
+        is_token_in_rank, rdma_channel_prefix_matrix, gbl_channel_prefix_matrix,
+        recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum,
+        recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum, recv_src_meta, send_rdma_head,
+        send_nvl_head)), num_worst_tokens, config)
+    check_payload(x, x_scales, topk_weights)
+    check_size(x, "x", 0, is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)")
+
+
+@_op_check
+def check_internode_combine(x, topk_weights, bias_0, bias_1, is_token_in_rank,
+                            rdma_channel_prefix_matrix, gbl_channel_prefix_matrix,
+                            recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum,
+                            recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum,
+                            recv_src_meta, send_rdma_head, send_nvl_head, buffer,
+                            num_worst_tokens, config) -> None:
+    check_internode_handle(_handle_of((
+        is_token_in_rank, rdma_channel_prefix_matrix, gbl_channel_prefix_matrix,
+        recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum,
+        recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum, recv_src_meta, send_rdma_head,
+        send_nvl_head)), num_worst_tokens, config)
+    _check_combine_args(x, topk_weights, bias_0, bias_1, recv_src_meta, is_token_in_rank,
+                        rows_of="handle.recv_src_meta")
 
 
 @_op_check

@@ -64,7 +64,7 @@ def _worker(rank, world_size, port, conn, env):
     dist.destroy_process_group()
 
 
-def new_test_buffer(timeout_s: float = 20.0):
+def new_test_buffer(timeout_s: float = 20.0, num_ranks_per_node=None):
     """A low-latency-capable Buffer on WORLD whose ops give up on a failed peer after ``timeout_s``.
 
     Sizes are far above the size hints of the small test problems.
@@ -78,7 +78,8 @@ def new_test_buffer(timeout_s: float = 20.0):
     os.environ[TIMEOUT_ENV] = str(timeout_s)
     try:
         return deep_ep_ops.Buffer(
-            dist.group.WORLD, num_nvl_bytes=1 << 28, num_rdma_bytes=1 << 24, low_latency_mode=True
+            dist.group.WORLD, num_nvl_bytes=1 << 28, num_rdma_bytes=1 << 24, low_latency_mode=True,
+            num_ranks_per_node=num_ranks_per_node,
         )
     finally:
         if previous is None:

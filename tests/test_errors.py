@@ -69,6 +69,8 @@ def _bad_inputs(rank, world_size, device="cpu", skip=()):
         "handle/config mismatch": (lambda: ops.combine(name, out.recv_x, out.handle, config=deep_ep.Config(8)), ValueError, "handle and config mismatch"),
         "combine rows": (lambda: ops.combine(name, out.recv_x[:0], out.handle), ValueError, "x.size(0)"),
         "combine handle type": (lambda: ops.combine(name, out.recv_x, tuple(out.handle)), TypeError, "DispatchHandle"),
+        "internode node counts": (lambda: ops.internode_dispatch(name, x, layout._replace(num_tokens_per_rdma_rank=layout.num_tokens_per_rdma_rank[:0]), topk, weights), ValueError, "num_tokens_per_rdma_rank.size(0) (0 nodes) must divide num_ranks"),
+        "internode handle type": (lambda: ops.internode_combine(name, out.recv_x, out.handle), TypeError, "InternodeHandle"),
         "T > M": (lambda: ops.low_latency_dispatch(name, x, topk, T - 1, E), ValueError, f"{T} tokens", "num_max_dispatch_tokens_per_rank"),
         "ll E % R": (lambda: ops.low_latency_dispatch(name, x, topk, M, 0), ValueError, "num_experts (0)"),
         "ll fp8 hidden": (lambda: ops.low_latency_dispatch(name, x[:, :200], topk, M, E), ValueError, "multiple of 128"),

@@ -138,9 +138,9 @@ def _experts_per_row(recv_x, recv_idx, recv_w, local_w):
 
 
 def _layout(buf, topk):
-    per_rank, _, per_expert, is_in, _ = buf.get_dispatch_layout(topk, E)
-    return dict(num_tokens_per_rank=per_rank, is_token_in_rank=is_in,
-                num_tokens_per_expert=per_expert)
+    per_rank, per_node, per_expert, is_in, _ = buf.get_dispatch_layout(topk, E)
+    return dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node,
+                is_token_in_rank=is_in, num_tokens_per_expert=per_expert)
 
 
 def _assert_ranks(per_rank):
@@ -152,9 +152,12 @@ def _assert_ranks(per_rank):
 
 
 def _normal_job(rank, num_ranks, form):
-    buf = new_test_buffer()
+    # "internode ...": a node per rank, so that Buffer takes the internode ops (at 2 ranks).
+    internode = form.startswith("internode")
+    buf = new_test_buffer(num_ranks_per_node=1 if internode else None)
+    form = form.removeprefix("internode ")
     p = Problem(num_ranks, seed=11)
-    d = Diffs(f"rank {rank}/{num_ranks} {form}")
+    d = Diffs(f"rank {rank}/{num_ranks} {'internode ' * internode}{form}")
     x, w, local_w = p.leaves(rank)
     topk = p.topk[rank]
     layout = _layout(buf, topk)
@@ -182,11 +185,14 @@ def _normal_job(rank, num_ranks, form):
     return d.messages
 
 
-@pytest.mark.parametrize("form", ["data dependent", "capacity", "cached", "cached capacity"])
+@pytest.mark.parametrize("form", ["data dependent", "capacity", "cached", "cached capacity",
+                                  "internode data dependent", "internode capacity",
+                                  "internode cached capacity"])
 @pytest.mark.parametrize("num_ranks", [1, 2])
 def test_normal_dispatch_with_topk_weights(num_ranks, form):
     """Buffer.dispatch (top-k weights; data-dependent or capacity; cached along the handle)
-    -> weighted per-row experts -> Buffer.combine: x/x2, topk_weights and expert weights."""
+    -> weighted per-row experts -> Buffer.combine: x/x2, topk_weights and expert weights; the
+    "internode" forms on a buffer of one rank per node (the internode ops at 2 ranks)."""
     _assert_ranks(run_on_ranks(num_ranks, _normal_job, form))
 
 

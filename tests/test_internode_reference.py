@@ -1,6 +1,6 @@
-"""The internode reference (deep_ep_ops/reference_internode.py: not registered as ops yet)
-against the oracle, on gloo ranks split into emulated nodes (DEEP_EP_OPS_RANKS_PER_NODE): 4
-ranks as 2 x 2 and 8 ranks as 2 x 4, data-dependent and capacity mode."""
+"""The internode ops (their reference, deep_ep_ops/reference_internode.py) against the oracle,
+on gloo ranks split into emulated nodes (DEEP_EP_OPS_RANKS_PER_NODE): 4 ranks as 2 x 2 (also
+in capacity mode), 8 ranks as 2 x 4, and the two degenerate splits 4 x 1 and 1 x 4."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 import deep_ep_ops as deep_ep
 import oracle
-from deep_ep_ops import ops, reference_internode
+from deep_ep_ops import ops
 from deep_ep_ops.topology import RANKS_PER_NODE_ENV
 from distributed import RankPool
 
@@ -44,21 +44,18 @@ def _job(rank, num_ranks, per_node, seed, num_worst_tokens):
     inp = _inputs(rank, num_ranks, seed)
     layout = ops.get_dispatch_layout(inp["topk"], inp["experts"], num_ranks,
                                      buffer.num_rdma_ranks)
-    out = reference_internode.internode_dispatch(
-        inp["x"], None, inp["topk"], inp["weights"], layout.num_tokens_per_rank,
-        layout.is_token_in_rank, layout.num_tokens_per_expert, buffer.name, 1, num_worst_tokens,
-        CONFIG)
-    handle = out[5]
-    cached = reference_internode.internode_cached_dispatch(inp["x2"], None, None, handle,
-                                                           buffer.name, num_worst_tokens)
+    out = ops.internode_dispatch(buffer.name, inp["x"], layout, inp["topk"], inp["weights"],
+                                 num_worst_tokens=num_worst_tokens, config=CONFIG)
+    cached = ops.internode_cached_dispatch(buffer.name, inp["x2"], out.handle, config=CONFIG)
     # Rows to combine: a function of the received rows (any data would do; this keeps them
     # different per rank).
-    rows = (out[0].float() * (rank + 1) / 3).bfloat16()
-    combined = reference_internode.internode_combine(rows, out[3], inp["bias"], None, handle,
-                                                     buffer.name, num_worst_tokens)
+    rows = (out.recv_x.float() * (rank + 1) / 3).bfloat16()
+    combined = ops.internode_combine(buffer.name, rows, out.handle,
+                                     topk_weights=out.recv_topk_weights, bias=inp["bias"],
+                                     config=CONFIG)
     buffer.destroy()
-    return {"dispatch": out[:5], "handle": tuple(handle), "cached": cached[0], "rows": rows,
-            "combined": combined}
+    return {"dispatch": tuple(out[:5]), "handle": tuple(tuple(out.handle)), "cached": cached[0],
+            "rows": rows, "combined": tuple(combined)}
 
 
 @pytest.mark.parametrize("num_ranks, per_node, num_worst_tokens", [
@@ -85,7 +82,7 @@ def test_internode_reference_matches_oracle(num_ranks, per_node, num_worst_token
         [r["rows"] for r in results], want, [x.size(0) for x in xs], per_node,
         recv_topk_weights=[r["dispatch"][3] for r in results],
         bias_0=[i["bias"] for i in inputs])
-    fields = reference_internode.InternodeHandle._fields
+    fields = ops.InternodeHandle._fields
     for rank, got in enumerate(results):
         recv_x, _, recv_topk_idx, recv_topk_weights, per_expert = got["dispatch"]
         assert torch.equal(recv_x.view(torch.int16), want[rank]["recv_x"].view(torch.int16))
@@ -102,3 +99,110 @@ def test_internode_reference_matches_oracle(num_ranks, per_node, num_worst_token
         assert torch.equal(cx.view(torch.int16),
                            combined[rank]["combined_x"].view(torch.int16)), rank
         assert torch.equal(cw, combined[rank]["combined_topk_weights"]), rank
+
+
+def _grad_job(rank, num_ranks, per_node):
+    """Gradients through internode dispatch, cached dispatch and combine on 2 x 2 nodes, and
+    through the intranode ops on one node, for the same float64 data (float64 partial sums
+    round to themselves: the two may differ only in the order of additions)."""
+    results = {}
+    for label, nodes in (("internode", per_node), ("intranode", num_ranks)):
+        buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, num_ranks_per_node=nodes)
+        inp = _inputs(rank, num_ranks, 7)
+        x = inp["x"].double().requires_grad_()
+        x2 = inp["x2"].double().requires_grad_()
+        weights = inp["weights"].double().requires_grad_()
+        bias = inp["bias"].double().requires_grad_()
+        layout = ops.get_dispatch_layout(inp["topk"], inp["experts"], num_ranks,
+                                         buffer.num_rdma_ranks)
+        if label == "internode":
+            out = ops.internode_dispatch(buffer.name, x, layout, inp["topk"], weights,
+                                         config=CONFIG)
+            cached = ops.internode_cached_dispatch(buffer.name, x2, out.handle, config=CONFIG)
+            combined = ops.internode_combine(buffer.name, out.recv_x * 3, out.handle,
+                                             topk_weights=out.recv_topk_weights, bias=bias,
+                                             config=CONFIG)
+        else:
+            out = ops.dispatch(buffer.name, x, layout, inp["topk"], weights, config=CONFIG)
+            cached = ops.cached_dispatch(buffer.name, x2, out.handle, config=CONFIG)
+            combined = ops.combine(buffer.name, out.recv_x * 3, out.handle,
+                                   topk_weights=out.recv_topk_weights, bias=bias, config=CONFIG)
+        g = torch.Generator().manual_seed(rank)
+        loss = ((out.recv_x * torch.rand(out.recv_x.shape, generator=g, dtype=torch.float64)).sum()
+                + (cached[0] ** 2).sum() + (combined.combined_x ** 2).sum()
+                + combined.combined_topk_weights.sum())
+        loss.backward()
+        results[label] = (x.grad, x2.grad, weights.grad, bias.grad)
+        buffer.destroy()
+    return results
+
+
+def test_internode_gradients_match_intranode():
+    pool = RankPool(4)
+    try:
+        results = pool.run(_grad_job, 2, timeout=120)
+    finally:
+        pool.close()
+    for rank, got in enumerate(results):
+        for name, a, b in zip(("x", "x2", "weights", "bias"), got["internode"], got["intranode"]):
+            assert a is not None and b is not None and a.abs().sum() > 0, (rank, name)
+            assert torch.allclose(a, b, rtol=1e-12, atol=1e-12), (rank, name, (a - b).abs().max())
+
+
+def _deepep_style_job(rank, num_ranks, per_node):
+    """DeepEP's test_internode.py checks, through Buffer on emulated nodes: rows of rank i hold
+    the value i and come in source-rank blocks that handle[-4] (recv_gbl_rank_prefix_sum)
+    delimits; cached dispatch gives the same; combine of the received rows minus the biases,
+    divided by the number of ranks each token reached, gives x back; capacity mode pads."""
+    os.environ[RANKS_PER_NODE_ENV] = str(per_node)
+    try:
+        buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26)
+    finally:
+        os.environ.pop(RANKS_PER_NODE_ENV, None)
+    inp = _inputs(rank, num_ranks, 3)
+    x = torch.ones(inp["x"].shape, dtype=torch.bfloat16) * rank
+    per_rank, per_node_counts, per_expert, in_rank, _ = buffer.get_dispatch_layout(
+        inp["topk"], inp["experts"])
+    problems = []
+    args = dict(num_tokens_per_rank=per_rank, num_tokens_per_rdma_rank=per_node_counts,
+                is_token_in_rank=in_rank, num_tokens_per_expert=per_expert)
+    recv_x, recv_topk_idx, recv_w, counts, handle, _ = buffer.dispatch(
+        x, topk_idx=inp["topk"], topk_weights=inp["weights"], **args)
+    if not isinstance(handle, ops.InternodeHandle):
+        problems.append(f"handle is a {type(handle).__name__}")
+    prefix = handle[-4]
+    start = 0
+    for source in range(num_ranks):
+        block = recv_x[start:int(prefix[source])]
+        if not torch.equal(block, torch.full_like(block, source)):
+            problems.append(f"rows from rank {source} are not all {source}")
+        start = int(prefix[source])
+    if start != recv_x.size(0) or counts != [int((recv_topk_idx == e).sum())
+                                             for e in range(len(counts))]:
+        problems.append("row count or per-expert counts")
+    cached, *_ = buffer.dispatch(x, handle=handle)
+    if not torch.equal(cached, recv_x):
+        problems.append("cached dispatch differs")
+    bias_0 = torch.ones(x.shape, dtype=torch.bfloat16)
+    combined, _, _ = buffer.combine(recv_x, handle, bias=(bias_0, bias_0))
+    reached = in_rank.sum(1, keepdim=True).clamp(min=1)
+    back = (combined.float() - 2) / reached
+    if not torch.equal(back[in_rank.any(1)], x.float()[in_rank.any(1)]):
+        problems.append("combine does not give x back")
+    worst = 4 * 16
+    padded_x, padded_idx, _, empty, _, _ = buffer.dispatch(
+        x, topk_idx=inp["topk"], topk_weights=inp["weights"], num_worst_tokens=worst, **args)
+    if (empty != [] or padded_x.size(0) != worst or not torch.equal(padded_x[:start], recv_x)
+            or not bool((padded_idx[start:] == -1).all())):
+        problems.append("capacity mode")
+    buffer.destroy()
+    return problems
+
+
+def test_buffer_takes_the_internode_ops_on_several_nodes():
+    pool = RankPool(4)
+    try:
+        results = pool.run(_deepep_style_job, 2, timeout=120)
+    finally:
+        pool.close()
+    assert results == [[]] * 4, results

@@ -120,6 +120,61 @@ def _combine_samples(buffer, rank, num_ranks, rg):
     return samples
 
 
+# Internode ops: on a buffer of one rank per node (2 nodes at 2 ranks; _opcheck_job).
+
+
+def _internode_dispatch_args(buffer, rank, num_ranks, rg, op):
+    x, topk, weights, _ = _inputs(rank, num_ranks)
+    layout = ops.get_dispatch_layout(topk, E, num_ranks, num_ranks)
+    per_rank, per_node, is_in, per_expert = (
+        layout.num_tokens_per_rank, layout.num_tokens_per_rdma_rank, layout.is_token_in_rank,
+        layout.num_tokens_per_expert,
+    )
+    extra = (T * num_ranks,) if op == "internode_capacity_dispatch" else ()
+    return [
+        ("bf16 top-k", (_grad(x, rg), None, topk, _grad(weights, rg), per_rank, per_node, is_in,
+                        per_expert, buffer, 1, *extra, CONFIG)),
+        ("bf16 no top-k, aligned", (_grad(x, rg), None, None, None, per_rank, per_node, is_in,
+                                    None, buffer, 4, *extra, CONFIG)),
+    ]
+
+
+def _internode_dispatch_samples(buffer, rank, num_ranks, rg):
+    return _internode_dispatch_args(buffer, rank, num_ranks, rg, "internode_dispatch")
+
+
+def _internode_capacity_dispatch_samples(buffer, rank, num_ranks, rg):
+    return _internode_dispatch_args(buffer, rank, num_ranks, rg, "internode_capacity_dispatch")
+
+
+def _internode_handles(buffer, rank, num_ranks):
+    x, topk, weights, _ = _inputs(rank, num_ranks)
+    layout = ops.get_dispatch_layout(topk, E, num_ranks, num_ranks)
+    return [(label, ops.internode_dispatch(buffer, x, layout, topk, weights,
+                                           num_worst_tokens=worst, config=CONFIG))
+            for label, worst in (("", 0), (" capacity", T * num_ranks))]
+
+
+def _internode_cached_dispatch_samples(buffer, rank, num_ranks, rg):
+    x, _, weights, _ = _inputs(rank, num_ranks)
+    return [(f"bf16 weights{label}", (_grad(x, rg), None, _grad(weights, rg), *tuple(out.handle),
+                                      buffer, out.handle.num_worst_tokens, CONFIG))
+            for label, out in _internode_handles(buffer, rank, num_ranks)]
+
+
+def _internode_combine_samples(buffer, rank, num_ranks, rg):
+    g = torch.Generator().manual_seed(300 + rank)
+    bias = torch.randn(T, H, generator=g).bfloat16()
+    samples = []
+    for label, out in _internode_handles(buffer, rank, num_ranks):
+        y = torch.randn(out.recv_x.shape, generator=g).bfloat16()
+        w = torch.rand(out.recv_topk_weights.shape, generator=g)
+        samples.append((f"weights, bias{label}", (_grad(y, rg), _grad(w, rg), _grad(bias, rg),
+                                                  None, *tuple(out.handle), buffer,
+                                                  out.handle.num_worst_tokens, CONFIG)))
+    return samples
+
+
 LL_MODES = {  # label -> (use_fp8, round_scale, use_ue8m0); hidden 512 allows UE8M0
     "bf16": (False, False, False), "fp8": (True, False, False),
     "fp8 ue8m0": (True, True, True),
@@ -228,6 +283,10 @@ DISTRIBUTED_SAMPLES = {
     "capacity_dispatch": (_capacity_dispatch_samples, True),
     "cached_dispatch": (_cached_dispatch_samples, True),
     "combine": (_combine_samples, True),
+    "internode_dispatch": (_internode_dispatch_samples, True),
+    "internode_capacity_dispatch": (_internode_capacity_dispatch_samples, True),
+    "internode_cached_dispatch": (_internode_cached_dispatch_samples, True),
+    "internode_combine": (_internode_combine_samples, True),
     "low_latency_dispatch": (_low_latency_dispatch_samples, True),
     "low_latency_dispatch_send": (_low_latency_dispatch_send_samples, False),
     "low_latency_dispatch_recv": (_low_latency_dispatch_recv_samples, False),
@@ -270,7 +329,7 @@ def _opcheck_all(op_name: str, samples) -> list[str]:
 
 
 def _opcheck_job(rank, world_size, op_name):
-    buf = new_test_buffer()
+    buf = new_test_buffer(num_ranks_per_node=1 if op_name.startswith("internode") else None)
     build, differentiable = DISTRIBUTED_SAMPLES[op_name]
     failures = []
     for rg in (False, True) if differentiable else (False,):
