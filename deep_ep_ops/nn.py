@@ -74,7 +74,7 @@ class Dispatched(NamedTuple):
     recv_topk_idx: Optional[torch.Tensor]
     recv_topk_weights: Optional[torch.Tensor]
     num_recv_tokens_per_expert: torch.Tensor
-    state: Union[ops.DispatchHandle, LowLatencyState]
+    state: Union[ops.DispatchHandle, ops.InternodeHandle, LowLatencyState]
 
 
 def buffer_size_hints(
@@ -134,7 +134,10 @@ class MoEDispatcher(nn.Module):
         if num_worst_tokens is not None and mode != "capacity":
             raise ValueError("num_worst_tokens is only used in mode='capacity'")
         self.buffer_name = buffer if isinstance(buffer, str) else buffer.name
-        self.num_ranks = _registry.get(self.buffer_name).num_ranks
+        comm = _registry.get(self.buffer_name)
+        self.num_ranks, self.num_rdma_ranks = comm.num_ranks, comm.num_rdma_ranks
+        # A buffer of several nodes takes the internode ops (normal and capacity modes).
+        self.internode = self.num_rdma_ranks > 1 and mode != "low_latency"
         if num_experts < 1 or num_experts % self.num_ranks:
             raise ValueError(
                 f"num_experts ({num_experts}) must be a positive multiple of the number of "
@@ -169,13 +172,15 @@ class MoEDispatcher(nn.Module):
             )
             state = LowLatencyState(out.handle, topk_idx, topk_weights)
             return Dispatched(out.recv_x, out.recv_x_scales, None, None, out.recv_count, state)
-        layout = ops.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks)
+        layout = ops.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks,
+                                         self.num_rdma_ranks)
         num_worst_tokens = 0
         if self.mode == "capacity":
             # A token reaches a rank at most once: with at most T tokens on every rank, R * T
             # rows never drop one.
             num_worst_tokens = self.num_worst_tokens or self.num_ranks * x.size(0)
-        out = ops.dispatch(
+        dispatch = ops.internode_dispatch if self.internode else ops.dispatch
+        out = dispatch(
             self.buffer_name, x, layout, topk_idx, topk_weights,
             num_worst_tokens=num_worst_tokens, config=self.dispatch_config,
         )
@@ -197,7 +202,8 @@ class MoEDispatcher(nn.Module):
             return ops.low_latency_combine(
                 self.buffer_name, expert_out, state.topk_idx, state.topk_weights, state.handle
             )
-        return ops.combine(
+        combine = ops.internode_combine if self.internode else ops.combine
+        return combine(
             self.buffer_name, expert_out, state, config=self.combine_config
         ).combined_x
 

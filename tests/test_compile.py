@@ -95,7 +95,8 @@ def _compiling():
         yield recorder
 
 
-def _make_layer(rank, world_size, mode, tokens, hidden=HIDDEN, use_fp8=False):
+def _make_layer(rank, world_size, mode, tokens, hidden=HIDDEN, use_fp8=False,
+                num_ranks_per_node=None):
     import torch.distributed as dist
 
     from deep_ep_ops import Buffer
@@ -105,7 +106,8 @@ def _make_layer(rank, world_size, mode, tokens, hidden=HIDDEN, use_fp8=False):
     num_nvl_bytes, num_rdma_bytes = buffer_size_hints(
         hidden, world_size, num_experts, element_size=4, num_max_dispatch_tokens_per_rank=tokens
     )
-    buffer = Buffer(dist.group.WORLD, num_nvl_bytes, num_rdma_bytes, low_latency_mode=True)
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes, num_rdma_bytes, low_latency_mode=True,
+                    num_ranks_per_node=num_ranks_per_node)
     dispatcher = MoEDispatcher(
         buffer, num_experts, mode, use_fp8=use_fp8,
         num_max_dispatch_tokens_per_rank=tokens if mode == "low_latency" else None,
@@ -132,8 +134,9 @@ def _train_step(moe, fn, x):
     return [out.detach(), x.grad] + [p.grad.clone() for p in moe.parameters()]
 
 
-def _training_job(rank, world_size, mode, tokens, steps=2):
-    buffer, moe = _make_layer(rank, world_size, mode, tokens)
+def _training_job(rank, world_size, mode, tokens, steps=2, num_ranks_per_node=None):
+    buffer, moe = _make_layer(rank, world_size, mode, tokens,
+                              num_ranks_per_node=num_ranks_per_node)
     errors = []
     with _compiling() as recorder:
         compiled = torch.compile(moe, fullgraph=True)
@@ -153,11 +156,13 @@ def _training_job(rank, world_size, mode, tokens, steps=2):
     return dict(ops=recorder.format(), max_error=max(errors), aot_eager_exact=exact)
 
 
-def _dynamic_normal_job(rank, world_size, tokens):
+def _dynamic_normal_job(rank, world_size, tokens, num_ranks_per_node=None):
     # Ranks hold different numbers of tokens and every step routes differently: the received
-    # row count N is an unbacked size, so one graph serves every step.
+    # row count N (and, internode, the forwarded row count) is an unbacked size, so one graph
+    # serves every step.
     with torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True):
-        return _training_job(rank, world_size, "normal", tokens[rank], steps=3)
+        return _training_job(rank, world_size, "normal", tokens[rank], steps=3,
+                             num_ranks_per_node=num_ranks_per_node)
 
 
 def _decode_job(rank, world_size, tokens):
@@ -259,6 +264,23 @@ backward:
   deep_ep.combine.default
 """)
 
+    def test_internode_capacity_moe_training_step(self):
+        # One rank per node: the internode ops (their reference), traced like the intranode.
+        results = self._run(_training_job, "capacity", 8, 2, 1)
+        for result in results:
+            self.assertLessEqual(result["max_error"], FLOAT32_ROUNDING)
+            self.assertTrue(result["aot_eager_exact"])
+        self.assertExpectedInline(results[0]["ops"], """\
+forward:
+  deep_ep.get_dispatch_layout.default
+  deep_ep.internode_capacity_dispatch.default
+  deep_ep.internode_combine.default
+
+backward:
+  deep_ep.internode_cached_dispatch.default
+  deep_ep.internode_combine.default
+""")
+
     def test_low_latency_moe_training_step(self):
         results = self._run(_training_job, "low_latency", 8)
         for result in results:
@@ -302,6 +324,22 @@ forward:
 backward:
   deep_ep.cached_dispatch.default
   deep_ep.combine.default
+""")
+
+    def test_internode_dispatch_with_dynamic_output_shapes(self):
+        results = self._run(_dynamic_normal_job, [5, 9], 1)
+        for result in results:
+            self.assertLessEqual(result["max_error"], FLOAT32_ROUNDING)
+            self.assertTrue(result["aot_eager_exact"])
+        self.assertExpectedInline(results[0]["ops"], """\
+forward:
+  deep_ep.get_dispatch_layout.default
+  deep_ep.internode_dispatch.default
+  deep_ep.internode_combine.default
+
+backward:
+  deep_ep.internode_cached_dispatch.default
+  deep_ep.internode_combine.default
 """)
 
     def test_unused_communication_is_kept_in_order(self):
