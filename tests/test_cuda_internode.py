@@ -1,0 +1,30 @@
+"""GPU: the internode ops on CUDA tensors against the oracle (tests/internode_helpers.py), at 2
+ranks as 2 nodes of 1 and 4 ranks as 2 nodes of 2. Until the internode kernels exist they run
+the reference registered for CUDA (over NCCL with a GPU per rank; on one GPU, ranks sharing it
+under CUDA MPS, over the buffer's gloo group with the tensors staged through the host)."""
+
+from __future__ import annotations
+
+import pytest
+
+import gpu_distributed
+import internode_helpers
+from gpu_distributed import max_ranks
+from gpu_helpers import _device, world_size  # noqa: F401  (the module-scoped fixture)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(max_ranks() < 2, reason="needs 2 CUDA GPUs, or one under CUDA MPS"),
+]
+
+
+def _job(rank, num_ranks, per_node, seed, num_worst_tokens):
+    return internode_helpers.job(rank, num_ranks, per_node, seed, num_worst_tokens, _device())
+
+
+@pytest.mark.parametrize("num_worst_tokens", [0, 64], ids=["data_dependent", "capacity"])
+def test_internode_ops_on_cuda_match_oracle(world_size, num_worst_tokens):
+    per_node = world_size // 2
+    seed = 40 + world_size + num_worst_tokens
+    results = gpu_distributed.run_on_gpus(world_size, _job, per_node, seed, num_worst_tokens)
+    internode_helpers.check(results, world_size, per_node, seed, num_worst_tokens)
