@@ -220,6 +220,67 @@ def test_combine_gradcheck(num_ranks, capacity, num_biases):
     assert all(run_on_ranks(num_ranks, _combine_job, worst, num_biases))
 
 
+def _internode_job(rank, num_ranks, worst, op):
+    """gradcheck of one internode op on a buffer of one rank per node (2 nodes at 2 ranks)."""
+    buf = new_test_buffer(num_ranks_per_node=1)
+    topk, xs, ws, num_recv = _problem(2, num_ranks, T, H, K, E)
+    layout = ops.get_dispatch_layout(topk[rank], E, num_ranks, num_ranks)
+    rows = [worst or n for n in num_recv]
+    t_in = Replicated([T * H] * num_ranks, rank)
+    tw_in = Replicated([T * K] * num_ranks, rank)
+    if op == "dispatch":
+        out_sh = Replicated([n * (H + K) for n in rows], rank)
+
+        def fn(x_all, w_all):
+            out = ops.internode_dispatch(
+                buf.name, t_in.own(x_all, (T, H)), layout, topk[rank], tw_in.own(w_all, (T, K)),
+                num_worst_tokens=worst, config=CONFIG)
+            return out_sh.share(out.recv_x, out.recv_topk_weights)
+
+        inputs = (_flat(xs), _flat(ws))
+    else:
+        handle = ops.internode_dispatch(buf.name, xs[rank], layout, topk[rank], ws[rank],
+                                        num_worst_tokens=worst, config=CONFIG).handle
+        g = torch.Generator().manual_seed(5)
+        if op == "cached_dispatch":
+            out_sh = Replicated([n * (H + K) for n in rows], rank)
+
+            def fn(x_all, w_all):
+                recv_x, _, recv_w = ops.internode_cached_dispatch(
+                    buf.name, t_in.own(x_all, (T, H)), handle,
+                    topk_weights=tw_in.own(w_all, (T, K)), config=CONFIG)
+                return out_sh.share(recv_x, recv_w)
+
+            inputs = (_flat([torch.randn(T, H, generator=g, dtype=F64) for _ in xs]),
+                      _flat([torch.rand(T, K, generator=g, dtype=F64) for _ in xs]))
+        else:
+            y_in = Replicated([n * H for n in rows], rank)
+            w_in = Replicated([n * K for n in rows], rank)
+            out_sh = Replicated([T * (H + K)] * num_ranks, rank)
+
+            def fn(y_all, w_all, bias_all):
+                combined = ops.internode_combine(
+                    buf.name, y_in.own(y_all, (rows[rank], H)), handle,
+                    topk_weights=w_in.own(w_all, (rows[rank], K)),
+                    bias=t_in.own(bias_all, (T, H)), config=CONFIG)
+                return out_sh.share(combined.combined_x, combined.combined_topk_weights)
+
+            inputs = (_flat([torch.randn(n, H, generator=g, dtype=F64) for n in rows]),
+                      _flat([torch.rand(n, K, generator=g, dtype=F64) for n in rows]),
+                      _flat([torch.randn(T, H, generator=g, dtype=F64) for _ in xs]))
+    ok = _gradcheck(fn, inputs)
+    buf.destroy()
+    return ok
+
+
+@pytest.mark.parametrize("capacity", [False, True], ids=["data_dependent", "capacity"])
+@pytest.mark.parametrize("op", ["dispatch", "cached_dispatch", "combine"])
+def test_internode_gradcheck(op, capacity):
+    """The internode ops (2 nodes of 1 rank) w.r.t. their float inputs."""
+    worst = 2 * T if capacity else 0
+    assert all(run_on_ranks(2, _internode_job, worst, op))
+
+
 # --- low-latency mode -------------------------------------------------------------------------
 
 LL_T, LL_H, LL_K, LL_E, LL_M = 3, 4, 2, 4, 3
