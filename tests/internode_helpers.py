@@ -20,12 +20,21 @@ NUM_CHANNELS = 3
 HIDDEN, TOPK = 64, 3
 
 
-def inputs(rank, num_ranks, seed, device="cpu"):
+# Edge cases of the routing: rank 1 without tokens; rank 0 routing every token nowhere; every
+# expert of the first node only (the other nodes receive nothing and forward nothing).
+EDGES = (None, "empty rank", "nothing sent", "first node only")
+
+
+def inputs(rank, num_ranks, seed, device="cpu", edge=None):
     """Rank ``rank``'s tokens (a count of its own), routing, weights and rows to combine."""
     g = torch.Generator().manual_seed(1000 * seed + rank)
-    num_tokens = 5 + (7 * rank + seed) % 9
+    num_tokens = 0 if edge == "empty rank" and rank == 1 else 5 + (7 * rank + seed) % 9
     num_experts = 2 * num_ranks
     topk = oracle.random_topk(num_tokens, num_experts, TOPK, g, p_neg=0.2)
+    if edge == "nothing sent" and rank == 0:
+        topk.fill_(-1)
+    if edge == "first node only":  # experts 0..3 live on ranks 0 and 1: the first node
+        topk = torch.where(topk >= 0, topk % 4, -1)
     made = {
         "x": torch.randn(num_tokens, HIDDEN, generator=g).bfloat16(),
         "topk": topk, "weights": torch.rand(num_tokens, TOPK, generator=g),
@@ -35,7 +44,7 @@ def inputs(rank, num_ranks, seed, device="cpu"):
     return {**{k: v.to(device) for k, v in made.items()}, "experts": num_experts}
 
 
-def job(rank, num_ranks, per_node, seed, num_worst_tokens, device="cpu"):
+def job(rank, num_ranks, per_node, seed, num_worst_tokens, device="cpu", edge=None):
     """One rank: internode dispatch, cached dispatch and combine on a buffer of ``per_node``
     ranks per node; the results on the CPU."""
     os.environ[RANKS_PER_NODE_ENV] = str(per_node)
@@ -43,7 +52,7 @@ def job(rank, num_ranks, per_node, seed, num_worst_tokens, device="cpu"):
         buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26)
     finally:
         os.environ.pop(RANKS_PER_NODE_ENV, None)
-    inp = inputs(rank, num_ranks, seed, device)
+    inp = inputs(rank, num_ranks, seed, device, edge)
     layout = ops.get_dispatch_layout(inp["topk"], inp["experts"], num_ranks,
                                      buffer.num_rdma_ranks)
     out = ops.internode_dispatch(buffer.name, inp["x"], layout, inp["topk"], inp["weights"],
@@ -61,10 +70,10 @@ def job(rank, num_ranks, per_node, seed, num_worst_tokens, device="cpu"):
             "rows": rows.cpu(), "combined": cpu(combined)}
 
 
-def check(results, num_ranks, per_node, seed, num_worst_tokens):
+def check(results, num_ranks, per_node, seed, num_worst_tokens, edge=None):
     """Every rank's ``job`` results against the oracle: rows bit-exact, every handle field
     equal, cached dispatch and the per-node combine bit-exact."""
-    made = [inputs(r, num_ranks, seed) for r in range(num_ranks)]
+    made = [inputs(r, num_ranks, seed, edge=edge) for r in range(num_ranks)]
     xs = [i["x"] for i in made]
     num_experts = made[0]["experts"]
     want = oracle.dispatch(xs, [i["topk"] for i in made], [i["weights"] for i in made],

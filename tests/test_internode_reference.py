@@ -31,6 +31,19 @@ def test_internode_reference_matches_oracle(num_ranks, per_node, num_worst_token
     internode_helpers.check(results, num_ranks, per_node, seed, num_worst_tokens)
 
 
+@pytest.mark.parametrize("num_worst_tokens", [0, 64], ids=["data_dependent", "capacity"])
+def test_internode_edge_cases_match_oracle(num_worst_tokens):
+    """2 x 2 with a rank without tokens, a rank sending nothing, or one node receiving all."""
+    pool = RankPool(4)
+    try:
+        for edge in internode_helpers.EDGES[1:]:
+            results = pool.run(internode_helpers.job, 2, 9, num_worst_tokens, "cpu", edge,
+                               timeout=120)
+            internode_helpers.check(results, 4, 2, 9, num_worst_tokens, edge)
+    finally:
+        pool.close()
+
+
 def _grad_job(rank, num_ranks, per_node):
     """Gradients through internode dispatch, cached dispatch and combine on 2 x 2 nodes, and
     through the intranode ops on one node, for the same float64 data (float64 partial sums
