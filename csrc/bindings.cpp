@@ -44,20 +44,31 @@ auto& runtimes = *new RuntimeRegistry<NvlRuntime>();  // NVLink runtimes by buff
 
 
 
-// One value of a notify row's call arguments (DispatchLayoutArgs::meta), for messages.
-std::string notify_meta_shown(int field, int value) {
+const char* const kNotifyMetaFields[kNotifyMetaInts] = DEEP_EP_NOTIFY_META_FIELDS;
+const char* const kCallWordFieldNames[kCallWordFields] = DEEP_EP_CALL_WORD_FIELDS;
+
+// One argument's value in a disagreement message (a dtype and an op by name).
+std::string argument_shown(const std::string& field, int value) {
   value &= 0x0fffffff;  // what a disagreement report carries of it
-  return field == 1 ? std::string(c10::toString(static_cast<at::ScalarType>(value)))
-       : field == 7 ? std::string(op_name(value)) : num(value);
+  return field == "x.dtype" ? std::string(c10::toString(static_cast<at::ScalarType>(value)))
+       : field == "op" ? std::string(op_name(value)) : num(value);
 }
 
-// A notify kernel's disagreement report (value = (field << 28) | the peer's value of it):
-// "the ranks disagree on <field> (rank <peer>: <value>".
-std::string disagreement_of(const DeviceReport& report) {
-  static const char* const fields[kNotifyMetaInts] = DEEP_EP_NOTIFY_META_FIELDS;
-  const int field = (report.value >> 28) & 7;
-  return "the ranks disagree on " + std::string(fields[field]) + " (rank " + num(report.peer) +
-         ": " + notify_meta_shown(field, report.value);
+// A kernel's disagreement report (value = (field << 28) | the peer's value of it; `fields`
+// names them): "the ranks disagree on <field> (rank <peer>: <value>".
+std::string disagreement_of(const DeviceReport& report, const char* const* fields) {
+  const char* field = fields[(report.value >> 28) & 7];
+  return "the ranks disagree on " + std::string(field) + " (rank " + num(report.peer) + ": " +
+         argument_shown(field, report.value);
+}
+
+// The data kernels' call word (kernels/api.h): what shapes their staging, which every rank
+// must pass alike.
+uint64_t call_word_of(const at::Tensor& x, int64_t num_scales, int64_t num_topk, int num_sms,
+                      int op) {
+  const int64_t values[kCallWordFields] = {
+      x.size(1), static_cast<int64_t>(x.scalar_type()), num_scales, num_topk, num_sms, op};
+  return pack_call_word(values);
 }
 
 // Raise (once) an error a kernel reported since the last call; returns the device word.
@@ -85,9 +96,15 @@ int* checked_error_word(const char* op, int device,
     if (code == kErrorDisagree && this_call) this_call(report);
     if (code == kErrorDisagree) {  // capacity mode: found by the notify kernel, raised here
       runtimes.mark_broken(device);
-      TORCH_CHECK_VALUE(false, where, ": ", disagreement_of(report), "); every rank must pass "
-                        "the same. The call did not run, and the NVLink buffers on this device "
-                        "are unusable now");
+      TORCH_CHECK_VALUE(false, where, ": ", disagreement_of(report, kNotifyMetaFields),
+                        "); every rank must pass the same. The call did not run, and the NVLink "
+                        "buffers on this device are unusable now");
+    }
+    if (code == kErrorCallMismatch) {  // cached dispatch, combine: found by a data kernel
+      runtimes.mark_broken(device);
+      TORCH_CHECK_VALUE(false, where, ": ", disagreement_of(report, kCallWordFieldNames),
+                        "); every rank must pass the same. The call's results are invalid, and "
+                        "the NVLink buffers on this device are unusable now");
     }
     if (code == kErrorTimeout) {
       runtimes.mark_broken(device);
@@ -279,8 +296,9 @@ int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
                                      const DeviceReport& report) {
   const int field = (report.value >> 28) & 7;
   TORCH_CHECK_VALUE(report.code != kErrorDisagree, "deep_ep::", op, " on buffer ", runtime.name,
-                    ": ", disagreement_of(report), ", rank ", num(runtime.rank), ": ",
-                    notify_meta_shown(field, meta[field]), "); every rank must pass the same");
+                    ": ", disagreement_of(report, kNotifyMetaFields), ", rank ",
+                    num(runtime.rank), ": ", argument_shown(kNotifyMetaFields[field], meta[field]),
+                    "); every rank must pass the same");
   TORCH_CHECK(false, "deep_ep::", op, ": the ranks disagree on the call's arguments");
 }
 
@@ -451,7 +469,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   at::Tensor recv_channel_prefix = at::empty({num_ranks, channels}, i32);
   at::Tensor recv_per_expert = at::empty({num_local}, i32);
 
-  const Intranode nvl = runtime->view(error, op_id);
+  Intranode nvl = runtime->view(error, op_id);
   DispatchLayoutArgs layout{};
   layout.is_token_in_rank = in_rank.data_ptr<bool>();
   layout.num_tokens_per_rank = per_rank.data_ptr<int>();
@@ -499,6 +517,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   data.counts = counts.data_ptr<int>();
   data.recv_topk_idx = recv_topk.data_ptr<int64_t>();
   data.recv_src_idx = recv_src.data_ptr<int>();
+  nvl.call = call_word_of(x, x_scales ? x_scales->size(1) : 0, num_topk, num_sms, op_id);
   launch_data(op, buffer, nvl, data, num_sms, runtime->device, stream);
   return {payload.recv_x, payload.recv_scales, recv_topk, payload.recv_weights, recv_per_expert,
           rank_prefix, channel_prefix, recv_channel_prefix, recv_src, send_head};
@@ -593,7 +612,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
   const c10::cuda::CUDAGuard guard(x.device());
   int* error = checked_error_word(op, runtime->device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
-  const Intranode nvl = runtime->view(error, kOpCachedDispatch);
+  Intranode nvl = runtime->view(error, kOpCachedDispatch);
   const auto i32 = x.options().dtype(at::kInt);
   const at::Tensor rank_prefix = rank_prefix_matrix.contiguous();
   const at::Tensor head = send_head.contiguous();
@@ -609,6 +628,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
   data.num_topk = static_cast<int>(payload.recv_weights.size(1));
   data.send_list = send_list.data_ptr<int>();
   data.counts = counts.data_ptr<int>();
+  nvl.call = call_word_of(x, x_scales ? x_scales->size(1) : 0, data.num_topk, num_sms,
+                          kOpCachedDispatch);
   launch_data(op, buffer, nvl, data, num_sms, runtime->device, stream);
   return {payload.recv_x, payload.recv_scales, payload.recv_weights};
 }
@@ -654,7 +675,8 @@ std::tuple<at::Tensor, at::Tensor> combine_unchecked(
   const c10::cuda::CUDAGuard guard(x.device());
   int* error = checked_error_word(op, runtime->device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
-  const Intranode nvl = runtime->view(error, kOpCombine);
+  Intranode nvl = runtime->view(error, kOpCombine);
+  nvl.call = call_word_of(x, 0, topk_weights ? topk_weights->size(1) : 0, num_sms, kOpCombine);
   at::Tensor xc = x.contiguous();
   if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;

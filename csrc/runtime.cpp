@@ -73,6 +73,7 @@ Intranode NvlRuntime::view(int* error, int op) const {
   nvl.timeout_ns = timeout_ns;
   nvl.error = error;
   nvl.op = op;
+  nvl.call = 0;  // the data kernels' call word: set by the call that launches one
   return nvl;
 }
 

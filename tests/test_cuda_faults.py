@@ -9,6 +9,7 @@ error must come within DEEP_EP_OPS_TIMEOUT_S + 1 s and the ranks must exit clean
 from __future__ import annotations
 
 import functools
+import re
 import time
 
 import pytest
@@ -217,4 +218,66 @@ def test_normal_mode_ranks_that_disagree_all_raise(world_size):
             problems.append(f"rank {rank} hidden agreed: {report['hidden agreed']}")
     if exit_codes["once"] != [0] * world_size:
         problems.append(f"exit codes {exit_codes['once']} (None: killed)")
+    assert not problems, "\n".join(problems)
+
+
+# --- ranks that disagree in cached dispatch and combine (the data kernels' call word) ------------
+
+
+def _data_kernel_disagreement(rank, num_ranks, scenario):
+    """An agreeing dispatch, then rank 0 passes rows twice as wide to ``scenario`` (combine or
+    cached dispatch, which exchange nothing before their data): every receiver compares its
+    senders' call words with its own, so every rank raises a ValueError naming hidden, and
+    the buffer refuses the next call."""
+    import torch
+
+    from deep_ep_ops import ops
+    from deep_ep_ops.config import get_combine_config, get_dispatch_config
+    from gpu_helpers import _device, _generator, _nvl_bytes, _routing
+
+    device = _device()
+    num_tokens, hidden, num_topk, num_experts = 64, 256, 2, 4 * num_ranks
+    configs = [get_dispatch_config(num_ranks).to_list(), get_combine_config(num_ranks).to_list()]
+    buffer = Buffer(dist.group.WORLD, num_nvl_bytes=_nvl_bytes(configs, [8 * hidden], num_ranks))
+    g = _generator(device, 11 + rank)
+    topk = _routing("random", num_tokens, num_experts, num_topk, num_ranks, g, device)
+    weights = torch.rand(num_tokens, num_topk, generator=g, device=device)
+    layout = ops.get_dispatch_layout(topk, num_experts, num_ranks)
+    x = torch.randn(num_tokens, hidden, generator=g, device=device).bfloat16()
+    out = ops.dispatch(buffer.name, x, layout, topk, weights, config=configs[0])
+    width = 2 * hidden if rank == 0 else hidden
+    report = {}
+    attempt = functools.partial(_attempt, report)
+    if scenario == "combine":
+        rows = torch.randn(out.recv_x.size(0), width, generator=g, device=device).bfloat16()
+        attempt("call", lambda: ops.combine(buffer.name, rows, out.handle, config=configs[1]))
+    else:
+        wide = torch.randn(num_tokens, width, generator=g, device=device).bfloat16()
+        attempt("call", lambda: ops.cached_dispatch(buffer.name, wide, out.handle,
+                                                    config=configs[0]))
+    attempt("after", lambda: ops.dispatch(buffer.name, x, layout, topk, weights,
+                                          config=configs[0]))
+    return report  # the buffer is unusable now: no destroy
+
+
+@pytest.mark.parametrize("scenario", ["combine", "cached_dispatch"])
+def test_data_kernel_ranks_that_disagree_all_raise(world_size, scenario):
+    results, exit_codes = gpu_distributed.run_in_fresh_pools(
+        world_size, {"DEEP_EP_OPS_TIMEOUT_S": str(TIMEOUT_S)},
+        _data_kernel_disagreement, [scenario], timeout=120)
+    problems = []
+    _record(world_size, f"{scenario} disagreement", results[scenario], ("call", "after"))
+    for rank, report in enumerate(results[scenario]):
+        # Rank 0 hears a peer's 256; every other rank hears rank 0's 512.
+        peer_value = r"rank [1-9]\d*: 256" if rank == 0 else r"rank 0: 512"
+        kind, message = report["call"]
+        if kind != "ValueError" or not re.search(
+                rf"{scenario} on cuda:\d+: the ranks disagree on hidden \({peer_value}\); every "
+                r"rank must pass the same\. The call's results are invalid", message):
+            problems.append(f"rank {rank} {scenario}: {kind}: {message!r}")
+        kind, message = report["after"]
+        if kind != "RuntimeError" or "unusable" not in message:
+            problems.append(f"rank {rank} after: {kind}: {message!r}")
+    if exit_codes[scenario] != [0] * world_size:
+        problems.append(f"exit codes {exit_codes[scenario]} (None: killed)")
     assert not problems, "\n".join(problems)

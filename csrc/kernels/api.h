@@ -23,7 +23,10 @@ enum DeviceError : int {
   kErrorDisagree = 6,          // a peer called with other arguments. Low-latency dispatch:
                                // use_fp8, value = (this rank << 8) | the peer's use_fp8;
                                // normal-mode dispatch: value = (field << 28) | the peer's
-                               // value of it (fields: kNotifyMetaFields)
+                               // value of it (fields: DEEP_EP_NOTIFY_META_FIELDS)
+  kErrorCallMismatch = 7,      // cached dispatch / combine: a peer's call word differs;
+                               // value = (field << 28) | the peer's value of it (fields:
+                               // DEEP_EP_CALL_WORD_FIELDS)
 };
 constexpr int kErrorWordInts = 4;
 
@@ -57,6 +60,29 @@ constexpr int kNotifyMetaInts = 8;
   {"hidden", "x.dtype", "x_scales.size(1)", "topk_idx.size(1)", "num_experts",             \
    "num_worst_tokens", "config.num_sms", "op"}
 
+// The arguments that shape a data kernel's staging (slot size, rounds, blocks), packed into one
+// 64-bit call word: every sender writes its word beside each round it stages at a receiver,
+// and the receiver compares it with its own before it reads the round. The only agreement
+// check of cached dispatch and combine, which exchange nothing before their data (a dispatch
+// has agreed in its notify kernel already). Field i takes kCallWordBits[i] bits.
+constexpr int kCallWordFields = 6;
+#define DEEP_EP_CALL_WORD_FIELDS \
+  {"hidden", "x.dtype", "x_scales.size(1)", "topk_weights.size(1)", "config.num_sms", "op"}
+__host__ __device__ constexpr int call_word_bits(int field) {
+  return field == 0 ? 20 : field == 1 ? 6 : field == 2 ? 10 : field == 3 ? 8 : field == 4 ? 10 : 8;
+}
+__host__ __device__ inline uint64_t pack_call_word(const int64_t (&values)[kCallWordFields]) {
+  uint64_t word = 0;
+  for (int f = 0, at = 0; f < kCallWordFields; at += call_word_bits(f), ++f)
+    word |= (static_cast<uint64_t>(values[f]) & ((uint64_t(1) << call_word_bits(f)) - 1)) << at;
+  return word;
+}
+__host__ __device__ inline int call_word_field(uint64_t word, int field) {
+  int at = 0;
+  for (int f = 0; f < field; ++f) at += call_word_bits(f);
+  return static_cast<int>((word >> at) & ((uint64_t(1) << call_word_bits(field)) - 1));
+}
+
 // Bytes of the control region at the start of every rank's NVLink allocation (the data region,
 // num_nvl_bytes of staging, follows). The allocation must be zeroed before first use.
 size_t intranode_control_bytes();
@@ -71,6 +97,7 @@ struct Intranode {
   uint64_t timeout_ns;     // spin limit of every wait on a peer
   int* error;              // the device error word (kErrorWordInts ints, mapped host memory)
   int op;                  // OpId of the call, for error reports
+  uint64_t call;           // the data kernels' call word (pack_call_word)
 };
 
 // Dispatch, step 1 (no communication) and 2 (count exchange). Inputs: is_token_in_rank

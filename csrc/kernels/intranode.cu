@@ -48,6 +48,8 @@ struct Control {
   uint64_t consumed[kMaxNvlRanks][kMaxBlocks];  // [dst][block]: rounds dst took from my staging
   uint64_t sent[kMaxNvlRanks][kMaxBlocks];      // [dst][block]: rounds I staged at dst (local)
   uint64_t received[kMaxNvlRanks][kMaxBlocks];  // [src][block]: rounds I took from src (local)
+  uint64_t call_word[kMaxNvlRanks][kMaxBlocks];  // [src][block]: src's call word, written
+                                                 // before each `ready` of its rounds here
   uint64_t barrier_signal[kMaxNvlRanks];        // [src]: barriers src entered
   uint64_t barrier_epoch;                       // barriers I entered (local)
   uint64_t notify_epoch;                        // count exchanges done (local)
@@ -67,6 +69,21 @@ __device__ void report(const Intranode& nvl, int code, int peer, int value) {
 
 __device__ __forceinline__ bool is_aborted(const Intranode& nvl) {
   return *reinterpret_cast<volatile int*>(&control(nvl.local)->aborted) != 0;
+}
+
+// The thread that takes src's round (after its `ready`): does src's call word match this
+// rank's? If not, the first field that differs is reported and the buffer marked aborted.
+__device__ bool same_call(const Intranode& nvl, int src, int block) {
+  Control* ctl = control(nvl.local);
+  const uint64_t theirs = *reinterpret_cast<volatile uint64_t*>(&ctl->call_word[src][block]);
+  if (theirs == nvl.call) return true;
+  int field = 0;
+  while (field + 1 < kCallWordFields &&
+         call_word_field(theirs, field) == call_word_field(nvl.call, field))
+    ++field;
+  report(nvl, kErrorCallMismatch, src, (field << 28) | call_word_field(theirs, field));
+  atomicExch(&ctl->aborted, 1);
+  return false;
 }
 
 // One thread spins until *flag >= target. False when the peer did not arrive in time (the
@@ -567,6 +584,7 @@ dispatch(Intranode nvl, DispatchDataArgs a, Staging st) {
       role_sync(kSendRole);
       if (tid < num_ranks && tid != me && in_round(send_count[tid], round)) {
         ctl->sent[tid][block] = send_round[tid];
+        control(peer_base[tid])->call_word[me][block] = nvl.call;  // ordered by the release
         store_release(&control(peer_base[tid])->ready[me][block], send_round[tid]);
       }
     }
@@ -579,7 +597,7 @@ dispatch(Intranode nvl, DispatchDataArgs a, Staging st) {
       if (rtid < num_ranks && rtid != me && in_round(recv_count[rtid], round)) {
         const uint64_t n = ctl->received[rtid][block] + 1;
         recv_round[rtid] = n;
-        ok = wait_for(nvl, &ctl->ready[rtid][block], n, rtid);
+        ok = wait_for(nvl, &ctl->ready[rtid][block], n, rtid) && same_call(nvl, rtid, block);
       }
       if (!(ok = role_sync_and(kRecvRole, ok))) break;
       for (int item = rwarp; item < num_ranks * per_block; item += kRoleWarps) {
@@ -815,6 +833,7 @@ combine(Intranode nvl, CombineArgs a, Staging st) {
       __syncthreads();
       if (tid < num_ranks && tid != me && hi[tid] > lo[tid]) {
         ctl->sent[tid][block] = send_round[tid];
+        control(peer_base[tid])->call_word[me][block] = nvl.call;  // ordered by the release
         store_release(&control(peer_base[tid])->ready[me][block], send_round[tid]);
       }
     }
@@ -835,7 +854,7 @@ combine(Intranode nvl, CombineArgs a, Staging st) {
       if (holds) {
         const uint64_t n = ctl->received[tid][block] + 1;
         recv_round[tid] = n;
-        ok = wait_for(nvl, &ctl->ready[tid][block], n, tid);
+        ok = wait_for(nvl, &ctl->ready[tid][block], n, tid) && same_call(nvl, tid, block);
       }
       if (!__syncthreads_and(ok)) return;
       for (int64_t t = t0 + warp; t < end; t += kDataWarps) {
