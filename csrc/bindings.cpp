@@ -407,6 +407,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
                              c10::string_view buffer_view, int64_t expert_alignment,
                              int64_t num_worst_tokens, c10::IntArrayRef config) {
   const char* op = op_name(op_id) + 9;  // without "deep_ep::"
+  HostTrace trace(op);
   const std::string buffer(buffer_view.data(), buffer_view.size());
   check_payload(x, x_scales, topk_weights);
   check_tensor(is_token_in_rank, "is_token_in_rank", 2, {at::kBool});
@@ -447,9 +448,11 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
                                          num_tokens_per_expert, buffer, expert_alignment,
                                          num_worst_tokens, config_list);
   }
+  trace.mark("checks");
   const c10::cuda::CUDAGuard guard(x.device());
   int* error = checked_error_word(op, runtime->device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
+  trace.mark("error word, stream");
   const int64_t channels = num_sms / 2;
   const int64_t num_experts = num_tokens_per_expert ? num_tokens_per_expert->size(0) : 0;
   const int64_t num_local = num_experts / num_ranks;
@@ -468,6 +471,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   at::Tensor rank_prefix = at::empty({num_ranks, num_ranks}, i32);
   at::Tensor recv_channel_prefix = at::empty({num_ranks, channels}, i32);
   at::Tensor recv_per_expert = at::empty({num_local}, i32);
+  trace.mark("handle allocations");
 
   Intranode nvl = runtime->view(error, op_id);
   DispatchLayoutArgs layout{};
@@ -493,8 +497,10 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   for (int f = 0; f < kNotifyMetaInts; ++f) layout.meta[f] = static_cast<int>(meta[f]);
   if (num_worst_tokens == 0) *runtime->num_recv_host = -1;
   C10_CUDA_CHECK(launch_dispatch_notify(nvl, layout, stream));
+  trace.mark("notify launch");
   const int64_t num_rows =
       num_worst_tokens > 0 ? num_worst_tokens : wait_num_recv(*runtime, op, layout.meta);
+  trace.mark("count wait");
   if (num_worst_tokens == 0) {  // for Buffer.dispatch's host list, without a copy
     runtime->recv_per_expert.resize(num_local);
     for (int64_t l = 0; l < num_local; ++l)
@@ -506,6 +512,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   const Payload payload(x, x_scales, topk_weights, num_rows, num_topk);
   at::Tensor recv_topk = at::empty({num_rows, num_topk}, x.options().dtype(at::kLong));
   at::Tensor recv_src = at::empty({num_rows}, i32);
+  trace.mark("output allocations");
 
   DispatchDataArgs data{};
   payload.fill(data, num_tokens, num_worst_tokens > 0);
@@ -519,6 +526,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   data.recv_src_idx = recv_src.data_ptr<int>();
   nvl.call = call_word_of(x, x_scales ? x_scales->size(1) : 0, num_topk, num_sms, op_id);
   launch_data(op, buffer, nvl, data, num_sms, runtime->device, stream);
+  trace.mark("data launch");
   return {payload.recv_x, payload.recv_scales, recv_topk, payload.recv_weights, recv_per_expert,
           rank_prefix, channel_prefix, recv_channel_prefix, recv_src, send_head};
 }
@@ -596,6 +604,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
     const at::Tensor& send_head, c10::string_view buffer_view, int64_t num_worst_tokens,
     c10::IntArrayRef config) {
   const char* op = "cached_dispatch";
+  HostTrace trace(op);
   const std::string buffer(buffer_view.data(), buffer_view.size());
   check_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
                recv_src_idx, is_token_in_rank, send_head, num_worst_tokens, config);
@@ -613,6 +622,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
   int* error = checked_error_word(op, runtime->device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
   Intranode nvl = runtime->view(error, kOpCachedDispatch);
+  trace.mark("checks");
   const auto i32 = x.options().dtype(at::kInt);
   const at::Tensor rank_prefix = rank_prefix_matrix.contiguous();
   const at::Tensor head = send_head.contiguous();
@@ -621,6 +631,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
   C10_CUDA_CHECK(launch_handle_counts(nvl, rank_prefix.data_ptr<int>(), head.data_ptr<int>(),
                                       static_cast<int>(num_tokens), send_list.data_ptr<int>(),
                                       counts.data_ptr<int>(), stream));
+  trace.mark("counts launch");
   const Payload payload(x, x_scales, topk_weights, recv_src_idx.size(0),
                         topk_weights ? topk_weights->size(1) : 0);
   DispatchDataArgs data{};
@@ -630,7 +641,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
   data.counts = counts.data_ptr<int>();
   nvl.call = call_word_of(x, x_scales ? x_scales->size(1) : 0, data.num_topk, num_sms,
                           kOpCachedDispatch);
+  trace.mark("payload");
   launch_data(op, buffer, nvl, data, num_sms, runtime->device, stream);
+  trace.mark("data launch");
   return {payload.recv_x, payload.recv_scales, payload.recv_weights};
 }
 
@@ -645,6 +658,7 @@ std::tuple<at::Tensor, at::Tensor> combine_unchecked(
     const at::Tensor& is_token_in_rank, const at::Tensor& send_head,
     c10::string_view buffer_view, int64_t num_worst_tokens, c10::IntArrayRef config) {
   const char* op = "combine";
+  HostTrace trace(op);
   const std::string buffer(buffer_view.data(), buffer_view.size());
   check_handle(rank_prefix_matrix, channel_prefix_matrix, recv_channel_prefix_matrix,
                recv_src_idx, is_token_in_rank, send_head, num_worst_tokens, config);
@@ -677,6 +691,7 @@ std::tuple<at::Tensor, at::Tensor> combine_unchecked(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
   Intranode nvl = runtime->view(error, kOpCombine);
   nvl.call = call_word_of(x, 0, topk_weights ? topk_weights->size(1) : 0, num_sms, kOpCombine);
+  trace.mark("checks");
   at::Tensor xc = x.contiguous();
   if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();
   const at::ScalarType acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -692,6 +707,7 @@ std::tuple<at::Tensor, at::Tensor> combine_unchecked(
   at::Tensor combined_weights = at::empty(
       {num_tokens, weights.defined() ? weights.size(1) : 0},
       x.options().dtype(weights.defined() ? weights.scalar_type() : at::kFloat));
+  trace.mark("inputs, allocations");
 
   CombineArgs args{};
   args.x = static_cast<const uint8_t*>(xc.data_ptr());
@@ -716,6 +732,7 @@ std::tuple<at::Tensor, at::Tensor> combine_unchecked(
                     num(combine_slot_bytes(args)), " bytes with num_sms=", num(num_sms));
   check_resident("combine", num_sms, runtime->device);
   C10_CUDA_CHECK(launch_combine(nvl, args, num_sms, stream));
+  trace.mark("launch");
   return {combined, combined_weights};
 }
 
@@ -899,6 +916,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     return deep_ep_ops::nvl_buffer_size_hint(config, hidden_bytes, num_ranks);
   }, "The NVLink bytes the kernels require (tests hold it equal to "
      "Config.get_nvl_buffer_size_hint)");
+  module.def("host_trace", &deep_ep_ops::host_trace_take,
+             "Host µs per step of the eager calls since the last call (DEEP_EP_OPS_HOST_TRACE=1)");
   module.def("op_names", &deep_ep_ops::op_names_by_id,
              "The op names device error reports use, by op id (tests hold them to the op table)");
   module.def("set_check", &deep_ep_ops::set_check,
@@ -938,23 +957,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                             const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
                             const std::string& buffer, int64_t expert_alignment,
                             const Ints& config) -> py::object {
-    switch (deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
-                                           num_tokens_per_rank, is_token_in_rank,
-                                           num_tokens_per_expert)) {
-      case Direct::kPlain:
-        return with_host_counts(
-            py::cast(deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights,
-                                           num_tokens_per_rank, is_token_in_rank,
-                                           num_tokens_per_expert, buffer, expert_alignment,
-                                           config)),
-            buffer);
-      case Direct::kAutograd:
+    deep_ep_ops::HostTrace trace("entry dispatch");
+    const Direct mode = deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
+                                                       num_tokens_per_rank, is_token_in_rank,
+                                                       num_tokens_per_expert);
+    trace.mark("direct mode");
+    switch (mode) {
+      case Direct::kPlain: {
+        auto out = deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights,
+                                         num_tokens_per_rank, is_token_in_rank,
+                                         num_tokens_per_expert, buffer, expert_alignment, config);
+        trace.mark("op");
+        py::object result = with_host_counts(py::cast(std::move(out)), buffer);
+        trace.mark("to python");
+        return result;
+      }
+      case Direct::kAutograd: {
         if (x_scales || !at::isFloatingType(x.scalar_type())) break;
-        return with_host_counts(
-            deep_ep_ops::to_python(deep_ep_ops::DispatchFunction::apply(
-                x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                num_tokens_per_expert, buffer, expert_alignment, int64_t{0}, config)),
-            buffer);
+        auto out = deep_ep_ops::DispatchFunction::apply(
+            x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+            num_tokens_per_expert, buffer, expert_alignment, int64_t{0}, config);
+        trace.mark("autograd op");
+        py::object result = with_host_counts(deep_ep_ops::to_python(out), buffer);
+        trace.mark("to python");
+        return result;
+      }
       case Direct::kOps: break;
     }
     return py::none();
@@ -966,13 +993,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                      const OptTensor& num_tokens_per_expert,
                                      const std::string& buffer, int64_t expert_alignment,
                                      int64_t num_worst_tokens, const Ints& config) -> py::object {
-    switch (deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
-                                           num_tokens_per_rank, is_token_in_rank,
-                                           num_tokens_per_expert)) {
-      case Direct::kPlain:
-        return py::cast(deep_ep_ops::capacity_dispatch(
+    deep_ep_ops::HostTrace trace("entry capacity_dispatch");
+    const Direct mode = deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
+                                                       num_tokens_per_rank, is_token_in_rank,
+                                                       num_tokens_per_expert);
+    trace.mark("direct mode");
+    switch (mode) {
+      case Direct::kPlain: {
+        auto out = deep_ep_ops::capacity_dispatch(
             x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-            num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config));
+            num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config);
+        trace.mark("op");
+        py::object result = py::cast(std::move(out));
+        trace.mark("to python");
+        return result;
+      }
       case Direct::kAutograd:
         // num_worst_tokens < 1 takes the ops, which raise.
         if (x_scales || !at::isFloatingType(x.scalar_type()) || num_worst_tokens < 1) break;

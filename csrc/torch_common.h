@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <map>
 #include <memory>
@@ -97,6 +98,61 @@ DeviceReport take_device_report(int device) {
   DeviceReport report{word[0], word[1], word[2], word[3]};
   if (report.code != kErrorNone) word[0] = kErrorNone;
   return report;
+}
+
+// Host time of an eager call's steps, for finding where it goes (DEEP_EP_OPS_HOST_TRACE=1,
+// read once; off, a mark costs one branch): a HostTrace made at the start of a call adds the
+// time since its previous mark to "<op>/<step>" at every mark. Each extension keeps its own
+// totals; host_trace_take() returns them in µs and clears them (scripts/host_profile.py).
+bool host_trace_on() {
+  static const bool on = [] {
+    const char* value = std::getenv("DEEP_EP_OPS_HOST_TRACE");
+    return value != nullptr && std::string(value) == "1";
+  }();
+  return on;
+}
+
+struct HostTraceTotal {
+  int64_t calls = 0;
+  int64_t ns = 0;
+};
+
+std::mutex host_trace_mutex;
+auto& host_trace_totals = *new std::map<std::string, HostTraceTotal>();
+
+class HostTrace {
+ public:
+  explicit HostTrace(const char* op) : op_(op), on_(host_trace_on()) {
+    if (on_) last_ = std::chrono::steady_clock::now();
+  }
+
+  void mark(const char* step) {
+    if (!on_) return;
+    const auto now = std::chrono::steady_clock::now();
+    const int64_t ns = std::chrono::duration_cast<std::chrono::nanoseconds>(now - last_).count();
+    {
+      std::lock_guard<std::mutex> lock(host_trace_mutex);
+      HostTraceTotal& total = host_trace_totals[std::string(op_) + "/" + step];
+      total.calls += 1;
+      total.ns += ns;
+    }
+    last_ = std::chrono::steady_clock::now();  // the bookkeeping is not the next step's
+  }
+
+ private:
+  const char* op_;
+  bool on_;
+  std::chrono::steady_clock::time_point last_;
+};
+
+// "<op>/<step>" -> (marks, mean µs per mark), then cleared.
+std::map<std::string, std::pair<int64_t, double>> host_trace_take() {
+  std::lock_guard<std::mutex> lock(host_trace_mutex);
+  std::map<std::string, std::pair<int64_t, double>> out;
+  for (const auto& [step, total] : host_trace_totals)
+    out[step] = {total.calls, total.calls ? 1e-3 * total.ns / total.calls : 0.0};
+  host_trace_totals.clear();
+  return out;
 }
 
 // Python implementations (the reference backend) of ops, for calls the kernels do not take.

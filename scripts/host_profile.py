@@ -6,7 +6,10 @@ Runs each host case of ``python -m deep_ep_ops.bench`` (the same inputs and ``Bu
 ``--calls`` times under cProfile, with and without inputs that require grad, while a long
 ``torch.cuda._sleep`` keeps the GPU busy (so no call waits for it; a case that syncs is profiled
 all the same), and prints per case the wall µs per call and the functions with the most own
-time. A development tool: the numbers of record come from the bench.
+time. With ``DEEP_EP_OPS_HOST_TRACE=1`` it also prints, per case, the mean µs of each step the
+C++ entries mark (checks, allocations, launches, the count wait, the conversion to Python;
+``HostTrace`` in csrc/torch_common.h), timed in a second run without cProfile. A development
+tool: the numbers of record come from the bench.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from deep_ep_ops import bench
+from deep_ep_ops import _build, bench
 
 
 def main() -> None:
@@ -82,6 +85,32 @@ def _profile(case, buffer, setup, requires_grad, args, sleep, device) -> None:
     lines = text.getvalue().splitlines()
     start_at = next((i for i, line in enumerate(lines) if "ncalls" in line), 0)
     print("\n".join(line for line in lines[start_at:] if line.strip()))
+    if os.environ.get("DEEP_EP_OPS_HOST_TRACE") == "1":
+        _print_host_trace(phases, args.calls, sleep, device)
+
+
+def _extensions():
+    return [m for m in (_build._C, getattr(_build, "_C_nvshmem", None))
+            if m is not None and hasattr(m, "host_trace")]
+
+
+def _print_host_trace(phases, calls: int, sleep, device) -> None:
+    """The C++ steps of the same calls, without cProfile, while the GPU sleeps."""
+    for module in _extensions():
+        module.host_trace()  # clear
+    if sleep is not None:
+        torch.cuda.synchronize(device)
+        sleep(min(calls * 400.0 + 10_000, bench.HOST_MAX_SLEEP_US))
+    start = time.perf_counter()
+    for _ in range(calls):
+        bench._run_host_phases(phases)
+    wall_us = (time.perf_counter() - start) / calls * 1e6
+    if sleep is not None:
+        torch.cuda.synchronize(device)
+    print(f"  C++ steps ({wall_us:.1f} us per call without cProfile): mean us per mark")
+    for module in _extensions():
+        for step, (marks, mean_us) in sorted(module.host_trace().items()):
+            print(f"    {step:<48} {mean_us:8.2f}  ({marks} marks)")
 
 
 if __name__ == "__main__":

@@ -302,6 +302,7 @@ DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
                               int64_t num_ranks, int64_t num_max, int64_t num_experts,
                               bool use_fp8, bool round_scale, bool use_ue8m0,
                               const c10::optional<at::Tensor>& stats) {
+  HostTrace trace(op);
   check_dispatch(x, topk_idx, num_ranks, num_max, num_experts, use_fp8, round_scale, use_ue8m0);
   if (stats) check_stats(*stats, num_experts / num_ranks);
   LowLatencyRuntime* runtime = runtime_for(op, buffer, x, x.size(1), topk_idx.size(1), num_ranks,
@@ -314,13 +315,16 @@ DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
     if (stats) stats->add_(std::get<2>(out));
     return out;
   }
+  trace.mark("checks");
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
   DispatchOutputs out = new_dispatch_outputs(x, num_ranks, num_max, num_experts / num_ranks,
                                              use_fp8, use_ue8m0);
+  trace.mark("output allocations");
   const LowLatency ll = view_for(*runtime, op, kOpLowLatencyDispatch);
   const at::Tensor xc = x.contiguous(), topk = topk_idx.contiguous();
   const LowLatencyDispatchSend send = dispatch_send_args(xc, topk, num_experts, use_fp8, round_scale);
+  trace.mark("arguments");
   if (split) {
     C10_CUDA_CHECK(launch_low_latency_dispatch_send(ll, send, stream));
     runtime->pending_dispatch.push_back(true);
@@ -330,6 +334,7 @@ DispatchOutputs dispatch_impl(const char* op, bool split, const at::Tensor& x,
                            std::get<4>(out), stats);
     C10_CUDA_CHECK(launch_low_latency_dispatch(ll, send, recv, stream));
   }
+  trace.mark("launch");
   return out;
 }
 
@@ -491,14 +496,17 @@ at::Tensor low_latency_combine_unchecked(const at::Tensor& x, const at::Tensor& 
                                int64_t num_ranks, int64_t num_max, int64_t num_experts,
                                bool zero_copy) {
   const char* op = "low_latency_combine";
+  HostTrace trace(op);
   check_combine(x, topk_idx, topk_weights, src_info, layout_range, num_ranks, num_max, num_experts);
   LowLatencyRuntime* runtime =
       combine_runtime(op, buffer, x, topk_idx, topk_weights, num_ranks, num_max, num_experts);
   if (runtime == nullptr)
     return call_fallback<at::Tensor>(op, x, topk_idx, topk_weights, src_info, layout_range, buffer,
                                      num_ranks, num_max, num_experts, zero_copy);
+  trace.mark("checks");
   at::Tensor out = at::empty({topk_idx.size(0), x.size(2)}, x.options());
   combine_kernels(*runtime, x, topk_idx, topk_weights, src_info, layout_range, out);
+  trace.mark("allocation, launch");
   return out;
 }
 
@@ -763,6 +771,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("low_latency_buffer_bytes", &deep_ep_ops::low_latency_bytes_needed,
              "The symmetric bytes the kernels require (tests hold it equal to "
              "get_low_latency_rdma_size_hint)");
+  module.def("host_trace", &deep_ep_ops::host_trace_take,
+             "Host µs per step of the eager calls since the last call (DEEP_EP_OPS_HOST_TRACE=1)");
   module.def("op_names", &deep_ep_ops::op_names_by_id,
              "The op names device error reports use, by op id (tests hold them to the op table)");
   module.def("set_check", &deep_ep_ops::set_check,
