@@ -224,11 +224,13 @@ def _exclusive_cumsum(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.cumsum(dim) - t
 
 
-def _send_rows(comm, op, payload, is_token_in_rank, counts, num_worst_tokens):
+def _send_rows(comm, op, payload, is_token_in_rank, counts, num_worst_tokens,
+               receives="receives more rows"):
     """Send row ``t`` of ``payload`` to every rank ``r`` with ``is_token_in_rank[t, r]``.
 
     Returns the received ``[num_rows, ...]`` rows, ordered by source rank then source token,
-    with ``num_rows = num_worst_tokens`` (zero rows past the count) in capacity mode.
+    with ``num_rows = num_worst_tokens`` (zero rows past the count) in capacity mode
+    (``receives``: what the capacity error says this rank does).
     """
     me, num_ranks = comm.rank, comm.num_ranks
     if num_worst_tokens == 0:
@@ -244,7 +246,7 @@ def _send_rows(comm, op, payload, is_token_in_rank, counts, num_worst_tokens):
     block = num_worst_tokens
     _data_check(
         counts[:, me].sum() <= block,
-        f"deep_ep::{op}: rank {me} receives more rows than num_worst_tokens={block}",
+        f"deep_ep::{op}: rank {me} {receives} than num_worst_tokens={block}",
     )
     slot = is_token_in_rank.to(torch.int64).cumsum(0) - 1  # [T, R]
     base = torch.arange(num_ranks, device=payload.device) * block

@@ -84,7 +84,8 @@ def _handle(comm, op, is_token_in_rank, counts, recv_channel_prefix, recv_src_id
     forwarded = _all_gather(comm, op, to_forwarder.sum(0, dtype=torch.int64))  # [src, dst]
     forward_counts = _my_counts(num_ranks, me, forwarded[me], forwarded[:, me])
     nvl_rows = _send_rows(comm, op, send_head.to(i32), to_forwarder, forward_counts,
-                          num_worst_tokens)  # [N_f, R]
+                          num_worst_tokens, "forwards more tokens (as the node's forwarder "
+                          "of its local index)")  # [N_f, R]
     num_forwarded = forwarded[:, me].sum()
     nvl_real = torch.arange(nvl_rows.size(0), device=row.device) < num_forwarded
     send_nvl_head = torch.where(nvl_real[:, None],
