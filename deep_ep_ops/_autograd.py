@@ -97,6 +97,8 @@ import typing
 
 import torch
 
+from ._library import INTERNODE_HANDLE_FIELDS
+
 _ops = torch.ops.deep_ep
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 _FP8_GROUP = 128  # channels per FP8 scale
@@ -194,13 +196,7 @@ class _Family(typing.NamedTuple):
 
 
 _INTRANODE = _Family(_HANDLE_NAMES, "combine", "cached_dispatch")
-_INTERNODE = _Family(
-    ("is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
-     "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
-     "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
-     "send_rdma_head", "send_nvl_head"),
-    "internode_combine", "internode_cached_dispatch",
-)
+_INTERNODE = _Family(INTERNODE_HANDLE_FIELDS, "internode_combine", "internode_cached_dispatch")
 
 
 def _setup_dispatch(op: str, family: _Family = _INTRANODE):

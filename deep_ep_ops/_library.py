@@ -20,22 +20,20 @@ _HANDLE = (
     "Tensor rank_prefix_matrix, Tensor channel_prefix_matrix, Tensor recv_channel_prefix_matrix, "
     "Tensor recv_src_idx, Tensor is_token_in_rank, Tensor send_head"
 )
-# The internode handle: DeepEP's ten fields in its order (docs/DESIGN.md section 5).
-_INTERNODE_HANDLE = (
-    "Tensor is_token_in_rank, Tensor rdma_channel_prefix_matrix, Tensor gbl_channel_prefix_matrix,"
-    " Tensor recv_rdma_channel_prefix_matrix, Tensor recv_rdma_rank_prefix_sum,"
-    " Tensor recv_gbl_channel_prefix_matrix, Tensor recv_gbl_rank_prefix_sum,"
-    " Tensor recv_src_meta, Tensor send_rdma_head, Tensor send_nvl_head"
+# The internode handle: DeepEP's ten fields in its order (docs/DESIGN.md section 5). The one
+# list of them: the schemas below, the checks (meta/), autograd and ops.InternodeHandle use it.
+INTERNODE_HANDLE_FIELDS = (
+    "is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
+    "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
+    "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
+    "send_rdma_head", "send_nvl_head",
 )
+_INTERNODE_HANDLE = ", ".join(f"Tensor {name}" for name in INTERNODE_HANDLE_FIELDS)
 # What an internode dispatch returns: its rows, then the handle but is_token_in_rank (an input).
-_INTERNODE_DISPATCH_OUT = (
-    "Tensor recv_x, Tensor recv_x_scales, Tensor recv_topk_idx, Tensor recv_topk_weights,"
-    " Tensor num_recv_tokens_per_expert, Tensor rdma_channel_prefix_matrix,"
-    " Tensor gbl_channel_prefix_matrix, Tensor recv_rdma_channel_prefix_matrix,"
-    " Tensor recv_rdma_rank_prefix_sum, Tensor recv_gbl_channel_prefix_matrix,"
-    " Tensor recv_gbl_rank_prefix_sum, Tensor recv_src_meta, Tensor send_rdma_head,"
-    " Tensor send_nvl_head"
-)
+_INTERNODE_DISPATCH_OUT = ", ".join(f"Tensor {name}" for name in (
+    "recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights",
+    "num_recv_tokens_per_expert", *INTERNODE_HANDLE_FIELDS[1:],
+))
 _INTERNODE_DISPATCH_ARGS = (
     "Tensor x, Tensor? x_scales, Tensor? topk_idx, Tensor? topk_weights,"
     " Tensor num_tokens_per_rank, Tensor num_tokens_per_rdma_rank, Tensor is_token_in_rank,"

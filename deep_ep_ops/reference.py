@@ -292,9 +292,19 @@ def _return_rows(comm, op, x, is_token_in_rank, counts, num_worst_tokens):
     return back, slot + torch.arange(num_ranks, device=x.device) * block
 
 
-def _reduce_returned(back, slot, is_token_in_rank, acc_dtype):
-    """``Σ_r back[slot[t, r]]`` over ranks r holding token t, ascending r, in ``acc_dtype``."""
+def _reduce_returned(back, slot, is_token_in_rank, acc_dtype, per_node=None):
+    """``Σ_r back[slot[t, r]]`` over ranks r holding token t, ascending r, in ``acc_dtype``.
+
+    With ``per_node`` ranks per node (fewer than all: the internode combine), each node's sum
+    is rounded to ``back.dtype`` before the sum over the nodes, ascending (docs/DESIGN.md)."""
     num_tokens, num_ranks = is_token_in_rank.shape
+    if per_node is not None and per_node < num_ranks:
+        acc = back.new_zeros((num_tokens, *back.shape[1:]), dtype=acc_dtype)
+        for first in range(0, num_ranks, per_node):
+            node = slice(first, first + per_node)
+            partial = _reduce_returned(back, slot[:, node], is_token_in_rank[:, node], acc_dtype)
+            acc = acc + partial.to(back.dtype).to(acc_dtype)
+        return acc
     acc = back.new_zeros((num_tokens, *back.shape[1:]), dtype=acc_dtype)
     if back.size(0) == 0:  # nothing came back: no token was sent anywhere
         return acc
@@ -473,6 +483,14 @@ def cached_dispatch(x, x_scales, topk_weights, rank_prefix_matrix, channel_prefi
     _check_num_ranks(comm, op, is_token_in_rank.size(1), "handle.is_token_in_rank.size(1)")
     _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
     counts = _counts_from_prefix(rank_prefix_matrix)
+    return _send_payload(comm, op, x, x_scales, topk_weights, is_token_in_rank, counts,
+                         num_worst_tokens)
+
+
+def _send_payload(comm, op, x, x_scales, topk_weights, is_token_in_rank, counts,
+                  num_worst_tokens):
+    """The cached dispatches' rows: ``(recv_x, recv_x_scales, recv_topk_weights)`` along a
+    handle's routes (``counts``: ``_send_rows``'s), ``[N, 0]`` float32 for what is not sent."""
     recv_x = _send_rows(comm, op, x, is_token_in_rank, counts, num_worst_tokens)
     extras = [t for t in (x_scales, topk_weights) if t is not None]
     received = []
@@ -505,10 +523,19 @@ def combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_
     _check_num_ranks(comm, op, is_token_in_rank.size(1), "handle.is_token_in_rank.size(1)")
     _check_nvl_bytes(comm, op, x.size(1), x.element_size(), config)
     counts = _counts_from_prefix(rank_prefix_matrix)
+    return _combine_rows(comm, op, x, topk_weights, (bias_0, bias_1), is_token_in_rank, counts,
+                         num_worst_tokens)
+
+
+def _combine_rows(comm, op, x, topk_weights, biases, is_token_in_rank, counts,
+                  num_worst_tokens, per_node=None):
+    """The combines' sums: ``(combined_x, combined_topk_weights)`` of the rows of ``x`` (and
+    weights) returned to their sources (``counts``: ``_return_rows``'s), plus the biases;
+    ``per_node``: grouped by node as ``_reduce_returned`` says."""
     acc_dtype = _accumulation_dtype(x.dtype)
     back, slot = _return_rows(comm, op, x, is_token_in_rank, counts, num_worst_tokens)
-    acc = _reduce_returned(back, slot, is_token_in_rank, acc_dtype)
-    for bias in (bias_0, bias_1):
+    acc = _reduce_returned(back, slot, is_token_in_rank, acc_dtype, per_node)
+    for bias in biases:
         if bias is not None:
             acc = acc + bias.to(acc_dtype)
     num_tokens = is_token_in_rank.size(0)
@@ -519,7 +546,7 @@ def combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_prefix_
             comm, op, topk_weights, is_token_in_rank, counts, num_worst_tokens
         )
         combined_weights = _reduce_returned(
-            back_w, slot_w, is_token_in_rank, topk_weights.dtype
+            back_w, slot_w, is_token_in_rank, topk_weights.dtype, per_node
         )
     return acc.to(x.dtype), combined_weights
 

@@ -9,30 +9,14 @@ kernels exist); ``tests/test_internode_reference.py`` holds them against ``tests
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 from . import reference
+from .ops import InternodeHandle
 from .reference import (
-    _accumulation_dtype, _all_gather, _channel_prefix, _comm, _counts_from_prefix,
-    _exclusive_cumsum, _pack, _return_rows, _send_rows, _unpack,
+    _all_gather, _channel_prefix, _combine_rows, _comm, _counts_from_prefix, _exclusive_cumsum,
+    _send_payload, _send_rows,
 )
-
-
-class _Handle(NamedTuple):
-    """The ten handle fields (``ops.InternodeHandle`` without ``num_worst_tokens``)."""
-
-    is_token_in_rank: torch.Tensor  # [T, R] bool
-    rdma_channel_prefix_matrix: torch.Tensor  # [S, C]
-    gbl_channel_prefix_matrix: torch.Tensor  # [R, C]
-    recv_rdma_channel_prefix_matrix: torch.Tensor  # [S, C]
-    recv_rdma_rank_prefix_sum: torch.Tensor  # [S]
-    recv_gbl_channel_prefix_matrix: torch.Tensor  # [R, C]
-    recv_gbl_rank_prefix_sum: torch.Tensor  # [R]
-    recv_src_meta: torch.Tensor  # [N, 2]
-    send_rdma_head: torch.Tensor  # [T, S]
-    send_nvl_head: torch.Tensor  # [N_f, P]
 
 
 def _my_counts(num_ranks: int, me: int, sent: torch.Tensor, received: torch.Tensor):
@@ -45,7 +29,7 @@ def _my_counts(num_ranks: int, me: int, sent: torch.Tensor, received: torch.Tens
 
 
 def _handle(comm, op, is_token_in_rank, counts, recv_channel_prefix, recv_src_idx, send_head,
-            num_worst_tokens, channels) -> _Handle:
+            num_worst_tokens, channels) -> InternodeHandle:
     """The internode handle of a dispatch whose intranode reference gave ``counts [R, R]``
     (rows from each rank to each rank), ``recv_channel_prefix``, ``recv_src_idx`` and
     ``send_head``."""
@@ -90,7 +74,7 @@ def _handle(comm, op, is_token_in_rank, counts, recv_channel_prefix, recv_src_id
     nvl_real = torch.arange(nvl_rows.size(0), device=row.device) < num_forwarded
     send_nvl_head = torch.where(nvl_real[:, None],
                                 nvl_rows[:, node * per_node:(node + 1) * per_node], -1)
-    return _Handle(
+    return InternodeHandle(
         is_token_in_rank, rdma_prefix.to(i32), gbl_prefix.to(i32), recv_rdma_prefix.to(i32),
         recv_rdma_rank_prefix.to(i32), recv_channel_prefix.to(i32),
         received.cumsum(0).to(i32), recv_src_meta.to(i32), send_rdma_head.to(i32),
@@ -146,14 +130,14 @@ def internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_
         expert_alignment, num_worst_tokens, config)
 
 
-def _counts_of(comm, handle: _Handle) -> torch.Tensor:
+def _counts_of(comm, handle: InternodeHandle) -> torch.Tensor:
     received = handle.recv_gbl_rank_prefix_sum.to(torch.int64)
     received = torch.cat([received[:1], received[1:] - received[:-1]])
     sent = handle.is_token_in_rank.sum(0)
     return _my_counts(comm.num_ranks, comm.rank, sent, received)
 
 
-def _handle_comm(op, x, handle: _Handle, buffer, num_worst_tokens, config, **agreed):
+def _handle_comm(op, x, handle: InternodeHandle, buffer, num_worst_tokens, config, **agreed):
     """The communicator of a call along ``handle``, after the ranks agreed on the call."""
     comm = _comm(buffer, op, x.device)
     reference._agree(comm, op, hidden=x.size(1), x_dtype=reference._dtype_code(x),
@@ -173,42 +157,12 @@ def internode_cached_dispatch(x, x_scales, topk_weights, *handle_and_rest):
     *fields, buffer, num_worst_tokens, config = handle_and_rest
     reference.meta.check_internode_cached_dispatch(x, x_scales, topk_weights, *fields, buffer,
                                                    num_worst_tokens, config)
-    handle = _Handle(*fields)
+    handle = InternodeHandle(*fields)
     comm = _handle_comm(op, x, handle, buffer, num_worst_tokens, config,
                         x_scales=-1 if x_scales is None else x_scales.size(1),
                         topk_weights=-1 if topk_weights is None else topk_weights.size(1))
-    counts = _counts_of(comm, handle)
-    recv_x = _send_rows(comm, op, x, handle.is_token_in_rank, counts, num_worst_tokens)
-    extras = [t for t in (x_scales, topk_weights) if t is not None]
-    received = []
-    if extras:
-        packed, specs = _pack(extras)
-        received = _unpack(_send_rows(comm, op, packed, handle.is_token_in_rank, counts,
-                                      num_worst_tokens), specs)
-    empty = x.new_empty((recv_x.size(0), 0), dtype=torch.float32)
-    recv_x_scales = received.pop(0) if x_scales is not None else empty
-    recv_topk_weights = received.pop(0) if topk_weights is not None else empty.clone()
-    return recv_x, recv_x_scales, recv_topk_weights
-
-
-def _reduce_by_node(back, slot, is_token_in_rank, acc_dtype, partial_dtype, per_node):
-    """``Σ_n (Σ_{r in node n} back[slot[t, r]])`` with each node's sum (ascending ranks, in
-    ``acc_dtype``) rounded to ``partial_dtype`` before the sum over nodes (ascending); on one
-    node, the flat sum (no partial to round)."""
-    num_tokens, num_ranks = is_token_in_rank.shape
-    acc = back.new_zeros((num_tokens, *back.shape[1:]), dtype=acc_dtype)
-    if back.size(0) == 0:
-        return acc
-    mask_shape = (num_tokens,) + (1,) * (back.dim() - 1)
-    one_node = per_node == num_ranks  # every rank local: the intranode (flat) sum
-    for first in range(0, num_ranks, per_node):
-        partial = torch.zeros_like(acc)
-        for r in range(first, first + per_node):
-            present = is_token_in_rank[:, r]
-            rows = back.index_select(0, torch.where(present, slot[:, r], 0)).to(acc_dtype)
-            partial = partial + torch.where(present.view(mask_shape), rows, 0)
-        acc = partial if one_node else acc + partial.to(partial_dtype).to(acc_dtype)
-    return acc
+    return _send_payload(comm, op, x, x_scales, topk_weights, handle.is_token_in_rank,
+                         _counts_of(comm, handle), num_worst_tokens)
 
 
 def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
@@ -218,24 +172,8 @@ def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
     *fields, buffer, num_worst_tokens, config = handle_and_rest
     reference.meta.check_internode_combine(x, topk_weights, bias_0, bias_1, *fields, buffer,
                                            num_worst_tokens, config)
-    handle = _Handle(*fields)
+    handle = InternodeHandle(*fields)
     comm = _handle_comm(op, x, handle, buffer, num_worst_tokens, config,
                         topk_weights=-1 if topk_weights is None else topk_weights.size(1))
-    counts = _counts_of(comm, handle)
-    acc_dtype = _accumulation_dtype(x.dtype)
-    back, slot = _return_rows(comm, op, x, handle.is_token_in_rank, counts, num_worst_tokens)
-    acc = _reduce_by_node(back, slot, handle.is_token_in_rank, acc_dtype, x.dtype,
-                          comm.num_nvl_ranks)
-    for bias in (bias_0, bias_1):
-        if bias is not None:
-            acc = acc + bias.to(acc_dtype)
-    num_tokens = handle.is_token_in_rank.size(0)
-    if topk_weights is None:
-        combined_weights = x.new_zeros((num_tokens, 0), dtype=torch.float32)
-    else:
-        back_w, slot_w = _return_rows(comm, op, topk_weights, handle.is_token_in_rank, counts,
-                                      num_worst_tokens)
-        combined_weights = _reduce_by_node(back_w, slot_w, handle.is_token_in_rank,
-                                           topk_weights.dtype, topk_weights.dtype,
-                                           comm.num_nvl_ranks)
-    return acc.to(x.dtype), combined_weights
+    return _combine_rows(comm, op, x, topk_weights, (bias_0, bias_1), handle.is_token_in_rank,
+                         _counts_of(comm, handle), num_worst_tokens, comm.num_nvl_ranks)

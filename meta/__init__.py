@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from deep_ep_ops._library import INTERNODE_HANDLE_FIELDS
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_GROUP = 128  # channels per FP8 scale
 UE8M0_PACK = 4  # UE8M0 exponent bytes packed per int32
@@ -697,12 +699,6 @@ def check_combine(x, topk_weights, bias_0, bias_1, rank_prefix_matrix, channel_p
 
 # --- internode normal mode -------------------------------------------------------------------
 
-INTERNODE_HANDLE_FIELDS = (
-    "is_token_in_rank", "rdma_channel_prefix_matrix", "gbl_channel_prefix_matrix",
-    "recv_rdma_channel_prefix_matrix", "recv_rdma_rank_prefix_sum",
-    "recv_gbl_channel_prefix_matrix", "recv_gbl_rank_prefix_sum", "recv_src_meta",
-    "send_rdma_head", "send_nvl_head",
-)
 
 
 def _check_nodes(num_ranks: int, num_nodes: int, what: str) -> None:
@@ -758,7 +754,11 @@ def check_internode_handle(handle: dict, num_worst_tokens, config) -> None:
         check_size(send_nvl_head, "handle.send_nvl_head", 0, num_worst_tokens, "num_worst_tokens")
 
 
-def _handle_of(args: tuple) -> dict:
+def _handle_of(args) -> dict:
+    """The handle fields by name, from their values in order or from a check's arguments
+    (its ``locals()``)."""
+    if isinstance(args, dict):
+        return {name: args[name] for name in INTERNODE_HANDLE_FIELDS}
     return dict(zip(INTERNODE_HANDLE_FIELDS, args))
 
 
@@ -789,11 +789,7 @@ def check_internode_cached_dispatch(x, x_scales, topk_weights, is_token_in_rank,
                                     recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum,
                                     recv_src_meta, send_rdma_head, send_nvl_head, buffer,
                                     num_worst_tokens, config) -> None:
-    check_internode_handle(_handle_of((
-        is_token_in_rank, rdma_channel_prefix_matrix, gbl_channel_prefix_matrix,
-        recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum,
-        recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum, recv_src_meta, send_rdma_head,
-        send_nvl_head)), num_worst_tokens, config)
+    check_internode_handle(_handle_of(locals()), num_worst_tokens, config)
     check_payload(x, x_scales, topk_weights)
     check_size(x, "x", 0, is_token_in_rank.size(0), "handle.is_token_in_rank.size(0)")
 
@@ -805,11 +801,7 @@ def check_internode_combine(x, topk_weights, bias_0, bias_1, is_token_in_rank,
                             recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum,
                             recv_src_meta, send_rdma_head, send_nvl_head, buffer,
                             num_worst_tokens, config) -> None:
-    check_internode_handle(_handle_of((
-        is_token_in_rank, rdma_channel_prefix_matrix, gbl_channel_prefix_matrix,
-        recv_rdma_channel_prefix_matrix, recv_rdma_rank_prefix_sum,
-        recv_gbl_channel_prefix_matrix, recv_gbl_rank_prefix_sum, recv_src_meta, send_rdma_head,
-        send_nvl_head)), num_worst_tokens, config)
+    check_internode_handle(_handle_of(locals()), num_worst_tokens, config)
     _check_combine_args(x, topk_weights, bias_0, bias_1, recv_src_meta, is_token_in_rank,
                         rows_of="handle.recv_src_meta")
 

@@ -151,6 +151,15 @@ def dispatch(xs, topk_idxs, topk_weights, num_experts, expert_alignment=1,
 
 
 # ----------------------------------------------------------------------------- 3. combine
+def _rows_by_source(dispatch_results):
+    """Per receiving rank: (source rank, source token) -> its row; only the real rows."""
+    where = []
+    for d in dispatch_results:
+        where.append({(int(d["recv_src_rank"][j]), int(d["recv_src_idx"][j])): j
+                      for j in range(d["num_recv_tokens"])})
+    return where
+
+
 def combine(recv_xs, dispatch_results, num_ranks_tokens, recv_topk_weights=None,
             bias_0=None, bias_1=None):
     """Unweighted combine, the inverse route of `dispatch`.
@@ -166,13 +175,7 @@ def combine(recv_xs, dispatch_results, num_ranks_tokens, recv_topk_weights=None,
     dtype = recv_xs[0].dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     H = recv_xs[0].shape[1]
-    # (source rank, source token) -> row, per receiving rank; only the real rows.
-    where = []
-    for r in range(R):
-        d = dispatch_results[r]
-        n = d["num_recv_tokens"]
-        where.append({(int(d["recv_src_rank"][j]), int(d["recv_src_idx"][j])): j
-                      for j in range(n)})
+    where = _rows_by_source(dispatch_results)
     out = []
     for s in range(R):
         T = num_ranks_tokens[s]
@@ -364,13 +367,7 @@ def internode_combine(recv_xs, dispatch_results, num_ranks_tokens, ranks_per_nod
     dtype = recv_xs[0].dtype
     acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     H = recv_xs[0].shape[1]
-    # (source rank, source token) -> row, per receiving rank; only the real rows.
-    where = []
-    for r in range(R):
-        d = dispatch_results[r]
-        n = d["num_recv_tokens"]
-        where.append({(int(d["recv_src_rank"][j]), int(d["recv_src_idx"][j])): j
-                      for j in range(n)})
+    where = _rows_by_source(dispatch_results)
     w_dtype = None
     if recv_topk_weights is not None:
         w_dtype = torch.float64 if recv_topk_weights[0].dtype == torch.float64 else torch.float32

@@ -13,9 +13,14 @@ import torch.distributed as dist
 import deep_ep_ops as deep_ep
 import internode_helpers
 from deep_ep_ops import ops
+from deep_ep_ops._library import INTERNODE_HANDLE_FIELDS
 from deep_ep_ops.topology import RANKS_PER_NODE_ENV
-from distributed import RankPool
+from distributed import run_on_ranks
 from internode_helpers import CONFIG, inputs as _inputs
+
+
+def test_the_handle_type_has_the_schema_fields():
+    assert ops.InternodeHandle._fields == INTERNODE_HANDLE_FIELDS
 
 
 @pytest.mark.parametrize("num_ranks, per_node, num_worst_tokens", [
@@ -23,25 +28,18 @@ from internode_helpers import CONFIG, inputs as _inputs
 ])
 def test_internode_reference_matches_oracle(num_ranks, per_node, num_worst_tokens):
     seed = num_ranks + per_node + num_worst_tokens
-    pool = RankPool(num_ranks)
-    try:
-        results = pool.run(internode_helpers.job, per_node, seed, num_worst_tokens, timeout=120)
-    finally:
-        pool.close()
+    results = run_on_ranks(num_ranks, internode_helpers.job, per_node, seed, num_worst_tokens,
+                           timeout=120)
     internode_helpers.check(results, num_ranks, per_node, seed, num_worst_tokens)
 
 
 @pytest.mark.parametrize("num_worst_tokens", [0, 64], ids=["data_dependent", "capacity"])
 def test_internode_edge_cases_match_oracle(num_worst_tokens):
     """2 x 2 with a rank without tokens, a rank sending nothing, or one node receiving all."""
-    pool = RankPool(4)
-    try:
-        for edge in internode_helpers.EDGES[1:]:
-            results = pool.run(internode_helpers.job, 2, 9, num_worst_tokens, "cpu", edge,
+    for edge in internode_helpers.EDGES[1:]:
+        results = run_on_ranks(4, internode_helpers.job, 2, 9, num_worst_tokens, "cpu", edge,
                                timeout=120)
-            internode_helpers.check(results, 4, 2, 9, num_worst_tokens, edge)
-    finally:
-        pool.close()
+        internode_helpers.check(results, 4, 2, 9, num_worst_tokens, edge)
 
 
 def _grad_job(rank, num_ranks, per_node):
@@ -81,11 +79,7 @@ def _grad_job(rank, num_ranks, per_node):
 
 
 def test_internode_gradients_match_intranode():
-    pool = RankPool(4)
-    try:
-        results = pool.run(_grad_job, 2, timeout=120)
-    finally:
-        pool.close()
+    results = run_on_ranks(4, _grad_job, 2, timeout=120)
     for rank, got in enumerate(results):
         for name, a, b in zip(("x", "x2", "weights", "bias"), got["internode"], got["intranode"]):
             assert a is not None and b is not None and a.abs().sum() > 0, (rank, name)
@@ -143,9 +137,5 @@ def _deepep_style_job(rank, num_ranks, per_node):
 
 
 def test_buffer_takes_the_internode_ops_on_several_nodes():
-    pool = RankPool(4)
-    try:
-        results = pool.run(_deepep_style_job, 2, timeout=120)
-    finally:
-        pool.close()
+    results = run_on_ranks(4, _deepep_style_job, 2, timeout=120)
     assert results == [[]] * 4, results

@@ -13,7 +13,7 @@ import deep_ep_ops as deep_ep
 import oracle
 from deep_ep_ops import topology
 from deep_ep_ops.topology import RANKS_PER_NODE_ENV
-from distributed import RankPool
+from distributed import run_on_ranks
 
 WHERE = "deep_ep_ops.Buffer b (rank 0/4)"
 
@@ -95,11 +95,7 @@ def _topology_job(rank, world_size, env_value, argument):
     (8, "4", None, 4),    # emulated: 2 nodes of 4
 ])
 def test_buffer_topology_and_layout(world_size, env_value, argument, per_node):
-    pool = RankPool(world_size)
-    try:
-        results = pool.run(_topology_job, env_value, argument, timeout=120)
-    finally:
-        pool.close()
+    results = run_on_ranks(world_size, _topology_job, env_value, argument, timeout=120)
     for rank, (shape, layout_ok) in enumerate(results):
         assert shape == (per_node, world_size // per_node, rank % per_node, rank // per_node)
         assert layout_ok, rank
@@ -114,11 +110,7 @@ def _disagreeing_ranks_per_node(rank, world_size):
 
 
 def test_ranks_that_disagree_on_the_topology_all_raise():
-    pool = RankPool(2)
-    try:
-        messages = pool.run(_disagreeing_ranks_per_node, timeout=60)
-    finally:
-        pool.close()
+    messages = run_on_ranks(2, _disagreeing_ranks_per_node, timeout=60)
     for message in messages:
         assert message is not None and "the ranks disagree on the ranks per node (rank 0: 1, " \
             "rank 1: 2)" in message, message
