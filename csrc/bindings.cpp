@@ -171,11 +171,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> get_dispatch_layout_u
   const int device = topk_idx.get_device();
   int* error = checked_error_word("get_dispatch_layout", device);
   const at::Tensor topk = topk_idx.contiguous();
-  const auto i32 = topk.options().dtype(at::kInt);
-  at::Tensor per_rank = at::empty({num_ranks}, i32);
-  at::Tensor per_rdma_rank = at::empty({num_rdma_ranks}, i32);
-  at::Tensor per_expert = at::empty({num_experts}, i32);
-  at::Tensor in_rank = at::empty({topk.size(0), num_ranks}, topk.options().dtype(at::kBool));
+  auto [per_rank, per_rdma_rank, per_expert, in_rank] = empty_small<4>(topk.options(), {{
+      {{num_ranks}, at::kInt}, {{num_rdma_ranks}, at::kInt}, {{num_experts}, at::kInt},
+      {{topk.size(0), num_ranks}, at::kBool}}});
   const int sms = num_sms(device);
   const int ints = layout_workspace_ints(static_cast<int>(num_experts), static_cast<int>(num_ranks),
                                          static_cast<int>(num_rdma_ranks), sms);
@@ -353,17 +351,25 @@ void check_payload(const at::Tensor& x, const c10::optional<at::Tensor>& x_scale
 struct Payload {
   at::Tensor x, scales, weights, recv_x, recv_scales, recv_weights;
 
+  // recv_x here; recv_scales and recv_weights come from the caller's empty_small (their specs:
+  // small_specs), with its other small outputs.
   Payload(const at::Tensor& x_in, const c10::optional<at::Tensor>& x_scales,
-          const c10::optional<at::Tensor>& topk_weights, int64_t num_rows, int64_t num_topk)
+          const c10::optional<at::Tensor>& topk_weights, int64_t num_rows, at::Tensor scales_out,
+          at::Tensor weights_out)
       : x(x_in.contiguous()),
         scales(x_scales ? *x_scales : at::Tensor()),
-        weights(topk_weights ? topk_weights->contiguous() : at::Tensor()) {
-    const auto options = x.options();
-    recv_x = at::empty({num_rows, x.size(1)}, options);
-    recv_scales = at::empty({num_rows, scales.defined() ? scales.size(1) : 0},
-                            options.dtype(scales.defined() ? scales.scalar_type() : at::kFloat));
-    recv_weights = at::empty({num_rows, num_topk},
-                             options.dtype(weights.defined() ? weights.scalar_type() : at::kFloat));
+        weights(topk_weights ? topk_weights->contiguous() : at::Tensor()),
+        recv_x(at::empty({num_rows, x.size(1)}, x.options())),
+        recv_scales(std::move(scales_out)),
+        recv_weights(std::move(weights_out)) {}
+
+  static EmptySpec scales_spec(const c10::optional<at::Tensor>& x_scales, int64_t num_rows) {
+    return {{num_rows, x_scales ? x_scales->size(1) : 0},
+            x_scales ? x_scales->scalar_type() : at::kFloat};
+  }
+  static EmptySpec weights_spec(const c10::optional<at::Tensor>& topk_weights, int64_t num_rows,
+                                int64_t num_topk) {
+    return {{num_rows, num_topk}, topk_weights ? topk_weights->scalar_type() : at::kFloat};
   }
 
   // The payload fields of the data kernel's arguments (top-k indices and handle are the
@@ -460,17 +466,15 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
                     "deep_ep::", op, ": ",
                     num(num_experts / num_ranks), " experts per rank is more than this build "
                     "supports");
-  const auto i32 = x.options().dtype(at::kInt);
   at::Tensor in_rank = is_token_in_rank.contiguous();
   at::Tensor per_rank = num_tokens_per_rank.contiguous();
   at::Tensor per_expert = num_tokens_per_expert ? num_tokens_per_expert->contiguous() : at::Tensor();
-  at::Tensor send_list = at::empty({num_ranks * num_tokens}, i32);
-  at::Tensor counts = at::empty({3 * num_ranks + 1}, i32);
-  at::Tensor send_head = at::empty({num_tokens, num_ranks}, i32);
-  at::Tensor channel_prefix = at::empty({num_ranks, channels}, i32);
-  at::Tensor rank_prefix = at::empty({num_ranks, num_ranks}, i32);
-  at::Tensor recv_channel_prefix = at::empty({num_ranks, channels}, i32);
-  at::Tensor recv_per_expert = at::empty({num_local}, i32);
+  auto [send_list, counts, send_head, channel_prefix, rank_prefix, recv_channel_prefix,
+        recv_per_expert] = empty_small<7>(x.options(), {{
+      {{num_ranks * num_tokens}, at::kInt}, {{3 * num_ranks + 1}, at::kInt},
+      {{num_tokens, num_ranks}, at::kInt}, {{num_ranks, channels}, at::kInt},
+      {{num_ranks, num_ranks}, at::kInt}, {{num_ranks, channels}, at::kInt},
+      {{num_local}, at::kInt}}});
   trace.mark("handle allocations");
 
   Intranode nvl = runtime->view(error, op_id);
@@ -509,9 +513,11 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
 
   const at::Tensor topk = topk_idx ? topk_idx->contiguous() : at::Tensor();
   const int64_t num_topk = topk.defined() ? topk.size(1) : 0;
-  const Payload payload(x, x_scales, topk_weights, num_rows, num_topk);
-  at::Tensor recv_topk = at::empty({num_rows, num_topk}, x.options().dtype(at::kLong));
-  at::Tensor recv_src = at::empty({num_rows}, i32);
+  auto [recv_scales, recv_weights, recv_topk, recv_src] = empty_small<4>(x.options(), {{
+      Payload::scales_spec(x_scales, num_rows),
+      Payload::weights_spec(topk_weights, num_rows, num_topk),
+      {{num_rows, num_topk}, at::kLong}, {{num_rows}, at::kInt}}});
+  const Payload payload(x, x_scales, topk_weights, num_rows, recv_scales, recv_weights);
   trace.mark("output allocations");
 
   DispatchDataArgs data{};
@@ -623,17 +629,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
   Intranode nvl = runtime->view(error, kOpCachedDispatch);
   trace.mark("checks");
-  const auto i32 = x.options().dtype(at::kInt);
   const at::Tensor rank_prefix = rank_prefix_matrix.contiguous();
   const at::Tensor head = send_head.contiguous();
-  at::Tensor send_list = at::empty({num_ranks * num_tokens}, i32);
-  at::Tensor counts = at::empty({3 * num_ranks + 1}, i32);
+  const int64_t num_rows = recv_src_idx.size(0), num_topk = topk_weights ? topk_weights->size(1) : 0;
+  auto [send_list, counts, recv_scales, recv_weights] = empty_small<4>(x.options(), {{
+      {{num_ranks * num_tokens}, at::kInt}, {{3 * num_ranks + 1}, at::kInt},
+      Payload::scales_spec(x_scales, num_rows),
+      Payload::weights_spec(topk_weights, num_rows, num_topk)}});
   C10_CUDA_CHECK(launch_handle_counts(nvl, rank_prefix.data_ptr<int>(), head.data_ptr<int>(),
                                       static_cast<int>(num_tokens), send_list.data_ptr<int>(),
                                       counts.data_ptr<int>(), stream));
   trace.mark("counts launch");
-  const Payload payload(x, x_scales, topk_weights, recv_src_idx.size(0),
-                        topk_weights ? topk_weights->size(1) : 0);
+  const Payload payload(x, x_scales, topk_weights, num_rows, recv_scales, recv_weights);
   DispatchDataArgs data{};
   payload.fill(data, num_tokens, num_worst_tokens > 0);
   data.num_topk = static_cast<int>(payload.recv_weights.size(1));
@@ -934,6 +941,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   using at::Tensor;
   module.def("get_dispatch_layout", [](const Tensor& topk_idx, int64_t num_experts,
                                        int64_t num_ranks, int64_t num_rdma_ranks) {
+    const deep_ep_ops::PooledOutputs pooled;
     return DEEP_EP_DIRECT(deep_ep_ops::get_dispatch_layout(topk_idx, num_experts, num_ranks,
                                                            num_rdma_ranks), topk_idx);
   });
@@ -957,6 +965,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                             const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
                             const std::string& buffer, int64_t expert_alignment,
                             const Ints& config) -> py::object {
+    const deep_ep_ops::PooledOutputs pooled;
     deep_ep_ops::HostTrace trace("entry dispatch");
     const Direct mode = deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
                                                        num_tokens_per_rank, is_token_in_rank,
@@ -993,6 +1002,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                      const OptTensor& num_tokens_per_expert,
                                      const std::string& buffer, int64_t expert_alignment,
                                      int64_t num_worst_tokens, const Ints& config) -> py::object {
+    const deep_ep_ops::PooledOutputs pooled;
     deep_ep_ops::HostTrace trace("entry capacity_dispatch");
     const Direct mode = deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
                                                        num_tokens_per_rank, is_token_in_rank,
@@ -1024,6 +1034,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                    const Tensor& recv_src_idx, const Tensor& is_token_in_rank,
                                    const Tensor& send_head, const std::string& buffer,
                                    int64_t num_worst_tokens, const Ints& config) -> py::object {
+    const deep_ep_ops::PooledOutputs pooled;
     switch (deep_ep_ops::eager_direct_mode(x, x_scales, topk_weights, rank_prefix, send_head)) {
       case Direct::kPlain:
         return py::cast(deep_ep_ops::cached_dispatch(

@@ -11,6 +11,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cstdlib>
 #include <map>
@@ -51,6 +52,58 @@ int mps_thread_percent() {
 // 50 %, 33 at 25 %), so it is taken as it is. Grids are sized from this.
 int usable_sms(int device) {
   return std::max(1, at::cuda::getDeviceProperties(device)->multiProcessorCount);
+}
+
+// Small outputs of one eager call from one allocation. Each at::empty on CUDA costs about 1.5 to
+// 2 µs of host time on the H200 machine (dispatcher, caching allocator, tensor); a dispatch
+// returns a dozen small tensors. Inside an eager direct call (a PooledOutputs scope on this
+// thread: the extensions' direct entries, section 7 of docs/DESIGN.md) empty_small cuts them
+// from one byte allocation: each result is a tensor of its own (sizes, dtype, version counter)
+// on the shared storage at a 64-byte aligned offset, freed when the last of them dies. Only
+// small tensors go there (handles, counts, scales, weights), so a kept handle never keeps a
+// payload alive. Through the dispatcher (torch.compile, the fakes' contracts) every tensor is
+// an at::empty of its own: compiled code may reinterpret an output as starting its storage.
+thread_local int pooled_outputs_depth = 0;
+
+class PooledOutputs {
+ public:
+  PooledOutputs() { ++pooled_outputs_depth; }
+  ~PooledOutputs() { --pooled_outputs_depth; }
+  PooledOutputs(const PooledOutputs&) = delete;
+  PooledOutputs& operator=(const PooledOutputs&) = delete;
+};
+
+struct EmptySpec {
+  c10::SmallVector<int64_t, 4> sizes;
+  at::ScalarType dtype;
+};
+
+template <size_t N>
+std::array<at::Tensor, N> empty_small(const at::TensorOptions& options,
+                                      const std::array<EmptySpec, N>& specs) {
+  std::array<at::Tensor, N> out;
+  if (pooled_outputs_depth == 0) {
+    for (size_t i = 0; i < N; ++i) out[i] = at::empty(specs[i].sizes, options.dtype(specs[i].dtype));
+    return out;
+  }
+  constexpr int64_t kAlign = 64;
+  std::array<int64_t, N> offsets{};
+  int64_t total = 0;
+  for (size_t i = 0; i < N; ++i) {
+    offsets[i] = total;
+    const int64_t bytes = c10::multiply_integers(specs[i].sizes) *
+                          static_cast<int64_t>(c10::elementSize(specs[i].dtype));
+    total += (bytes + kAlign - 1) / kAlign * kAlign;
+  }
+  const at::Tensor pool = at::empty({std::max<int64_t>(total, 1)}, options.dtype(at::kByte));
+  for (size_t i = 0; i < N; ++i) {
+    out[i] = at::detail::make_tensor<c10::TensorImpl>(
+        c10::Storage(pool.storage()), pool.key_set(), c10::scalarTypeToTypeMeta(specs[i].dtype));
+    c10::TensorImpl* impl = out[i].unsafeGetTensorImpl();
+    impl->set_storage_offset(offsets[i] / static_cast<int64_t>(c10::elementSize(specs[i].dtype)));
+    impl->set_sizes_contiguous(specs[i].sizes);
+  }
+  return out;
 }
 
 // Allocation may happen during a CUDA graph capture (the first call of a process can be

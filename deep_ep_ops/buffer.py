@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from . import _build, _registry, ops
 from .config import (
-    Config, get_combine_config, get_dispatch_config,
+    Config, default_config_list, get_combine_config, get_dispatch_config,
     get_low_latency_rdma_size_hint,
 )
 
@@ -402,7 +402,7 @@ class Buffer:
         self._live()
         _wait_previous(previous_event)
         x, x_scales = (x if isinstance(x, tuple) else (x, None))
-        config = config or self.get_dispatch_config(self.group_size)
+        config = config or default_config_list("dispatch", self.group_size, Buffer.num_sms)
         internode = self._is_internode()
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
@@ -469,7 +469,7 @@ class Buffer:
         combine = ops.internode_combine if self._is_internode() else ops.combine
         out = combine(
             self.name, x, handle, topk_weights=topk_weights, bias=bias,
-            config=config or self.get_combine_config(self.group_size),
+            config=config or default_config_list("combine", self.group_size, Buffer.num_sms),
         )
         weights = out.combined_topk_weights if topk_weights is not None else None
         return out.combined_x, weights, self._event(async_finish)

@@ -52,7 +52,9 @@ class Config:
         return self.num_sms // 2
 
     def to_list(self) -> list[int]:
-        return [getattr(self, field.name) for field in dataclasses.fields(self)]
+        return [self.num_sms, self.num_max_nvl_chunked_send_tokens,
+                self.num_max_nvl_chunked_recv_tokens, self.num_max_rdma_chunked_send_tokens,
+                self.num_max_rdma_chunked_recv_tokens]
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of NVLink buffer a normal-mode call needs for ``hidden_bytes`` per token."""
@@ -88,6 +90,22 @@ def get_combine_config(num_ranks: int, num_sms: int = 20) -> Config:
         raise ValueError(f"num_ranks must be >= 1, got {num_ranks}")
     send = {1: 10, 2: 10, 4: 9, 8: 4}.get(num_ranks, 4)
     return Config(num_sms, send, 256, 6, 128)
+
+
+# The default configs as the op layer takes them (Config.to_list()), made once per (op kind,
+# ranks, SMs): an eager call without a config then builds no Config (host time, issue 11). The
+# lists are shared; nothing may mutate them.
+_DEFAULT_LISTS: dict[tuple[str, int, int], list[int]] = {}
+
+
+def default_config_list(kind: str, num_ranks: int, num_sms: int = 20) -> list[int]:
+    """``get_<kind>_config(num_ranks, num_sms).to_list()`` (kind: "dispatch" or "combine")."""
+    key = (kind, num_ranks, num_sms)
+    cached = _DEFAULT_LISTS.get(key)
+    if cached is None:
+        make = get_dispatch_config if kind == "dispatch" else get_combine_config
+        cached = _DEFAULT_LISTS[key] = make(num_ranks, num_sms).to_list()
+    return cached
 
 
 def _low_latency_kernel_bytes(num_max: int, hidden: int, num_ranks: int) -> int:

@@ -33,7 +33,7 @@ from typing import NamedTuple, Optional, Union
 import torch
 
 from . import _build, _registry
-from .config import Config, get_combine_config, get_dispatch_config
+from .config import Config, default_config_list
 
 _ops = torch.ops.deep_ep
 ConfigLike = Union[Config, Sequence[int], None]
@@ -113,10 +113,13 @@ def _direct(kernels, *tensors):
     return kernels
 
 
-def _config_list(config: ConfigLike, num_ranks: int, default) -> list[int]:
+def _config_list(config: ConfigLike, num_ranks: int, kind: str) -> list[int]:
+    """The op layer's form of ``config``; ``None``: the default ``get_<kind>_config``."""
     if config is None:
-        config = default(num_ranks)
-    return config.to_list() if isinstance(config, Config) else list(config)
+        return default_config_list(kind, num_ranks)
+    if isinstance(config, Config):
+        return config.to_list()
+    return config if type(config) is list else list(config)
 
 
 def _handle_tensors(handle: DispatchHandle) -> tuple:
@@ -172,7 +175,7 @@ def _dispatch(buffer, x, layout, topk_idx, topk_weights, x_scales, expert_alignm
     """``dispatch`` and, when the kernels learned it on the host (data-dependent mode), the
     host list of rows per local expert (``num_recv_tokens_per_expert``), else ``None``."""
     num_ranks = layout.is_token_in_rank.size(1)
-    cfg = _config_list(config, num_ranks, get_dispatch_config)
+    cfg = _config_list(config, num_ranks, "dispatch")
     # The per-expert counts go with or without top-k (as in DeepEP): receivers learn how many
     # rows each local expert gets either way.
     args = (
@@ -207,7 +210,7 @@ def cached_dispatch(
     handle's row order; ``topk_weights`` are copied as they are (no masking).
     """
     handle = _check_handle(handle)
-    cfg = _config_list(config, handle.is_token_in_rank.size(1), get_dispatch_config)
+    cfg = _config_list(config, handle.is_token_in_rank.size(1), "dispatch")
     args = (x, x_scales, topk_weights, *_handle_tensors(handle), buffer, handle.num_worst_tokens, cfg)
     kernels = _direct(_build._C, x, x_scales, topk_weights)
     out = kernels.cached_dispatch(*args) if kernels else None
@@ -239,7 +242,7 @@ def combine(
     """
     handle = _check_handle(handle)
     bias_0, bias_1 = _unpack_bias(bias)
-    cfg = _config_list(config, handle.is_token_in_rank.size(1), get_combine_config)
+    cfg = _config_list(config, handle.is_token_in_rank.size(1), "combine")
     args = (x, topk_weights, bias_0, bias_1, *_handle_tensors(handle), buffer,
             handle.num_worst_tokens, cfg)
     kernels = _direct(_build._C, x, topk_weights, bias_0, bias_1)
@@ -317,7 +320,7 @@ def internode_dispatch(
     """``dispatch`` on a buffer whose ranks form several nodes: the same rows, an
     ``InternodeHandle``. ``layout`` must come from ``get_dispatch_layout`` with the buffer's
     node count (``Buffer.num_rdma_ranks``)."""
-    cfg = _config_list(config, layout.is_token_in_rank.size(1), get_dispatch_config)
+    cfg = _config_list(config, layout.is_token_in_rank.size(1), "dispatch")
     args = (x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank,
             layout.num_tokens_per_rdma_rank, layout.is_token_in_rank,
             layout.num_tokens_per_expert, buffer, expert_alignment)
@@ -340,7 +343,7 @@ def internode_cached_dispatch(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``cached_dispatch`` along an ``InternodeHandle``."""
     handle = _check_internode_handle(handle)
-    cfg = _config_list(config, handle.is_token_in_rank.size(1), get_dispatch_config)
+    cfg = _config_list(config, handle.is_token_in_rank.size(1), "dispatch")
     return _ops.internode_cached_dispatch(x, x_scales, topk_weights, *handle, buffer,
                                           handle.num_worst_tokens, cfg)
 
@@ -359,7 +362,7 @@ def internode_combine(
     once more (docs/DESIGN.md: within one rounding of ``combine``'s flat sum)."""
     handle = _check_internode_handle(handle)
     bias_0, bias_1 = _unpack_bias(bias)
-    cfg = _config_list(config, handle.is_token_in_rank.size(1), get_combine_config)
+    cfg = _config_list(config, handle.is_token_in_rank.size(1), "combine")
     return CombineOutput(*_ops.internode_combine(x, topk_weights, bias_0, bias_1, *handle,
                                                  buffer, handle.num_worst_tokens, cfg))
 

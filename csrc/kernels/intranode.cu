@@ -53,6 +53,7 @@ struct Control {
   uint64_t barrier_signal[kMaxNvlRanks];        // [src]: barriers src entered
   uint64_t barrier_epoch;                       // barriers I entered (local)
   uint64_t notify_epoch;                        // count exchanges done (local)
+  uint64_t counted;                             // notify blocks done counting (local)
   int aborted;                                  // a wait timed out: the buffer is unusable
   int padding;
   int notify_rows[2][kMaxNvlRanks][kMaxNotifyInts];  // [parity][src]: src's counts for me
@@ -214,11 +215,10 @@ __device__ bool barrier(const Intranode& nvl, uint8_t* const* peer_base) {
 
 namespace intranode {
 
-// One block per destination rank: a block-wide scan of is_token_in_rank[:, dst] gives each
+// Block dst of the notify kernel: a block-wide scan of is_token_in_rank[:, dst] gives each
 // token's row among those sent to dst (send_list, send_head before the offset) and the
 // per-channel prefix.
-__global__ void __launch_bounds__(kThreads)
-count_rows(Intranode nvl, DispatchLayoutArgs args) {
+__device__ void count_rows(const Intranode& nvl, const DispatchLayoutArgs& args) {
   const int dst = blockIdx.x, num_ranks = nvl.num_ranks, num_tokens = args.num_tokens;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ int warp_totals[kWarps];
@@ -261,10 +261,10 @@ count_rows(Intranode nvl, DispatchLayoutArgs args) {
   }
 }
 
-// One block: publish this rank's row for every destination (rows sent to every rank, the
-// destination's channel prefix and per-expert counts), barrier, derive the handle.
-__global__ void __launch_bounds__(kThreads)
-notify(Intranode nvl, DispatchLayoutArgs args) {
+// The last block of the notify kernel to finish counting: publish this rank's row for every
+// destination (rows sent to every rank, the destination's channel prefix and per-expert
+// counts), barrier, derive the handle.
+__device__ void exchange_counts(const Intranode& nvl, const DispatchLayoutArgs& args) {
   const int num_ranks = nvl.num_ranks, me = nvl.rank, channels = args.num_channels;
   const int num_local = args.num_tokens_per_expert ? args.num_experts / num_ranks : 0;
   const int row_ints = num_ranks + channels + num_local, meta_at = kMaxNotifyInts - kNotifyMetaInts;
@@ -285,9 +285,10 @@ notify(Intranode nvl, DispatchLayoutArgs args) {
   }
   for (int i = threadIdx.x; i < num_ranks * row_ints; i += blockDim.x) {
     const int dst = i / row_ints, k = i % row_ints;
-    const int value = k < num_ranks ? args.counts[k]
+    // The other blocks' counts: read from L2 (__ldcg), past this SM's L1.
+    const int value = k < num_ranks ? __ldcg(&args.counts[k])
                     : k < num_ranks + channels
-                        ? args.channel_prefix_matrix[dst * channels + k - num_ranks]
+                        ? __ldcg(&args.channel_prefix_matrix[dst * channels + k - num_ranks])
                         : args.num_tokens_per_expert[dst * num_local + k - num_ranks - channels];
     control(peer_base[dst])->notify_rows[parity][me][k] = value;
   }
@@ -369,11 +370,31 @@ notify(Intranode nvl, DispatchLayoutArgs args) {
   }
   const int64_t entries = int64_t(args.num_tokens) * num_ranks;
   for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {
-    const int head = args.send_head[i];
+    const int head = __ldcg(&args.send_head[i]);
     if (head >= 0) args.send_head[i] = head + my_start[i % num_ranks];
   }
   __syncthreads();
   if (threadIdx.x == 0) ctl->notify_epoch += 1;
+}
+
+// One block per destination rank counts its rows; the last block to finish (a monotonic
+// counter in Control: launches of one buffer run in stream order, so each adds exactly
+// num_ranks) goes on to the exchange. One launch instead of two: a launch costs the eager
+// host about 5 µs (issue 11's host table).
+__global__ void __launch_bounds__(kThreads)
+notify(Intranode nvl, DispatchLayoutArgs args) {
+  count_rows(nvl, args);
+  __shared__ int last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();  // this block's counts before its share of the counter
+    const unsigned long long done =
+        atomicAdd(reinterpret_cast<unsigned long long*>(&control(nvl.local)->counted), 1ull) + 1;
+    last = done % static_cast<unsigned long long>(nvl.num_ranks) == 0;
+    __threadfence();  // and the other blocks' counts after it
+  }
+  __syncthreads();
+  if (last) exchange_counts(nvl, args);
 }
 
 // From a handle: rows sent to / received from every rank (rank_prefix_matrix) and, for cached
@@ -896,8 +917,7 @@ cudaError_t launch_dispatch_notify(const Intranode& nvl, const DispatchLayoutArg
       nvl.num_ranks + args.num_channels + args.num_experts / nvl.num_ranks >
           kMaxNotifyInts - kNotifyMetaInts)
     return cudaErrorInvalidValue;
-  intranode::count_rows<<<nvl.num_ranks, kThreads, 0, stream>>>(nvl, args);
-  intranode::notify<<<1, kThreads, 0, stream>>>(nvl, args);
+  intranode::notify<<<nvl.num_ranks, kThreads, 0, stream>>>(nvl, args);
   return cudaGetLastError();
 }
 

@@ -219,13 +219,12 @@ DispatchOutputs new_dispatch_outputs(const at::Tensor& x, int64_t num_ranks, int
   const int64_t rows = num_ranks * num_max, hidden = x.size(1);
   const int64_t columns = use_fp8 ? (use_ue8m0 ? hidden / 512 : hidden / 128) : 0;
   const auto options = x.options();
+  auto [scales, count, src_info, layout_range] = empty_small<4>(options, {{
+      {{num_local, columns, rows}, use_ue8m0 ? at::kInt : at::kFloat}, {{num_local}, at::kInt},
+      {{num_local, rows}, at::kInt}, {{num_local, num_ranks}, at::kLong}}});
   return {
       at::empty({num_local, rows, hidden}, options.dtype(use_fp8 ? at::kFloat8_e4m3fn : x.scalar_type())),
-      at::empty({num_local, columns, rows}, options.dtype(use_ue8m0 ? at::kInt : at::kFloat))
-          .transpose(1, 2),
-      at::empty({num_local}, options.dtype(at::kInt)),
-      at::empty({num_local, rows}, options.dtype(at::kInt)),
-      at::empty({num_local, num_ranks}, options.dtype(at::kLong)),
+      scales.transpose(1, 2), count, src_info, layout_range,
   };
 }
 
@@ -797,6 +796,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                         int64_t num_max, int64_t num_experts, bool use_fp8,
                                         bool round_scale, bool use_ue8m0,
                                         const OptTensor& stats) -> py::object {
+    const deep_ep_ops::PooledOutputs pooled;
     switch (deep_ep_ops::eager_direct_mode(x, topk_idx, stats)) {
       case Direct::kPlain:
         return py::cast(deep_ep_ops::low_latency_dispatch_with_stats(
@@ -815,6 +815,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                              const std::string& buffer, int64_t num_ranks,
                                              int64_t num_max, int64_t num_experts, bool use_fp8,
                                              bool round_scale, bool use_ue8m0) -> py::object {
+    const deep_ep_ops::PooledOutputs pooled;
     switch (deep_ep_ops::eager_direct_mode(x, topk_idx)) {
       case Direct::kPlain:
         return py::cast(deep_ep_ops::low_latency_dispatch_send(
