@@ -315,7 +315,7 @@ int64_t wait_num_recv(const NvlRuntime& runtime, const char* op, const int* meta
       raise_disagreement(runtime, op, meta, report);
     });
     TORCH_CHECK(value != -2, "deep_ep::", op, ": buffer ", runtime.name,
-                " is unusable after a timeout; destroy it and create a new one");
+                " is unusable after a timeout or a failed call; destroy it and create a new one");
     TORCH_CHECK(clock::now() < deadline, "deep_ep::", op, ": timed out waiting for the row "
                 "counts of buffer ", runtime.name, " (is an earlier kernel on this stream stuck?)");
     std::this_thread::yield();

@@ -287,7 +287,7 @@ template <typename Runtime>
 void check_runtime(const char* op, const std::string& buffer, const Runtime& runtime,
                    const at::Tensor& x, int64_t num_ranks) {
   TORCH_CHECK(!runtime.broken, "deep_ep::", op, ": buffer ", buffer,
-              " is unusable after a timeout; destroy it and create a new one");
+              " is unusable after a timeout or a failed call; destroy it and create a new one");
   TORCH_CHECK_VALUE(x.get_device() == runtime.device, "deep_ep::", op, ": tensors are on cuda:",
                     num(x.get_device()), " but buffer ", buffer, " lives on cuda:",
                     num(runtime.device));

@@ -609,7 +609,7 @@ void clean_low_latency_buffer_unchecked(const at::Tensor& workspace, const std::
     return;
   }
   TORCH_CHECK(!runtime->broken, "deep_ep::", op, ": buffer ", buffer,
-              " is unusable after a timeout; destroy it and create a new one");
+              " is unusable after a timeout or a failed call; destroy it and create a new one");
   const c10::cuda::CUDAGuard guard(workspace.device());
   checked_error_word(op, runtime->device);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream(runtime->device);
