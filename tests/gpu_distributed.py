@@ -371,12 +371,19 @@ def run_on_gpus(world_size: int, fn, *args, timeout: float = JOB_TIMEOUT_S) -> l
 
 
 def run_in_fresh_pools(world_size: int, env: dict[str, str], fn, scenarios,
-                       timeout: float) -> tuple[dict, dict]:
-    """Run ``fn(rank, world_size, scenario)`` for every scenario at once, each in its own new
-    pool (started with ``env``, exiting hard: a scenario may leave its ranks unusable). Returns
-    ``(results, exit_codes)``, both by scenario."""
-    pools = {scenario: GpuRankPool(world_size, env=env, hard_exit=True) for scenario in scenarios}
+                       timeout: float, at_once: bool = True) -> tuple[dict, dict]:
+    """Run ``fn(rank, world_size, scenario)`` for every scenario, each in its own new pool
+    (started with ``env``, exiting hard: a scenario may leave its ranks unusable): all at once,
+    or with ``at_once=False`` one scenario after the other. Returns ``(results, exit_codes)``,
+    both by scenario."""
     results, exit_codes = {}, {}
+    if not at_once:
+        for scenario in scenarios:
+            one, codes = run_in_fresh_pools(world_size, env, fn, [scenario], timeout)
+            results.update(one)
+            exit_codes.update(codes)
+        return results, exit_codes
+    pools = {scenario: GpuRankPool(world_size, env=env, hard_exit=True) for scenario in scenarios}
     try:
         for scenario, pool in pools.items():
             pool.submit(fn, scenario)

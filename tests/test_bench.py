@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from deep_ep_ops import bench
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
@@ -488,3 +489,16 @@ def test_bench_shared_gpu_report_is_labelled_not_performance():
     assert "on reference/gloo (host-staged): RuntimeError: no capture" in table
     with pytest.raises(SystemExit):  # no GPU here (or, on one, no MPS daemon named): refused
         bench.parse_args(["--backend", bench.SHARED_GPU_BACKEND])
+
+
+@pytest.mark.parametrize("backend, gpus, expected", [("nccl", 4, 4), ("auto", 2, 2)])
+def test_gpu_backends_default_to_one_rank_per_gpu(monkeypatch, backend, gpus, expected):
+    """On a GPU machine the bench's settings come from the GPU defaults, which have no rank
+    count: the ranks default to the GPUs (parse_args once looked up the CPU default for every
+    backend and raised KeyError on GPUs, 2026-12-03)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: type("Props", (), {"multi_processor_count": 132}))
+    s = bench.parse_args(["--backend", backend])
+    assert s.backend == "nccl" and s.num_ranks == expected

@@ -775,10 +775,13 @@ def test_missing_peer_times_out_naming_op_and_rank(world_size):
     (dispatch; combine after a common dispatch; the send and receive halves): it gets a
     RuntimeError naming the op and a rank, from the call, the synchronisation or
     ops.check_device_errors(), within seconds; then every rank exits by itself. Each scenario in
-    fresh processes (a timed-out buffer must not poison other tests), run concurrently."""
+    fresh processes (a timed-out buffer must not poison other tests), one after the other: run
+    at once on one GPU (three scenarios of four ranks, each process a quarter of the SMs under
+    MPS), the spinning low-latency kernels of one scenario held another's rank back past the
+    3 s timeout in its warm-up call (2026-12-03, twice)."""
     results, exit_codes = gpu_distributed.run_in_fresh_pools(
         world_size, {TIMEOUT_ENV: str(LL_TIMEOUT_S)}, _ll_timeout_job, LL_TIMEOUT_SCENARIOS,
-        timeout=240,
+        timeout=240, at_once=False,
     )
 
     problems = []

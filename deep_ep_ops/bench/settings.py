@@ -190,8 +190,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
 
     num_ranks = args.num_ranks
     if num_ranks is None:
-        num_ranks = {"nccl": torch.cuda.device_count(), SHARED_GPU_BACKEND:
-                     2 * torch.cuda.device_count()}.get(backend, defaults["num_ranks"])
+        if backend == "nccl":
+            num_ranks = torch.cuda.device_count()
+        elif backend == SHARED_GPU_BACKEND:
+            num_ranks = 2 * torch.cuda.device_count()
+        else:
+            num_ranks = defaults["num_ranks"]
     modes = MODES if args.mode == "all" else (args.mode,)
     if args.tokens is None:
         tokens = {mode: defaults["tokens"][mode] for mode in modes}
