@@ -133,7 +133,8 @@ def test_bench_cli_two_ranks(tmp_path):
             assert row["note"].startswith(("no differentiable input", "FP8 output")), row
         else:
             assert float(row["host us (grad)"]) > 0
-    assert re.search(r"^baseline: torch\.add .* [\d.]+ us per call$", proc.stdout, re.M)
+    assert re.search(r"^baseline: torch\.add .* beside every row: [\d.]+ us per call \(median\)"
+                     r"( \([\d.]+ to [\d.]+ over the rows\))?$", proc.stdout, re.M)
 
     table_txt = (out_dir / "table.txt").read_text().strip()
     assert table_txt.startswith("deep_ep_ops bench: 2 ranks (cpu)")
@@ -151,6 +152,12 @@ def test_bench_cli_two_ranks(tmp_path):
             continue
         assert row["host_us"] > 0 and len(row["host_us_per_rank"]) == NUM_RANKS
         assert row["autograd_graph"] is row["grad"]  # grad inputs: a graph; else none
+        # Each row's op layer is taken against the baseline timed right after it.
+        assert row["baseline_us"] > 0
+        assert row["op_layer_us"] == pytest.approx(row["host_us"] - row["baseline_us"])
+    timed = [r["baseline_us"] for r in host_report["rows"] if r["host_us"] is not None]
+    assert host_report["baseline"]["min_us"] == min(timed)
+    assert host_report["baseline"]["max_us"] == max(timed)
     assert {(r["op"], r["inputs"], r["grad"]) for r in host_report["rows"]} == {
         (op, inputs, grad) for op, inputs in EXPECTED_HOST_ROWS for grad in (False, True)
     }
@@ -304,7 +311,8 @@ def test_bench_summary_best_sms_and_targets():
     lines = text.splitlines()
     assert "adds <= 8 us per call" in lines[lines.index("") + 1]
     assert lines[-1] == (
-        "baseline: torch.add on a [128, top-k] tensor, timed the same way: 3.5 us per call"
+        "baseline: torch.add on a [128, top-k] tensor, timed the same way beside every row: "
+        "3.5 us per call (median) (3.0 to 4.0 over the rows)"
     )
 
 
@@ -330,7 +338,8 @@ def _host_report(device: str) -> dict:
                  row("low_latency_dispatch recv hook", "bf16", grad, recv)]
     return {"device": device, "backend": "cuda" if gpu else "reference/gloo", "calls": 100,
             "repeats": 7, "target_us": 8.0 if gpu else None, "rows": rows,
-            "baseline": {"op": "torch.add", "tokens": 128, "host_us": 3.5}}
+            "baseline": {"op": "torch.add", "tokens": 128, "host_us": 3.5, "min_us": 3.0,
+                         "max_us": 4.0}}
 
 
 def test_bench_cpu_report_has_no_gpu_targets():

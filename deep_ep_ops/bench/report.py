@@ -224,7 +224,8 @@ def format_host(host: dict) -> str:
             f"time of {calls}, while a torch.cuda._sleep keeps the GPU busy (ops that sync: "
             "their wall time per call minus their GPU busy time per call); max over ranks; "
             "(grad): inputs require grad; "
-            "op layer us = host us minus the torch.add baseline below (the launch every op "
+            "op layer us = host us minus a torch.add timed the same way right after the row "
+            "(the launch every op "
             + (f"pays); target: the op layer adds <= {host['target_us']:g} us per call, vs "
                "target = target / op layer us (>= 1x meets it)"
                if host.get("target_us") is not None else f"pays); {NOT_PERFORMANCE}, no target")
@@ -240,8 +241,14 @@ def format_host(host: dict) -> str:
         columns, right = CPU_HOST_COLUMNS, {2, 3, 4}
     baseline = host["baseline"]
     lines = [title, *_align_rows(columns, rows, right)]
+    spread = (f" ({baseline['min_us']:.1f} to {baseline['max_us']:.1f} over the rows)"
+              if baseline.get("min_us") is not None and baseline["max_us"] > baseline["min_us"]
+              else "")
+    host_us = baseline["host_us"]
     lines.append(f"baseline: {baseline['op']} on a [{baseline['tokens']}, top-k] tensor, timed "
-                 f"the same way: {baseline['host_us']:.1f} us per call")
+                 f"the same way beside every row: "
+                 + (f"{host_us:.1f} us per call (median){spread}" if host_us is not None
+                    else "not timed"))
     return "\n".join(lines)
 
 
