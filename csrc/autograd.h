@@ -3,7 +3,8 @@
 //
 // An eager call whose inputs require grad used to take torch.ops and the Python autograd kernel
 // of torch.library (about 80 us of host time per call on the H200 machine). The direct entries
-// instead record the same backward node from C++ (torch::autograd::Function), with the same
+// instead record the backward from C++ (the normal-mode calls a plain Node, EagerBackward
+// below; the low-latency ones a torch::autograd::Function), with the same
 // formulas as deep_ep_ops/_autograd.py; the backward calls the deep_ep ops through the
 // dispatcher, by argument name, so a double backward (create_graph) and the reference fallback
 // see them as ops. Call forms this path does not cover return None from their entry and take
@@ -13,9 +14,12 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
 
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -120,6 +124,88 @@ inline at::Tensor first_occurrence(const at::Tensor& topk_idx) {
       (topk_idx.unsqueeze(2).eq(topk_idx.unsqueeze(1)).logical_and(earlier)).any(2);
   return topk_idx.ge(0).logical_and(repeated.logical_not());
 }
+
+// --- backward nodes of the eager calls ---------------------------------------------------------
+//
+// torch::autograd::Function costs an eager call about 12 µs of host time on the H200 machine
+// (issue 11's host trace, 2026-12-03): a context map of IValues, input and output metadata for
+// every one of a dispatch's ten outputs, a SavedVariable per saved tensor. The normal-mode
+// calls record a plain Node instead: next edges to the differentiable inputs, history on the
+// differentiable outputs only (the integer handle tensors stay plain tensors, as
+// mark_non_differentiable leaves them), the tensors the backward needs kept as tensors with
+// their versions at forward (a later in-place change raises at backward, as SavedVariable
+// does), sizes instead of saved outputs where the backward needs only a zero of their shape.
+// None of the kept tensors is a differentiable output of its node, so keeping them makes no
+// reference cycle.
+class EagerBackward : public torch::autograd::Node {
+ public:
+  // Keeps `tensors` for the backward, with their versions now.
+  void keep(std::vector<at::Tensor> tensors) {
+    kept_ = std::move(tensors);
+    versions_.clear();
+    for (const at::Tensor& t : kept_) versions_.push_back(t.defined() ? t._version() : 0);
+  }
+
+  void release_variables() override {
+    kept_.clear();
+    released_ = true;
+  }
+
+ protected:
+  // The kept tensors, checked: not released by an earlier backward, not changed in place.
+  const std::vector<at::Tensor>& kept() const {
+    TORCH_CHECK(!released_, "Trying to backward through the graph a second time (or directly "
+                "access saved tensors after they have already been freed) in ", name(),
+                ". Specify retain_graph=True if you need to backward through the graph a "
+                "second time");
+    for (size_t i = 0; i < kept_.size(); ++i)
+      TORCH_CHECK(!kept_[i].defined() || kept_[i]._version() == versions_[i],
+                  "one of the variables needed for gradient computation has been modified by "
+                  "an inplace operation: a tensor ", name(), " saved is at version ",
+                  num(kept_[i]._version()), "; expected version ", num(versions_[i]),
+                  " instead");
+    return kept_;
+  }
+
+ private:
+  std::vector<at::Tensor> kept_;
+  std::vector<uint32_t> versions_;
+  bool released_ = false;
+};
+
+// The node pointer type of this torch: std::shared_ptr<Node> up to torch 2.12, then
+// c10::intrusive_ptr<Node> (pytorch#181782); make_node builds either.
+using NodePtr = decltype(std::declval<torch::autograd::Edge>().function);
+
+template <typename T, typename... Args>
+NodePtr make_node(Args&&... args) {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>)
+    return std::shared_ptr<T>(new T(std::forward<Args>(args)...));
+  else
+    return c10::make_intrusive<T>(std::forward<Args>(args)...);
+}
+
+// Connects `node` to the differentiable inputs (`inputs`, undefined ones included, in the
+// order of the grads its apply returns) and makes it the grad_fn of the defined `outputs`, in
+// the order of the grads it receives.
+inline void record(const NodePtr& node,
+                   const variable_list& inputs, std::initializer_list<at::Tensor*> outputs) {
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs));
+  for (at::Tensor* out : outputs)
+    if (out != nullptr && out->defined()) torch::autograd::set_history(*out, node);
+}
+
+// A zero tensor of a shape and options kept at forward (the grad of an output the backward
+// did not receive).
+struct ZerosOf {
+  std::vector<int64_t> sizes;
+  at::TensorOptions options;
+  ZerosOf() = default;
+  explicit ZerosOf(const at::Tensor& t) : sizes(t.sizes().vec()), options(t.options()) {}
+  at::Tensor operator()(const at::Tensor& grad) const {
+    return grad.defined() ? grad : at::zeros(sizes, options);
+  }
+};
 
 // The receive halves complete their arguments in place below autograd: the send stays their
 // producer for autograd, and their version counters move on (a tensor saved before the

@@ -751,35 +751,53 @@ constexpr auto combine = &Checked<kCombineName, &combine_unchecked>::call;
 using Ints = std::vector<int64_t>;
 using OptTensor = c10::optional<at::Tensor>;
 
-// What every normal-mode autograd function keeps for its backward besides tensors.
-void save_normal_args(AutogradContext* ctx, const std::string& buffer, int64_t num_worst_tokens,
-                      const Ints& config, bool has_weights) {
-  ctx->saved_data["buffer"] = buffer;
-  ctx->saved_data["num_worst_tokens"] = num_worst_tokens;
-  ctx->saved_data["config"] = config;
-  ctx->saved_data["has_weights"] = has_weights;
-}
+// What every normal-mode backward keeps besides tensors.
+struct NormalArgs {
+  std::string buffer;
+  int64_t num_worst_tokens;
+  Ints config;
+  bool has_weights;
+};
 
-// The handle's six tensors `h` and the saved buffer, num_worst_tokens and config, by name.
-NamedArgs handle_args(AutogradContext* ctx, const variable_list& h) {
+// The handle's six tensors `h` and the kept buffer, num_worst_tokens and config, by name.
+NamedArgs handle_args(const NormalArgs& a, const std::vector<at::Tensor>& h) {
   return {{"rank_prefix_matrix", h[0]}, {"channel_prefix_matrix", h[1]},
           {"recv_channel_prefix_matrix", h[2]}, {"recv_src_idx", h[3]},
           {"is_token_in_rank", h[4]}, {"send_head", h[5]},
-          {"buffer", ctx->saved_data["buffer"]},
-          {"num_worst_tokens", ctx->saved_data["num_worst_tokens"]},
-          {"config", ctx->saved_data["config"]}};
+          {"buffer", a.buffer}, {"num_worst_tokens", a.num_worst_tokens},
+          {"config", c10::IValue(a.config)}};
 }
 
 // dispatch and capacity_dispatch of a floating-point x (no FP8 payload): grad x = combine of
 // grad recv_x along the handle; grad topk_weights = combined grad recv_topk_weights where the
-// received expert is local.
-struct DispatchFunction : public torch::autograd::Function<DispatchFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const OptTensor& topk_idx,
-                               const OptTensor& topk_weights, const at::Tensor& num_tokens_per_rank,
-                               const at::Tensor& is_token_in_rank,
-                               const OptTensor& num_tokens_per_expert, const std::string& buffer,
-                               int64_t expert_alignment, int64_t num_worst_tokens,
-                               const Ints& config) {
+// received expert is local. Kept: recv_topk_idx, then the handle's six tensors.
+struct DispatchBackward : public EagerBackward {
+  NormalArgs args;
+  ZerosOf recv_x, recv_weights;
+
+  std::string name() const override { return "deep_ep_ops::DispatchFunctionBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    const std::vector<at::Tensor>& k = kept();
+    const std::vector<at::Tensor> handle(k.begin() + 1, k.end());
+    c10::IValue weights;
+    if (args.has_weights) {
+      const at::Tensor g = recv_weights(grads[1]);
+      weights = at::where(k[0].ge(0), g, at::zeros({}, g.options()));
+    }
+    const auto out = call_op("combine", with(
+        {{"x", recv_x(grads[0])}, {"topk_weights", weights}, {"bias_0", c10::IValue()},
+         {"bias_1", c10::IValue()}},
+        handle_args(args, handle)));
+    return {out[0].toTensor(), args.has_weights ? out[1].toTensor() : at::Tensor()};
+  }
+
+  static variable_list apply(const at::Tensor& x, const OptTensor& topk_idx,
+                             const OptTensor& topk_weights, const at::Tensor& num_tokens_per_rank,
+                             const at::Tensor& is_token_in_rank,
+                             const OptTensor& num_tokens_per_expert, const std::string& buffer,
+                             int64_t expert_alignment, int64_t num_worst_tokens,
+                             const Ints& config) {
     const OptTensor no_scales;
     variable_list out = to_list(
         num_worst_tokens > 0
@@ -789,114 +807,106 @@ struct DispatchFunction : public torch::autograd::Function<DispatchFunction> {
             : dispatch(x, no_scales, topk_idx, topk_weights, num_tokens_per_rank,
                        is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
                        config));
-    mark_non_differentiable(ctx, out, {out[1]});  // recv_x_scales: empty without FP8
-    ctx->set_materialize_grads(false);
-    save_normal_args(ctx, buffer, num_worst_tokens, config, topk_weights.has_value());
-    ctx->save_for_backward({out[0], out[2], out[3], out[5], out[6], out[7], out[8],
-                            is_token_in_rank, out[9]});
+    const bool has_weights = topk_weights.has_value();
+    auto node = make_node<DispatchBackward>();
+    auto* self = static_cast<DispatchBackward*>(node.get());
+    self->args = {buffer, num_worst_tokens, config, has_weights};
+    self->recv_x = ZerosOf(out[0]);
+    self->recv_weights = ZerosOf(out[3]);
+    self->keep({out[2], out[5], out[6], out[7], out[8], is_token_in_rank, out[9]});
+    record(node, {x, has_weights ? *topk_weights : at::Tensor()},
+           {&out[0], has_weights ? &out[3] : nullptr});
     return out;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &recv_x = saved[0], &recv_topk_idx = saved[1], &recv_weights = saved[2];
-    const variable_list handle(saved.begin() + 3, saved.end());
-    const bool has_weights = ctx->saved_data["has_weights"].toBool();
-    c10::IValue weights;
-    if (has_weights) {
-      const at::Tensor g = grads[3].defined() ? grads[3] : at::zeros_like(recv_weights);
-      weights = at::where(recv_topk_idx.ge(0), g, at::zeros({}, g.options()));
-    }
-    const auto out = call_op("combine", with(
-        {{"x", grads[0].defined() ? grads[0] : at::zeros_like(recv_x)},
-         {"topk_weights", weights}, {"bias_0", c10::IValue()}, {"bias_1", c10::IValue()}},
-        handle_args(ctx, handle)));
-    variable_list result(10);
-    result[0] = out[0].toTensor();
-    if (has_weights) result[2] = out[1].toTensor();
-    return result;
-  }
 };
+using DispatchFunction = DispatchBackward;
 
 // cached_dispatch of a floating-point x: grad x and grad topk_weights = combine along the
-// handle (the weights unmasked, as they were copied).
-struct CachedDispatchFunction : public torch::autograd::Function<CachedDispatchFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const OptTensor& topk_weights, const variable_list& handle,
-                               const std::string& buffer, int64_t num_worst_tokens,
-                               const Ints& config) {
+// handle (the weights unmasked, as they were copied). Kept: the handle's six tensors.
+struct CachedDispatchBackward : public EagerBackward {
+  NormalArgs args;
+  ZerosOf recv_x, recv_weights;
+
+  std::string name() const override { return "deep_ep_ops::CachedDispatchFunctionBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    c10::IValue weights;
+    if (args.has_weights) weights = recv_weights(grads[1]);
+    const auto out = call_op("combine", with(
+        {{"x", recv_x(grads[0])}, {"topk_weights", weights}, {"bias_0", c10::IValue()},
+         {"bias_1", c10::IValue()}},
+        handle_args(args, kept())));
+    return {out[0].toTensor(), args.has_weights ? out[1].toTensor() : at::Tensor()};
+  }
+
+  static variable_list apply(const at::Tensor& x, const OptTensor& topk_weights,
+                             const variable_list& handle, const std::string& buffer,
+                             int64_t num_worst_tokens, const Ints& config) {
     variable_list out = to_list(cached_dispatch(
         x, c10::nullopt, topk_weights, handle[0], handle[1], handle[2], handle[3], handle[4],
         handle[5], buffer, num_worst_tokens, config));
-    mark_non_differentiable(ctx, out, {out[1]});
-    ctx->set_materialize_grads(false);
-    save_normal_args(ctx, buffer, num_worst_tokens, config, topk_weights.has_value());
-    variable_list saved{out[0], out[2]};
-    saved.insert(saved.end(), handle.begin(), handle.end());
-    ctx->save_for_backward(saved);
+    const bool has_weights = topk_weights.has_value();
+    auto node = make_node<CachedDispatchBackward>();
+    auto* self = static_cast<CachedDispatchBackward*>(node.get());
+    self->args = {buffer, num_worst_tokens, config, has_weights};
+    self->recv_x = ZerosOf(out[0]);
+    self->recv_weights = ZerosOf(out[2]);
+    self->keep(handle);
+    record(node, {x, has_weights ? *topk_weights : at::Tensor()},
+           {&out[0], has_weights ? &out[2] : nullptr});
     return out;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const variable_list handle(saved.begin() + 2, saved.end());
-    const bool has_weights = ctx->saved_data["has_weights"].toBool();
-    c10::IValue weights;
-    if (has_weights) weights = grads[2].defined() ? grads[2] : at::zeros_like(saved[1]);
-    const auto out = call_op("combine", with(
-        {{"x", grads[0].defined() ? grads[0] : at::zeros_like(saved[0])},
-         {"topk_weights", weights}, {"bias_0", c10::IValue()}, {"bias_1", c10::IValue()}},
-        handle_args(ctx, handle)));
-    variable_list result(8);  // x, topk_weights, the handle's six tensors
-    result[0] = out[0].toTensor();
-    if (has_weights) result[1] = out[1].toTensor();
-    return result;
-  }
 };
+using CachedDispatchFunction = CachedDispatchBackward;
 
 // combine: grad x (and grad topk_weights) = cached dispatch of grad combined_x (and of grad
-// combined_topk_weights) along the handle; grad of each bias = grad combined_x.
-struct CombineFunction : public torch::autograd::Function<CombineFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const OptTensor& topk_weights, const OptTensor& bias_0,
-                               const OptTensor& bias_1, const variable_list& handle,
-                               const std::string& buffer, int64_t num_worst_tokens,
-                               const Ints& config) {
+// combined_topk_weights) along the handle; grad of each bias = grad combined_x. Kept: the
+// handle's six tensors.
+struct CombineBackward : public EagerBackward {
+  NormalArgs args;
+  ZerosOf combined, combined_weights;
+  c10::optional<at::ScalarType> bias_dtype[2];
+
+  std::string name() const override { return "deep_ep_ops::CombineFunctionBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    const at::Tensor grad = combined(grads[0]);
+    c10::IValue weights;
+    if (args.has_weights) weights = combined_weights(grads[1]);
+    const auto out = call_op("cached_dispatch", with(
+        {{"x", grad}, {"x_scales", c10::IValue()}, {"topk_weights", weights}},
+        handle_args(args, kept())));
+    variable_list result(4);  // x, topk_weights, bias_0, bias_1
+    result[0] = out[0].toTensor();
+    if (args.has_weights) result[1] = tensor_or_undefined(out[2]);
+    for (int b = 0; b < 2; ++b)
+      if (bias_dtype[b]) result[2 + b] = grad.to(*bias_dtype[b]);
+    return result;
+  }
+
+  static variable_list apply(const at::Tensor& x, const OptTensor& topk_weights,
+                             const OptTensor& bias_0, const OptTensor& bias_1,
+                             const variable_list& handle, const std::string& buffer,
+                             int64_t num_worst_tokens, const Ints& config) {
     variable_list out = to_list(combine(x, topk_weights, bias_0, bias_1, handle[0], handle[1],
                                         handle[2], handle[3], handle[4], handle[5], buffer,
                                         num_worst_tokens, config));
-    ctx->set_materialize_grads(false);
-    save_normal_args(ctx, buffer, num_worst_tokens, config, topk_weights.has_value());
-    ctx->saved_data["bias_0"] = bias_0 ? c10::IValue(static_cast<int64_t>(bias_0->scalar_type()))
-                                       : c10::IValue();
-    ctx->saved_data["bias_1"] = bias_1 ? c10::IValue(static_cast<int64_t>(bias_1->scalar_type()))
-                                       : c10::IValue();
-    variable_list saved{out[0], out[1]};
-    saved.insert(saved.end(), handle.begin(), handle.end());
-    ctx->save_for_backward(saved);
+    const bool has_weights = topk_weights.has_value();
+    auto node = make_node<CombineBackward>();
+    auto* self = static_cast<CombineBackward*>(node.get());
+    self->args = {buffer, num_worst_tokens, config, has_weights};
+    self->combined = ZerosOf(out[0]);
+    self->combined_weights = ZerosOf(out[1]);
+    if (bias_0) self->bias_dtype[0] = bias_0->scalar_type();
+    if (bias_1) self->bias_dtype[1] = bias_1->scalar_type();
+    self->keep(handle);
+    record(node, {x, has_weights ? *topk_weights : at::Tensor(), bias_0 ? *bias_0 : at::Tensor(),
+                  bias_1 ? *bias_1 : at::Tensor()},
+           {&out[0], has_weights ? &out[1] : nullptr});
     return out;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const variable_list handle(saved.begin() + 2, saved.end());
-    const bool has_weights = ctx->saved_data["has_weights"].toBool();
-    const at::Tensor grad = grads[0].defined() ? grads[0] : at::zeros_like(saved[0]);
-    c10::IValue weights;
-    if (has_weights) weights = grads[1].defined() ? grads[1] : at::zeros_like(saved[1]);
-    const auto out = call_op("cached_dispatch", with(
-        {{"x", grad}, {"x_scales", c10::IValue()}, {"topk_weights", weights}},
-        handle_args(ctx, handle)));
-    variable_list result(10);  // x, topk_weights, bias_0, bias_1, the handle's six tensors
-    result[0] = out[0].toTensor();
-    if (has_weights) result[1] = tensor_or_undefined(out[2]);
-    for (int b = 0; b < 2; ++b) {
-      const c10::IValue& dtype = ctx->saved_data[b == 0 ? "bias_0" : "bias_1"];
-      if (!dtype.isNone()) result[2 + b] = grad.to(static_cast<at::ScalarType>(dtype.toInt()));
-    }
-    return result;
-  }
 };
+using CombineFunction = CombineBackward;
 
 }  // namespace
 }  // namespace deep_ep_ops
