@@ -13,7 +13,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/extension.h>
@@ -28,7 +27,6 @@
 namespace deep_ep_ops {
 namespace {
 
-using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 // How an eager call may run: through torch.ops, or directly (with or without autograd).
@@ -98,15 +96,6 @@ variable_list to_list(std::tuple<Ts...>&& outputs) {
   return std::apply([](auto&&... t) { return variable_list{std::move(t)...}; }, std::move(outputs));
 }
 
-// Marks the outputs without a gradient: every integer or boolean one, and `also` (one call:
-// mark_non_differentiable replaces the set it was given before).
-inline void mark_non_differentiable(AutogradContext* ctx, const variable_list& outputs,
-                                    variable_list also = {}) {
-  for (const at::Tensor& t : outputs)
-    if (t.defined() && !at::isFloatingType(t.scalar_type())) also.push_back(t);
-  ctx->mark_non_differentiable(also);
-}
-
 // float64 if any of the dtypes is, else float32 (_autograd._weight_dtype).
 inline at::ScalarType accumulation_dtype(std::initializer_list<at::ScalarType> dtypes) {
   for (at::ScalarType d : dtypes)
@@ -139,11 +128,14 @@ inline at::Tensor first_occurrence(const at::Tensor& topk_idx) {
 // reference cycle.
 class EagerBackward : public torch::autograd::Node {
  public:
-  // Keeps `tensors` for the backward, with their versions now.
-  void keep(std::vector<at::Tensor> tensors) {
+  // Keeps `tensors` for the backward, with their versions now; the last `unchecked` of them
+  // without (tensors a later call completes in place on purpose: a split op's receive).
+  void keep(std::vector<at::Tensor> tensors, size_t unchecked = 0) {
     kept_ = std::move(tensors);
     versions_.clear();
-    for (const at::Tensor& t : kept_) versions_.push_back(t.defined() ? t._version() : 0);
+    for (size_t i = 0; i < kept_.size(); ++i)
+      versions_.push_back(i + unchecked >= kept_.size() || !kept_[i].defined()
+                              ? kUnchecked : kept_[i]._version());
   }
 
   void release_variables() override {
@@ -159,7 +151,7 @@ class EagerBackward : public torch::autograd::Node {
                 ". Specify retain_graph=True if you need to backward through the graph a "
                 "second time");
     for (size_t i = 0; i < kept_.size(); ++i)
-      TORCH_CHECK(!kept_[i].defined() || kept_[i]._version() == versions_[i],
+      TORCH_CHECK(versions_[i] == kUnchecked || kept_[i]._version() == versions_[i],
                   "one of the variables needed for gradient computation has been modified by "
                   "an inplace operation: a tensor ", name(), " saved is at version ",
                   num(kept_[i]._version()), "; expected version ", num(versions_[i]),
@@ -168,8 +160,9 @@ class EagerBackward : public torch::autograd::Node {
   }
 
  private:
+  static constexpr int64_t kUnchecked = -1;
   std::vector<at::Tensor> kept_;
-  std::vector<uint32_t> versions_;
+  std::vector<int64_t> versions_;
   bool released_ = false;
 };
 

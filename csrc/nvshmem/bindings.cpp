@@ -629,117 +629,112 @@ constexpr auto clean_low_latency_buffer =
 
 using OptTensor = c10::optional<at::Tensor>;
 
-NamedArgs low_latency_args(AutogradContext* ctx) {
-  return {{"buffer", ctx->saved_data["buffer"]}, {"num_ranks", ctx->saved_data["num_ranks"]},
-          {"num_max_dispatch_tokens_per_rank", ctx->saved_data["num_max"]},
-          {"num_experts", ctx->saved_data["num_experts"]}};
-}
+// What every low-latency backward keeps besides tensors.
+struct LowLatencyArgs {
+  std::string buffer;
+  int64_t num_ranks, num_max, num_experts;
 
-void save_low_latency_args(AutogradContext* ctx, const std::string& buffer, int64_t num_ranks,
-                           int64_t num_max, int64_t num_experts) {
-  ctx->saved_data["buffer"] = buffer;
-  ctx->saved_data["num_ranks"] = num_ranks;
-  ctx->saved_data["num_max"] = num_max;
-  ctx->saved_data["num_experts"] = num_experts;
-}
+  NamedArgs named() const {
+    return {{"buffer", buffer}, {"num_ranks", num_ranks},
+            {"num_max_dispatch_tokens_per_rank", num_max}, {"num_experts", num_experts}};
+  }
+};
 
 // BF16 low_latency_dispatch and its send half: grad x = the sum over the token's copies (a
-// low-latency combine with weight 1 on the first occurrence of each expert). The send half's
-// src_info and layout_range are completed in place by its receive later, so they are held as
-// they are (not saved: a saved tensor is pinned to its version, which the receive bumps).
-struct LowLatencyDispatchFunction : public torch::autograd::Function<LowLatencyDispatchFunction> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
-                               const at::Tensor& topk_idx, const OptTensor& stats,
-                               const std::string& buffer, int64_t num_ranks, int64_t num_max,
-                               int64_t num_experts, bool round_scale, bool use_ue8m0,
-                               bool send_only) {
+// low-latency combine with weight 1 on the first occurrence of each expert). Kept: topk_idx,
+// src_info, layout_range; the send half's src_info and layout_range without a version check
+// (its receive completes them in place later).
+struct LowLatencyDispatchBackward : public EagerBackward {
+  LowLatencyArgs args;
+  ZerosOf recv_x;
+  at::ScalarType weight_dtype = at::kFloat;
+
+  std::string name() const override {
+    return "deep_ep_ops::LowLatencyDispatchFunctionBackward";
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const std::vector<at::Tensor>& k = kept();
+    const at::Tensor ones = first_occurrence(k[0]).to(weight_dtype);
+    const auto out = call_op("low_latency_combine", with(
+        {{"x", recv_x(grads[0])}, {"topk_idx", k[0]}, {"topk_weights", ones},
+         {"src_info", k[1]}, {"layout_range", k[2]}, {"zero_copy", false}},
+        args.named()));
+    return {out[0].toTensor()};
+  }
+
+  static variable_list apply(const at::Tensor& x, const at::Tensor& topk_idx,
+                             const OptTensor& stats, const std::string& buffer,
+                             int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                             bool round_scale, bool use_ue8m0, bool send_only) {
     variable_list out = to_list(
         send_only ? low_latency_dispatch_send(x, topk_idx, buffer, num_ranks, num_max,
                                               num_experts, false, round_scale, use_ue8m0)
                   : low_latency_dispatch_with_stats(x, topk_idx, buffer, num_ranks, num_max,
                                                     num_experts, false, round_scale, use_ue8m0,
                                                     stats));
-    mark_non_differentiable(ctx, out, {out[1]});
-    ctx->set_materialize_grads(false);
-    save_low_latency_args(ctx, buffer, num_ranks, num_max, num_experts);
-    ctx->saved_data["weight_dtype"] =
-        static_cast<int64_t>(accumulation_dtype({x.scalar_type()}));
-    ctx->saved_data["recv_shape"] = out[0].sizes().vec();
-    ctx->saved_data["recv_dtype"] = static_cast<int64_t>(out[0].scalar_type());
-    if (send_only) {
-      ctx->save_for_backward({topk_idx});
-      ctx->saved_data["src_info"] = out[3];
-      ctx->saved_data["layout_range"] = out[4];
-    } else {
-      ctx->save_for_backward({topk_idx, out[3], out[4]});
-    }
+    auto node = make_node<LowLatencyDispatchBackward>();
+    auto* self = static_cast<LowLatencyDispatchBackward*>(node.get());
+    self->args = {buffer, num_ranks, num_max, num_experts};
+    self->recv_x = ZerosOf(out[0]);
+    self->weight_dtype = accumulation_dtype({x.scalar_type()});
+    self->keep({topk_idx, out[3], out[4]}, send_only ? 2 : 0);
+    record(node, {x}, {&out[0]});
     return out;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor& topk_idx = saved[0];
-    const bool pending = saved.size() == 1;
-    const at::Tensor src_info = pending ? ctx->saved_data["src_info"].toTensor() : saved[1];
-    const at::Tensor layout_range =
-        pending ? ctx->saved_data["layout_range"].toTensor() : saved[2];
-    at::Tensor grad = grads[0];
-    if (!grad.defined())
-      grad = at::zeros(ctx->saved_data["recv_shape"].toIntVector(),
-                       topk_idx.options().dtype(static_cast<at::ScalarType>(
-                           ctx->saved_data["recv_dtype"].toInt())));
-    const at::Tensor ones = first_occurrence(topk_idx).to(
-        static_cast<at::ScalarType>(ctx->saved_data["weight_dtype"].toInt()));
-    const auto out = call_op("low_latency_combine", with(
-        {{"x", grad}, {"topk_idx", topk_idx}, {"topk_weights", ones}, {"src_info", src_info},
-         {"layout_range", layout_range}, {"zero_copy", false}},
-        low_latency_args(ctx)));
-    variable_list result(10);
-    result[0] = out[0].toTensor();
-    return result;
-  }
 };
+using LowLatencyDispatchFunction = LowLatencyDispatchBackward;
 
 // low_latency_combine and its send half: grad x = weighted low-latency cached dispatch of grad;
-// grad topk_weights = <grad[t], x[e_k][slot(t, k)]> from a low-latency gather.
-struct LowLatencyCombineFunction : public torch::autograd::Function<LowLatencyCombineFunction> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& topk_idx,
-                            const at::Tensor& topk_weights, const at::Tensor& src_info,
-                            const at::Tensor& layout_range, const std::string& buffer,
-                            int64_t num_ranks, int64_t num_max, int64_t num_experts,
-                            bool zero_copy, bool send_only) {
+// grad topk_weights = <grad[t], x[e_k][slot(t, k)]> from a low-latency gather. Kept: x,
+// topk_idx, topk_weights, src_info, layout_range.
+struct LowLatencyCombineBackward : public EagerBackward {
+  LowLatencyArgs args;
+  ZerosOf combined;
+
+  std::string name() const override { return "deep_ep_ops::LowLatencyCombineFunctionBackward"; }
+
+  variable_list apply(variable_list&& grads) override {
+    const std::vector<at::Tensor>& k = kept();
+    const at::Tensor &x = k[0], &topk_idx = k[1], &topk_weights = k[2];
+    const at::Tensor grad = combined(grads[0]);
+    const NamedArgs routes{{"topk_idx", topk_idx}, {"src_info", k[3]}, {"layout_range", k[4]}};
+    variable_list result(2);  // x, topk_weights
+    if (should_compute_output(0))
+      result[0] = call_op("low_latency_cached_dispatch", with(with(
+          {{"x", grad}, {"topk_weights", topk_weights}}, routes), args.named()))[0].toTensor();
+    if (should_compute_output(1)) {
+      const at::Tensor rows =
+          call_op("low_latency_gather", with(with({{"x", x}}, routes), args.named()))[0]
+              .toTensor();
+      const at::ScalarType acc = accumulation_dtype({x.scalar_type(), topk_weights.scalar_type()});
+      const at::Tensor g = (rows.to(acc) * grad.to(acc).unsqueeze(1)).sum(-1);
+      result[1] = at::where(topk_idx.ge(0), g, at::zeros({}, g.options()))
+                      .to(topk_weights.scalar_type());
+    }
+    return result;
+  }
+
+  static at::Tensor apply(const at::Tensor& x, const at::Tensor& topk_idx,
+                          const at::Tensor& topk_weights, const at::Tensor& src_info,
+                          const at::Tensor& layout_range, const std::string& buffer,
+                          int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                          bool zero_copy, bool send_only) {
     at::Tensor out =
         send_only ? low_latency_combine_send(x, topk_idx, topk_weights, src_info, layout_range,
                                              buffer, num_ranks, num_max, num_experts, zero_copy)
                   : low_latency_combine(x, topk_idx, topk_weights, src_info, layout_range, buffer,
                                         num_ranks, num_max, num_experts, zero_copy);
-    save_low_latency_args(ctx, buffer, num_ranks, num_max, num_experts);
-    ctx->save_for_backward({x, topk_idx, topk_weights, src_info, layout_range});
+    auto node = make_node<LowLatencyCombineBackward>();
+    auto* self = static_cast<LowLatencyCombineBackward*>(node.get());
+    self->args = {buffer, num_ranks, num_max, num_experts};
+    self->combined = ZerosOf(out);
+    self->keep({x, topk_idx, topk_weights, src_info, layout_range});
+    record(node, {x, topk_weights}, {&out});
     return out;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const variable_list saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &topk_idx = saved[1], &topk_weights = saved[2];
-    const NamedArgs routes{{"topk_idx", topk_idx}, {"src_info", saved[3]},
-                           {"layout_range", saved[4]}};
-    variable_list result(11);
-    if (ctx->needs_input_grad(0))
-      result[0] = call_op("low_latency_cached_dispatch", with(with(
-          {{"x", grads[0]}, {"topk_weights", topk_weights}}, routes), low_latency_args(ctx)))[0]
-          .toTensor();
-    if (ctx->needs_input_grad(2)) {
-      const at::Tensor rows =
-          call_op("low_latency_gather", with(with({{"x", x}}, routes), low_latency_args(ctx)))[0]
-              .toTensor();
-      const at::ScalarType acc = accumulation_dtype({x.scalar_type(), topk_weights.scalar_type()});
-      const at::Tensor g = (rows.to(acc) * grads[0].to(acc).unsqueeze(1)).sum(-1);
-      result[2] = at::where(topk_idx.ge(0), g, at::zeros({}, g.options()))
-                      .to(topk_weights.scalar_type());
-    }
-    return result;
-  }
 };
+using LowLatencyCombineFunction = LowLatencyCombineBackward;
 
 }  // namespace
 }  // namespace deep_ep_ops
