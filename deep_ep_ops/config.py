@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
+
 NUM_MAX_NVL_PEERS = 8  # ranks of one NVLink domain
 NUM_MAX_TOPK = 16
 _ALIGN = 128
@@ -99,11 +101,16 @@ _DEFAULT_LISTS: dict[tuple[str, int, int], list[int]] = {}
 
 
 def default_config_list(kind: str, num_ranks: int, num_sms: int = 20) -> list[int]:
-    """``get_<kind>_config(num_ranks, num_sms).to_list()`` (kind: "dispatch" or "combine")."""
+    """``get_<kind>_config(num_ranks, num_sms).to_list()`` (kind: "dispatch" or "combine").
+
+    While ``torch.compile`` traces, the list is made afresh: a traced read of the cache would
+    guard on its contents, and the next new entry would recompile the caller."""
+    make = get_dispatch_config if kind == "dispatch" else get_combine_config
+    if torch.compiler.is_compiling():
+        return make(num_ranks, num_sms).to_list()
     key = (kind, num_ranks, num_sms)
     cached = _DEFAULT_LISTS.get(key)
     if cached is None:
-        make = get_dispatch_config if kind == "dispatch" else get_combine_config
         cached = _DEFAULT_LISTS[key] = make(num_ranks, num_sms).to_list()
     return cached
 

@@ -104,8 +104,8 @@ if [ "${GPU_TESTS:-tests}" != none ]; then
   start_mps
   # shellcheck disable=SC2086
   # SIGINT first: pytest still prints the failures and the slowest tests when time runs out.
-  export DEEP_EP_OPS_GPU_FAULT_TABLE="$out/faults.tsv"  # the fault tests' errors and times
-  rm -f "$DEEP_EP_OPS_GPU_FAULT_TABLE"
+  export DEEP_EP_OPS_FAULT_TABLE="$out/faults.tsv"  # the fault tests' errors and times (tests/fault_table.py)
+  rm -f "$DEEP_EP_OPS_FAULT_TABLE"
   timeout -s INT -k 30 "${GPU_TESTS_TIMEOUT_S:-420}" python3 -m pytest -v -rfE --tb=short -m gpu \
     --durations=15 ${GPU_TESTS_K:+-k "$GPU_TESTS_K"} ${GPU_TESTS:-tests} > "$out/gpu_tests.log" 2>&1
   tests_rc=$?
@@ -131,7 +131,7 @@ if [ "${EXAMPLES:-1}" = 1 ]; then
     tail -1 "$out/$example.log"
   done
 fi
-[ -s "$out/faults.tsv" ] && { echo "fault table (case, ranks, rank, s, error):"; cut -c1-220 "$out/faults.tsv"; }
+[ -s "$out/faults.tsv" ] && { echo "fault table (case, backend, ranks, rank, s, error):"; cut -c1-220 "$out/faults.tsv"; }
 echo "gpu tests rc=$tests_rc bench rc:$bench_rc examples rc:$examples_rc deepep suite rc:$deepep_rc"
 for impl in ours deepep; do cat "$out/deepep-$impl.txt" 2>/dev/null; done
 for mode in ${BENCH_MODES:-normal low-latency}; do

@@ -37,6 +37,8 @@ import traceback
 
 import torch.multiprocessing as mp
 
+import fault_table
+
 # NVLink multicast off (NCCL NVLS, symmetric-memory multicast, NVSHMEM NVLS): not every machine
 # supports it and nothing here needs it.
 TRANSPORT_ENV = {
@@ -395,19 +397,9 @@ def run_in_fresh_pools(world_size: int, env: dict[str, str], fn, scenarios,
     return results, exit_codes
 
 
-FAULT_TABLE_ENV = "DEEP_EP_OPS_GPU_FAULT_TABLE"
-
-
 def record_fault(world_size: int, case: str, rank: int, error: str, seconds: float) -> None:
-    """One row of the fault table (case, ranks, the rank that raised, seconds to the error,
-    the error's first line) appended to the file DEEP_EP_OPS_GPU_FAULT_TABLE names, if set:
-    scripts/gpu_run.sh prints it, for the figures of a report. Tab-separated."""
-    path = os.environ.get(FAULT_TABLE_ENV)
-    if not path:
-        return
-    text = " ".join(str(error).split())
-    with open(path, "a") as table:
-        table.write(f"{case}\t{world_size}\t{rank}\t{seconds:.2f}\t{text[:300]}\n")
+    """One CUDA row of the fault table (tests/fault_table.py)."""
+    fault_table.record("cuda", world_size, case, rank, error, seconds)
 
 
 def timeout_problems(label: str, results: list, exit_codes: list, timeout_s: float) -> list[str]:

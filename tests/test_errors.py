@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 import deep_ep_ops as deep_ep
+import fault_table
 from deep_ep_ops import ops
 from distributed import RankPool, run_on_ranks
 
@@ -236,9 +237,13 @@ def _disagree(rank, world_size, label, device_collectives=False):
         "different ops": lambda: (ops.low_latency_dispatch(name, x, topk, M, num_e) if odd else
                                   ops.dispatch(name, x, layout, topk, weights)),
     }
-    start = time.monotonic()
-    problem = _expect(calls[label], ValueError, DISAGREEMENTS[label], "rank 0", "rank 1")
+    start, observed = time.monotonic(), {}
+    problem = _expect(calls[label], ValueError, DISAGREEMENTS[label], "rank 0", "rank 1",
+                      observed=observed, label=label)
     elapsed = time.monotonic() - start
+    kind, message = observed.get(label, ("nothing raised", ""))
+    fault_table.record("nccl-style (gloo)" if device_collectives else "gloo", world_size,
+                       f"disagreement: {label}", rank, f"{kind}: {message}", elapsed)
     # In step afterwards: the same call with agreeing arguments works on every rank.
     layout = ops.get_dispatch_layout(topk, num_e, world_size)
     after = ops.dispatch(name, x[:, :H], layout, topk, weights).recv_x.size(0)

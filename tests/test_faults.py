@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 import deep_ep_ops as deep_ep
 from deep_ep_ops import ops
+import fault_table
 from distributed import RankPool, _free_port, _from_bytes
 
 TIMEOUT_S = 2.0
@@ -125,6 +126,9 @@ def test_a_faulty_peer_is_named_within_the_timeout(fault, num_ranks):
     for rank in range(num_ranks):
         if rank != 1:  # every survivor names rank 1
             _check_survivor(fault, results[rank])
+            first = results[rank]["first"]
+            fault_table.record("gloo", num_ranks, f"peer {fault} in dispatch", rank,
+                               f"{first['type']}: {first['message']}", first["elapsed"])
     if fault == "raises":  # the rank that raised got its own clear error, at once
         assert results[1]["type"] == "ValueError" and results[1]["elapsed"] < 0.5, results[1]
 
@@ -165,6 +169,8 @@ def _absent_peer(rank, world_size, stage):
 @pytest.mark.parametrize("stage", ["create", "destroy"])
 def test_creation_and_destroy_are_bounded(stage):
     report = _run(2, _absent_peer, stage)[0]
+    fault_table.record("gloo", 2, f"absent at {stage}", 0,
+                       f"{report['type']}: {report['message']}", report["elapsed"])
     assert report["type"] == "TimeoutError", report
     assert report["elapsed"] <= BOUND_S, report
     if stage == "create":
