@@ -709,3 +709,18 @@ def test_gpu_backends_default_to_one_rank_per_gpu(monkeypatch, backend, gpus, ex
                         lambda device: type("Props", (), {"multi_processor_count": 132}))
     s = bench.parse_args(["--backend", backend])
     assert s.backend == "nccl" and s.num_ranks == expected
+
+
+def test_internode_rows_name_what_runs_on_gpus(monkeypatch):
+    """Until the internode kernels exist the internode ops run the NCCL reference on CUDA: their
+    rows say so, while the other modes' rows say cuda when the kernels are built."""
+    from deep_ep_ops import _build
+    from deep_ep_ops.bench import cases
+
+    monkeypatch.setattr(_build, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_build, "CUDA_REFERENCE_OPS", ("internode_dispatch", "internode_combine"))
+    assert cases.backend_label(True, bench.INTERNODE) == "reference/nccl"
+    assert cases.backend_label(True, bench.NORMAL) == "cuda"
+    monkeypatch.setattr(_build, "CUDA_REFERENCE_OPS", ())
+    assert cases.backend_label(True, bench.INTERNODE) == "cuda"
+    assert cases.backend_label(False, bench.INTERNODE) == "reference/gloo"

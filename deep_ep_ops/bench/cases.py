@@ -197,11 +197,17 @@ class ReferenceBackend(_Backend):
         return combined_x
 
 
-def backend_label(on_gpu: bool) -> str:
-    """What ``deep_ep_ops.ops`` runs on this device."""
+# The ops a mode's cases call, where they differ from the normal-mode ones: a mode whose ops
+# have no CUDA kernels yet (``_build.CUDA_REFERENCE_OPS``) is labelled with what runs.
+_MODE_OPS = {INTERNODE: ("internode_dispatch", "internode_combine")}
+
+
+def backend_label(on_gpu: bool, mode: Optional[str] = None) -> str:
+    """What ``deep_ep_ops.ops`` runs on this device (for ``mode``'s ops, when given)."""
     if not on_gpu:
         return "reference/gloo"
-    return "cuda" if _build.HAS_CUDA_KERNELS else "reference/nccl"
+    on_reference = any(op in _build.CUDA_REFERENCE_OPS for op in _MODE_OPS.get(mode, ()))
+    return "cuda" if _build.HAS_CUDA_KERNELS and not on_reference else "reference/nccl"
 
 
 # --- benchmark cases --------------------------------------------------------------------------
@@ -641,7 +647,6 @@ def _create_buffer(group, s: Settings):
 
 def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> list[dict]:
     """Time every selected case on this rank; every rank returns the same result rows."""
-    label = backend_label(s.on_gpu)
     reference_backend = None
     if s.on_gpu:
         # The side-by-side baseline (docs/DESIGN.md §11): the reference in this process.
@@ -668,6 +673,7 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
             ops.clean_low_latency_buffer(buffer.name, tokens, s.hidden, s.num_experts)
         graph = s.graphed(mode)
         also = ", eager + CUDA graph" if graph else ""
+        label = backend_label(s.on_gpu, mode)
         for case in (c for c in CASES if c.mode == mode):
             ref = ref_graph = None
             if reference_backend is not None:
