@@ -1,9 +1,11 @@
-"""The benchmark CLI: a tiny two-rank run end to end, its argument errors and its summary."""
+"""The benchmark CLI: tiny runs end to end (two ranks; four as two emulated nodes), its argument
+errors and its summary."""
 
 import dataclasses
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 
@@ -53,7 +55,8 @@ def _parse_tables(text: str) -> list[list[dict]]:
         columns = re.split(r"\s{2,}", line.strip())
         assert tuple(columns) in (
             bench.TABLE_COLUMNS, bench.SUMMARY_COLUMNS, bench.CPU_SUMMARY_COLUMNS,
-            bench.HOST_COLUMNS, bench.CPU_HOST_COLUMNS,
+            bench.HOST_COLUMNS, bench.CPU_HOST_COLUMNS, bench.INTERNODE_TABLE_COLUMNS,
+            bench.INTERNODE_SUMMARY_COLUMNS, bench.CPU_INTERNODE_SUMMARY_COLUMNS,
         )
         rows = []
         for row in lines[i + 2 :]:
@@ -83,6 +86,10 @@ def test_bench_cli_two_ranks(tmp_path):
     assert proc.stderr.count(f"[1/{total}]") == 1  # progress, from rank 0 only
 
     full, summary, host = _parse_tables(proc.stdout)
+    # No internode rows: the tables of before the internode mode, without RDMA columns.
+    assert list(full[0]) == list(bench.TABLE_COLUMNS)
+    assert list(summary[0]) == list(bench.CPU_SUMMARY_COLUMNS)
+    assert "RDMA" not in proc.stdout and "emulated" not in proc.stdout
     expected = [
         (op, mode, str(t), str(n) if (mode, op) in SM_SWEPT else "-")
         for mode in EXPECTED_OPS for t in TOKENS for op in EXPECTED_OPS[mode]
@@ -184,6 +191,185 @@ def test_bench_cli_two_ranks(tmp_path):
             assert set(result["phases_median_us"]) == {"send", "recv"}
 
 
+INTERNODE_RANKS, INTERNODE_NODES, INTERNODE_TOKENS = 4, 2, 16
+INTERNODE_OPS = ["dispatch bf16", "dispatch fp8", "combine bf16"]
+
+
+def _destination_nodes(settings, rank: int) -> list[int]:
+    """Per token of ``rank``'s bench inputs, the nodes holding one of its experts, counted from
+    the expert ids alone (experts by rank, ranks by node: both in blocks)."""
+    inputs = bench.make_inputs(INTERNODE_TOKENS, settings, rank, torch.device("cpu"))
+    experts_per_node = NUM_EXPERTS // INTERNODE_NODES
+    return [len(set((inputs.topk_idx[t] // experts_per_node).tolist()))
+            for t in range(INTERNODE_TOKENS)]
+
+
+def test_bench_cli_internode_emulated(tmp_path):
+    """Four gloo ranks as 2 x 2 emulated nodes: the internode ops, swept over SM counts, with
+    both of DeepEP's bandwidths, labelled emulated everywhere, and no target anywhere."""
+    out_dir = tmp_path / "out"
+    args = [
+        "--backend", "gloo", "--mode", "internode", "--num-ranks", str(INTERNODE_RANKS),
+        "--tokens", str(INTERNODE_TOKENS), "--hidden", str(HIDDEN), "--num-experts",
+        str(NUM_EXPERTS), "--num-topk", str(NUM_TOPK), "--num-iters", "2", "--num-warmup", "1",
+        "--num-sms", *map(str, reversed(NUM_SMS)),
+    ]
+    env = dict(os.environ, DEEP_EP_OPS_TIMEOUT_S="60")
+    proc = subprocess.run([sys.executable, "-m", "deep_ep_ops.bench", *args, "--out",
+                           str(out_dir)], capture_output=True, text=True, timeout=170, env=env)
+    assert proc.returncode == 0, proc.stderr
+    total = len(INTERNODE_OPS) * len(NUM_SMS)
+    assert (f"[1/{total}] internode dispatch bf16 tokens={INTERNODE_TOKENS} sms=2 "
+            "(reference/gloo)") in proc.stderr
+    assert "host time per eager call" not in proc.stderr  # no host table for this mode
+
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("deep_ep_ops bench: 4 ranks (cpu)")
+    assert lines[0].endswith(" -- internode: 2 x 2 nodes emulated on one host")
+    assert "internode: 2 x 2 nodes emulated on one host, no target" in proc.stdout
+    assert lines[-1].startswith("host: no host table in internode mode")
+    _assert_no_gpu_targets(proc.stdout)  # no target ratio, nor a goal, on a CPU run
+
+    full, summary = _parse_tables(proc.stdout)
+    assert list(full[0]) == list(bench.INTERNODE_TABLE_COLUMNS)
+    assert list(summary[0]) == list(bench.CPU_INTERNODE_SUMMARY_COLUMNS)
+    mode = "internode (2 x 2 emulated)"
+    assert [(r["op"], r["mode"], r["tokens/rank"], r["SMs"]) for r in full] == [
+        (op, mode, str(INTERNODE_TOKENS), str(n)) for op in INTERNODE_OPS for n in NUM_SMS
+    ]
+    for row in full:
+        assert float(row["median us"]) > 0 and row["backend"] == "reference/gloo"
+        assert float(row["GB/s"]) > 0 and float(row["RDMA GB/s"]) > 0
+        assert row["ref us"] == row["ref RDMA GB/s"] == row["vs ref"] == "-"
+    assert [(r["op"], r["mode"]) for r in summary] == [(op, mode) for op in INTERNODE_OPS]
+    for row in summary:
+        assert row["best SMs"] in {"2", "4"} and row["speedup"] == "-"
+        (match,) = [r for r in full if (r["op"], r["SMs"]) == (row["op"], row["best SMs"])]
+        assert (match["median us"], match["RDMA GB/s"]) == (row["median us"], row["RDMA GB/s"])
+
+    report = json.loads((out_dir / "results.json").read_text())
+    assert report["settings"]["ranks_per_node"] == 2 and report["host"] is None
+    assert report["settings"]["modes"] == ["internode"]
+    settings = bench.parse_args(args)
+    pairs = [sum(_destination_nodes(settings, rank)) for rank in range(INTERNODE_RANKS)]
+    fp8_row = HIDDEN + 4 * HIDDEN // 128
+    for result in report["results"]:
+        assert (result["num_nodes"], result["ranks_per_node"], result["emulated"]) == (2, 2, True)
+        row_bytes = fp8_row if "fp8" in result["op"] else 2 * HIDDEN
+        # A token counts once per node it reaches, its own rank's node included (DeepEP's
+        # count); combine sends the same rows back: the same pairs.
+        assert result["rdma_pairs_per_rank"] == pairs
+        assert result["rdma_bytes_per_rank"] == [n * row_bytes for n in pairs]
+        expected_gbps = statistics.fmean(pairs) * row_bytes / (result["median_us"] * 1e3)
+        assert result["rdma_gbps"] == pytest.approx(expected_gbps)
+        assert result["gbps"] == pytest.approx(
+            statistics.fmean(result["rows_per_rank"]) * row_bytes / (result["median_us"] * 1e3)
+        )
+        assert result["reference_rdma_gbps"] is None and result["ratio_vs_reference"] is None
+    for row in report["summary"]:
+        assert row["target"] is None and row["vs_target"] is None and row["emulated"]
+        assert row["rdma_gbps"] > 0
+
+
+def test_rdma_token_pairs_count_each_destination_node_once():
+    """DeepEP's RDMA count: a token counts once per node holding one of its destination ranks
+    (however many ranks there), its own rank's node included; a token going nowhere, never."""
+    is_token_in_rank = torch.tensor([
+        [1, 0, 0, 0],  # rank 0 only (node 0): one pair
+        [1, 1, 0, 0],  # both ranks of node 0: still one
+        [0, 1, 1, 0],  # one rank of each node: two
+        [0, 0, 0, 0],  # nowhere: none
+        [0, 0, 1, 1],  # both ranks of node 1: one
+        [1, 1, 1, 1],  # everywhere: two
+    ], dtype=torch.bool)
+    assert bench.rdma_token_pairs(is_token_in_rank, 2) == 1 + 1 + 2 + 0 + 1 + 2
+    assert bench.rdma_token_pairs(is_token_in_rank, 4) == int(is_token_in_rank.sum())  # 4 x 1
+    assert bench.rdma_token_pairs(is_token_in_rank, 1) == 5  # one node: tokens sent anywhere
+    assert bench.rdma_token_pairs(is_token_in_rank[:0], 2) == 0
+
+
+def test_bench_internode_settings():
+    """--mode all is normal + low-latency; internode only when asked for, with two emulated
+    nodes by default and the normal mode's tokens per rank."""
+    every = bench.parse_args(["--backend", "gloo"])
+    assert every.modes == ("normal", "low-latency") and every.ranks_per_node is None
+    assert every.num_nodes == 1
+    internode = bench.parse_args(["--backend", "gloo", "--mode", "internode", "--num-ranks", "4"])
+    assert (internode.modes, internode.ranks_per_node, internode.num_nodes) == (
+        ("internode",), 2, 2)
+    assert internode.tokens == {"internode": bench.CPU_DEFAULTS["tokens"]["normal"]}
+    assert bench.GPU_DEFAULTS["tokens"]["internode"] == bench.GPU_DEFAULTS["tokens"]["normal"]
+    assert bench.parse_args(["--backend", "gloo", "--mode", "internode"]).ranks_per_node == 1
+    four = bench.parse_args(["--backend", "gloo", "--mode", "internode", "--num-ranks", "4",
+                             "--ranks-per-node", "1"])
+    assert (four.ranks_per_node, four.num_nodes) == (1, 4)
+    assert "internode" in bench.build_parser().format_help()
+
+
+def test_bench_internode_buffer(monkeypatch):
+    """An internode run's buffer: its nodes, no low-latency mode, and NVLink bytes for every
+    swept config as in normal mode."""
+    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "4", "--hidden", "7168",
+                          "--num-experts", "256", "--num-sms", "8", "32", "--mode", "internode"])
+    num_nvl_bytes, num_rdma_bytes = bench.buffer_sizes(s)
+    assert num_nvl_bytes == get_dispatch_config(4, 32).get_nvl_buffer_size_hint(2 * 7168, 4)
+    assert num_rdma_bytes == 0  # the size hint within one 8-rank domain; the reference needs none
+    created = []
+    monkeypatch.setattr(bench.cases, "Buffer", lambda group, **kwargs: created.append(kwargs))
+    bench._create_buffer(None, s)
+    bench._create_buffer(None, bench.parse_args(["--backend", "gloo", "--mode", "normal"]))
+    internode, normal = created
+    assert internode["num_ranks_per_node"] == 2 and not internode["low_latency_mode"]
+    assert internode["num_nvl_bytes"] == num_nvl_bytes
+    assert "num_ranks_per_node" not in normal and normal["low_latency_mode"]
+
+
+def _internode_row(op, num_sms, us, ref_us, pairs=1000, rows=1500):
+    """An internode result row as ``time_case`` makes it (one rank, made-up samples) on GPUs."""
+    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "4", "--mode", "internode",
+                          "--hidden", "7168", "--num-experts", "256"])
+    (case,) = [c for c in bench.CASES if (c.mode, c.op) == ("internode", op)]
+
+    def timed(label, t):
+        sample = bench.RankSample([[t * 1e-6]] * 3, rows, pairs)
+        return bench.summarize(case, ["x"], [sample], 4096, s, label, num_sms)
+
+    return bench._with_reference(timed("cuda", us), timed("reference/nccl", ref_us))
+
+
+def test_bench_internode_gpu_report():
+    """On GPUs: RDMA GB/s beside GB/s for ours and the reference, no target nor ratio to one
+    for internode rows (the cluster goals are printed as goals, not measured), emulated."""
+    results = [_internode_row("dispatch bf16", n, us, 2000.0)
+               for n, us in ((16, 900.0), (24, 700.0), (32, 600.0))]
+    results.append(_internode_row("combine bf16", 24, 800.0, 1600.0))
+    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "4", "--mode", "internode"])
+    report = {"settings": dataclasses.asdict(s), "device": "NVIDIA H200", "results": results,
+              "host": None}
+    report["summary"] = bench.best_rows(report)
+    text = bench.format_report(report)
+    full, summary = _parse_tables(text)
+    assert list(full[0]) == list(bench.INTERNODE_TABLE_COLUMNS)
+    bf16 = 2 * 7168
+    row = full[1]  # 24 SMs
+    assert row["RDMA GB/s"] == f"{1000 * bf16 / 700e-6 / 1e9:.4g}"
+    assert row["GB/s"] == f"{1500 * bf16 / 700e-6 / 1e9:.4g}"
+    assert row["ref RDMA GB/s"] == f"{1000 * bf16 / 2000e-6 / 1e9:.4g}"
+    assert row["vs ref"] == f"{2000 / 700:.2f}x"
+    assert all(r["mode"] == "internode (2 x 2 emulated)" for r in full + summary)
+    assert list(summary[0]) == list(bench.INTERNODE_SUMMARY_COLUMNS)
+    assert [(r["op"], r["best SMs"], r["target"], r["vs target"], r["speedup"])
+            for r in summary] == [
+        ("dispatch bf16", "24", "-", "-", f"{2000 / 700:.2f}x"),
+        ("combine bf16", "24", "-", "-", "2.00x"),
+    ]
+    assert all(r["target"] is None and r["vs_target"] is None for r in report["summary"])
+    assert text.splitlines()[0].endswith(" -- internode: 2 x 2 nodes emulated on one host")
+    assert ("goals on real clusters, not measured here: RDMA GB/s >= 90 dispatch and >= 81 "
+            "combine at EP16 with 400 Gb/s NICs") in text
+    json.dumps(report)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
@@ -197,6 +383,18 @@ def test_bench_cli_two_ranks(tmp_path):
         (["--num-sms", "-4"], "--num-sms values must be even ints >= 2"),
         (["--num-sms"], "expected at least one argument"),
         (["--num-sms", "eight"], "invalid int value"),
+        (["--mode", "internode", "--num-ranks", "1"], "--mode internode needs >= 2 ranks"),
+        (["--mode", "internode", "--num-ranks", "4", "--ranks-per-node", "3"],
+         "--ranks-per-node (3) must divide --num-ranks (4)"),
+        (["--mode", "internode", "--num-ranks", "4", "--ranks-per-node", "4"],
+         "internode mode needs >= 2 nodes"),
+        (["--mode", "internode", "--num-ranks", "4", "--ranks-per-node", "0"],
+         "--ranks-per-node must be in [1, 8]"),
+        (["--mode", "internode", "--num-ranks", "32", "--num-experts", "32",
+          "--ranks-per-node", "16"], "--ranks-per-node must be in [1, 8]"),
+        (["--mode", "all", "--ranks-per-node", "1"], "applies to --mode internode only"),
+        (["--mode", "normal", "--num-ranks", "4", "--ranks-per-node", "2"],
+         "applies to --mode internode only"),
     ],
 )
 def test_bench_bad_arguments(argv, message, capsys):
@@ -511,3 +709,18 @@ def test_gpu_backends_default_to_one_rank_per_gpu(monkeypatch, backend, gpus, ex
                         lambda device: type("Props", (), {"multi_processor_count": 132}))
     s = bench.parse_args(["--backend", backend])
     assert s.backend == "nccl" and s.num_ranks == expected
+
+
+def test_internode_rows_name_what_runs_on_gpus(monkeypatch):
+    """Until the internode kernels exist the internode ops run the NCCL reference on CUDA: their
+    rows say so, while the other modes' rows say cuda when the kernels are built."""
+    from deep_ep_ops import _build
+    from deep_ep_ops.bench import cases
+
+    monkeypatch.setattr(_build, "HAS_CUDA_KERNELS", True)
+    monkeypatch.setattr(_build, "CUDA_REFERENCE_OPS", ("internode_dispatch", "internode_combine"))
+    assert cases.backend_label(True, bench.INTERNODE) == "reference/nccl"
+    assert cases.backend_label(True, bench.NORMAL) == "cuda"
+    monkeypatch.setattr(_build, "CUDA_REFERENCE_OPS", ())
+    assert cases.backend_label(True, bench.INTERNODE) == "cuda"
+    assert cases.backend_label(False, bench.INTERNODE) == "reference/gloo"

@@ -13,12 +13,12 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .. import _build, ops, reference
+from .. import _build, ops, reference, reference_internode
 from ..buffer import Buffer
 from ..config import Config, get_combine_config, get_dispatch_config
 from .settings import (
-    EAGER, GRAPH, GRAPH_SIDE_WARMUP, LOW_LATENCY, NORMAL, Settings, bf16_row_bytes,
-    fp8_row_bytes, reference_label,
+    EAGER, GRAPH, GRAPH_SIDE_WARMUP, INTERNODE, LOW_LATENCY, NORMAL, SM_SWEPT_MODES, Settings,
+    bf16_row_bytes, fp8_row_bytes, rdma_token_pairs, reference_label,
 )
 
 
@@ -26,24 +26,31 @@ from .settings import (
 
 
 class _Backend:
-    """The calls a benchmark case makes, bound to one communicator; ``label`` names it."""
+    """The calls a benchmark case makes, bound to one communicator; ``label`` names it.
 
-    def __init__(self, buffer: str, num_ranks: int, num_experts: int, label: str):
+    ``num_nodes`` is the buffer's node count (``Buffer.num_rdma_ranks``): the layout is computed
+    for it, and the internode calls need more than one.
+    """
+
+    def __init__(self, buffer: str, num_ranks: int, num_experts: int, label: str,
+                 num_nodes: int = 1):
         self.buffer, self.num_ranks, self.num_experts, self.label = (
             buffer, num_ranks, num_experts, label
         )
+        self.num_nodes = num_nodes
 
 
 class OpsBackend(_Backend):
     """Calls the ``deep_ep_ops.ops`` wrappers, i.e. whatever kernel the dispatcher picks.
 
-    With ``num_sms``, normal-mode dispatch and combine get ``Config(num_sms=num_sms, ...)`` from
-    ``get_dispatch_config`` / ``get_combine_config``; without, the wrappers' default config.
+    With ``num_sms``, normal-mode and internode dispatch and combine get
+    ``Config(num_sms=num_sms, ...)`` from ``get_dispatch_config`` / ``get_combine_config``;
+    without, the wrappers' default config.
     """
 
     def __init__(self, buffer: str, num_ranks: int, num_experts: int, label: str,
-                 num_sms: Optional[int] = None):
-        super().__init__(buffer, num_ranks, num_experts, label)
+                 num_sms: Optional[int] = None, num_nodes: int = 1):
+        super().__init__(buffer, num_ranks, num_experts, label, num_nodes)
         self.num_sms = num_sms
         self.dispatch_config: Optional[Config] = None
         self.combine_config: Optional[Config] = None
@@ -52,7 +59,8 @@ class OpsBackend(_Backend):
             self.combine_config = get_combine_config(num_ranks, num_sms)
 
     def get_dispatch_layout(self, topk_idx):
-        return ops.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks)
+        return ops.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks,
+                                       self.num_nodes)
 
     def dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
         return ops.dispatch(self.buffer, x, layout, topk_idx, topk_weights, x_scales=x_scales,
@@ -61,6 +69,13 @@ class OpsBackend(_Backend):
     def combine(self, x, handle):
         # ``handle`` comes from ``dispatch`` of this backend: the same channel count.
         return ops.combine(self.buffer, x, handle, config=self.combine_config)
+
+    def internode_dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
+        return ops.internode_dispatch(self.buffer, x, layout, topk_idx, topk_weights,
+                                      x_scales=x_scales, config=self.dispatch_config)
+
+    def internode_combine(self, x, handle):
+        return ops.internode_combine(self.buffer, x, handle, config=self.combine_config)
 
     def low_latency_dispatch(self, x, topk_idx, num_max, use_fp8):
         return ops.low_latency_dispatch(
@@ -94,9 +109,9 @@ class ReferenceBackend(_Backend):
     """
 
     def get_dispatch_layout(self, topk_idx):
-        return ops.DispatchLayout(
-            *reference.get_dispatch_layout(topk_idx, self.num_experts, self.num_ranks, 1)
-        )
+        return ops.DispatchLayout(*reference.get_dispatch_layout(
+            topk_idx, self.num_experts, self.num_ranks, self.num_nodes
+        ))
 
     def dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
         out = reference.dispatch(
@@ -112,6 +127,23 @@ class ReferenceBackend(_Backend):
     def combine(self, x, handle):
         return ops.CombineOutput(*reference.combine(
             x, None, None, None, *handle[:6], self.buffer, handle.num_worst_tokens,
+            get_combine_config(self.num_ranks).to_list(),
+        ))
+
+    def internode_dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
+        out = reference_internode.internode_dispatch(
+            x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank,
+            layout.num_tokens_per_rdma_rank, layout.is_token_in_rank,
+            layout.num_tokens_per_expert, self.buffer, 1,
+            get_dispatch_config(self.num_ranks).to_list(),
+        )
+        return ops.InternodeDispatchOutput(
+            *out[:5], ops.InternodeHandle(layout.is_token_in_rank, *out[5:])
+        )
+
+    def internode_combine(self, x, handle):
+        return ops.CombineOutput(*reference_internode.internode_combine(
+            x, None, None, None, *handle, self.buffer, handle.num_worst_tokens,
             get_combine_config(self.num_ranks).to_list(),
         ))
 
@@ -165,11 +197,17 @@ class ReferenceBackend(_Backend):
         return combined_x
 
 
-def backend_label(on_gpu: bool) -> str:
-    """What ``deep_ep_ops.ops`` runs on this device."""
+# The ops a mode's cases call, where they differ from the normal-mode ones: a mode whose ops
+# have no CUDA kernels yet (``_build.CUDA_REFERENCE_OPS``) is labelled with what runs.
+_MODE_OPS = {INTERNODE: ("internode_dispatch", "internode_combine")}
+
+
+def backend_label(on_gpu: bool, mode: Optional[str] = None) -> str:
+    """What ``deep_ep_ops.ops`` runs on this device (for ``mode``'s ops, when given)."""
     if not on_gpu:
         return "reference/gloo"
-    return "cuda" if _build.HAS_CUDA_KERNELS else "reference/nccl"
+    on_reference = any(op in _build.CUDA_REFERENCE_OPS for op in _MODE_OPS.get(mode, ()))
+    return "cuda" if _build.HAS_CUDA_KERNELS and not on_reference else "reference/nccl"
 
 
 # --- benchmark cases --------------------------------------------------------------------------
@@ -200,6 +238,7 @@ class Prepared:
 
     phases: list[Phase]
     num_rows: Optional[int]  # received rows on this rank (None: no payload, e.g. the layout)
+    rdma_pairs: Optional[int] = None  # internode: its (token, node) pairs (rdma_token_pairs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,31 +249,44 @@ class Case:
     op: str
     row_bytes: Optional[Callable[[int], int]]  # payload bytes per received row, given hidden
     prepare: Callable[[_Backend, Inputs], Prepared]
-    sm_sweep: bool = False  # timed once per ``--num-sms`` value (normal dispatch and combine)
+    sm_sweep: bool = False  # timed once per ``--num-sms`` value (dispatch and combine)
 
 
 def _prepare_layout(backend, inputs):
     return Prepared([("layout", lambda _: backend.get_dispatch_layout(inputs.topk_idx))], None)
 
 
-def _prepare_dispatch(use_fp8: bool):
+def _rdma_pairs(backend, layout, internode: bool) -> Optional[int]:
+    """The RDMA count of an internode case (``rdma_token_pairs``; setup only, not timed)."""
+    return rdma_token_pairs(layout.is_token_in_rank, backend.num_nodes) if internode else None
+
+
+def _prepare_dispatch(use_fp8: bool, internode: bool = False):
     def prepare(backend, inputs):
         layout = backend.get_dispatch_layout(inputs.topk_idx)
         x, x_scales = (inputs.x_fp8, inputs.x_scales) if use_fp8 else (inputs.x, None)
+        dispatch = backend.internode_dispatch if internode else backend.dispatch
 
         def run(_):
-            return backend.dispatch(x, layout, inputs.topk_idx, inputs.topk_weights, x_scales)
+            return dispatch(x, layout, inputs.topk_idx, inputs.topk_weights, x_scales)
 
-        return Prepared([("dispatch", run)], run(None).recv_x.size(0))
+        return Prepared([("dispatch", run)], run(None).recv_x.size(0),
+                        _rdma_pairs(backend, layout, internode))
 
     return prepare
 
 
-def _prepare_combine(backend, inputs):
-    layout = backend.get_dispatch_layout(inputs.topk_idx)
-    dispatched = backend.dispatch(inputs.x, layout, inputs.topk_idx, inputs.topk_weights)
-    recv_x, handle = dispatched.recv_x, dispatched.handle
-    return Prepared([("combine", lambda _: backend.combine(recv_x, handle))], recv_x.size(0))
+def _prepare_combine(internode: bool = False):
+    def prepare(backend, inputs):
+        layout = backend.get_dispatch_layout(inputs.topk_idx)
+        dispatch, combine = ((backend.internode_dispatch, backend.internode_combine)
+                             if internode else (backend.dispatch, backend.combine))
+        dispatched = dispatch(inputs.x, layout, inputs.topk_idx, inputs.topk_weights)
+        recv_x, handle = dispatched.recv_x, dispatched.handle
+        return Prepared([("combine", lambda _: combine(recv_x, handle))], recv_x.size(0),
+                        _rdma_pairs(backend, layout, internode))
+
+    return prepare
 
 
 def _low_latency_rows(dispatched) -> int:
@@ -284,13 +336,18 @@ CASES = (
     Case(NORMAL, "layout", None, _prepare_layout),
     Case(NORMAL, "dispatch bf16", bf16_row_bytes, _prepare_dispatch(use_fp8=False), True),
     Case(NORMAL, "dispatch fp8", fp8_row_bytes, _prepare_dispatch(use_fp8=True), True),
-    Case(NORMAL, "combine bf16", bf16_row_bytes, _prepare_combine, True),
+    Case(NORMAL, "combine bf16", bf16_row_bytes, _prepare_combine(), True),
     Case(LOW_LATENCY, "dispatch fp8", fp8_row_bytes, _prepare_low_latency_dispatch(split=False)),
     Case(LOW_LATENCY, "combine bf16", bf16_row_bytes, _prepare_low_latency_combine(split=False)),
     Case(LOW_LATENCY, "dispatch fp8 send+recv", fp8_row_bytes,
          _prepare_low_latency_dispatch(split=True)),
     Case(LOW_LATENCY, "combine bf16 send+recv", bf16_row_bytes,
          _prepare_low_latency_combine(split=True)),
+    Case(INTERNODE, "dispatch bf16", bf16_row_bytes,
+         _prepare_dispatch(use_fp8=False, internode=True), True),
+    Case(INTERNODE, "dispatch fp8", fp8_row_bytes,
+         _prepare_dispatch(use_fp8=True, internode=True), True),
+    Case(INTERNODE, "combine bf16", bf16_row_bytes, _prepare_combine(internode=True), True),
 )
 
 
@@ -468,6 +525,7 @@ class RankSample:
 
     samples: list[list[float]]  # seconds, [iters][phases]
     num_rows: Optional[int]
+    rdma_pairs: Optional[int] = None  # internode cases: ``Prepared.rdma_pairs``
 
 
 def _row(
@@ -480,7 +538,19 @@ def _row(
         "num_experts": s.num_experts, "num_ranks": s.num_ranks, "backend": label,
         "median_us": None, "min_us": None, "max_us": None, "median_us_per_rank": None,
         "gbps": None, "bytes_per_rank": None, "rows_per_rank": None, "phases_median_us": None,
-        "capture_error": None,
+        "capture_error": None, **_internode_fields(case, s),
+    }
+
+
+def _internode_fields(case: Case, s: Settings) -> dict:
+    """The extra fields of an internode row (none for the other modes, whose rows keep their
+    shape): its emulated nodes and the RDMA convention's numbers, filled in by ``summarize``.
+    The bench spawns every rank on one host, so an internode row is always ``emulated``."""
+    if case.mode != INTERNODE:
+        return {}
+    return {
+        "num_nodes": s.num_nodes, "ranks_per_node": s.ranks_per_node, "emulated": True,
+        "rdma_gbps": None, "rdma_bytes_per_rank": None, "rdma_pairs_per_rank": None,
     }
 
 
@@ -500,7 +570,9 @@ def summarize(
 
     The reported time is the max over ranks of each rank's median (a collective is as slow as
     its slowest rank); min is the min over ranks of their min, max the max of their max.
-    Bandwidth is the mean over ranks of the received payload bytes divided by that time.
+    Bandwidth is the mean over ranks of the received payload bytes divided by that time;
+    internode rows also get DeepEP's RDMA bandwidth, the mean over ranks of their
+    ``(token, node)`` pairs times the row bytes, divided by the same time.
     """
     totals = [[sum(it) for it in r.samples] for r in per_rank]
     medians = [statistics.median(t) for t in totals]
@@ -518,6 +590,13 @@ def summarize(
             rows_per_rank=rows, bytes_per_rank=num_bytes,
             gbps=statistics.fmean(num_bytes) / median / 1e9,
         )
+        pairs = [r.rdma_pairs for r in per_rank]
+        if pairs[0] is not None:
+            rdma_bytes = [n * case.row_bytes(s.hidden) for n in pairs]
+            row.update(
+                rdma_pairs_per_rank=pairs, rdma_bytes_per_rank=rdma_bytes,
+                rdma_gbps=statistics.fmean(rdma_bytes) / median / 1e9,
+            )
     if len(phase_names) > 1:
         row["phases_median_us"] = {
             name: max(statistics.median(it[p] for it in r.samples) for r in per_rank) * 1e6
@@ -540,7 +619,7 @@ def buffer_sizes(s: Settings) -> tuple[int, int]:
     num_ranks = s.num_ranks
     hidden_bytes = bf16_row_bytes(s.hidden)  # BF16 is the widest payload
     configs = [get_dispatch_config(num_ranks), get_combine_config(num_ranks)]  # the reference's
-    for n in s.num_sms if NORMAL in s.modes else ():
+    for n in s.num_sms if any(mode in SM_SWEPT_MODES for mode in s.modes) else ():
         configs += [get_dispatch_config(num_ranks, n), get_combine_config(num_ranks, n)]
     num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
@@ -552,23 +631,29 @@ def buffer_sizes(s: Settings) -> tuple[int, int]:
 
 
 def _create_buffer(group, s: Settings):
-    """A ``deep_ep_ops.Buffer`` sized for the largest call of this run (every SM count)."""
+    """A ``deep_ep_ops.Buffer`` sized for the largest call of this run (every SM count).
+
+    An internode run (the command line runs that mode alone) gets a buffer of ``s.num_nodes``
+    nodes of ``s.ranks_per_node`` ranks, emulated on this host, and makes no low-latency call.
+    """
     num_nvl_bytes, num_rdma_bytes = buffer_sizes(s)
-    device = {"device": "cuda"} if s.shared_gpu else {}  # a gloo group driving the kernels
+    options = {"device": "cuda"} if s.shared_gpu else {}  # a gloo group driving the kernels
+    internode = INTERNODE in s.modes
+    if internode:
+        options["num_ranks_per_node"] = s.ranks_per_node
     return Buffer(group, num_nvl_bytes=num_nvl_bytes, num_rdma_bytes=num_rdma_bytes,
-                  low_latency_mode=True, **device)
+                  low_latency_mode=not internode, **options)
 
 
 def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> list[dict]:
     """Time every selected case on this rank; every rank returns the same result rows."""
-    label = backend_label(s.on_gpu)
     reference_backend = None
     if s.on_gpu:
         # The side-by-side baseline (docs/DESIGN.md §11): the reference in this process.
         # It does not depend on the SM count: timed once per op, shown beside every SM row.
         reference_backend = ReferenceBackend(
             buffer.name, s.num_ranks, s.num_experts,
-            reference_label(s.shared_gpu),
+            reference_label(s.shared_gpu), s.num_nodes,
         )
 
     def sm_counts(case: Case) -> tuple[Optional[int], ...]:
@@ -588,6 +673,7 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
             ops.clean_low_latency_buffer(buffer.name, tokens, s.hidden, s.num_experts)
         graph = s.graphed(mode)
         also = ", eager + CUDA graph" if graph else ""
+        label = backend_label(s.on_gpu, mode)
         for case in (c for c in CASES if c.mode == mode):
             ref = ref_graph = None
             if reference_backend is not None:
@@ -602,7 +688,8 @@ def run_cases(rank: int, s: Settings, group, device: torch.device, buffer) -> li
                 sms = "" if n is None else f" sms={n}"
                 _progress(rank, f"[{step}/{total}] {mode} {case.op} tokens={tokens}{sms} "
                                 f"({label}{also}) ...")
-                backend = OpsBackend(buffer.name, s.num_ranks, s.num_experts, label, n)
+                backend = OpsBackend(buffer.name, s.num_ranks, s.num_experts, label, n,
+                                     s.num_nodes)
                 eager, graphed = time_case(case, backend, inputs, s, device, group, n, graph)
                 results.append(_with_reference(eager, ref))
                 if graphed is not None:  # beside its eager row
@@ -622,7 +709,8 @@ def time_case(
 
     def row(samples, timing):
         gathered = [None] * s.num_ranks
-        dist.all_gather_object(gathered, RankSample(samples, prepared.num_rows), group=group)
+        sample = RankSample(samples, prepared.num_rows, prepared.rdma_pairs)
+        dist.all_gather_object(gathered, sample, group=group)
         return summarize(case, names, gathered, inputs.num_tokens, s, backend.label, num_sms,
                          timing)
 
@@ -645,15 +733,21 @@ def _with_reference(ours: dict, ref: Optional[dict] = None) -> dict:
     a bandwidth, like the layout. ``gbps_ratio_vs_reference`` is our GB/s / reference GB/s (the
     same number where both received the same rows, as they do here). ``ref`` is the row timed
     the same way (eager or graph); ``reference_capture_error`` says why it has no time. Ratios
-    stay ``None`` when either side has no time.
+    stay ``None`` when either side has no time. Internode rows also get
+    ``reference_rdma_gbps``.
     """
+    internode = "rdma_gbps" in ours
     ours = dict(ours, reference_median_us=None, reference_gbps=None, ratio_vs_reference=None,
                 gbps_ratio_vs_reference=None, reference_capture_error=None)
+    if internode:
+        ours["reference_rdma_gbps"] = None
     if ref is not None:
         ours.update(
             reference_median_us=ref["median_us"], reference_gbps=ref["gbps"],
             reference_capture_error=ref.get("capture_error"),
         )
+        if internode:
+            ours["reference_rdma_gbps"] = ref.get("rdma_gbps")
         if ours["median_us"] and ref["median_us"]:
             ours["ratio_vs_reference"] = ref["median_us"] / ours["median_us"]
         if ours["gbps"] is not None and ref["gbps"]:

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from .. import _build
 from .cases import _create_buffer, _progress, run_cases
-from .host import measure_host
+from .host import host_modes, measure_host
 from .report import best_rows, format_report, plot_bandwidth, write_outputs
 from .settings import GPU_ENV_DEFAULTS, Settings, parse_args
 
@@ -56,8 +56,10 @@ def _rank_main(rank: int, s: Settings, port: int, result_path: str) -> None:
     buffer = _create_buffer(group, s)
     try:
         results = run_cases(rank, s, group, device, buffer)
-        _progress(rank, "host time per eager call (every op, with and without grad) ...")
-        host = measure_host(rank, s, group, device, buffer)
+        host = None  # an internode run has no host table (the report says so)
+        if host_modes(s):
+            _progress(rank, "host time per eager call (every op, with and without grad) ...")
+            host = measure_host(rank, s, group, device, buffer)
     finally:
         buffer.destroy()
     if rank == 0:

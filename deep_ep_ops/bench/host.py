@@ -153,6 +153,16 @@ HOST_CASES = (
 )
 
 
+# The modes the host table covers: HOST_CASES has no internode case, so an internode run (which
+# the command line runs alone) has no host table, and its report says so.
+HOST_MODES = (NORMAL, LOW_LATENCY)
+
+
+def host_modes(s: Settings) -> tuple[str, ...]:
+    """The selected modes that have host rows (none: no host table for this run)."""
+    return tuple(mode for mode in s.modes if mode in HOST_MODES)
+
+
 def host_tokens(s: Settings, mode: str) -> int:
     """Tokens per rank of the host cases: at most ``HOST_TOKENS``, at most the smallest swept
     (low-latency: also its ``num_max_dispatch_tokens_per_rank``, within the buffer's size)."""
@@ -420,12 +430,13 @@ def measure_host(rank: int, s: Settings, group, device: torch.device, buffer) ->
 
     One row per op phase and per grad variant (inputs that do / do not require grad); the
     reported ``host_us`` is the max over ranks of each rank's median. Also a ``torch.add`` on
-    the same ``topk_idx``, timed the same way, as the baseline of a plain torch op.
+    the same ``topk_idx``, timed the same way, as the baseline of a plain torch op. Covers
+    ``host_modes(s)`` only.
     """
     on_gpu = device.type == "cuda"
     sleep = _GpuSleep() if on_gpu else None
     rows: list[dict] = []
-    for mode in s.modes:
+    for mode in host_modes(s):
         setup = _host_setup(buffer, s, rank, device, mode)
         for case in (c for c in HOST_CASES if c.mode == mode):
             for requires_grad in (False, True):

@@ -10,11 +10,12 @@ from typing import Optional
 
 import torch
 
-from ..config import get_dispatch_config
+from ..config import NUM_MAX_NVL_PEERS, get_dispatch_config
 
 
-NORMAL, LOW_LATENCY = "normal", "low-latency"
-MODES = (NORMAL, LOW_LATENCY)
+NORMAL, LOW_LATENCY, INTERNODE = "normal", "low-latency", "internode"
+MODES = (NORMAL, LOW_LATENCY)  # ``--mode all``; internode needs several ranks: only when asked
+SM_SWEPT_MODES = (NORMAL, INTERNODE)  # dispatch and combine timed once per ``--num-sms`` value
 EAGER, GRAPH = "eager", "graph"  # how a row's calls were issued: one by one, or graph replays
 GRAPH_MODES = (LOW_LATENCY,)  # static shapes, no host sync: the modes timed as graphs on CUDA
 GRAPH_SIDE_WARMUP = 2  # calls on the capture stream before capturing (per-stream lazy state)
@@ -33,6 +34,9 @@ TARGETS = {
     (LOW_LATENCY, "dispatch fp8"): ("us", 18.0),
     (LOW_LATENCY, "combine bf16"): ("us", 30.0),
 }
+# docs/DESIGN.md §11 internode goals (real clusters, EP16, 400 Gb/s NICs): RDMA bottleneck GB/s.
+# A bench run puts every rank on one host, so they are printed as goals and never measured.
+INTERNODE_GOALS_GBPS = {"dispatch": 90.0, "combine": 81.0}
 # The host table (``measure_host``): host µs per eager call through ``deep_ep_ops.Buffer``.
 HOST_TARGET_US = 8.0  # per call, any op (GPU runs only)
 HOST_TOKENS = 128  # tokens per rank (at most; no more than the smallest swept)
@@ -84,6 +88,8 @@ class Settings:
     plot: Optional[str]
     out: Optional[str]
     graph: bool = True  # also time CUDA-graph replays (low-latency mode, CUDA only)
+    # Internode mode: ranks per emulated node (Buffer's num_ranks_per_node); None without it
+    ranks_per_node: Optional[int] = None
 
     @property
     def on_gpu(self) -> bool:
@@ -93,6 +99,11 @@ class Settings:
     def shared_gpu(self) -> bool:
         return self.backend == SHARED_GPU_BACKEND
 
+    @property
+    def num_nodes(self) -> int:
+        """Nodes of the buffer: ``num_ranks / ranks_per_node`` in internode mode, else one."""
+        return 1 if self.ranks_per_node is None else self.num_ranks // self.ranks_per_node
+
     def graphed(self, mode: str) -> bool:
         """Whether ``mode``'s ops are timed as CUDA-graph replays too."""
         return self.graph and self.on_gpu and mode in GRAPH_MODES
@@ -101,11 +112,13 @@ class Settings:
 # docs/DESIGN.md §11 shapes on GPUs; on CPU, small enough for a laptop (well under a minute).
 GPU_DEFAULTS = dict(
     hidden=7168, num_topk=8, num_experts=256, num_iters=100, num_warmup=20,
-    tokens={NORMAL: (4096,), LOW_LATENCY: (128,)}, num_sms=(8, 16, 20, 24, 32),
+    tokens={NORMAL: (4096,), LOW_LATENCY: (128,), INTERNODE: (4096,)},
+    num_sms=(8, 16, 20, 24, 32),
 )
 CPU_DEFAULTS = dict(
     num_ranks=2, hidden=1024, num_topk=4, num_experts=32, num_iters=20, num_warmup=2,
-    tokens={NORMAL: (64, 128, 256), LOW_LATENCY: (32,)}, num_sms=(DEFAULT_NUM_SMS,),
+    tokens={NORMAL: (64, 128, 256), LOW_LATENCY: (32,), INTERNODE: (64, 128, 256)},
+    num_sms=(DEFAULT_NUM_SMS,),
 )
 
 
@@ -125,33 +138,57 @@ HOST_HELP = (
     "compare it with the target of "
     f"<= {HOST_TARGET_US:g} us per call (vs target = target / host us, >= 1x meets it). On CPU "
     "(gloo) the same loop times the reference's whole call, computation included: shown, but "
-    "not host overhead, and without a target."
+    "not host overhead, and without a target. Internode runs have no host table."
+)
+INTERNODE_HELP = (
+    "Internode mode: dispatch BF16, dispatch FP8 and combine BF16 through the internode ops on "
+    "a buffer of num_ranks / L nodes of L ranks (--ranks-per-node L). Every rank runs on this "
+    "host, so the nodes are emulated (their traffic takes the internode path but crosses no "
+    "NIC), and every internode line and title says so; no target is shown (the goals, "
+    f">= {INTERNODE_GOALS_GBPS['dispatch']:g} GB/s dispatch and "
+    f">= {INTERNODE_GOALS_GBPS['combine']:g} GB/s combine RDMA bottleneck bandwidth at EP16 "
+    "with 400 Gb/s NICs, are for real clusters and not measured here). Two bandwidths, DeepEP's "
+    "conventions: GB/s (NVL) = received payload bytes per rank / time, as in normal mode; RDMA "
+    "GB/s = the rank's (token, destination node) pairs (a token counts once per node holding "
+    "one of its destination ranks, the rank's own node included, as DeepEP counts) x row bytes "
+    "/ time; combine counts the same pairs and rows as its dispatch."
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m deep_ep_ops.bench",
-        epilog=HOST_HELP,
+        epilog=f"{HOST_HELP} {INTERNODE_HELP}",
         description=(
-            "Time deep_ep dispatch/combine (normal and low-latency modes) on N spawned ranks. "
-            "Defaults: DeepSeek-V3 shapes on GPUs (hidden 7168, top-8 of 256 experts, 4096 "
-            "tokens/rank normal, 128 low-latency, one rank per GPU, SM sweep 8 16 20 24 32); "
-            "small shapes on CPU (2 ranks, hidden 1024, top-4 of 32 experts, 64/128/256 "
-            f"tokens/rank normal, 32 low-latency, {DEFAULT_NUM_SMS} SMs)."
+            "Time deep_ep dispatch/combine (normal, low-latency and internode modes) on N "
+            "spawned ranks. Defaults: DeepSeek-V3 shapes on GPUs (hidden 7168, top-8 of 256 "
+            "experts, 4096 tokens/rank normal and internode, 128 low-latency, one rank per GPU, "
+            "SM sweep 8 16 20 24 32); small shapes on CPU (2 ranks, hidden 1024, top-4 of 32 "
+            "experts, 64/128/256 tokens/rank normal and internode, 32 low-latency, "
+            f"{DEFAULT_NUM_SMS} SMs)."
         ),
     )
     parser.add_argument("--num-ranks", type=int, help="ranks to spawn (GPU: one per GPU; "
                         "default: all GPUs, or 2 on CPU)")
-    parser.add_argument("--mode", choices=(*MODES, "all"), default="all",
-                        help="which ops to time (default: all)")
+    parser.add_argument("--mode", choices=(*MODES, INTERNODE, "all"), default="all",
+                        help="which ops to time: normal, low-latency, or internode (dispatch "
+                             "BF16/FP8 and combine BF16 on a buffer whose ranks form several "
+                             "nodes, emulated on this host, see --ranks-per-node; needs >= 2 "
+                             "ranks); all = normal + low-latency, never internode (default: all)")
     parser.add_argument("--tokens", type=int, nargs="+", metavar="T",
                         help="tokens per rank to sweep, for every selected mode "
                              "(low-latency uses num_max_dispatch_tokens_per_rank = T)")
     parser.add_argument("--num-sms", type=int, nargs="+", metavar="N",
-                        help="SM counts to sweep for normal-mode dispatch and combine (even, "
+                        help="SM counts to sweep for normal-mode and internode dispatch and "
+                             "combine (even, "
                              ">= 2; Config(num_sms=N)); default: 8 16 20 24 32 on GPUs, "
                              f"{DEFAULT_NUM_SMS} on CPU")
+    parser.add_argument("--ranks-per-node", type=int, metavar="L",
+                        help="internode mode: ranks per emulated node (Buffer's "
+                             "num_ranks_per_node; a divisor of --num-ranks, at most "
+                             f"{NUM_MAX_NVL_PEERS}, leaving >= 2 nodes); default: num_ranks // 2 "
+                             "(two nodes for an even rank count). Every rank runs on this host: "
+                             "the nodes are emulated")
     parser.add_argument("--hidden", type=int, help="hidden size (a multiple of 128: FP8 ops)")
     parser.add_argument("--num-topk", type=int, help="experts per token")
     parser.add_argument("--num-experts", type=int, help="experts in all (divisible by ranks)")
@@ -201,12 +238,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
         tokens = {mode: defaults["tokens"][mode] for mode in modes}
     else:
         tokens = {mode: tuple(args.tokens) for mode in modes}
+    if args.ranks_per_node is not None and INTERNODE not in modes:
+        parser.error("--ranks-per-node applies to --mode internode only")
+    ranks_per_node = args.ranks_per_node
+    if INTERNODE in modes and ranks_per_node is None:
+        ranks_per_node = num_ranks // 2
     settings = Settings(
         num_ranks=num_ranks, modes=modes, tokens=tokens,
         num_sms=tuple(sorted(set(pick("num_sms")))), hidden=pick("hidden"),
         num_topk=pick("num_topk"), num_experts=pick("num_experts"), num_iters=pick("num_iters"),
         num_warmup=pick("num_warmup"), backend=backend, seed=args.seed, plot=args.plot,
-        out=args.out, graph=args.graph,
+        out=args.out, graph=args.graph, ranks_per_node=ranks_per_node,
     )
     problem = _check_settings(settings)
     if problem:
@@ -218,6 +260,10 @@ def _check_settings(s: Settings) -> Optional[str]:
     """The first problem with ``s`` as an argparse-style message, or ``None``."""
     if s.num_ranks < 1:
         return f"--num-ranks must be >= 1, got {s.num_ranks}"
+    if INTERNODE in s.modes:
+        problem = _check_nodes(s)
+        if problem:
+            return problem
     if s.backend == "nccl" and s.num_ranks > torch.cuda.device_count():
         return (f"--num-ranks {s.num_ranks} needs one GPU per rank, but only "
                 f"{torch.cuda.device_count()} are visible (--backend {SHARED_GPU_BACKEND} puts "
@@ -258,6 +304,24 @@ def _check_settings(s: Settings) -> Optional[str]:
     return None
 
 
+def _check_nodes(s: Settings) -> Optional[str]:
+    """The first problem with the emulated nodes of an internode run, or ``None``."""
+    if s.num_ranks < 2:
+        return (f"--mode internode needs >= 2 ranks (two emulated nodes), got --num-ranks "
+                f"{s.num_ranks}")
+    per_node = s.ranks_per_node
+    if per_node is None or not 1 <= per_node <= NUM_MAX_NVL_PEERS:
+        return (f"--ranks-per-node must be in [1, {NUM_MAX_NVL_PEERS}] (ranks of one NVLink "
+                f"domain), got {per_node}")
+    if s.num_ranks % per_node:
+        return (f"--ranks-per-node ({per_node}) must divide --num-ranks ({s.num_ranks}): every "
+                "node holds as many ranks (the default is num_ranks // 2)")
+    if s.num_ranks // per_node < 2:
+        return (f"--ranks-per-node {per_node} leaves one node of {s.num_ranks} ranks: internode "
+                "mode needs >= 2 nodes (at most num_ranks / 2 ranks per node)")
+    return None
+
+
 # --- byte conventions (docs/DESIGN.md §11) ---------------------------------------------------------
 
 
@@ -268,3 +332,14 @@ def bf16_row_bytes(hidden: int) -> int:
 def fp8_row_bytes(hidden: int) -> int:
     """FP8 payload plus one float32 scale per 128 channels."""
     return hidden + 4 * hidden // FP8_GROUP
+
+
+def rdma_token_pairs(is_token_in_rank: torch.Tensor, num_nodes: int) -> int:
+    """DeepEP's RDMA (bottleneck) count of one rank: its ``(token, destination node)`` pairs,
+    a token counting once per node that holds at least one of its destination ranks, the rank's
+    own node included (as DeepEP's ``tests/test_internode.py`` counts them). Nodes are blocks of
+    consecutive ranks, so ``is_token_in_rank [T, R]`` folds to ``[T, nodes, R / nodes]``. The
+    combine sends the same rows back along the same route: the same count serves it."""
+    num_tokens, num_ranks = is_token_in_rank.shape
+    per_node = is_token_in_rank.view(num_tokens, num_nodes, num_ranks // num_nodes)
+    return int(per_node.any(-1).sum())
