@@ -469,12 +469,29 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   at::Tensor in_rank = is_token_in_rank.contiguous();
   at::Tensor per_rank = num_tokens_per_rank.contiguous();
   at::Tensor per_expert = num_tokens_per_expert ? num_tokens_per_expert->contiguous() : at::Tensor();
-  auto [send_list, counts, send_head, channel_prefix, rank_prefix, recv_channel_prefix,
-        recv_per_expert] = empty_small<7>(x.options(), {{
+  const int64_t num_topk = topk_idx ? topk_idx->size(1) : 0;
+  const std::array<EmptySpec, 7> handle_specs{{
       {{num_ranks * num_tokens}, at::kInt}, {{3 * num_ranks + 1}, at::kInt},
       {{num_tokens, num_ranks}, at::kInt}, {{num_ranks, channels}, at::kInt},
       {{num_ranks, num_ranks}, at::kInt}, {{num_ranks, channels}, at::kInt},
-      {{num_local}, at::kInt}}});
+      {{num_local}, at::kInt}}};
+  auto output_specs = [&](int64_t rows) {
+    return std::array<EmptySpec, 4>{{Payload::scales_spec(x_scales, rows),
+                                     Payload::weights_spec(topk_weights, rows, num_topk),
+                                     {{rows, num_topk}, at::kLong}, {{rows}, at::kInt}}};
+  };
+  // Capacity mode knows its row count now: one allocation for the handle and the outputs.
+  std::array<at::Tensor, 7> handle_out;
+  std::array<at::Tensor, 4> small_out;
+  if (num_worst_tokens > 0) {
+    const auto all = empty_small(x.options(), joined(handle_specs, output_specs(num_worst_tokens)));
+    std::copy(all.begin(), all.begin() + 7, handle_out.begin());
+    std::copy(all.begin() + 7, all.end(), small_out.begin());
+  } else {
+    handle_out = empty_small(x.options(), handle_specs);
+  }
+  auto& [send_list, counts, send_head, channel_prefix, rank_prefix, recv_channel_prefix,
+         recv_per_expert] = handle_out;
   trace.mark("handle allocations");
 
   Intranode nvl = runtime->view(error, op_id);
@@ -512,11 +529,8 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   }
 
   const at::Tensor topk = topk_idx ? topk_idx->contiguous() : at::Tensor();
-  const int64_t num_topk = topk.defined() ? topk.size(1) : 0;
-  auto [recv_scales, recv_weights, recv_topk, recv_src] = empty_small<4>(x.options(), {{
-      Payload::scales_spec(x_scales, num_rows),
-      Payload::weights_spec(topk_weights, num_rows, num_topk),
-      {{num_rows, num_topk}, at::kLong}, {{num_rows}, at::kInt}}});
+  if (num_worst_tokens == 0) small_out = empty_small(x.options(), output_specs(num_rows));
+  auto& [recv_scales, recv_weights, recv_topk, recv_src] = small_out;
   const Payload payload(x, x_scales, topk_weights, num_rows, recv_scales, recv_weights);
   trace.mark("output allocations");
 

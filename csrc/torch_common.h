@@ -76,14 +76,29 @@ class PooledOutputs {
 struct EmptySpec {
   c10::SmallVector<int64_t, 4> sizes;
   at::ScalarType dtype;
+  c10::SmallVector<int64_t, 4> strides = {};  // empty: contiguous; else a permutation's strides
 };
+
+// `a` then `b`: the specs of one empty_small call from two lists.
+template <size_t N, size_t M>
+std::array<EmptySpec, N + M> joined(const std::array<EmptySpec, N>& a,
+                                    const std::array<EmptySpec, M>& b) {
+  std::array<EmptySpec, N + M> out;
+  std::copy(a.begin(), a.end(), out.begin());
+  std::copy(b.begin(), b.end(), out.begin() + N);
+  return out;
+}
 
 template <size_t N>
 std::array<at::Tensor, N> empty_small(const at::TensorOptions& options,
                                       const std::array<EmptySpec, N>& specs) {
   std::array<at::Tensor, N> out;
   if (pooled_outputs_depth == 0) {
-    for (size_t i = 0; i < N; ++i) out[i] = at::empty(specs[i].sizes, options.dtype(specs[i].dtype));
+    for (size_t i = 0; i < N; ++i)
+      out[i] = specs[i].strides.empty()
+                   ? at::empty(specs[i].sizes, options.dtype(specs[i].dtype))
+                   : at::empty_strided(specs[i].sizes, specs[i].strides,
+                                       options.dtype(specs[i].dtype));
     return out;
   }
   constexpr int64_t kAlign = 64;
@@ -101,7 +116,10 @@ std::array<at::Tensor, N> empty_small(const at::TensorOptions& options,
         c10::Storage(pool.storage()), pool.key_set(), c10::scalarTypeToTypeMeta(specs[i].dtype));
     c10::TensorImpl* impl = out[i].unsafeGetTensorImpl();
     impl->set_storage_offset(offsets[i] / static_cast<int64_t>(c10::elementSize(specs[i].dtype)));
-    impl->set_sizes_contiguous(specs[i].sizes);
+    if (specs[i].strides.empty())
+      impl->set_sizes_contiguous(specs[i].sizes);
+    else
+      impl->set_sizes_and_strides(specs[i].sizes, specs[i].strides);
   }
   return out;
 }

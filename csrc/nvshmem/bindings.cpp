@@ -219,12 +219,14 @@ DispatchOutputs new_dispatch_outputs(const at::Tensor& x, int64_t num_ranks, int
   const int64_t rows = num_ranks * num_max, hidden = x.size(1);
   const int64_t columns = use_fp8 ? (use_ue8m0 ? hidden / 512 : hidden / 128) : 0;
   const auto options = x.options();
+  // scales [L, rows, columns], column-major in the last two dims (strides: no transpose call).
   auto [scales, count, src_info, layout_range] = empty_small<4>(options, {{
-      {{num_local, columns, rows}, use_ue8m0 ? at::kInt : at::kFloat}, {{num_local}, at::kInt},
-      {{num_local, rows}, at::kInt}, {{num_local, num_ranks}, at::kLong}}});
+      {{num_local, rows, columns}, use_ue8m0 ? at::kInt : at::kFloat, {columns * rows, 1, rows}},
+      {{num_local}, at::kInt}, {{num_local, rows}, at::kInt},
+      {{num_local, num_ranks}, at::kLong}}});
   return {
       at::empty({num_local, rows, hidden}, options.dtype(use_fp8 ? at::kFloat8_e4m3fn : x.scalar_type())),
-      scales.transpose(1, 2), count, src_info, layout_range,
+      scales, count, src_info, layout_range,
   };
 }
 
