@@ -242,6 +242,37 @@ def test_direct_autograd_matches_ops(buffer, form, monkeypatch):
         assert a is not None and b is not None and _equal(a, b)
 
 
+def test_direct_backward_keeps_the_saved_tensor_rules(buffer):
+    """The C++ backward of a direct call holds what it keeps as saved tensors are held: a second
+    backward without retain_graph raises, and so does a backward after a kept tensor (the
+    handle's send_head, the low-latency src_info) was changed in place."""
+    buf, num_max, hidden, num_experts = buffer
+    x, topk_idx, weights = _inputs(num_max, hidden, num_experts)
+    layout = ops.get_dispatch_layout(topk_idx, num_experts, 1)
+
+    def normal(leaf):
+        out = ops.dispatch(buf.name, leaf, layout, topk_idx, weights)
+        return out.recv_x, out.handle.send_head
+
+    def low_latency(leaf):
+        out = ops.low_latency_dispatch(buf.name, leaf, topk_idx, num_max, num_experts,
+                                       use_fp8=False)
+        return out.recv_x, out.handle.src_info
+
+    for call in (normal, low_latency):
+        leaf = x.detach().clone().requires_grad_()
+        rows, _ = call(leaf)
+        assert "deep_ep_ops" in rows.grad_fn.name(), rows.grad_fn.name()
+        rows.float().sum().backward()
+        assert leaf.grad is not None
+        with pytest.raises(RuntimeError, match="second time"):
+            rows.float().sum().backward()
+        rows, kept = call(leaf)
+        kept.add_(0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            rows.float().sum().backward()
+
+
 def test_direct_autograd_double_backward(buffer, monkeypatch):
     """create_graph through the C++ node: its backward calls the ops, which record again."""
     buf, num_max, hidden, num_experts = buffer
