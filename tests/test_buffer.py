@@ -4,6 +4,8 @@ Every result is checked against the independent oracle (tests/oracle.py) on the 
 ranks generated, at 1, 2 and 4 ranks.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -93,3 +95,23 @@ def test_import_swap_exposes_deepep_names():
     assert config.get_nvl_buffer_size_hint(7168 * 2, 8) > 0
     assert config.get_rdma_buffer_size_hint(7168 * 2, 8) == 0
     assert deep_ep.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256) >= 256 * 128 * 7168 * 2
+
+
+def test_default_configs_are_the_get_config_lists():
+    """Calls without a config take cached lists (no Config built per call): the same values as
+    get_dispatch_config / get_combine_config, per rank count and SM count; a given Config or
+    list passes as it is, and Config.to_list keeps the fields' order."""
+    from deep_ep_ops import ops
+    from deep_ep_ops.config import default_config_list, get_combine_config, get_dispatch_config
+
+    for num_ranks in (1, 2, 3, 4, 8, 16):
+        for num_sms in (2, 20, 24):
+            assert default_config_list("dispatch", num_ranks, num_sms) == \
+                get_dispatch_config(num_ranks, num_sms).to_list()
+            assert default_config_list("combine", num_ranks, num_sms) == \
+                get_combine_config(num_ranks, num_sms).to_list()
+    assert ops._config_list(None, 4, "dispatch") == get_dispatch_config(4).to_list()
+    given = deep_ep.Config(24, 6, 256, 6, 128)
+    assert ops._config_list(given, 4, "dispatch") == [24, 6, 256, 6, 128]
+    assert ops._config_list((24, 6, 256, 6, 128), 4, "combine") == [24, 6, 256, 6, 128]
+    assert given.to_list() == [getattr(given, f.name) for f in dataclasses.fields(given)]
