@@ -29,7 +29,8 @@ class _Backend:
     """The calls a benchmark case makes, bound to one communicator; ``label`` names it.
 
     ``num_nodes`` is the buffer's node count (``Buffer.num_rdma_ranks``): the layout is computed
-    for it, and the internode calls need more than one.
+    for it, and with more than one, ``dispatch`` and ``combine`` take the internode ops (as
+    ``Buffer.dispatch`` does).
     """
 
     def __init__(self, buffer: str, num_ranks: int, num_experts: int, label: str,
@@ -63,19 +64,14 @@ class OpsBackend(_Backend):
                                        self.num_nodes)
 
     def dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
-        return ops.dispatch(self.buffer, x, layout, topk_idx, topk_weights, x_scales=x_scales,
-                            config=self.dispatch_config)
+        dispatch = ops.internode_dispatch if self.num_nodes > 1 else ops.dispatch
+        return dispatch(self.buffer, x, layout, topk_idx, topk_weights, x_scales=x_scales,
+                        config=self.dispatch_config)
 
     def combine(self, x, handle):
         # ``handle`` comes from ``dispatch`` of this backend: the same channel count.
-        return ops.combine(self.buffer, x, handle, config=self.combine_config)
-
-    def internode_dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
-        return ops.internode_dispatch(self.buffer, x, layout, topk_idx, topk_weights,
-                                      x_scales=x_scales, config=self.dispatch_config)
-
-    def internode_combine(self, x, handle):
-        return ops.internode_combine(self.buffer, x, handle, config=self.combine_config)
+        combine = ops.internode_combine if self.num_nodes > 1 else ops.combine
+        return combine(self.buffer, x, handle, config=self.combine_config)
 
     def low_latency_dispatch(self, x, topk_idx, num_max, use_fp8):
         return ops.low_latency_dispatch(
@@ -114,6 +110,8 @@ class ReferenceBackend(_Backend):
         ))
 
     def dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
+        if self.num_nodes > 1:
+            return self._internode_dispatch(x, layout, topk_idx, topk_weights, x_scales)
         out = reference.dispatch(
             x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank,
             layout.is_token_in_rank, layout.num_tokens_per_expert, self.buffer, 1,
@@ -125,12 +123,17 @@ class ReferenceBackend(_Backend):
         return ops.DispatchOutput(*out[:5], handle)
 
     def combine(self, x, handle):
+        if self.num_nodes > 1:
+            return ops.CombineOutput(*reference_internode.internode_combine(
+                x, None, None, None, *handle, self.buffer, handle.num_worst_tokens,
+                get_combine_config(self.num_ranks).to_list(),
+            ))
         return ops.CombineOutput(*reference.combine(
             x, None, None, None, *handle[:6], self.buffer, handle.num_worst_tokens,
             get_combine_config(self.num_ranks).to_list(),
         ))
 
-    def internode_dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
+    def _internode_dispatch(self, x, layout, topk_idx, topk_weights, x_scales=None):
         out = reference_internode.internode_dispatch(
             x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank,
             layout.num_tokens_per_rdma_rank, layout.is_token_in_rank,
@@ -140,12 +143,6 @@ class ReferenceBackend(_Backend):
         return ops.InternodeDispatchOutput(
             *out[:5], ops.InternodeHandle(layout.is_token_in_rank, *out[5:])
         )
-
-    def internode_combine(self, x, handle):
-        return ops.CombineOutput(*reference_internode.internode_combine(
-            x, None, None, None, *handle, self.buffer, handle.num_worst_tokens,
-            get_combine_config(self.num_ranks).to_list(),
-        ))
 
     def _low_latency_output(self, out, x, num_max, use_fp8):
         recv_x, recv_x_scales, recv_count, src_info, layout_range = out
@@ -256,37 +253,33 @@ def _prepare_layout(backend, inputs):
     return Prepared([("layout", lambda _: backend.get_dispatch_layout(inputs.topk_idx))], None)
 
 
-def _rdma_pairs(backend, layout, internode: bool) -> Optional[int]:
+def _rdma_pairs(backend, layout) -> Optional[int]:
     """The RDMA count of an internode case (``rdma_token_pairs``; setup only, not timed)."""
-    return rdma_token_pairs(layout.is_token_in_rank, backend.num_nodes) if internode else None
+    if backend.num_nodes == 1:
+        return None
+    return rdma_token_pairs(layout.is_token_in_rank, backend.num_nodes)
 
 
-def _prepare_dispatch(use_fp8: bool, internode: bool = False):
+def _prepare_dispatch(use_fp8: bool):
     def prepare(backend, inputs):
         layout = backend.get_dispatch_layout(inputs.topk_idx)
         x, x_scales = (inputs.x_fp8, inputs.x_scales) if use_fp8 else (inputs.x, None)
-        dispatch = backend.internode_dispatch if internode else backend.dispatch
 
         def run(_):
-            return dispatch(x, layout, inputs.topk_idx, inputs.topk_weights, x_scales)
+            return backend.dispatch(x, layout, inputs.topk_idx, inputs.topk_weights, x_scales)
 
         return Prepared([("dispatch", run)], run(None).recv_x.size(0),
-                        _rdma_pairs(backend, layout, internode))
+                        _rdma_pairs(backend, layout))
 
     return prepare
 
 
-def _prepare_combine(internode: bool = False):
-    def prepare(backend, inputs):
-        layout = backend.get_dispatch_layout(inputs.topk_idx)
-        dispatch, combine = ((backend.internode_dispatch, backend.internode_combine)
-                             if internode else (backend.dispatch, backend.combine))
-        dispatched = dispatch(inputs.x, layout, inputs.topk_idx, inputs.topk_weights)
-        recv_x, handle = dispatched.recv_x, dispatched.handle
-        return Prepared([("combine", lambda _: combine(recv_x, handle))], recv_x.size(0),
-                        _rdma_pairs(backend, layout, internode))
-
-    return prepare
+def _prepare_combine(backend, inputs):
+    layout = backend.get_dispatch_layout(inputs.topk_idx)
+    dispatched = backend.dispatch(inputs.x, layout, inputs.topk_idx, inputs.topk_weights)
+    recv_x, handle = dispatched.recv_x, dispatched.handle
+    return Prepared([("combine", lambda _: backend.combine(recv_x, handle))], recv_x.size(0),
+                    _rdma_pairs(backend, layout))
 
 
 def _low_latency_rows(dispatched) -> int:
@@ -336,18 +329,17 @@ CASES = (
     Case(NORMAL, "layout", None, _prepare_layout),
     Case(NORMAL, "dispatch bf16", bf16_row_bytes, _prepare_dispatch(use_fp8=False), True),
     Case(NORMAL, "dispatch fp8", fp8_row_bytes, _prepare_dispatch(use_fp8=True), True),
-    Case(NORMAL, "combine bf16", bf16_row_bytes, _prepare_combine(), True),
+    Case(NORMAL, "combine bf16", bf16_row_bytes, _prepare_combine, True),
     Case(LOW_LATENCY, "dispatch fp8", fp8_row_bytes, _prepare_low_latency_dispatch(split=False)),
     Case(LOW_LATENCY, "combine bf16", bf16_row_bytes, _prepare_low_latency_combine(split=False)),
     Case(LOW_LATENCY, "dispatch fp8 send+recv", fp8_row_bytes,
          _prepare_low_latency_dispatch(split=True)),
     Case(LOW_LATENCY, "combine bf16 send+recv", bf16_row_bytes,
          _prepare_low_latency_combine(split=True)),
-    Case(INTERNODE, "dispatch bf16", bf16_row_bytes,
-         _prepare_dispatch(use_fp8=False, internode=True), True),
-    Case(INTERNODE, "dispatch fp8", fp8_row_bytes,
-         _prepare_dispatch(use_fp8=True, internode=True), True),
-    Case(INTERNODE, "combine bf16", bf16_row_bytes, _prepare_combine(internode=True), True),
+    # The same cases on a buffer of several nodes: the backends take the internode ops there.
+    Case(INTERNODE, "dispatch bf16", bf16_row_bytes, _prepare_dispatch(use_fp8=False), True),
+    Case(INTERNODE, "dispatch fp8", fp8_row_bytes, _prepare_dispatch(use_fp8=True), True),
+    Case(INTERNODE, "combine bf16", bf16_row_bytes, _prepare_combine, True),
 )
 
 

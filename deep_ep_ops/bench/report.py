@@ -65,17 +65,19 @@ def is_internode(row: dict) -> bool:
     return row["mode"] == INTERNODE
 
 
+def _nodes(row: dict) -> str:
+    return f"{row['num_nodes']} x {row['ranks_per_node']}"
+
+
 def emulation(row: dict) -> str:
     """What an internode row ran on: ``S x L nodes emulated on one host`` (the bench spawns
     every rank on one host, so every internode row is emulated)."""
-    return f"{row['num_nodes']} x {row['ranks_per_node']} nodes emulated on one host"
+    return f"{_nodes(row)} nodes emulated on one host"
 
 
 def mode_label(row: dict) -> str:
     """The mode as the tables name it; an internode row says that its nodes are emulated."""
-    if not is_internode(row):
-        return row["mode"]
-    return f"{row['mode']} ({row['num_nodes']} x {row['ranks_per_node']} emulated)"
+    return f"{row['mode']} ({_nodes(row)} emulated)" if is_internode(row) else row["mode"]
 
 
 def _emulation_title(rows: list[dict]) -> str:
