@@ -3,9 +3,8 @@
 //
 // An eager call whose inputs require grad used to take torch.ops and the Python autograd kernel
 // of torch.library (about 80 us of host time per call on the H200 machine). The direct entries
-// instead record the backward from C++ (the normal-mode calls a plain Node, EagerBackward
-// below; the low-latency ones a torch::autograd::Function), with the same
-// formulas as deep_ep_ops/_autograd.py; the backward calls the deep_ep ops through the
+// instead record the backward from C++ (a plain Node per call, EagerBackward below), with the
+// same formulas as deep_ep_ops/_autograd.py; the backward calls the deep_ep ops through the
 // dispatcher, by argument name, so a double backward (create_graph) and the reference fallback
 // see them as ops. Call forms this path does not cover return None from their entry and take
 // torch.ops, whose Python autograd kernels also raise for the forms without a gradient.
