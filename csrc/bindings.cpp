@@ -395,12 +395,13 @@ struct Payload {
 
 // Launches the data kernel after checking that a round of its rows fits the buffer.
 void launch_data(const char* op, const std::string& buffer, const Intranode& nvl,
-                 const DispatchDataArgs& data, int num_sms, int device, cudaStream_t stream) {
+                 const DispatchDataArgs& data, int num_sms, int device, cudaStream_t stream,
+                 const DispatchLayoutArgs* notify = nullptr) {
   TORCH_CHECK_VALUE(intranode_rows_per_block(nvl, dispatch_slot_bytes(data), num_sms) >= 1,
                     "deep_ep::", op, ": buffer ", buffer, " is too small for rows of ",
                     num(dispatch_slot_bytes(data)), " bytes with num_sms=", num(num_sms));
   check_resident(op, num_sms, device);
-  C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream));
+  C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream, notify));
 }
 
 DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
@@ -517,7 +518,10 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
       topk_idx ? topk_idx->size(1) : 0, num_experts, num_worst_tokens, num_sms, op_id};
   for (int f = 0; f < kNotifyMetaInts; ++f) layout.meta[f] = static_cast<int>(meta[f]);
   if (num_worst_tokens == 0) *runtime->num_recv_host = -1;
-  C10_CUDA_CHECK(launch_dispatch_notify(nvl, layout, stream));
+  // Capacity mode does not wait for the counts: its data kernel runs the notify step first (one
+  // launch; it needs a block per rank).
+  const bool notify_here = num_worst_tokens > 0 && num_sms >= num_ranks;
+  if (!notify_here) C10_CUDA_CHECK(launch_dispatch_notify(nvl, layout, stream));
   trace.mark("notify launch");
   const int64_t num_rows =
       num_worst_tokens > 0 ? num_worst_tokens : wait_num_recv(*runtime, op, layout.meta);
@@ -544,8 +548,10 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   data.counts = counts.data_ptr<int>();
   data.recv_topk_idx = recv_topk.data_ptr<int64_t>();
   data.recv_src_idx = recv_src.data_ptr<int>();
+  data.notify_here = notify_here;
   nvl.call = call_word_of(x, x_scales ? x_scales->size(1) : 0, num_topk, num_sms, op_id);
-  launch_data(op, buffer, nvl, data, num_sms, runtime->device, stream);
+  launch_data(op, buffer, nvl, data, num_sms, runtime->device, stream,
+              notify_here ? &layout : nullptr);
   trace.mark("data launch");
   return {payload.recv_x, payload.recv_scales, recv_topk, payload.recv_weights, recv_per_expert,
           rank_prefix, channel_prefix, recv_channel_prefix, recv_src, send_head};
@@ -646,20 +652,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cached_dispatch_unchecked(
   const at::Tensor rank_prefix = rank_prefix_matrix.contiguous();
   const at::Tensor head = send_head.contiguous();
   const int64_t num_rows = recv_src_idx.size(0), num_topk = topk_weights ? topk_weights->size(1) : 0;
-  auto [send_list, counts, recv_scales, recv_weights] = empty_small<4>(x.options(), {{
-      {{num_ranks * num_tokens}, at::kInt}, {{3 * num_ranks + 1}, at::kInt},
-      Payload::scales_spec(x_scales, num_rows),
+  auto [send_list, recv_scales, recv_weights] = empty_small<3>(x.options(), {{
+      {{num_ranks * num_tokens}, at::kInt}, Payload::scales_spec(x_scales, num_rows),
       Payload::weights_spec(topk_weights, num_rows, num_topk)}});
-  C10_CUDA_CHECK(launch_handle_counts(nvl, rank_prefix.data_ptr<int>(), head.data_ptr<int>(),
-                                      static_cast<int>(num_tokens), send_list.data_ptr<int>(),
-                                      counts.data_ptr<int>(), stream));
-  trace.mark("counts launch");
+  trace.mark("allocations");
   const Payload payload(x, x_scales, topk_weights, num_rows, recv_scales, recv_weights);
   DispatchDataArgs data{};
   payload.fill(data, num_tokens, num_worst_tokens > 0);
   data.num_topk = static_cast<int>(payload.recv_weights.size(1));
   data.send_list = send_list.data_ptr<int>();
-  data.counts = counts.data_ptr<int>();
+  data.handle_rank_prefix = rank_prefix.data_ptr<int>();  // the kernel's counts and send list
+  data.handle_send_head = head.data_ptr<int>();
   nvl.call = call_word_of(x, x_scales ? x_scales->size(1) : 0, data.num_topk, num_sms,
                           kOpCachedDispatch);
   trace.mark("payload");

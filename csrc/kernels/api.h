@@ -130,11 +130,6 @@ struct DispatchLayoutArgs {
 cudaError_t launch_dispatch_notify(const Intranode& nvl, const DispatchLayoutArgs& args,
                                    cudaStream_t stream);
 
-// Cached dispatch and combine: send_list and counts (as above) from a dispatch handle.
-cudaError_t launch_handle_counts(const Intranode& nvl, const int* rank_prefix_matrix,
-                                 const int* send_head, int num_tokens, int* send_list,
-                                 int* counts, cudaStream_t stream);
-
 // Dispatch, step 3: rows of x (and their scales, top-k and source index) to every rank that
 // receives them, through the peers' staging; received rows land in source-rank-major order.
 struct DispatchDataArgs {
@@ -152,8 +147,15 @@ struct DispatchDataArgs {
   int weight_bytes;
   int num_local_experts;       // with topk_idx: experts become local indices (-1 elsewhere)
   int num_tokens;
-  const int* send_list;
-  const int* counts;
+  int* send_list;              // [num_ranks, num_tokens]: tokens sent to each rank, row order
+  const int* counts;           // as DispatchLayoutArgs::counts, from the notify step
+  // notify_here: capacity dispatch in one launch; the kernel runs the notify step first, with
+  // launch_dispatch_data's `notify` (its send_list and counts are these; needs num_blocks >=
+  // num_ranks). handle_*: cached dispatch (counts nullptr), the counts from the handle's
+  // rank_prefix_matrix and each block's rows of send_list by inverting its send_head.
+  bool notify_here;
+  const int* handle_rank_prefix;
+  const int* handle_send_head;
   // received
   uint8_t* recv_x;
   uint32_t* recv_x_scales;
@@ -165,7 +167,8 @@ struct DispatchDataArgs {
   int vector_bytes;            // widest access that divides row_bytes and both x pointers
 };
 cudaError_t launch_dispatch_data(const Intranode& nvl, const DispatchDataArgs& args,
-                                 int num_blocks, cudaStream_t stream);
+                                 int num_blocks, cudaStream_t stream,
+                                 const DispatchLayoutArgs* notify = nullptr);
 // Staging slot of one dispatched row; rows a block moves per round (0: the buffer is too small).
 int64_t dispatch_slot_bytes(const DispatchDataArgs& args);
 int intranode_rows_per_block(const Intranode& nvl, int64_t slot_bytes, int num_blocks);

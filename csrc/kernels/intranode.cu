@@ -11,7 +11,8 @@
 // `rows_per_block` rows; the sender may run one round ahead of the receiver.
 //
 // Dispatch: notify (count rows per destination, exchange counts, derive the handle), then the
-// data kernel stages rows at their receivers in rounds; row i of a pair belongs to block
+// data kernel (capacity dispatch: both in one launch; cached dispatch: counts from the handle,
+// one launch) stages rows at their receivers in rounds; row i of a pair belongs to block
 // i % blocks, so every block moves the same share. Half of a block's warps stage, the other
 // half copy what peers staged here to its final place (source-rank-major, source-token order),
 // each half at its own pace. Rows a rank sends to itself are copied directly. Combine runs the
@@ -54,6 +55,8 @@ struct Control {
   uint64_t barrier_epoch;                       // barriers I entered (local)
   uint64_t notify_epoch;                        // count exchanges done (local)
   uint64_t counted;                             // notify blocks done counting (local)
+  uint64_t counts_ready;   // one-launch capacity dispatch: 1 counts exchanged, 2 failed (local)
+  uint64_t counts_seen;    // and its blocks that read them; the last resets both to 0
   int aborted;                                  // a wait timed out: the buffer is unusable
   int padding;
   int notify_rows[2][kMaxNvlRanks][kMaxNotifyInts];  // [parity][src]: src's counts for me
@@ -215,12 +218,12 @@ __device__ bool barrier(const Intranode& nvl, uint8_t* const* peer_base) {
 
 namespace intranode {
 
-// Block dst of the notify kernel: a block-wide scan of is_token_in_rank[:, dst] gives each
-// token's row among those sent to dst (send_list, send_head before the offset) and the
-// per-channel prefix.
-__device__ void count_rows(const Intranode& nvl, const DispatchLayoutArgs& args) {
-  const int dst = blockIdx.x, num_ranks = nvl.num_ranks, num_tokens = args.num_tokens;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// One block per destination dst (block dst of the notify kernel, or of a one-launch capacity
+// dispatch): a block-wide scan of is_token_in_rank[:, dst] gives each token's row among those
+// sent to dst (send_list, send_head before the offset) and the per-channel prefix.
+__device__ void count_rows(const Intranode& nvl, const DispatchLayoutArgs& args, int dst) {
+  const int num_ranks = nvl.num_ranks, num_tokens = args.num_tokens;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   __shared__ int warp_totals[kWarps];
   __shared__ int channel_counts[kMaxChannels];
   for (int c = threadIdx.x; c < args.num_channels; c += blockDim.x) channel_counts[c] = 0;
@@ -235,7 +238,7 @@ __device__ void count_rows(const Intranode& nvl, const DispatchLayoutArgs& args)
     if (lane == 0) warp_totals[warp] = __popc(ballot);
     __syncthreads();
     int before = 0, total = 0;
-    for (int w = 0; w < kWarps; ++w) {
+    for (int w = 0; w < warps; ++w) {
       before += w < warp ? warp_totals[w] : 0;
       total += warp_totals[w];
     }
@@ -261,10 +264,10 @@ __device__ void count_rows(const Intranode& nvl, const DispatchLayoutArgs& args)
   }
 }
 
-// The last block of the notify kernel to finish counting: publish this rank's row for every
-// destination (rows sent to every rank, the destination's channel prefix and per-expert
-// counts), barrier, derive the handle.
-__device__ void exchange_counts(const Intranode& nvl, const DispatchLayoutArgs& args) {
+// The last block to finish counting: publish this rank's row for every destination (rows sent
+// to every rank, the destination's channel prefix and per-expert counts), barrier, derive the
+// handle. False when the exchange failed (a timeout, an aborted buffer, a disagreement).
+__device__ bool exchange_counts(const Intranode& nvl, const DispatchLayoutArgs& args) {
   const int num_ranks = nvl.num_ranks, me = nvl.rank, channels = args.num_channels;
   const int num_local = args.num_tokens_per_expert ? args.num_experts / num_ranks : 0;
   const int row_ints = num_ranks + channels + num_local, meta_at = kMaxNotifyInts - kNotifyMetaInts;
@@ -281,7 +284,7 @@ __device__ void exchange_counts(const Intranode& nvl, const DispatchLayoutArgs& 
   __syncthreads();
   if (aborted) {
     if (threadIdx.x == 0 && args.num_recv_host) *reinterpret_cast<volatile int*>(args.num_recv_host) = -2;
-    return;
+    return false;
   }
   for (int i = threadIdx.x; i < num_ranks * row_ints; i += blockDim.x) {
     const int dst = i / row_ints, k = i % row_ints;
@@ -297,7 +300,7 @@ __device__ void exchange_counts(const Intranode& nvl, const DispatchLayoutArgs& 
         args.meta[i % kNotifyMetaInts];
   if (!barrier(nvl, peer_base)) {
     if (threadIdx.x == 0 && args.num_recv_host) *reinterpret_cast<volatile int*>(args.num_recv_host) = -2;
-    return;
+    return false;
   }
   const volatile int(*rows)[kMaxNotifyInts] = ctl->notify_rows[parity];
   // Every rank compares every peer's arguments with its own, so all of them see a
@@ -320,7 +323,7 @@ __device__ void exchange_counts(const Intranode& nvl, const DispatchLayoutArgs& 
       }
       ctl->notify_epoch += 1;
     }
-    return;
+    return false;
   }
   for (int i = threadIdx.x; i < num_ranks * num_ranks; i += blockDim.x) {
     const int src = i / num_ranks, dst = i % num_ranks;
@@ -375,65 +378,114 @@ __device__ void exchange_counts(const Intranode& nvl, const DispatchLayoutArgs& 
   }
   __syncthreads();
   if (threadIdx.x == 0) ctl->notify_epoch += 1;
+  return true;
 }
 
-// One block per destination rank counts its rows; the last block to finish (a monotonic
-// counter in Control: launches of one buffer run in stream order, so each adds exactly
-// num_ranks) goes on to the exchange. One launch instead of two: a launch costs the eager
-// host about 5 µs (issue 11's host table).
-__global__ void __launch_bounds__(kThreads)
-notify(Intranode nvl, DispatchLayoutArgs args) {
-  count_rows(nvl, args);
+// Block dst < num_ranks counts its rows and takes a ticket of a monotonic counter in Control
+// (launches of one buffer run in stream order, so each adds exactly num_ranks): true for the
+// block that finished counting last, which goes on to the exchange.
+__device__ bool count_rows_last(const Intranode& nvl, const DispatchLayoutArgs& args, int dst) {
+  count_rows(nvl, args, dst);
   __shared__ int last;
+  __threadfence();  // this block's counts and rows before its share of the counter
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence();  // this block's counts before its share of the counter
     const unsigned long long done =
         atomicAdd(reinterpret_cast<unsigned long long*>(&control(nvl.local)->counted), 1ull) + 1;
     last = done % static_cast<unsigned long long>(nvl.num_ranks) == 0;
-    __threadfence();  // and the other blocks' counts after it
+    __threadfence();  // and the other blocks' after it
   }
   __syncthreads();
-  if (last) exchange_counts(nvl, args);
+  return last != 0;
 }
 
-// From a handle: rows sent to / received from every rank (rank_prefix_matrix) and, for cached
-// dispatch, the tokens sent to every rank in row order (inverting send_head).
-__global__ void handle_counts(Intranode nvl, const int* rank_prefix_matrix, const int* send_head,
-                              int num_tokens, int* send_list, int* counts) {
-  const int num_ranks = nvl.num_ranks, me = nvl.rank;
-  __shared__ int my_start[kMaxNvlRanks], send_count[kMaxNvlRanks];
-  auto before = [&](int src, int dst) { return src == 0 ? 0 : rank_prefix_matrix[(src - 1) * num_ranks + dst]; };
+// Data-dependent dispatch (and capacity dispatch with fewer blocks than ranks): one block per
+// destination rank counts, the last one exchanges. One launch for both steps: a launch costs
+// the eager host about 5 us (issue 11's host table).
+__global__ void __launch_bounds__(kThreads)
+notify(Intranode nvl, DispatchLayoutArgs args) {
+  if (count_rows_last(nvl, args, blockIdx.x)) exchange_counts(nvl, args);
+}
+
+// Capacity dispatch in one launch, before the data kernel's rounds: its blocks 0..num_ranks-1
+// count (as the notify kernel's), the last of them exchanges and publishes the counts in
+// Control::counts_ready; every other block waits for them there. All blocks of a data kernel
+// are resident at once (the bindings check it), so the waits cannot starve the counters.
+// False (for the whole block) when the exchange failed or timed out.
+__device__ bool notify_in_data_kernel(const Intranode& nvl, const DispatchLayoutArgs& args) {
+  Control* ctl = control(nvl.local);
+  const bool last = blockIdx.x < nvl.num_ranks && count_rows_last(nvl, args, blockIdx.x);
+  __shared__ int ok;
+  if (last) {
+    const bool exchanged = exchange_counts(nvl, args);
+    __threadfence();  // every thread's handle and counts before the flag
+    __syncthreads();
+    if (threadIdx.x == 0) store_release(&ctl->counts_ready, exchanged ? 1 : 2);
+    return exchanged;
+  }
+  if (threadIdx.x == 0) {
+    // The exchanging block's barrier times out on a missing peer (and marks the buffer
+    // aborted); this wait's own limit only covers a block that never runs.
+    uint64_t start = 0, ready = 0;
+    while ((ready = load_acquire(&ctl->counts_ready)) == 0 && !is_aborted(nvl)) {
+      const uint64_t t = now_ns();
+      if (start == 0) {
+        start = t;
+      } else if (t - start > 2 * nvl.timeout_ns + 1000000000ull) {
+        if (atomicExch(&ctl->aborted, 1) == 0)
+          report(nvl, kErrorTimeout, nvl.rank, static_cast<int>(nvl.timeout_ns / 1000000000ull));
+        break;
+      }
+    }
+    ok = ready == 1;
+  }
+  __syncthreads();
+  return ok != 0;
+}
+
+// After a one-launch capacity dispatch's block read the counts: the last block of the launch
+// to do so clears the flag for the next launch (which starts after this one ends).
+__device__ void counts_read(const Intranode& nvl) {
+  Control* ctl = control(nvl.local);
+  if (threadIdx.x == 0 &&
+      atomicAdd(reinterpret_cast<unsigned long long*>(&ctl->counts_seen), 1ull) + 1 == gridDim.x) {
+    ctl->counts_seen = 0;
+    atomicExch(reinterpret_cast<unsigned long long*>(&ctl->counts_ready), 0ull);
+  }
+}
+
+// Cached dispatch: the rows every rank gets from the handle's rank_prefix_matrix (row src,
+// column dst: rows ranks 0..src send to dst), and this block's share of the send list (row i
+// of a pair is block i % blocks's) by inverting send_head. Every block reads all of send_head
+// and keeps its own rows; no other block's are needed, so no second launch.
+__device__ void counts_from_handle(const Intranode& nvl, const DispatchDataArgs& a,
+                                   int* send_count, int* recv_count, int* recv_offset,
+                                   int* recv_total) {
+  const int num_ranks = nvl.num_ranks, me = nvl.rank, block = blockIdx.x, blocks = gridDim.x;
+  const int* rpm = a.handle_rank_prefix;
+  __shared__ int my_start[kMaxNvlRanks];
+  auto before = [&](int src, int dst) { return src == 0 ? 0 : rpm[(src - 1) * num_ranks + dst]; };
   if (threadIdx.x < num_ranks) {
     const int r = threadIdx.x;
     my_start[r] = before(me, r);
-    send_count[r] = rank_prefix_matrix[me * num_ranks + r] - my_start[r];
+    send_count[r] = rpm[me * num_ranks + r] - my_start[r];
+    recv_offset[r] = before(r, me);
+    recv_count[r] = rpm[r * num_ranks + me] - recv_offset[r];
   }
+  if (threadIdx.x == 0) *recv_total = rpm[(num_ranks - 1) * num_ranks + me];
   __syncthreads();
-  if (blockIdx.x == 0 && threadIdx.x == 0) {
-    int offset = 0;
-    for (int r = 0; r < num_ranks; ++r) {
-      const int count = rank_prefix_matrix[r * num_ranks + me] - before(r, me);
-      counts[r] = send_count[r];
-      counts[num_ranks + r] = count;
-      counts[2 * num_ranks + r] = offset;
-      offset += count;
-    }
-    counts[3 * num_ranks] = offset;
-  }
-  if (send_list == nullptr) return;
-  const int64_t entries = int64_t(num_tokens) * num_ranks;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < entries;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int head = send_head[i];
+  const int64_t entries = int64_t(a.num_tokens) * num_ranks;
+  for (int64_t i = threadIdx.x; i < entries; i += blockDim.x) {
+    const int head = __ldg(a.handle_send_head + i);
     if (head < 0) continue;
     const int dst = static_cast<int>(i % num_ranks), slot = head - my_start[dst];
     if (slot < 0 || slot >= send_count[dst]) {
-      report(nvl, kErrorBadHandle, dst, head);
-      continue;
+      if (block == 0) report(nvl, kErrorBadHandle, dst, head);
+    } else if (slot % blocks == block) {
+      a.send_list[int64_t(dst) * a.num_tokens + slot] = static_cast<int>(i / num_ranks);
     }
-    send_list[int64_t(dst) * num_tokens + slot] = static_cast<int>(i / num_ranks);
   }
+  __syncthreads();
 }
 
 }  // namespace intranode
@@ -544,8 +596,17 @@ __device__ __forceinline__ int64_t block_share(int64_t count, int block, int num
 
 namespace intranode {
 
+// Where a dispatch kernel finds its counts and send list (one instance each: the two extra
+// steps would cost the plain kernel registers).
+enum CountsFrom : int {
+  kCountsFromNotify = 0,  // the notify kernel's a.counts
+  kCountsHere = 1,        // capacity dispatch in one launch: the notify step first (`notify`)
+  kCountsFromHandle = 2,  // cached dispatch: the handle's rank_prefix_matrix and send_head
+};
+
+template <int kFrom>
 __global__ void __launch_bounds__(kDataThreads, 1)
-dispatch(Intranode nvl, DispatchDataArgs a, Staging st) {
+dispatch(Intranode nvl, DispatchDataArgs a, Staging st, DispatchLayoutArgs notify) {
   const int num_ranks = nvl.num_ranks, me = nvl.rank, block = blockIdx.x, blocks = gridDim.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, tid = threadIdx.x;
   const SlotLayout layout = slot_layout(a);
@@ -553,16 +614,26 @@ dispatch(Intranode nvl, DispatchDataArgs a, Staging st) {
   __shared__ uint8_t* peer_base[kMaxNvlRanks];
   __shared__ int send_count[kMaxNvlRanks], recv_count[kMaxNvlRanks], recv_offset[kMaxNvlRanks];
   __shared__ uint64_t send_round[kMaxNvlRanks], recv_round[kMaxNvlRanks];
-  __shared__ int aborted;
-  if (tid < num_ranks) {
-    peer_base[tid] = nvl.peers[tid];
-    send_count[tid] = a.counts[tid];
-    recv_count[tid] = a.counts[num_ranks + tid];
-    recv_offset[tid] = a.counts[2 * num_ranks + tid];
-  }
+  __shared__ int aborted, recv_total;
+  if (tid < num_ranks) peer_base[tid] = nvl.peers[tid];
   if (tid == 0) aborted = is_aborted(nvl);
   __syncthreads();
-  if (aborted || !drain(nvl)) return;
+  if (aborted) return;
+  if (kFrom == kCountsHere && !notify_in_data_kernel(nvl, notify)) return;
+  if (kFrom == kCountsFromHandle) {
+    counts_from_handle(nvl, a, send_count, recv_count, recv_offset, &recv_total);
+  } else {
+    // Written by other blocks or by the notify kernel: read from L2 (__ldcg), past L1.
+    if (tid < num_ranks) {
+      send_count[tid] = __ldcg(&a.counts[tid]);
+      recv_count[tid] = __ldcg(&a.counts[num_ranks + tid]);
+      recv_offset[tid] = __ldcg(&a.counts[2 * num_ranks + tid]);
+    }
+    if (tid == 0) recv_total = __ldcg(&a.counts[3 * num_ranks]);
+    __syncthreads();
+    if (kFrom == kCountsHere) counts_read(nvl);
+  }
+  if (!drain(nvl)) return;
 
   const int64_t per_block = st.rows_per_block;
   auto rounds_of = [&](int64_t count) {
@@ -593,7 +664,8 @@ dispatch(Intranode nvl, DispatchDataArgs a, Staging st) {
         const int dst = (me + item) % num_ranks;
         const int64_t q = item / num_ranks, i = (round * per_block + q) * blocks + block;
         if (i >= send_count[dst]) continue;
-        const int t = a.send_list[int64_t(dst) * a.num_tokens + i];
+        const int t = __ldcg(&a.send_list[int64_t(dst) * a.num_tokens + i]);
+        if (t < 0 || t >= a.num_tokens) continue;  // a bad handle (reported) left it unset
         if (dst == me) {
           const int64_t row = recv_offset[me] + i;
           if (row < a.num_recv_rows) put_token(a, t, me, output_row(a, row), lane);
@@ -639,8 +711,7 @@ dispatch(Intranode nvl, DispatchDataArgs a, Staging st) {
   }
   if (!__syncthreads_and(ok)) return;
   if (a.fill_tail) {
-    const int64_t total = a.counts[3 * num_ranks];
-    for (int64_t row = total + block * kDataWarps + warp; row < a.num_recv_rows;
+    for (int64_t row = recv_total + block * kDataWarps + warp; row < a.num_recv_rows;
          row += int64_t(blocks) * kDataWarps)
       clear_row(a, row, lane);
   }
@@ -911,24 +982,18 @@ combine(Intranode nvl, CombineArgs a, Staging st) {
 
 size_t intranode_control_bytes() { return kControlBytes; }
 
+namespace {
+bool notify_fits(const Intranode& nvl, const DispatchLayoutArgs& args) {
+  return nvl.num_ranks <= kMaxNvlRanks && args.num_channels <= kMaxChannels &&
+         nvl.num_ranks + args.num_channels + args.num_experts / nvl.num_ranks <=
+             kMaxNotifyInts - kNotifyMetaInts;
+}
+}  // namespace
+
 cudaError_t launch_dispatch_notify(const Intranode& nvl, const DispatchLayoutArgs& args,
                                    cudaStream_t stream) {
-  if (nvl.num_ranks > kMaxNvlRanks || args.num_channels > kMaxChannels ||
-      nvl.num_ranks + args.num_channels + args.num_experts / nvl.num_ranks >
-          kMaxNotifyInts - kNotifyMetaInts)
-    return cudaErrorInvalidValue;
+  if (!notify_fits(nvl, args)) return cudaErrorInvalidValue;
   intranode::notify<<<nvl.num_ranks, kThreads, 0, stream>>>(nvl, args);
-  return cudaGetLastError();
-}
-
-cudaError_t launch_handle_counts(const Intranode& nvl, const int* rank_prefix_matrix,
-                                 const int* send_head, int num_tokens, int* send_list,
-                                 int* counts, cudaStream_t stream) {
-  const int64_t entries = int64_t(num_tokens) * nvl.num_ranks;
-  int blocks = static_cast<int>((entries + 255) / 256);
-  blocks = send_list == nullptr || blocks < 1 ? 1 : (blocks > 132 ? 132 : blocks);
-  intranode::handle_counts<<<blocks, 256, 0, stream>>>(nvl, rank_prefix_matrix, send_head,
-                                                       num_tokens, send_list, counts);
   return cudaGetLastError();
 }
 
@@ -939,11 +1004,22 @@ int intranode_rows_per_block(const Intranode& nvl, int64_t slot_bytes, int num_b
 }
 
 cudaError_t launch_dispatch_data(const Intranode& nvl, const DispatchDataArgs& args,
-                                 int num_blocks, cudaStream_t stream) {
+                                 int num_blocks, cudaStream_t stream,
+                                 const DispatchLayoutArgs* notify) {
   const intranode::Staging st =
       staging_of(nvl.data_bytes, nvl.num_ranks, slot_layout(args).bytes, num_blocks);
   if (st.rows_per_block < 1 || num_blocks > kMaxBlocks) return cudaErrorInvalidValue;
-  intranode::dispatch<<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st);
+  if (args.notify_here && (notify == nullptr || num_blocks < nvl.num_ranks || !notify_fits(nvl, *notify)))
+    return cudaErrorInvalidValue;
+  using intranode::dispatch;
+  const DispatchLayoutArgs none{};
+  if (args.notify_here) {
+    dispatch<intranode::kCountsHere><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st, *notify);
+  } else if (args.handle_rank_prefix) {
+    dispatch<intranode::kCountsFromHandle><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st, none);
+  } else {
+    dispatch<intranode::kCountsFromNotify><<<num_blocks, kDataThreads, 0, stream>>>(nvl, args, st, none);
+  }
   return cudaGetLastError();
 }
 
@@ -956,7 +1032,9 @@ int intranode_resident_blocks_per_sm() {
           cudaSuccess)
         least = std::min(least, blocks);
     };
-    take(reinterpret_cast<const void*>(intranode::dispatch));
+    take(reinterpret_cast<const void*>(intranode::dispatch<intranode::kCountsFromNotify>));
+    take(reinterpret_cast<const void*>(intranode::dispatch<intranode::kCountsHere>));
+    take(reinterpret_cast<const void*>(intranode::dispatch<intranode::kCountsFromHandle>));
     take(reinterpret_cast<const void*>(intranode::combine<__nv_bfloat16>));
     take(reinterpret_cast<const void*>(intranode::combine<__half>));
     take(reinterpret_cast<const void*>(intranode::combine<float>));
