@@ -60,6 +60,9 @@ class EventOverlap:
         self.current_stream_wait()
 
 
+_NO_EVENT = EventOverlap(None)  # what a call without async_finish returns
+
+
 def _record_event(device: torch.device) -> Optional[torch.cuda.Event]:
     if device.type != "cuda":
         return None
@@ -422,18 +425,17 @@ class Buffer:
         if internode and num_tokens_per_rdma_rank is None:
             raise ValueError(f"dispatch on buffer {self.name!r} ({self.num_rdma_ranks} nodes) "
                              "needs num_tokens_per_rdma_rank (from get_dispatch_layout)")
-        layout = ops.DispatchLayout(
-            num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
-        )
         if internode:  # the reference until the internode kernels exist: no host counts
+            layout = ops.DispatchLayout(num_tokens_per_rank, num_tokens_per_rdma_rank,
+                                        num_tokens_per_expert, is_token_in_rank)
             out, host_counts = ops.internode_dispatch(
                 self.name, x, layout, topk_idx, topk_weights, x_scales=x_scales,
                 expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
                 config=config), None
         else:
             out, host_counts = ops._dispatch(
-                self.name, x, layout, topk_idx, topk_weights, x_scales, expert_alignment,
-                num_worst_tokens, config,
+                self.name, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
+                topk_idx, topk_weights, x_scales, expert_alignment, num_worst_tokens, config,
             )
         recv = (out.recv_x, out.recv_x_scales) if x_scales is not None else out.recv_x
         # DeepEP returns host counts except in capacity mode, where the list is empty; with or
@@ -638,4 +640,6 @@ class Buffer:
         return self.num_rdma_ranks > 1
 
     def _event(self, async_finish: bool) -> EventOverlap:
-        return EventOverlap(_record_event(self.device) if async_finish else None)
+        # Without async_finish one shared EventOverlap(None) (nothing to wait on; a new object
+        # per call was a measurable part of an eager call's Python time).
+        return EventOverlap(_record_event(self.device)) if async_finish else _NO_EVENT

@@ -166,32 +166,37 @@ def dispatch(
     row-indexed output has exactly that many rows (capacity mode; rows past the real count
     have ``recv_topk_idx = -1``); otherwise the row count ``N`` is data dependent.
     """
-    return _dispatch(buffer, x, layout, topk_idx, topk_weights, x_scales, expert_alignment,
-                     num_worst_tokens, config)[0]
+    return _dispatch(buffer, x, layout.num_tokens_per_rank, layout.is_token_in_rank,
+                     layout.num_tokens_per_expert, topk_idx, topk_weights, x_scales,
+                     expert_alignment, num_worst_tokens, config)[0]
 
 
-def _dispatch(buffer, x, layout, topk_idx, topk_weights, x_scales, expert_alignment,
-              num_worst_tokens, config) -> tuple[DispatchOutput, Optional[list[int]]]:
+def _dispatch(buffer, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
+              topk_weights, x_scales, expert_alignment, num_worst_tokens,
+              config) -> tuple[DispatchOutput, Optional[list[int]]]:
     """``dispatch`` and, when the kernels learned it on the host (data-dependent mode), the
-    host list of rows per local expert (``num_recv_tokens_per_expert``), else ``None``."""
-    num_ranks = layout.is_token_in_rank.size(1)
-    cfg = _config_list(config, num_ranks, "dispatch")
+    host list of rows per local expert (``num_recv_tokens_per_expert``), else ``None``.
+
+    The eager path of every ``Buffer.dispatch``: kept lean (the layout's tensors as they are,
+    a config list taken as it is), since its Python time is host time of every call."""
+    cfg = config if type(config) is list else _config_list(config, is_token_in_rank.size(1),
+                                                            "dispatch")
     # The per-expert counts go with or without top-k (as in DeepEP): receivers learn how many
     # rows each local expert gets either way.
     args = (
-        x, x_scales, topk_idx, topk_weights, layout.num_tokens_per_rank, layout.is_token_in_rank,
-        layout.num_tokens_per_expert, buffer, expert_alignment,
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+        num_tokens_per_expert, buffer, expert_alignment,
     )
-    kernels = _direct(_build._C, *args[:7])
+    kernels = _direct(_build._C, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                      is_token_in_rank, num_tokens_per_expert)
     if num_worst_tokens:
         out = kernels.capacity_dispatch(*args, num_worst_tokens, cfg) if kernels else None
         out = _ops.capacity_dispatch(*args, num_worst_tokens, cfg) if out is None else out
     else:
         out = kernels.dispatch(*args, cfg) if kernels else None
         out = _ops.dispatch(*args, cfg) if out is None else out
-    handle = DispatchHandle(
-        out[5], out[6], out[7], out[8], layout.is_token_in_rank, out[9], num_worst_tokens
-    )
+    handle = DispatchHandle(out[5], out[6], out[7], out[8], is_token_in_rank, out[9],
+                            num_worst_tokens)
     return DispatchOutput(*out[:5], handle), out[10] if len(out) > 10 else None
 
 
