@@ -273,7 +273,7 @@ class InternodeHandle(NamedTuple):
     recv_rdma_rank_prefix_sum: torch.Tensor  # [S]: as forwarder, inclusive over source nodes
     recv_gbl_channel_prefix_matrix: torch.Tensor  # [R, C]: first row of (source r, channel c)
     recv_gbl_rank_prefix_sum: torch.Tensor  # [R]: rows received, inclusive over sources
-    recv_src_meta: torch.Tensor  # [N, 2]: source token, index among its forwarder's rows
+    recv_src_meta: torch.Tensor  # [N, 2]: source token, index in its source's stream here
     send_rdma_head: torch.Tensor  # [T, S]: index in the stream to node n, or -1
     send_nvl_head: torch.Tensor  # [N_f, P]: row of each forwarded token at local rank q, or -1
 

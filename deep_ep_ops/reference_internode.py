@@ -14,7 +14,7 @@ import torch
 from . import reference
 from .ops import InternodeHandle
 from .reference import (
-    _all_gather, _channel_prefix, _combine_rows, _comm, _counts_from_prefix, _exclusive_cumsum,
+    _all_gather, _channel_prefix, _combine_rows, _comm, _counts_from_prefix,
     _send_payload, _send_rows,
 )
 
@@ -48,16 +48,15 @@ def _handle(comm, op, is_token_in_rank, counts, recv_channel_prefix, recv_src_id
     recv_rdma_rank_prefix = to_node[:, local].cumsum(0)
     send_rdma_head = torch.where(in_node, in_node.to(torch.int64).cumsum(0) - 1, -1)
 
-    # Per received row: its source token, and its index among its forwarder's rows (the
-    # forwarder (my node, the source's local index) orders them by source node, then token).
+    # Per received row: its source token, and its index in the stream from its source to my
+    # node (the source's send_rdma_head entry): its row among the rows its forwarder (my node,
+    # the source's local index) holds from that source node, which the per-region combine of
+    # the kernels indexes by (docs/DESIGN.md, "Internode").
     head_rows = _send_rows(comm, op, send_rdma_head.to(i32), is_token_in_rank, counts,
                            num_worst_tokens)  # [N, S]
     received = counts[:, me]
     row = torch.arange(head_rows.size(0), device=is_token_in_rank.device)
-    source = torch.searchsorted(received.cumsum(0), row, right=True).clamp(max=num_ranks - 1)
-    forwarder_start = _exclusive_cumsum(to_node, 0)  # [n, l]
-    meta_index = (forwarder_start[source // per_node, source % per_node]
-                  + head_rows[:, node].to(torch.int64))
+    meta_index = head_rows[:, node].to(torch.int64)
     is_real = row < received.sum()
     recv_src_meta = torch.where(is_real[:, None],
                                 torch.stack([recv_src_idx.to(torch.int64), meta_index], 1), -1)

@@ -232,7 +232,9 @@ def internode_handles(is_token_in_ranks, ranks_per_node, num_channels, num_worst
     prefix over n of rank (n, j)'s tokens sent to node m), recv_gbl_channel_prefix_matrix
     [R, C] (per source and channel, the first row of that channel at me), recv_gbl_rank_prefix_sum
     [R] (inclusive prefix over sources of the rows me receives), recv_src_meta [N, 2] (per row:
-    source token, index among the forwarder's RDMA rows), send_rdma_head [T_me, S] (per token
+    source token, its index in the stream from its source to node m: the source's
+    send_rdma_head entry, so the row's index within its forwarder's rows of that source node),
+    send_rdma_head [T_me, S] (per token
     and node: its index among me's tokens sent to that node, -1 if not sent), send_nvl_head
     [N_f, P] (as forwarder of the ranks (n, j): per RDMA row and local rank q, the row index
     at rank (m, q), -1 if it does not receive the token).
@@ -311,11 +313,8 @@ def internode_handles(is_token_in_ranks, ranks_per_node, num_channels, num_worst
         meta = torch.full((num_worst_tokens if num_worst_tokens > 0 else N, 2), -1,
                           dtype=torch.int32)
         for i, (s, t) in enumerate(rows[me]):
-            n, l = s // P, s % P
-            # First RDMA row of node n at the forwarder (m, l): what ranks (n' < n, l) sent to m.
-            first = sum(int(rdma_cpm[n2 * P + l][m, C - 1]) for n2 in range(n))
             meta[i, 0] = t
-            meta[i, 1] = first + int(send_rdma_head[s][t, m])
+            meta[i, 1] = int(send_rdma_head[s][t, m])
         # As forwarder: RDMA rows by source node, then source token.
         fwd = [(n * P + j, t) for n in range(S) for t in range(Ts[n * P + j])
                if in_node[n * P + j][t][m]]

@@ -54,7 +54,8 @@ def test_hand_case():
     assert torch.equal(r2["recv_gbl_channel_prefix_matrix"],
                        _t([[0, 1, 2], [2, 3, 3], [3, 3, 3], [3, 3, 3]]))
     assert torch.equal(r2["recv_gbl_rank_prefix_sum"], _t([2, 3, 3, 4]))
-    assert torch.equal(r2["recv_src_meta"], _t([[0, 0], [3, 2], [0, 0], [2, 2]]))
+    # Column 1: the row's index in its source's stream to node 1 (send_rdma_head[t, 1]).
+    assert torch.equal(r2["recv_src_meta"], _t([[0, 0], [3, 2], [0, 0], [2, 0]]))
     assert torch.equal(r2["send_nvl_head"], _t([[0, -1], [-1, 0], [1, 1], [-1, 2]]))
     # Rank 3 = (node 1, local 1): forwards rank 1's tokens 0 1, then rank 3's token 2.
     assert torch.equal(h[3]["recv_rdma_rank_prefix_sum"], _t([2, 3]))
@@ -62,7 +63,7 @@ def test_hand_case():
     # Capacity mode: every rank receives and forwards at most 4 rows.
     hw = oracle.internode_handles(routes, 2, 3, num_worst_tokens=4)
     assert torch.equal(hw[3]["send_nvl_head"], _t([[2, -1], [-1, 3], [3, -1], [-1, -1]]))
-    assert torch.equal(hw[1]["recv_src_meta"], _t([[2, 1], [4, 2], [2, 2], [-1, -1]]))
+    assert torch.equal(hw[1]["recv_src_meta"], _t([[2, 1], [4, 2], [2, 1], [-1, -1]]))
     for r in range(4):
         for key in h[r]:
             if key not in ("recv_src_meta", "send_nvl_head"):
@@ -127,12 +128,18 @@ def test_handle_properties(num_ranks, ranks_per_node, num_channels):
                 s, t = int(disp[r]["recv_src_rank"][i]), int(disp[r]["recv_src_idx"][i])
                 c = chans[s][t]
                 assert int(first[s, c]) <= i < int(ends[s, c])
-        # send_nvl_head and recv_src_meta are inverse.
+        # send_nvl_head and recv_src_meta are inverse: a forwarder's rows are its regions of
+        # the source nodes in order (region n starts after recv_rdma_rank_prefix_sum[n - 1]
+        # rows), and recv_src_meta[:, 1] is the row's index within its region.
+        def region_start(fwd, n):
+            return int(h[fwd]["recv_rdma_rank_prefix_sum"][n - 1]) if n else 0
+
         for d in range(R):
             m, q = d // P, d % P
             for rho in range(disp[d]["num_recv_tokens"]):
-                fwd = m * P + int(disp[d]["recv_src_rank"][rho]) % P
-                i = int(h[d]["recv_src_meta"][rho, 1])
+                src = int(disp[d]["recv_src_rank"][rho])
+                fwd = m * P + src % P
+                i = region_start(fwd, src // P) + int(h[d]["recv_src_meta"][rho, 1])
                 assert int(h[fwd]["send_nvl_head"][i, q]) == rho
         hits = 0
         for fwd in range(R):
@@ -145,8 +152,10 @@ def test_handle_properties(num_ranks, ranks_per_node, num_channels):
                     if rho >= 0:
                         hits += 1
                         d = m * P + q
-                        assert int(disp[d]["recv_src_rank"][rho]) % P == l
-                        assert int(h[d]["recv_src_meta"][rho, 1]) == i
+                        src = int(disp[d]["recv_src_rank"][rho])
+                        assert src % P == l
+                        assert (int(h[d]["recv_src_meta"][rho, 1])
+                                == i - region_start(fwd, src // P))
         assert hits == sum(d["num_recv_tokens"] for d in disp)
         # Capacity mode pads the row-indexed fields with -1.
         worst = max(max(d["num_recv_tokens"] for d in disp),
