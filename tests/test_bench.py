@@ -44,6 +44,16 @@ def _assert_no_gpu_targets(text: str) -> None:
     assert not re.search(r"\b\d+(\.\d+)?x\b", text), text  # no "0.0004x" ratio anywhere
 
 
+def _gpu_report(args: list[str], results: list[dict]) -> tuple[dict, str]:
+    """The report of ``results`` as a run on one H200 with gloo ``args`` makes it (no host
+    table), and its full text."""
+    s = bench.parse_args(["--backend", "gloo", *args])
+    report = {"settings": dataclasses.asdict(s), "device": "NVIDIA H200", "results": results,
+              "host": None}
+    report["summary"] = bench.best_rows(report)
+    return report, bench.format_report(report)
+
+
 def _parse_tables(text: str) -> list[list[dict]]:
     """Every aligned table in ``text`` (a header starting ``op``, a rule, rows up to a blank or
     non-table line), each as a list of ``{column: cell}``."""
@@ -343,11 +353,7 @@ def test_bench_internode_gpu_report():
     results = [_internode_row("dispatch bf16", n, us, 2000.0)
                for n, us in ((16, 900.0), (24, 700.0), (32, 600.0))]
     results.append(_internode_row("combine bf16", 24, 800.0, 1600.0))
-    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "4", "--mode", "internode"])
-    report = {"settings": dataclasses.asdict(s), "device": "NVIDIA H200", "results": results,
-              "host": None}
-    report["summary"] = bench.best_rows(report)
-    text = bench.format_report(report)
+    report, text = _gpu_report(["--num-ranks", "4", "--mode", "internode"], results)
     full, summary = _parse_tables(text)
     assert list(full[0]) == list(bench.INTERNODE_TABLE_COLUMNS)
     bf16 = 2 * 7168
@@ -616,11 +622,7 @@ def test_bench_graph_rows_table_and_summary():
         bench._with_reference(_failed("dispatch fp8 send+recv", ours_failure),
                               _ref("dispatch fp8 send+recv", 90.0, "graph")),
     ]
-    s = bench.parse_args(["--backend", "gloo", "--num-ranks", "1", "--mode", "low-latency"])
-    report = {"settings": dataclasses.asdict(s), "device": "NVIDIA H200", "results": results,
-              "host": None}
-    report["summary"] = bench.best_rows(report)
-    text = bench.format_report(report)
+    report, text = _gpu_report(["--num-ranks", "1", "--mode", "low-latency"], results)
     full, summary = _parse_tables(text)
     na = "n/a (not capturable)"
     assert [(r["op"], r["median us"], r["send/recv us"], r["ref us"], r["vs ref"])
