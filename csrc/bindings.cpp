@@ -471,8 +471,11 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   at::Tensor per_rank = num_tokens_per_rank.contiguous();
   at::Tensor per_expert = num_tokens_per_expert ? num_tokens_per_expert->contiguous() : at::Tensor();
   const int64_t num_topk = topk_idx ? topk_idx->size(1) : 0;
-  const std::array<EmptySpec, 7> handle_specs{{
-      {{num_ranks * num_tokens}, at::kInt}, {{3 * num_ranks + 1}, at::kInt},
+  // The kernels' scratch (the counts, then at a 64-byte boundary the send list) is one tensor:
+  // each tensor made costs host time.
+  const int64_t counts_ints = (3 * num_ranks + 1 + 15) / 16 * 16;
+  const std::array<EmptySpec, 6> handle_specs{{
+      {{counts_ints + num_ranks * num_tokens}, at::kInt},
       {{num_tokens, num_ranks}, at::kInt}, {{num_ranks, channels}, at::kInt},
       {{num_ranks, num_ranks}, at::kInt}, {{num_ranks, channels}, at::kInt},
       {{num_local}, at::kInt}}};
@@ -482,17 +485,19 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
                                      {{rows, num_topk}, at::kLong}, {{rows}, at::kInt}}};
   };
   // Capacity mode knows its row count now: one allocation for the handle and the outputs.
-  std::array<at::Tensor, 7> handle_out;
+  std::array<at::Tensor, 6> handle_out;
   std::array<at::Tensor, 4> small_out;
   if (num_worst_tokens > 0) {
     const auto all = empty_small(x.options(), joined(handle_specs, output_specs(num_worst_tokens)));
-    std::copy(all.begin(), all.begin() + 7, handle_out.begin());
-    std::copy(all.begin() + 7, all.end(), small_out.begin());
+    std::copy(all.begin(), all.begin() + 6, handle_out.begin());
+    std::copy(all.begin() + 6, all.end(), small_out.begin());
   } else {
     handle_out = empty_small(x.options(), handle_specs);
   }
-  auto& [send_list, counts, send_head, channel_prefix, rank_prefix, recv_channel_prefix,
+  auto& [scratch, send_head, channel_prefix, rank_prefix, recv_channel_prefix,
          recv_per_expert] = handle_out;
+  int* const counts = scratch.data_ptr<int>();
+  int* const send_list = counts + counts_ints;
   trace.mark("handle allocations");
 
   Intranode nvl = runtime->view(error, op_id);
@@ -505,13 +510,13 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   layout.num_channels = static_cast<int>(channels);
   layout.expert_alignment = static_cast<int>(expert_alignment);
   layout.num_worst_tokens = num_worst_tokens;
-  layout.send_list = send_list.data_ptr<int>();
+  layout.send_list = send_list;
   layout.send_head = send_head.data_ptr<int>();
   layout.channel_prefix_matrix = channel_prefix.data_ptr<int>();
   layout.rank_prefix_matrix = rank_prefix.data_ptr<int>();
   layout.recv_channel_prefix_matrix = recv_channel_prefix.data_ptr<int>();
   layout.num_recv_tokens_per_expert = recv_per_expert.data_ptr<int>();
-  layout.counts = counts.data_ptr<int>();
+  layout.counts = counts;
   layout.num_recv_host = num_worst_tokens > 0 ? nullptr : runtime->num_recv_device;
   const int64_t meta[kNotifyMetaInts] = {
       x.size(1), static_cast<int64_t>(x.scalar_type()), x_scales ? x_scales->size(1) : 0,
@@ -544,8 +549,8 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   data.has_topk_idx = topk.defined();
   data.num_topk = static_cast<int>(num_topk);
   data.num_local_experts = static_cast<int>(num_local);
-  data.send_list = send_list.data_ptr<int>();
-  data.counts = counts.data_ptr<int>();
+  data.send_list = send_list;
+  data.counts = counts;
   data.recv_topk_idx = recv_topk.data_ptr<int64_t>();
   data.recv_src_idx = recv_src.data_ptr<int>();
   data.notify_here = notify_here;
@@ -925,6 +930,49 @@ struct CombineBackward : public EagerBackward {
 };
 using CombineFunction = CombineBackward;
 
+// The Python named tuples of a dispatch's results (ops.DispatchOutput, ops.DispatchHandle),
+// set once from Python when the ops module is imported (references kept for the process).
+std::pair<PyObject*, PyObject*>& dispatch_result_types() {
+  static std::pair<PyObject*, PyObject*> types{nullptr, nullptr};
+  return types;
+}
+
+// An instance of the tuple subclass `type` (a NamedTuple) holding `items` (new references,
+// taken over), as tuple.__new__ makes one, without the Python frame of its __new__.
+PyObject* new_named_tuple(PyObject* type, std::initializer_list<PyObject*> items) {
+  auto* tuple_type = reinterpret_cast<PyTypeObject*>(type);
+  PyObject* result = tuple_type->tp_alloc(tuple_type, static_cast<Py_ssize_t>(items.size()));
+  if (result == nullptr) {
+    for (PyObject* item : items) Py_XDECREF(item);
+    throw py::error_already_set();
+  }
+  Py_ssize_t i = 0;
+  for (PyObject* item : items) PyTuple_SET_ITEM(result, i++, item);
+  return result;
+}
+
+// (DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+// num_recv_tokens_per_expert, DispatchHandle(rank_prefix_matrix, channel_prefix_matrix,
+// recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, num_worst_tokens)),
+// host_counts) from a dispatch's ten outputs (DispatchResult's order).
+py::object dispatch_output_to_python(std::vector<at::Tensor>&& out,
+                                     const at::Tensor& is_token_in_rank, int64_t num_worst_tokens,
+                                     py::object host_counts) {
+  const auto [output_type, handle_type] = dispatch_result_types();
+  TORCH_CHECK(output_type != nullptr, "deep_ep_ops: the dispatch result types are not set "
+              "(deep_ep_ops.ops sets them when imported)");
+  auto take = [&](size_t i) { return py::cast(std::move(out[i])).release().ptr(); };
+  PyObject* handle = new_named_tuple(
+      handle_type, {take(5), take(6), take(7), take(8), py::cast(is_token_in_rank).release().ptr(),
+                    take(9), PyLong_FromLongLong(num_worst_tokens)});
+  PyObject* output = new_named_tuple(output_type,
+                                     {take(0), take(1), take(2), take(3), take(4), handle});
+  py::tuple result(2);
+  result[0] = py::reinterpret_steal<py::object>(output);
+  result[1] = std::move(host_counts);
+  return std::move(result);
+}
+
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -975,85 +1023,77 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // With inputs that require grad, the entries record the backward from C++ (the autograd
   // functions above); an FP8 payload takes the ops (only its weights are differentiable).
   using deep_ep_ops::Direct;
-  // dispatch also returns the host list of rows per local expert (Buffer.dispatch's
-  // num_recv_tokens_per_expert_list), read from mapped memory without a copy, or None when
-  // the call ran the reference.
-  auto with_host_counts = [](py::object outputs, const std::string& buffer) -> py::object {
-    const deep_ep_ops::NvlRuntime* runtime = deep_ep_ops::find_runtime(buffer);
-    const py::tuple tensors(outputs);
-    py::tuple result(tensors.size() + 1);
-    for (size_t i = 0; i < tensors.size(); ++i) result[i] = tensors[i];
-    result[tensors.size()] = runtime ? py::cast(runtime->recv_per_expert) : py::none();
-    return std::move(result);
-  };
-  module.def("dispatch", [with_host_counts](const Tensor& x, const OptTensor& x_scales,
-                                            const OptTensor& topk_idx,
+  // dispatch and capacity_dispatch return (DispatchOutput, host counts): the ops module's named
+  // tuples (set_result_types), built here, and the host list of rows per local expert
+  // (Buffer.dispatch's num_recv_tokens_per_expert_list), read from mapped memory without a copy;
+  // None for capacity mode or when the call ran the reference.
+  module.def("set_result_types", [](py::object output, py::object handle) {
+    deep_ep_ops::dispatch_result_types() = {output.release().ptr(), handle.release().ptr()};
+  }, "The named tuples the direct dispatch entries return (ops.DispatchOutput, DispatchHandle)");
+  auto direct_dispatch = [](const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
                             const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
                             const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
-                            const std::string& buffer, int64_t expert_alignment,
-                            const Ints& config) -> py::object {
+                            const std::string& buffer, int64_t expert_alignment, bool capacity,
+                            int64_t num_worst_tokens, const Ints& config) -> py::object {
     const deep_ep_ops::PooledOutputs pooled;
-    deep_ep_ops::HostTrace trace("entry dispatch");
+    deep_ep_ops::HostTrace trace(capacity ? "entry capacity_dispatch" : "entry dispatch");
     const Direct mode = deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
                                                        num_tokens_per_rank, is_token_in_rank,
                                                        num_tokens_per_expert);
     trace.mark("direct mode");
+    std::vector<Tensor> out;
     switch (mode) {
-      case Direct::kPlain: {
-        auto out = deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights,
-                                         num_tokens_per_rank, is_token_in_rank,
-                                         num_tokens_per_expert, buffer, expert_alignment, config);
-        trace.mark("op");
-        py::object result = with_host_counts(py::cast(std::move(out)), buffer);
-        trace.mark("to python");
-        return result;
-      }
-      case Direct::kAutograd: {
-        if (x_scales || !at::isFloatingType(x.scalar_type())) break;
-        auto out = deep_ep_ops::DispatchFunction::apply(
-            x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-            num_tokens_per_expert, buffer, expert_alignment, int64_t{0}, config);
-        trace.mark("autograd op");
-        py::object result = with_host_counts(deep_ep_ops::to_python(out), buffer);
-        trace.mark("to python");
-        return result;
-      }
-      case Direct::kOps: break;
-    }
-    return py::none();
-  });
-  module.def("capacity_dispatch", [](const Tensor& x, const OptTensor& x_scales,
-                                     const OptTensor& topk_idx, const OptTensor& topk_weights,
-                                     const Tensor& num_tokens_per_rank,
-                                     const Tensor& is_token_in_rank,
-                                     const OptTensor& num_tokens_per_expert,
-                                     const std::string& buffer, int64_t expert_alignment,
-                                     int64_t num_worst_tokens, const Ints& config) -> py::object {
-    const deep_ep_ops::PooledOutputs pooled;
-    deep_ep_ops::HostTrace trace("entry capacity_dispatch");
-    const Direct mode = deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
-                                                       num_tokens_per_rank, is_token_in_rank,
-                                                       num_tokens_per_expert);
-    trace.mark("direct mode");
-    switch (mode) {
-      case Direct::kPlain: {
-        auto out = deep_ep_ops::capacity_dispatch(
-            x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-            num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config);
-        trace.mark("op");
-        py::object result = py::cast(std::move(out));
-        trace.mark("to python");
-        return result;
-      }
+      case Direct::kPlain:
+        out = deep_ep_ops::to_list(
+            capacity ? deep_ep_ops::capacity_dispatch(
+                           x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                           is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
+                           num_worst_tokens, config)
+                     : deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights,
+                                             num_tokens_per_rank, is_token_in_rank,
+                                             num_tokens_per_expert, buffer, expert_alignment,
+                                             config));
+        break;
       case Direct::kAutograd:
-        // num_worst_tokens < 1 takes the ops, which raise.
-        if (x_scales || !at::isFloatingType(x.scalar_type()) || num_worst_tokens < 1) break;
-        return deep_ep_ops::to_python(deep_ep_ops::DispatchFunction::apply(
+        // FP8 takes the ops (only its weights are differentiable); capacity_dispatch with
+        // num_worst_tokens < 1 takes them too, and raises there.
+        if (x_scales || !at::isFloatingType(x.scalar_type()) || (capacity && num_worst_tokens < 1))
+          break;
+        out = deep_ep_ops::DispatchFunction::apply(
             x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-            num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config));
+            num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config);
+        break;
       case Direct::kOps: break;
     }
-    return py::none();
+    if (out.empty()) return py::none();
+    trace.mark("op");
+    py::object counts = py::none();
+    if (!capacity)
+      if (const deep_ep_ops::NvlRuntime* runtime = deep_ep_ops::find_runtime(buffer))
+        counts = py::cast(runtime->recv_per_expert);
+    py::object result = deep_ep_ops::dispatch_output_to_python(
+        std::move(out), is_token_in_rank, num_worst_tokens, std::move(counts));
+    trace.mark("to python");
+    return result;
+  };
+  module.def("dispatch", [direct_dispatch](
+      const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
+      const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
+      const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
+      const std::string& buffer, int64_t expert_alignment, const Ints& config) {
+    return direct_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                           is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
+                           false, 0, config);
+  });
+  module.def("capacity_dispatch", [direct_dispatch](
+      const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
+      const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
+      const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
+      const std::string& buffer, int64_t expert_alignment, int64_t num_worst_tokens,
+      const Ints& config) {
+    return direct_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                           is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
+                           true, num_worst_tokens, config);
   });
   module.def("cached_dispatch", [](const Tensor& x, const OptTensor& x_scales,
                                    const OptTensor& topk_weights, const Tensor& rank_prefix,

@@ -402,11 +402,14 @@ class Buffer:
         ``x`` is ``[num_tokens, hidden]`` bfloat16 or ``(x_fp8, x_scales [num_tokens, hidden/128])``;
         ``recv_x`` has the same form. With ``handle``, dispatches along its routes (cached).
         """
-        self._live()
-        _wait_previous(previous_event)
+        # Every eager call runs this Python: the checks and helpers are inline.
+        if self._destroyed:
+            self._live()  # raises
+        if previous_event is not None:
+            previous_event.current_stream_wait()
         x, x_scales = (x if isinstance(x, tuple) else (x, None))
         config = config or default_config_list("dispatch", self.group_size, Buffer.num_sms)
-        internode = self._is_internode()
+        internode = self.num_rdma_ranks > 1
         if handle is not None:
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("cached dispatch (handle given) takes no topk_idx/topk_weights")
@@ -437,7 +440,7 @@ class Buffer:
                 self.name, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                 topk_idx, topk_weights, x_scales, expert_alignment, num_worst_tokens, config,
             )
-        recv = (out.recv_x, out.recv_x_scales) if x_scales is not None else out.recv_x
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, out_handle = out
         # DeepEP returns host counts except in capacity mode, where the list is empty; with or
         # without top-k, from num_tokens_per_expert (empty without it). The kernels hand them
         # over with the row count (no copy, no wait for the data kernel); else a copy.
@@ -446,12 +449,13 @@ class Buffer:
         elif host_counts is not None:
             per_expert = host_counts
         else:
-            per_expert = out.num_recv_tokens_per_expert.tolist()
-        has_topk = topk_idx is not None
+            per_expert = per_expert.tolist()
+        if topk_idx is None:
+            recv_topk_idx = recv_topk_weights = None
         return (
-            recv, out.recv_topk_idx if has_topk else None,
-            out.recv_topk_weights if has_topk else None, per_expert, out.handle,
-            self._event(async_finish),
+            (recv_x, recv_x_scales) if x_scales is not None else recv_x, recv_topk_idx,
+            recv_topk_weights, per_expert, out_handle,
+            EventOverlap(_record_event(self.device)) if async_finish else _NO_EVENT,
         )
 
     def combine(

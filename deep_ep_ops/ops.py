@@ -178,7 +178,8 @@ def _dispatch(buffer, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_e
     host list of rows per local expert (``num_recv_tokens_per_expert``), else ``None``.
 
     The eager path of every ``Buffer.dispatch``: kept lean (the layout's tensors as they are,
-    a config list taken as it is), since its Python time is host time of every call."""
+    a config list taken as it is, the results' named tuples made by the kernel entry), since
+    its Python time is host time of every call."""
     cfg = config if type(config) is list else _config_list(config, is_token_in_rank.size(1),
                                                             "dispatch")
     # The per-expert counts go with or without top-k (as in DeepEP): receivers learn how many
@@ -187,17 +188,27 @@ def _dispatch(buffer, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_e
         x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
         num_tokens_per_expert, buffer, expert_alignment,
     )
-    kernels = _direct(_build._C, x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                      is_token_in_rank, num_tokens_per_expert)
+    kernels = _direct(_DISPATCH_ENTRIES, x, x_scales, topk_idx, topk_weights,
+                      num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
+    if kernels is not None:
+        out = (kernels.capacity_dispatch(*args, num_worst_tokens, cfg) if num_worst_tokens
+               else kernels.dispatch(*args, cfg))
+        if out is not None:
+            return out
     if num_worst_tokens:
-        out = kernels.capacity_dispatch(*args, num_worst_tokens, cfg) if kernels else None
-        out = _ops.capacity_dispatch(*args, num_worst_tokens, cfg) if out is None else out
+        out = _ops.capacity_dispatch(*args, num_worst_tokens, cfg)
     else:
-        out = kernels.dispatch(*args, cfg) if kernels else None
-        out = _ops.dispatch(*args, cfg) if out is None else out
+        out = _ops.dispatch(*args, cfg)
     handle = DispatchHandle(out[5], out[6], out[7], out[8], is_token_in_rank, out[9],
                             num_worst_tokens)
-    return DispatchOutput(*out[:5], handle), out[10] if len(out) > 10 else None
+    return DispatchOutput(*out[:5], handle), None
+
+
+# The extension's direct dispatch entries return ``(DispatchOutput, host counts)``, built in
+# C++ from these types (an extension built from older sources has no such entries: the ops).
+_DISPATCH_ENTRIES = _build._C if hasattr(_build._C, "set_result_types") else None
+if _DISPATCH_ENTRIES is not None:
+    _DISPATCH_ENTRIES.set_result_types(DispatchOutput, DispatchHandle)
 
 
 def cached_dispatch(

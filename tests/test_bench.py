@@ -169,9 +169,10 @@ def test_bench_cli_two_ranks(tmp_path):
             continue
         assert row["host_us"] > 0 and len(row["host_us_per_rank"]) == NUM_RANKS
         assert row["autograd_graph"] is row["grad"]  # grad inputs: a graph; else none
-        # Each row's op layer is taken against the baseline timed right after it.
+        # Each repeat's op layer is taken against the baseline timed right after it in that
+        # repeat (positive), so the median of the differences is below the op's own median.
         assert row["baseline_us"] > 0
-        assert row["op_layer_us"] == pytest.approx(row["host_us"] - row["baseline_us"])
+        assert row["op_layer_us"] < row["host_us"]
     timed = [r["baseline_us"] for r in host_report["rows"] if r["host_us"] is not None]
     assert host_report["baseline"]["min_us"] == min(timed)
     assert host_report["baseline"]["max_us"] == max(timed)

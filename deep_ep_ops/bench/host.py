@@ -263,10 +263,13 @@ def _call_phases(phases: list[Phase], num_calls: int) -> list[float]:
 
 
 def _time_host_blocks(phases: list[Phase], num_calls: int, repeats: int, device, group,
-                      sleep: Optional[_GpuSleep], estimate_us: float):
-    """Per repeat, the wall µs per call of each phase over ``num_calls`` back-to-back calls.
+                      sleep: Optional[_GpuSleep], estimate_us: float,
+                      baseline: Optional[list[Phase]] = None):
+    """Per repeat, the wall µs per call of each phase over ``num_calls`` back-to-back calls,
+    and with ``baseline`` then the µs per call of the same number of baseline calls (the
+    sample's last entry): each repeat pairs the op with the baseline of its moment.
 
-    With ``sleep`` (GPUs) the GPU sleeps through each block: returns ``(samples, went_idle)``,
+    With ``sleep`` (GPUs) the GPU sleeps through each repeat: returns ``(samples, went_idle)``,
     where ``went_idle`` says the sleep ended before the last call returned (a call waited for
     the GPU, or the estimate was short)."""
     samples, went_idle = [], False
@@ -274,8 +277,10 @@ def _time_host_blocks(phases: list[Phase], num_calls: int, repeats: int, device,
         _line_up(device, group)
         done = None
         if sleep is not None:  # long enough for every call, whatever the GPU does per call
-            done = sleep(min(2 * num_calls * estimate_us + 10_000, HOST_MAX_SLEEP_US))
+            done = sleep(min(2 * num_calls * (estimate_us + 20.0) + 10_000, HOST_MAX_SLEEP_US))
         spent = _call_phases(phases, num_calls)
+        if baseline is not None:
+            spent += _call_phases(baseline, num_calls)
         if done is not None and done.query():
             went_idle = True
         samples.append([t / num_calls * 1e6 for t in spent])
@@ -323,10 +328,12 @@ def _gpu_busy_us(phases: list[Phase], num_calls: int, device, group) -> Optional
     return busy / 1e3 / num_calls
 
 
-def _time_host_synced(phases: list[Phase], num_calls: int, repeats: int, device, group):
+def _time_host_synced(phases: list[Phase], num_calls: int, repeats: int, device, group,
+                      baseline: list[Phase]):
     """For calls that wait for the GPU: per repeat, the wall µs per call of ``num_calls``
-    back-to-back calls on a GPU that is idle at the start (final synchronize included), and
-    per phase the wall µs until each phase returned."""
+    back-to-back calls on a GPU that is idle at the start (final synchronize included), per
+    phase the wall µs until each phase returned, and then the µs per call of as many baseline
+    calls (on the idle GPU)."""
     samples = []
     for _ in range(repeats):
         _line_up(device, group)
@@ -334,7 +341,8 @@ def _time_host_synced(phases: list[Phase], num_calls: int, repeats: int, device,
         spent = _call_phases(phases, num_calls)
         torch.cuda.synchronize(device)
         wall = (time.perf_counter() - start) / num_calls * 1e6
-        samples.append((wall, [t / num_calls * 1e6 for t in spent]))
+        base = _call_phases(baseline, num_calls)[0] / num_calls * 1e6
+        samples.append((wall, [t / num_calls * 1e6 for t in spent], base))
     return samples
 
 
@@ -393,34 +401,38 @@ def measure_host_case(case: HostCase, buffer, h: HostSetup, requires_grad: bool,
     estimate_us = (time.perf_counter() - start) / max(warmup, 1) * 1e6
     rows: list[dict] = [{"host_us": None, "method": None} for _ in phases]
     syncs = case.syncs and on_gpu
+    base_phases = _baseline_phases(h)
+    # The baseline is timed in every repeat right after the op's calls: the host's speed drifts
+    # over a run (torch.add took 7.8 to 17.8 µs within one device call, 2026-12-03), and each
+    # repeat's op layer is its op time minus its own baseline (the row: the median of those).
     if not syncs:
         samples, went_idle = _time_host_blocks(
-            phases, num_calls, repeats, device, group, sleep, estimate_us
+            phases, num_calls, repeats, device, group, sleep, estimate_us, baseline=base_phases
         )
         syncs = on_gpu and _any_rank(went_idle, device, group)
         if not syncs:
             for p, row in enumerate(rows):
                 row["host_us"] = statistics.median(sample[p] for sample in samples)
+                row["op_layer_us"] = statistics.median(sample[p] - sample[-1]
+                                                       for sample in samples)
                 row["method"] = SLEEPING_GPU if on_gpu else "wall (CPU: the whole call)"
+            baseline_us = statistics.median(sample[-1] for sample in samples)
     if syncs:
-        synced = _time_host_synced(phases, num_calls, repeats, device, group)
+        synced = _time_host_synced(phases, num_calls, repeats, device, group, base_phases)
         busy = _gpu_busy_us(phases, num_calls, device, group)
         for p, row in enumerate(rows):
             row["wall_us"] = statistics.median(x[1][p] for x in synced)
             row["method"] = WAITS_FOR_GPU
             row["host_us"] = row["wall_us"]
+            row["op_layer_us"] = statistics.median(x[1][p] - x[2] for x in synced)
         if len(phases) == 1 and busy is not None:
             rows[0].update(
-                host_us=max(0.0, statistics.median(wall for wall, _ in synced) - busy),
-                wall_us=statistics.median(wall for wall, _ in synced), gpu_busy_us=busy,
+                host_us=max(0.0, statistics.median(wall for wall, _, _ in synced) - busy),
+                op_layer_us=statistics.median(wall - busy - base for wall, _, base in synced),
+                wall_us=statistics.median(wall for wall, _, _ in synced), gpu_busy_us=busy,
                 method=WALL_MINUS_GPU,
             )
-    # The baseline beside each case (same repeats, right after it): the host's speed drifts
-    # over a run (torch.add took 10.8 and 15.7 µs in two runs of one device call, 2026-12-03),
-    # so each row's op layer is taken against the baseline of its own moment.
-    baseline, _ = _time_host_blocks(_baseline_phases(h), num_calls, repeats, device, group,
-                                    sleep, estimate_us=10.0)
-    baseline_us = statistics.median(sample[0] for sample in baseline)
+        baseline_us = statistics.median(base for _, _, base in synced)
     return [dict(row, autograd_graph=graph, syncs=syncs, baseline_us=baseline_us)
             for row in rows]
 
@@ -451,17 +463,19 @@ def measure_host(rank: int, s: Settings, group, device: torch.device, buffer) ->
                                              sleep)
                 rows += [dict(base, op=op, **m) for op, m in zip(case.ops, measured)]
     gathered: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(gathered, [(r.get("host_us"), r.get("baseline_us")) for r in rows],
-                           group=group)
+    dist.all_gather_object(
+        gathered, [(r.get("host_us"), r.get("baseline_us"), r.get("op_layer_us")) for r in rows],
+        group=group,
+    )
     for i, row in enumerate(rows):
         per_rank = [g[i][0] for g in gathered]
         row["host_us_per_rank"] = per_rank
         row["host_us"] = None if per_rank[0] is None else max(per_rank)
         # The op layer's share: what the call costs the host above one plain torch op's launch
-        # (the baseline timed right after it), which no op can avoid and which follows the host.
+        # (the baseline timed beside it in each repeat), which no op can avoid and which
+        # follows the host; max over ranks.
         row["baseline_us"] = None if per_rank[0] is None else max(g[i][1] for g in gathered)
-        row["op_layer_us"] = (None if row["host_us"] is None
-                              else row["host_us"] - row["baseline_us"])
+        row["op_layer_us"] = None if per_rank[0] is None else max(g[i][2] for g in gathered)
         target = HOST_TARGET_US if on_gpu and not s.shared_gpu else None
         row["vs_target"] = (
             target / max(row["op_layer_us"], 0.1) if target and row["host_us"] else None

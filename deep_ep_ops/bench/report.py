@@ -299,8 +299,8 @@ def format_host(host: dict) -> str:
             f"time of {calls}, while a torch.cuda._sleep keeps the GPU busy (ops that sync: "
             "their wall time per call minus their GPU busy time per call); max over ranks; "
             "(grad): inputs require grad; "
-            "op layer us = host us minus a torch.add timed the same way right after the row "
-            "(the launch every op "
+            "op layer us = median over the repeats of (host us minus a torch.add timed the same "
+            "way right after the op's calls in that repeat) (the launch every op "
             + (f"pays); target: the op layer adds <= {host['target_us']:g} us per call, vs "
                "target = target / op layer us (>= 1x meets it)"
                if host.get("target_us") is not None else f"pays); {NOT_PERFORMANCE}, no target")
