@@ -139,8 +139,14 @@ def test_normal_direct_matches_ops(buffer):
                               buf.name, num_worst_tokens, combine_config)
         assert _equal(tuple(fast_c), tuple(slow_c))
         # The host list of rows per expert comes from mapped memory with the row count.
-        out, host = ops._dispatch(buf.name, x, layout, topk_idx, weights, None, 4,
-                                  num_worst_tokens, None)
+        out, host = ops._dispatch(buf.name, x, layout.num_tokens_per_rank,
+                                  layout.is_token_in_rank, layout.num_tokens_per_expert, topk_idx,
+                                  weights, None, 4, num_worst_tokens, None)
+        # Built by the kernel entry: the ops' named tuples, the handle holding the caller's
+        # is_token_in_rank and the mode's row count.
+        assert type(out) is ops.DispatchOutput and type(out.handle) is ops.DispatchHandle
+        assert out.handle.is_token_in_rank is layout.is_token_in_rank
+        assert out.handle.num_worst_tokens == num_worst_tokens
         if num_worst_tokens:
             assert host is None
         else:
