@@ -36,6 +36,7 @@ from . import _build, _registry
 from .config import Config, default_config_list
 
 _ops = torch.ops.deep_ep
+_Tensor = torch.Tensor
 ConfigLike = Union[Config, Sequence[int], None]
 
 
@@ -188,9 +189,15 @@ def _dispatch(buffer, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_e
         x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
         num_tokens_per_expert, buffer, expert_alignment,
     )
-    kernels = _direct(_DISPATCH_ENTRIES, x, x_scales, topk_idx, topk_weights,
-                      num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert)
-    if kernels is not None:
+    # _direct's test, written out (this call's Python is a measurable part of its host time);
+    # num_tokens_per_rank and is_token_in_rank are tensors (the C++ entry converts them).
+    kernels = _DISPATCH_ENTRIES
+    if (kernels is not None and not torch.compiler.is_compiling() and type(x) is _Tensor
+            and type(num_tokens_per_rank) is _Tensor and type(is_token_in_rank) is _Tensor
+            and (x_scales is None or type(x_scales) is _Tensor)
+            and (topk_idx is None or type(topk_idx) is _Tensor)
+            and (topk_weights is None or type(topk_weights) is _Tensor)
+            and (num_tokens_per_expert is None or type(num_tokens_per_expert) is _Tensor)):
         out = (kernels.capacity_dispatch(*args, num_worst_tokens, cfg) if num_worst_tokens
                else kernels.dispatch(*args, cfg))
         if out is not None:

@@ -33,10 +33,16 @@ def main() -> None:
                         help="substrings of host-case row names to profile (default: all)")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--pin", action="store_true",
+                        help="run on one CPU core (os.sched_setaffinity), to compare")
     parser.add_argument("--layers", action="store_true",
                         help="instead: the host µs of each layer of the normal-mode calls "
                              "(kernel entry, ops, Buffer) against torch.add, interleaved")
     args = parser.parse_args()
+    if args.pin:
+        core = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {core})
+        print(f"pinned to CPU core {core}")
     for key, value in bench.GPU_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -139,6 +145,7 @@ def _layers(buffer, h, sleep, device, calls: int = 100, repeats: int = 15) -> No
     if kernels is None:  # CPU: the reference through the ops only
         cases = {k: v for k, v in cases.items() if "_C entry" not in k}
     base = lambda: torch.add(topk_idx, 1)  # noqa: E731
+    base_grad = lambda: torch.add(wg, 1)  # noqa: E731 (grad rows: a node recorded too)
 
     def block(fn) -> float:
         start = time.perf_counter()
@@ -147,7 +154,8 @@ def _layers(buffer, h, sleep, device, calls: int = 100, repeats: int = 15) -> No
         return (time.perf_counter() - start) / calls * 1e6
 
     print(f"layers: us per call, {calls} calls per block, medians of {repeats} blocks")
-    print(f"  {'call':<30} {'host us':>8} {'- torch.add':>12} {'torch.add':>10}")
+    print(f"  {'call':<30} {'host us':>8} {'- torch.add':>12} {'torch.add':>10}  (grad rows: "
+          "torch.add of a leaf that requires grad)")
     for label, fn in cases.items():
         for _ in range(10):
             fn()
@@ -156,7 +164,7 @@ def _layers(buffer, h, sleep, device, calls: int = 100, repeats: int = 15) -> No
             if sleep is not None:
                 torch.cuda.synchronize(device)
                 sleep(2 * calls * 60.0 + 10_000)
-            b = block(base)
+            b = block(base_grad if label.startswith("grad") else base)
             t = block(fn)
             own.append(t), bases.append(b), diff.append(t - b)
         if sleep is not None:

@@ -150,8 +150,9 @@ def test_bench_cli_two_ranks(tmp_path):
             assert row["note"].startswith(("no differentiable input", "FP8 output")), row
         else:
             assert float(row["host us (grad)"]) > 0
-    assert re.search(r"^baseline: torch\.add .* beside every row: [\d.]+ us per call \(median\)"
-                     r"( \([\d.]+ to [\d.]+ over the rows\))?$", proc.stdout, re.M)
+    for rows_of in ("every row", r"every \(grad\) row"):
+        assert re.search(rf"^baseline: torch\.add .* beside {rows_of}: [\d.]+ us per call "
+                         r"\(median\)( \([\d.]+ to [\d.]+ over the rows\))?$", proc.stdout, re.M)
 
     table_txt = (out_dir / "table.txt").read_text().strip()
     assert table_txt.startswith("deep_ep_ops bench: 2 ranks (cpu)")
@@ -173,9 +174,11 @@ def test_bench_cli_two_ranks(tmp_path):
         # repeat (positive), so the median of the differences is below the op's own median.
         assert row["baseline_us"] > 0
         assert row["op_layer_us"] < row["host_us"]
-    timed = [r["baseline_us"] for r in host_report["rows"] if r["host_us"] is not None]
-    assert host_report["baseline"]["min_us"] == min(timed)
-    assert host_report["baseline"]["max_us"] == max(timed)
+    for key, grad in (("baseline", False), ("baseline_grad", True)):
+        timed = [r["baseline_us"] for r in host_report["rows"]
+                 if r["host_us"] is not None and r["grad"] is grad]
+        assert host_report[key]["min_us"] == min(timed)
+        assert host_report[key]["max_us"] == max(timed)
     assert {(r["op"], r["inputs"], r["grad"]) for r in host_report["rows"]} == {
         (op, inputs, grad) for op, inputs in EXPECTED_HOST_ROWS for grad in (False, True)
     }
@@ -515,10 +518,12 @@ def test_bench_summary_best_sms_and_targets():
     ]
     lines = text.splitlines()
     assert "adds <= 8 us per call" in lines[lines.index("") + 1]
-    assert lines[-1] == (
+    assert lines[-2:] == [
         "baseline: torch.add on a [128, top-k] tensor, timed the same way beside every row: "
-        "3.5 us per call (median) (3.0 to 4.0 over the rows)"
-    )
+        "3.5 us per call (median) (3.0 to 4.0 over the rows)",
+        "baseline: torch.add of a leaf that requires grad on a [128, top-k] tensor, timed the "
+        "same way beside every (grad) row: 5.5 us per call (median)",
+    ]
 
 
 def _host_report(device: str) -> dict:
@@ -544,7 +549,9 @@ def _host_report(device: str) -> dict:
     return {"device": device, "backend": "cuda" if gpu else "reference/gloo", "calls": 100,
             "repeats": 7, "target_us": 8.0 if gpu else None, "rows": rows,
             "baseline": {"op": "torch.add", "tokens": 128, "host_us": 3.5, "min_us": 3.0,
-                         "max_us": 4.0}}
+                         "max_us": 4.0},
+            "baseline_grad": {"op": "torch.add of a leaf that requires grad", "tokens": 128,
+                              "host_us": 5.5, "min_us": 5.5, "max_us": 5.5}}
 
 
 def test_bench_cpu_report_has_no_gpu_targets():

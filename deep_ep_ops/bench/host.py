@@ -352,10 +352,10 @@ def _any_rank(flag: bool, device, group) -> bool:
     return bool(t.item())
 
 
-def _baseline_summary(rows: list[dict]) -> dict:
-    """The baselines of the timed rows: median and range (the report's last line)."""
+def _baseline_summary(rows: list[dict], op: str) -> dict:
+    """The baselines of the timed rows: median and range (the report's last lines)."""
     per_row = [r["baseline_us"] for r in rows]
-    return {"op": "torch.add", "tokens": rows[0]["tokens_per_rank"] if rows else HOST_TOKENS,
+    return {"op": op, "tokens": rows[0]["tokens_per_rank"] if rows else HOST_TOKENS,
             "host_us": statistics.median(per_row) if per_row else None,
             "min_us": min(per_row, default=None), "max_us": max(per_row, default=None)}
 
@@ -365,8 +365,13 @@ WALL_MINUS_GPU = "wall - GPU busy time"
 WAITS_FOR_GPU = "waits for the GPU: wall time, GPU time included"
 
 
-def _baseline_phases(h: HostSetup) -> list[Phase]:
-    """The baseline: one plain torch op on the case's ``topk_idx`` (its launch and output)."""
+def _baseline_phases(h: HostSetup, requires_grad: bool) -> list[Phase]:
+    """The baseline: one plain torch op called the way the case's op is (its launch and output;
+    with grad inputs its autograd node too): ``torch.add`` on the case's ``topk_idx``, or with
+    ``requires_grad`` on a leaf copy of its ``topk_weights`` that requires grad."""
+    if requires_grad:
+        weights = _grad_input(h.inputs.topk_weights, True)
+        return [("torch.add (grad)", lambda _: torch.add(weights, 1))]
     topk_idx = h.inputs.topk_idx
     return [("torch.add", lambda _: torch.add(topk_idx, 1))]
 
@@ -401,7 +406,7 @@ def measure_host_case(case: HostCase, buffer, h: HostSetup, requires_grad: bool,
     estimate_us = (time.perf_counter() - start) / max(warmup, 1) * 1e6
     rows: list[dict] = [{"host_us": None, "method": None} for _ in phases]
     syncs = case.syncs and on_gpu
-    base_phases = _baseline_phases(h)
+    base_phases = _baseline_phases(h, requires_grad)
     # The baseline is timed in every repeat right after the op's calls: the host's speed drifts
     # over a run (torch.add took 7.8 to 17.8 µs within one device call, 2026-12-03), and each
     # repeat's op layer is its op time minus its own baseline (the row: the median of those).
@@ -488,5 +493,9 @@ def measure_host(rank: int, s: Settings, group, device: torch.device, buffer) ->
         "rows": rows,
         "sleep_cycles_per_us": None if sleep is None else {
             "measured": sleep.measured_cycles_per_us, "used": sleep.cycles_per_us},
-        "baseline": _baseline_summary([r for r in rows if r["host_us"] is not None]),
+        "baseline": _baseline_summary(
+            [r for r in rows if r["host_us"] is not None and not r["grad"]], "torch.add"),
+        "baseline_grad": _baseline_summary(
+            [r for r in rows if r["host_us"] is not None and r["grad"]],
+            "torch.add of a leaf that requires grad"),
     }

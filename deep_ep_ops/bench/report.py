@@ -300,7 +300,8 @@ def format_host(host: dict) -> str:
             "their wall time per call minus their GPU busy time per call); max over ranks; "
             "(grad): inputs require grad; "
             "op layer us = median over the repeats of (host us minus a torch.add timed the same "
-            "way right after the op's calls in that repeat) (the launch every op "
+            "way right after the op's calls in that repeat; (grad) rows: a torch.add of a leaf "
+            "that requires grad, so with its autograd node) (the launch every op "
             + (f"pays); target: the op layer adds <= {host['target_us']:g} us per call, vs "
                "target = target / op layer us (>= 1x meets it)"
                if host.get("target_us") is not None else f"pays); {NOT_PERFORMANCE}, no target")
@@ -314,16 +315,19 @@ def format_host(host: dict) -> str:
             "layer's host overhead"
         )
         columns, right = CPU_HOST_COLUMNS, {2, 3, 4}
-    baseline = host["baseline"]
     lines = [title, *_align_rows(columns, rows, right)]
-    spread = (f" ({baseline['min_us']:.1f} to {baseline['max_us']:.1f} over the rows)"
-              if baseline.get("min_us") is not None and baseline["max_us"] > baseline["min_us"]
-              else "")
-    host_us = baseline["host_us"]
-    lines.append(f"baseline: {baseline['op']} on a [{baseline['tokens']}, top-k] tensor, timed "
-                 f"the same way beside every row: "
-                 + (f"{host_us:.1f} us per call (median){spread}" if host_us is not None
-                    else "not timed"))
+    for key, rows_of in (("baseline", "every row"), ("baseline_grad", "every (grad) row")):
+        baseline = host.get(key)
+        if baseline is None:
+            continue
+        spread = (f" ({baseline['min_us']:.1f} to {baseline['max_us']:.1f} over the rows)"
+                  if baseline.get("min_us") is not None and baseline["max_us"] > baseline["min_us"]
+                  else "")
+        host_us = baseline["host_us"]
+        lines.append(f"baseline: {baseline['op']} on a [{baseline['tokens']}, top-k] tensor, "
+                     f"timed the same way beside {rows_of}: "
+                     + (f"{host_us:.1f} us per call (median){spread}" if host_us is not None
+                        else "not timed"))
     return "\n".join(lines)
 
 
