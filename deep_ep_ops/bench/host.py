@@ -332,20 +332,17 @@ def _time_host_synced(phases: list[Phase], num_calls: int, repeats: int, device,
                       baseline: list[Phase]):
     """For calls that wait for the GPU: per repeat, the wall µs per call of ``num_calls``
     back-to-back calls on a GPU that is idle at the start (final synchronize included), per
-    phase the wall µs until each phase returned, and then the wall µs per call of as many
-    baseline calls timed the same way."""
-    def block(calls_of: list[Phase]) -> tuple[float, list[float]]:
-        _line_up(device, group)
-        start = time.perf_counter()
-        spent = _call_phases(calls_of, num_calls)
-        torch.cuda.synchronize(device)
-        wall = (time.perf_counter() - start) / num_calls * 1e6
-        return wall, [t / num_calls * 1e6 for t in spent]
-
+    phase the wall µs until each phase returned, and then the µs per call of as many baseline
+    calls (on the idle GPU)."""
     samples = []
     for _ in range(repeats):
-        wall, spent = block(phases)
-        samples.append((wall, spent, block(baseline)[0]))
+        _line_up(device, group)
+        start = time.perf_counter()
+        spent = _call_phases(phases, num_calls)
+        torch.cuda.synchronize(device)
+        wall = (time.perf_counter() - start) / num_calls * 1e6
+        base = _call_phases(baseline, num_calls)[0] / num_calls * 1e6
+        samples.append((wall, [t / num_calls * 1e6 for t in spent], base))
     return samples
 
 
@@ -377,19 +374,6 @@ def _baseline_phases(h: HostSetup, requires_grad: bool) -> list[Phase]:
         return [("torch.add (grad)", lambda _: torch.add(weights, 1))]
     topk_idx = h.inputs.topk_idx
     return [("torch.add", lambda _: torch.add(topk_idx, 1))]
-
-
-SYNC_BASELINE = "torch.masked_select"
-
-
-def _sync_baseline_phases(h: HostSetup, requires_grad: bool) -> list[Phase]:
-    """The baseline of an op that syncs: ``torch.masked_select`` of the case's
-    ``topk_weights`` (a leaf copy that requires grad with ``requires_grad``), a plain torch op
-    that learns its output size on the host the same way (a count on the GPU, a copy to the
-    host and a wait, then the output and a second launch), with an autograd node with grad."""
-    weights = _grad_input(h.inputs.topk_weights, requires_grad)
-    mask = h.inputs.topk_weights > 0.5
-    return [(SYNC_BASELINE, lambda _: torch.masked_select(weights, mask))]
 
 
 def measure_host_case(case: HostCase, buffer, h: HostSetup, requires_grad: bool, device, group,
@@ -438,33 +422,24 @@ def measure_host_case(case: HostCase, buffer, h: HostSetup, requires_grad: bool,
                                                        for sample in samples)
                 row["method"] = SLEEPING_GPU if on_gpu else "wall (CPU: the whole call)"
             baseline_us = statistics.median(sample[-1] for sample in samples)
-    baseline_op = base_phases[0][0]
     if syncs:
-        # An op that syncs is measured against a plain torch op that syncs the same way, timed
-        # the same way (wall - GPU busy time): the host round trip of learning a size is in
-        # both.
-        base_phases = _sync_baseline_phases(h, requires_grad)
-        baseline_op = base_phases[0][0]
         synced = _time_host_synced(phases, num_calls, repeats, device, group, base_phases)
         busy = _gpu_busy_us(phases, num_calls, device, group)
-        base_busy = _gpu_busy_us(base_phases, num_calls, device, group)
-        bases = [base - (base_busy or 0.0) for _, _, base in synced]
         for p, row in enumerate(rows):
             row["wall_us"] = statistics.median(x[1][p] for x in synced)
             row["method"] = WAITS_FOR_GPU
             row["host_us"] = row["wall_us"]
-            row["op_layer_us"] = statistics.median(x[1][p] - b for x, b in zip(synced, bases))
+            row["op_layer_us"] = statistics.median(x[1][p] - x[2] for x in synced)
         if len(phases) == 1 and busy is not None:
             rows[0].update(
                 host_us=max(0.0, statistics.median(wall for wall, _, _ in synced) - busy),
-                op_layer_us=statistics.median(wall - busy - b for (wall, _, _), b in
-                                              zip(synced, bases)),
+                op_layer_us=statistics.median(wall - busy - base for wall, _, base in synced),
                 wall_us=statistics.median(wall for wall, _, _ in synced), gpu_busy_us=busy,
                 method=WALL_MINUS_GPU,
             )
-        baseline_us = statistics.median(bases)
-    return [dict(row, autograd_graph=graph, syncs=syncs, baseline_us=baseline_us,
-                 baseline_op=baseline_op) for row in rows]
+        baseline_us = statistics.median(base for _, _, base in synced)
+    return [dict(row, autograd_graph=graph, syncs=syncs, baseline_us=baseline_us)
+            for row in rows]
 
 
 def measure_host(rank: int, s: Settings, group, device: torch.device, buffer) -> dict:
@@ -519,11 +494,8 @@ def measure_host(rank: int, s: Settings, group, device: torch.device, buffer) ->
         "sleep_cycles_per_us": None if sleep is None else {
             "measured": sleep.measured_cycles_per_us, "used": sleep.cycles_per_us},
         "baseline": _baseline_summary(
-            [r for r in rows if r.get("baseline_op") == "torch.add"], "torch.add"),
+            [r for r in rows if r["host_us"] is not None and not r["grad"]], "torch.add"),
         "baseline_grad": _baseline_summary(
-            [r for r in rows if r.get("baseline_op") == "torch.add (grad)"],
+            [r for r in rows if r["host_us"] is not None and r["grad"]],
             "torch.add of a leaf that requires grad"),
-        "baseline_sync": _baseline_summary(
-            [r for r in rows if r.get("baseline_op") == SYNC_BASELINE],
-            f"{SYNC_BASELINE} (wall - GPU busy time; of a leaf that requires grad in (grad) rows)"),
     }

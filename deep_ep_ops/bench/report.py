@@ -301,9 +301,7 @@ def format_host(host: dict) -> str:
             "(grad): inputs require grad; "
             "op layer us = median over the repeats of (host us minus a torch.add timed the same "
             "way right after the op's calls in that repeat; (grad) rows: a torch.add of a leaf "
-            "that requires grad, so with its autograd node; ops that sync: a "
-            "torch.masked_select, which syncs the same way, as wall - GPU busy time) (the "
-            "launch every op "
+            "that requires grad, so with its autograd node) (the launch every op "
             + (f"pays); target: the op layer adds <= {host['target_us']:g} us per call, vs "
                "target = target / op layer us (>= 1x meets it)"
                if host.get("target_us") is not None else f"pays); {NOT_PERFORMANCE}, no target")
@@ -318,10 +316,9 @@ def format_host(host: dict) -> str:
         )
         columns, right = CPU_HOST_COLUMNS, {2, 3, 4}
     lines = [title, *_align_rows(columns, rows, right)]
-    for key, rows_of in (("baseline", "every row"), ("baseline_grad", "every (grad) row"),
-                         ("baseline_sync", "every row that syncs")):
+    for key, rows_of in (("baseline", "every row"), ("baseline_grad", "every (grad) row")):
         baseline = host.get(key)
-        if baseline is None or (key == "baseline_sync" and baseline["host_us"] is None):
+        if baseline is None:
             continue
         spread = (f" ({baseline['min_us']:.1f} to {baseline['max_us']:.1f} over the rows)"
                   if baseline.get("min_us") is not None and baseline["max_us"] > baseline["min_us"]
