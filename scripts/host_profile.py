@@ -33,16 +33,10 @@ def main() -> None:
                         help="substrings of host-case row names to profile (default: all)")
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--top", type=int, default=12)
-    parser.add_argument("--pin", action="store_true",
-                        help="run on one CPU core (os.sched_setaffinity), to compare")
     parser.add_argument("--layers", action="store_true",
                         help="instead: the host µs of each layer of the normal-mode calls "
                              "(kernel entry, ops, Buffer) against torch.add, interleaved")
     args = parser.parse_args()
-    if args.pin:
-        core = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {core})
-        print(f"pinned to CPU core {core}")
     for key, value in bench.GPU_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
