@@ -9,7 +9,8 @@
 # DEEP_EP_OPS_GPU_WORLD_SIZES (e.g. "4": the multi-GPU tests at 4 ranks only), and DEEPEP (an
 # unpacked DeepEP V1 tree, e.g. .deepep: build DeepEP there and run its tests against DeepEP and
 # against this package, scripts/deepep_suite.py; DEEPEP_PROCESSES ranks, default: the GPUs;
-# DEEPEP_TESTS, DEEPEP_INTRANODE_ARGS: passed on).
+# DEEPEP_TESTS, DEEPEP_INTRANODE_ARGS: passed on; DEEPEP_TESTS=none: no suite; DEEPEP_HOST=1:
+# scripts/host_vs_deepep.py at DEEPEP_HOST_RANKS ranks, default 2, under MPS on one GPU).
 # Python wheels the machine lacks (expecttest) may be carried in .whl/. SAVE_PREBUILT=1 packs
 # each built extension into OUT_DIR/<source hash>.<name>.tar.xz; carried back in .prebuilt/
 # they are used instead of a rebuild while the sources (deep_ep_ops/_sources.py) are unchanged.
@@ -87,7 +88,14 @@ if [ -n "${DEEPEP:-}" ]; then
       CPLUS_INCLUDE_PATH="$CUDA_HOME/include/cccl" TORCH_CUDA_ARCH_LIST=9.0 \
       MAX_JOBS=${MAX_JOBS:-16} python3 setup.py build_ext --inplace) > "$out/deepep_build.log" 2>&1; then
     echo "DeepEP build: $(( $(date +%s) - start )) s"
-    for impl in ours deepep; do
+    if [ "${DEEPEP_HOST:-0}" = 1 ]; then  # host time per normal-mode call, ours beside DeepEP's
+      start_mps
+      timeout 300 python3 scripts/host_vs_deepep.py --deepep "$DEEPEP" \
+        --num-ranks "${DEEPEP_HOST_RANKS:-2}" > "$out/host_vs_deepep.txt" 2>&1
+      deepep_rc="$deepep_rc host=$?"
+      stop_mps
+    fi
+    [ "${DEEPEP_TESTS:-}" = none ] || for impl in ours deepep; do
       timeout "${DEEPEP_TIMEOUT_S:-900}" python3 scripts/deepep_suite.py --deepep "$DEEPEP" \
         --impl $impl --num-processes "$ranks" --timeout-s "${DEEPEP_TEST_TIMEOUT_S:-300}" \
         --intranode-args "${DEEPEP_INTRANODE_ARGS:-}" --tests ${DEEPEP_TESTS:-intranode low_latency} \
@@ -134,6 +142,7 @@ fi
 [ -s "$out/faults.tsv" ] && { echo "fault table (case, backend, ranks, rank, s, error):"; cut -c1-220 "$out/faults.tsv"; }
 echo "gpu tests rc=$tests_rc bench rc:$bench_rc examples rc:$examples_rc deepep suite rc:$deepep_rc"
 for impl in ours deepep; do cat "$out/deepep-$impl.txt" 2>/dev/null; done
+tail -12 "$out/host_vs_deepep.txt" 2>/dev/null
 for mode in ${BENCH_MODES:-normal low-latency}; do
   [ "$mode" = none ] || cat "$out/bench-$mode/table.txt" 2>/dev/null
 done

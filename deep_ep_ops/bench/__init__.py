@@ -66,7 +66,7 @@ from .cases import (  # noqa: F401
 )
 from .host import (  # noqa: F401
     HOST_CASES, SLEEPING_GPU, WALL_MINUS_GPU, _GpuSleep, _host_setup, _run_host_phases,
-    host_modes, measure_host,
+    host_modes, measure_host, measure_host_case,
 )
 from .report import (  # noqa: F401
     CPU_HOST_COLUMNS, CPU_INTERNODE_SUMMARY_COLUMNS, CPU_SUMMARY_COLUMNS, HOST_COLUMNS,
