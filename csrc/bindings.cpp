@@ -380,12 +380,13 @@ struct Payload {
     data.x_scales = scales.defined() ? static_cast<const uint32_t*>(scales.data_ptr()) : nullptr;
     data.scale_stride_token = scales.defined() ? scales.stride(0) : 0;
     data.scale_stride_group = scales.defined() ? scales.stride(1) : 0;
-    data.num_scales = static_cast<int>(recv_scales.size(1));
+    data.num_scales = recv_scales.defined() ? static_cast<int>(recv_scales.size(1)) : 0;
     data.topk_weights = weights.defined() ? static_cast<const uint8_t*>(weights.data_ptr()) : nullptr;
     data.weight_bytes = weights.defined() ? static_cast<int>(weights.element_size()) : 4;
     data.num_tokens = static_cast<int>(num_tokens);
     data.recv_x = static_cast<uint8_t*>(recv_x.data_ptr());
-    data.recv_x_scales = static_cast<uint32_t*>(recv_scales.data_ptr());
+    data.recv_x_scales =
+        recv_scales.defined() ? static_cast<uint32_t*>(recv_scales.data_ptr()) : nullptr;
     data.recv_topk_weights = static_cast<uint8_t*>(recv_weights.data_ptr());
     data.num_recv_rows = recv_x.size(0);
     data.fill_tail = fill_tail;
@@ -403,6 +404,12 @@ void launch_data(const char* op, const std::string& buffer, const Intranode& nvl
   check_resident(op, num_sms, device);
   C10_CUDA_CHECK(launch_dispatch_data(nvl, data, num_sms, stream, notify));
 }
+
+// Set by the direct dispatch entries for Buffer.dispatch (lean=True): the per-expert counts
+// (Buffer.dispatch has them from the host, or returns [] in capacity mode) and a BF16 payload's
+// empty scales are not made as tensors (they come back as None). Each tensor made, wrapped for
+// Python and freed is host time of every call.
+thread_local bool lean_dispatch_outputs = false;
 
 DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
                              const c10::optional<at::Tensor>& x_scales,
@@ -474,29 +481,38 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   // The kernels' scratch (the counts, then at a 64-byte boundary the send list) is one tensor:
   // each tensor made costs host time.
   const int64_t counts_ints = (3 * num_ranks + 1 + 15) / 16 * 16;
-  const std::array<EmptySpec, 6> handle_specs{{
-      {{counts_ints + num_ranks * num_tokens}, at::kInt},
+  // Inside a direct call the scratch is memory only; with lean_dispatch_outputs so are the
+  // per-expert counts and the BF16 payload's empty scales, which Buffer.dispatch drops.
+  const bool lean = lean_dispatch_outputs;
+  auto handle_specs = std::array<EmptySpec, 6>{{
+      {{counts_ints + num_ranks * num_tokens}, at::kInt, {}, true},
       {{num_tokens, num_ranks}, at::kInt}, {{num_ranks, channels}, at::kInt},
       {{num_ranks, num_ranks}, at::kInt}, {{num_ranks, channels}, at::kInt},
-      {{num_local}, at::kInt}}};
+      {{num_local}, at::kInt, {}, lean}}};
   auto output_specs = [&](int64_t rows) {
-    return std::array<EmptySpec, 4>{{Payload::scales_spec(x_scales, rows),
-                                     Payload::weights_spec(topk_weights, rows, num_topk),
-                                     {{rows, num_topk}, at::kLong}, {{rows}, at::kInt}}};
+    auto specs = std::array<EmptySpec, 4>{{Payload::scales_spec(x_scales, rows),
+                                           Payload::weights_spec(topk_weights, rows, num_topk),
+                                           {{rows, num_topk}, at::kLong}, {{rows}, at::kInt}}};
+    specs[0].raw = lean && !x_scales;
+    return specs;
   };
   // Capacity mode knows its row count now: one allocation for the handle and the outputs.
   std::array<at::Tensor, 6> handle_out;
+  std::array<void*, 6> handle_at{};
   std::array<at::Tensor, 4> small_out;
   if (num_worst_tokens > 0) {
-    const auto all = empty_small(x.options(), joined(handle_specs, output_specs(num_worst_tokens)));
+    std::array<void*, 10> all_at{};
+    const auto all = empty_small(x.options(), joined(handle_specs, output_specs(num_worst_tokens)),
+                                 &all_at);
     std::copy(all.begin(), all.begin() + 6, handle_out.begin());
     std::copy(all.begin() + 6, all.end(), small_out.begin());
+    std::copy(all_at.begin(), all_at.begin() + 6, handle_at.begin());
   } else {
-    handle_out = empty_small(x.options(), handle_specs);
+    handle_out = empty_small(x.options(), handle_specs, &handle_at);
   }
   auto& [scratch, send_head, channel_prefix, rank_prefix, recv_channel_prefix,
          recv_per_expert] = handle_out;
-  int* const counts = scratch.data_ptr<int>();
+  int* const counts = static_cast<int*>(handle_at[0]);
   int* const send_list = counts + counts_ints;
   trace.mark("handle allocations");
 
@@ -515,7 +531,7 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
   layout.channel_prefix_matrix = channel_prefix.data_ptr<int>();
   layout.rank_prefix_matrix = rank_prefix.data_ptr<int>();
   layout.recv_channel_prefix_matrix = recv_channel_prefix.data_ptr<int>();
-  layout.num_recv_tokens_per_expert = recv_per_expert.data_ptr<int>();
+  layout.num_recv_tokens_per_expert = static_cast<int*>(handle_at[5]);
   layout.counts = counts;
   layout.num_recv_host = num_worst_tokens > 0 ? nullptr : runtime->num_recv_device;
   const int64_t meta[kNotifyMetaInts] = {
@@ -1034,7 +1050,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                             const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
                             const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
                             const std::string& buffer, int64_t expert_alignment, bool capacity,
-                            int64_t num_worst_tokens, const Ints& config) -> py::object {
+                            int64_t num_worst_tokens, const Ints& config,
+                            bool lean) -> py::object {
     const deep_ep_ops::PooledOutputs pooled;
     deep_ep_ops::HostTrace trace(capacity ? "entry capacity_dispatch" : "entry dispatch");
     const Direct mode = deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
@@ -1043,7 +1060,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     trace.mark("direct mode");
     std::vector<Tensor> out;
     switch (mode) {
-      case Direct::kPlain:
+      case Direct::kPlain: {
+        // Scoped: the flag must not outlive the call (an exception included).
+        struct Lean {
+          explicit Lean(bool on) { deep_ep_ops::lean_dispatch_outputs = on; }
+          ~Lean() { deep_ep_ops::lean_dispatch_outputs = false; }
+        } const scope(lean);
         out = deep_ep_ops::to_list(
             capacity ? deep_ep_ops::capacity_dispatch(
                            x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
@@ -1054,6 +1076,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                              num_tokens_per_expert, buffer, expert_alignment,
                                              config));
         break;
+      }
       case Direct::kAutograd:
         // FP8 takes the ops (only its weights are differentiable); capacity_dispatch with
         // num_worst_tokens < 1 takes them too, and raises there.
@@ -1080,21 +1103,27 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
       const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
       const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
-      const std::string& buffer, int64_t expert_alignment, const Ints& config) {
+      const std::string& buffer, int64_t expert_alignment, const Ints& config, bool lean) {
     return direct_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                            is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
-                           false, 0, config);
-  });
+                           false, 0, config, lean);
+  }, py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
+     py::arg("num_tokens_per_rank"), py::arg("is_token_in_rank"),
+     py::arg("num_tokens_per_expert"), py::arg("buffer"), py::arg("expert_alignment"),
+     py::arg("config"), py::arg("lean") = false);
   module.def("capacity_dispatch", [direct_dispatch](
       const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
       const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
       const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
       const std::string& buffer, int64_t expert_alignment, int64_t num_worst_tokens,
-      const Ints& config) {
+      const Ints& config, bool lean) {
     return direct_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                            is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
-                           true, num_worst_tokens, config);
-  });
+                           true, num_worst_tokens, config, lean);
+  }, py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
+     py::arg("num_tokens_per_rank"), py::arg("is_token_in_rank"),
+     py::arg("num_tokens_per_expert"), py::arg("buffer"), py::arg("expert_alignment"),
+     py::arg("num_worst_tokens"), py::arg("config"), py::arg("lean") = false);
   module.def("cached_dispatch", [](const Tensor& x, const OptTensor& x_scales,
                                    const OptTensor& topk_weights, const Tensor& rank_prefix,
                                    const Tensor& channel_prefix, const Tensor& recv_channel_prefix,

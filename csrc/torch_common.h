@@ -77,6 +77,10 @@ struct EmptySpec {
   c10::SmallVector<int64_t, 4> sizes;
   at::ScalarType dtype;
   c10::SmallVector<int64_t, 4> strides = {};  // empty: contiguous; else a permutation's strides
+  // Memory only, inside a direct call: no tensor is made (the result is undefined, the memory
+  // lives on in the pool while any other result of the call does); the address comes back
+  // through empty_small's `addresses`. Through the dispatcher it is a tensor like the others.
+  bool raw = false;
 };
 
 // `a` then `b`: the specs of one empty_small call from two lists.
@@ -89,16 +93,21 @@ std::array<EmptySpec, N + M> joined(const std::array<EmptySpec, N>& a,
   return out;
 }
 
+// `addresses` (optional) receives each result's address, raw ones included. A raw result's
+// memory must not be used after the other results of the call are gone.
 template <size_t N>
 std::array<at::Tensor, N> empty_small(const at::TensorOptions& options,
-                                      const std::array<EmptySpec, N>& specs) {
+                                      const std::array<EmptySpec, N>& specs,
+                                      std::array<void*, N>* addresses = nullptr) {
   std::array<at::Tensor, N> out;
   if (pooled_outputs_depth == 0) {
-    for (size_t i = 0; i < N; ++i)
+    for (size_t i = 0; i < N; ++i) {
       out[i] = specs[i].strides.empty()
                    ? at::empty(specs[i].sizes, options.dtype(specs[i].dtype))
                    : at::empty_strided(specs[i].sizes, specs[i].strides,
                                        options.dtype(specs[i].dtype));
+      if (addresses != nullptr) (*addresses)[i] = out[i].data_ptr();
+    }
     return out;
   }
   constexpr int64_t kAlign = 64;
@@ -112,6 +121,9 @@ std::array<at::Tensor, N> empty_small(const at::TensorOptions& options,
   }
   const at::Tensor pool = at::empty({std::max<int64_t>(total, 1)}, options.dtype(at::kByte));
   for (size_t i = 0; i < N; ++i) {
+    if (addresses != nullptr)
+      (*addresses)[i] = static_cast<uint8_t*>(pool.data_ptr()) + offsets[i];
+    if (specs[i].raw) continue;
     out[i] = at::detail::make_tensor<c10::TensorImpl>(
         c10::Storage(pool.storage()), pool.key_set(), c10::scalarTypeToTypeMeta(specs[i].dtype));
     c10::TensorImpl* impl = out[i].unsafeGetTensorImpl();

@@ -439,6 +439,7 @@ class Buffer:
             out, host_counts = ops._dispatch(
                 self.name, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert,
                 topk_idx, topk_weights, x_scales, expert_alignment, num_worst_tokens, config,
+                True,
             )
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert, out_handle = out
         # DeepEP returns host counts except in capacity mode, where the list is empty; with or

@@ -174,9 +174,13 @@ def dispatch(
 
 def _dispatch(buffer, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert, topk_idx,
               topk_weights, x_scales, expert_alignment, num_worst_tokens,
-              config) -> tuple[DispatchOutput, Optional[list[int]]]:
+              config, lean: bool = False) -> tuple[DispatchOutput, Optional[list[int]]]:
     """``dispatch`` and, when the kernels learned it on the host (data-dependent mode), the
     host list of rows per local expert (``num_recv_tokens_per_expert``), else ``None``.
+
+    ``lean`` (``Buffer.dispatch``): where the kernel entry runs the call, the output's
+    ``num_recv_tokens_per_expert``, and its ``recv_x_scales`` without ``x_scales``, may be
+    ``None`` (not made: host time).
 
     The eager path of every ``Buffer.dispatch``: kept lean (the layout's tensors as they are,
     a config list taken as it is, the results' named tuples made by the kernel entry), since
@@ -198,8 +202,8 @@ def _dispatch(buffer, x, num_tokens_per_rank, is_token_in_rank, num_tokens_per_e
             and (topk_idx is None or type(topk_idx) is _Tensor)
             and (topk_weights is None or type(topk_weights) is _Tensor)
             and (num_tokens_per_expert is None or type(num_tokens_per_expert) is _Tensor)):
-        out = (kernels.capacity_dispatch(*args, num_worst_tokens, cfg) if num_worst_tokens
-               else kernels.dispatch(*args, cfg))
+        out = (kernels.capacity_dispatch(*args, num_worst_tokens, cfg, lean) if num_worst_tokens
+               else kernels.dispatch(*args, cfg, lean))
         if out is not None:
             return out
     if num_worst_tokens:

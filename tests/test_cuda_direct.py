@@ -147,6 +147,14 @@ def test_normal_direct_matches_ops(buffer):
         assert type(out) is ops.DispatchOutput and type(out.handle) is ops.DispatchHandle
         assert out.handle.is_token_in_rank is layout.is_token_in_rank
         assert out.handle.num_worst_tokens == num_worst_tokens
+        # Buffer.dispatch's lean form: the same rows and handle, without the tensors it drops.
+        lean, lean_host = ops._dispatch(buf.name, x, layout.num_tokens_per_rank,
+                                        layout.is_token_in_rank, layout.num_tokens_per_expert,
+                                        topk_idx, weights, None, 4, num_worst_tokens, None, True)
+        assert lean.num_recv_tokens_per_expert is None and lean.recv_x_scales is None
+        assert lean_host == host
+        assert _equal((lean.recv_x, lean.recv_topk_idx, lean.recv_topk_weights, *lean.handle[:6]),
+                      (out.recv_x, out.recv_topk_idx, out.recv_topk_weights, *out.handle[:6]))
         if num_worst_tokens:
             assert host is None
         else:
