@@ -20,6 +20,7 @@
 #include "generated/build_id.h"  // written by setup.py
 #include "autograd.h"
 #include "nvshmem/api.h"
+#include "nvshmem/internode.h"
 #include "nvshmem/runtime.h"
 #include "torch_common.h"
 
@@ -738,6 +739,89 @@ struct LowLatencyCombineBackward : public EagerBackward {
 };
 using LowLatencyCombineFunction = LowLatencyCombineBackward;
 
+// --- the internode forward stage, on its own (development: tests/test_cuda_internode_forward.py)
+//
+// Runs the forward of docs/DESIGN.md section 5 on a buffer's symmetric memory (a low-latency
+// buffer's, from its start: no low-latency call may use the buffer meanwhile) with
+// `ranks_per_node` ranks per node, and returns (send_rdma_head [T, S], num_tokens_per_node [S],
+// the layout's offsets by name) for the caller to read the regions from the memory tensor.
+py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
+                            const c10::optional<at::Tensor>& x_scales,
+                            const c10::optional<at::Tensor>& topk_idx,
+                            const c10::optional<at::Tensor>& topk_weights,
+                            const at::Tensor& is_token_in_rank, int64_t ranks_per_node,
+                            int64_t num_blocks) {
+  const char* op = "internode_dispatch";
+  LowLatencyRuntime* runtime = find_runtime(buffer);
+  TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", buffer, " has no NVSHMEM runtime");
+  TORCH_CHECK_VALUE(!runtime->broken, "buffer ", buffer, " is unusable after a timeout");
+  const int64_t num_ranks = runtime->num_ranks, num_tokens = x.size(0);
+  TORCH_CHECK_VALUE(ranks_per_node >= 1 && num_ranks % ranks_per_node == 0,
+                    "ranks_per_node must divide the ranks (", num(num_ranks), "), got ",
+                    num(ranks_per_node));
+  const int64_t num_nodes = num_ranks / ranks_per_node;
+  TORCH_CHECK_VALUE(x.is_cuda() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous "
+                    "2-D CUDA tensor");
+  TORCH_CHECK_VALUE(is_token_in_rank.scalar_type() == at::kBool && is_token_in_rank.dim() == 2 &&
+                    is_token_in_rank.size(0) == num_tokens &&
+                    is_token_in_rank.size(1) == num_ranks && is_token_in_rank.is_contiguous(),
+                    "is_token_in_rank must be contiguous bool [x.size(0), num_ranks]");
+  const int64_t num_topk = topk_idx ? topk_idx->size(1) : 0;
+  if (topk_idx)
+    TORCH_CHECK_VALUE(topk_idx->scalar_type() == at::kLong && topk_idx->is_contiguous() &&
+                      topk_idx->size(0) == num_tokens, "topk_idx must be contiguous int64 "
+                      "[x.size(0), num_topk]");
+  if (topk_weights)
+    TORCH_CHECK_VALUE(topk_weights->element_size() == 4 && topk_weights->is_contiguous() &&
+                      topk_weights->sizes() == topk_idx->sizes(), "topk_weights must be "
+                      "contiguous 4-byte [x.size(0), num_topk] beside topk_idx");
+  if (x_scales)
+    TORCH_CHECK_VALUE(x_scales->element_size() == 4 && x_scales->dim() == 2 &&
+                      x_scales->size(0) == num_tokens, "x_scales must be 4-byte [x.size(0), S]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  int* error = checked_error_word(op, runtime->device);
+  const InternodeMeta meta = internode_meta(x_scales ? static_cast<int>(x_scales->size(1)) : 0,
+                                            static_cast<int>(num_topk));
+  const InternodeLayout layout = internode_layout(runtime->bytes, static_cast<int>(num_nodes),
+                                                  x.size(1) * x.element_size(), meta);
+  TORCH_CHECK_VALUE(layout.slots >= num_tokens, "deep_ep::", op, ": buffer ", buffer, " holds ",
+                    num(layout.slots), " tokens per region for rows of ", num(layout.row_bytes),
+                    " bytes, the call has ", num(num_tokens));
+  at::Tensor head = at::empty({num_tokens, num_nodes}, x.options().dtype(at::kInt));
+  at::Tensor per_node = at::empty({num_nodes}, x.options().dtype(at::kInt));
+  InternodeRdma rdma{runtime->memory, runtime->bytes, runtime->rank, static_cast<int>(num_ranks),
+                     static_cast<int>(ranks_per_node), runtime->timeout_ns, error,
+                     kOpInternodeDispatch};
+  InternodeForwardArgs args{};
+  args.x = static_cast<const uint8_t*>(x.data_ptr());
+  args.x_scales = x_scales ? static_cast<const uint32_t*>(x_scales->data_ptr()) : nullptr;
+  args.scale_stride_token = x_scales ? x_scales->stride(0) : 0;
+  args.scale_stride_group = x_scales ? x_scales->stride(1) : 0;
+  args.topk_idx = topk_idx ? topk_idx->data_ptr<int64_t>() : nullptr;
+  args.topk_weights = topk_weights ? static_cast<const uint32_t*>(topk_weights->data_ptr()) : nullptr;
+  args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+  args.num_tokens = static_cast<int>(num_tokens);
+  args.send_rdma_head = head.data_ptr<int>();
+  args.num_tokens_per_node = per_node.data_ptr<int>();
+  C10_CUDA_CHECK(launch_internode_forward(rdma, layout, args, static_cast<int>(num_blocks),
+                                          at::cuda::getCurrentCUDAStream(runtime->device)));
+  py::dict offsets;
+  offsets["slots"] = layout.slots;
+  offsets["row_bytes"] = layout.row_bytes;
+  offsets["row_stride"] = layout.row_stride;
+  offsets["meta_bytes"] = meta.bytes;
+  offsets["meta_scales"] = meta.scales;
+  offsets["meta_topk"] = meta.topk;
+  offsets["meta_weights"] = meta.weights;
+  offsets["meta_mask"] = meta.mask;
+  offsets["meta_src"] = meta.src;
+  offsets["counters"] = layout.counters;
+  offsets["headers"] = layout.headers;
+  offsets["shares"] = layout.shares;
+  offsets["share_bytes"] = layout.share_bytes;
+  return py::make_tuple(head, per_node, offsets);
+}
+
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -779,6 +863,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Python agreement of the ranks on the shapes a buffer's first call pins");
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,
              "Raise an error a low-latency kernel on this device reported since the last call");
+  module.def("internode_forward", &deep_ep_ops::internode_forward,
+             "Development: the internode forward stage alone on a buffer's symmetric memory");
   // The op kernels again, called from Python without the dispatcher (see ops._direct in
   // deep_ep_ops/ops.py); each returns None where the call must take the ops instead
   // (eager_direct_ok). The fused dispatch also takes the cumulative statistics, which the

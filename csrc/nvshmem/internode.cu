@@ -1,0 +1,322 @@
+// The forward stage of internode normal-mode dispatch (docs/DESIGN.md section 5, "Internode"):
+// rank (n, l) sends each token once to every node m that holds one of its destination ranks,
+// into the region for source node n at the forwarder (m, l), at the token's index in the stream
+// from (n, l) to m. Other nodes are reached with NVSHMEM puts only (between emulated nodes of
+// one host too), from this rank's staging share of the symmetric buffer; the own node's region
+// (the forwarder is this rank) with local copies.
+//
+// Each block takes a contiguous range of tokens. It counts, per node, the tokens before its
+// range that go there (a scan of is_token_in_rank that every block makes itself), stages each
+// token of its range once (row, then the meta record: scales, top-k, weights, destination mask,
+// source index), then, node by node, gives the tokens going there their stream index (a block
+// prefix) and writes them out. After its puts complete (nvshmem_quiet) the block adds one to
+// its arrival word at every destination node's forwarder; the last block by index first puts
+// each region's header (sequence number and length). Block 0 then waits, bounded, until every
+// source node's blocks have arrived here: the regions of this call are complete when the kernel
+// ends. The arrival words only grow; the count expected grows by the blocks of a launch per
+// call (InternodeCounters), so eager calls and graph replays interleave.
+//
+// Regions are double buffered by the parity of the call's sequence number: a source writes the
+// parity of call k + 2 only after finishing call k + 1, whose forward waited for this
+// forwarder's call k + 1, which this forwarder starts after its uses of call k's regions.
+
+#include <nvshmem.h>
+#include <nvshmemx.h>
+
+#include "kernels/api.h"
+#include "kernels/device_utils.cuh"
+#include "nvshmem/internode.h"
+
+namespace deep_ep_ops {
+
+InternodeMeta internode_meta(int num_scales, int num_topk) {
+  InternodeMeta m{};
+  m.num_scales = num_scales;
+  m.num_topk = num_topk;
+  int64_t at = 0;
+  m.scales = at;
+  at += 4LL * num_scales;
+  at = (at + 7) / 8 * 8;
+  m.topk = at;
+  at += 8LL * num_topk;
+  m.weights = at;
+  at += 4LL * num_topk;
+  at = (at + 7) / 8 * 8;
+  m.mask = at;
+  at += 8;
+  m.src = at;
+  at += 4;
+  m.bytes = (at + 15) / 16 * 16;
+  return m;
+}
+
+InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes,
+                                 const InternodeMeta& meta) {
+  auto align = [](int64_t n) { return (n + 127) / 128 * 128; };
+  InternodeLayout l{};
+  l.num_nodes = num_nodes;
+  l.row_bytes = row_bytes;
+  l.meta = meta;
+  int64_t at = 0;
+  l.counters = at;
+  at += align(sizeof(InternodeCounters));
+  l.arrivals = at;
+  at += align(8LL * num_nodes);
+  l.headers = at;
+  at += align(16LL * num_nodes);
+  l.shares = at;
+  const int64_t shares = 2LL * num_nodes + 1;
+  l.share_bytes = bytes > at ? (bytes - at) / shares / 128 * 128 : 0;
+  const int64_t slot_bytes = (row_bytes + 15) / 16 * 16 + meta.bytes;
+  l.slots = l.share_bytes / slot_bytes;
+  l.row_stride = (row_bytes + 15) / 16 * 16;  // rows first, then the metas after `slots` rows
+  l.bytes = l.shares + shares * l.share_bytes;
+  return l;
+}
+
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+__device__ __forceinline__ InternodeCounters* counters(const InternodeRdma& r,
+                                                      const InternodeLayout& l) {
+  return reinterpret_cast<InternodeCounters*>(r.base + l.counters);
+}
+
+__device__ __forceinline__ uint64_t* arrival(const InternodeRdma& r, const InternodeLayout& l,
+                                             int node) {
+  return reinterpret_cast<uint64_t*>(r.base + l.arrivals) + node;
+}
+
+__device__ __forceinline__ uint64_t* header(const InternodeRdma& r, const InternodeLayout& l,
+                                            int parity, int node) {
+  return reinterpret_cast<uint64_t*>(r.base + l.headers) + 2 * (parity * l.num_nodes + node);
+}
+
+// A warp copies `bytes` with the widest word that divides the size and both addresses.
+__device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
+                                          int lane) {
+  const uint64_t both = reinterpret_cast<uint64_t>(dst) | reinterpret_cast<uint64_t>(src) |
+                        static_cast<uint64_t>(bytes);
+  if (both % 16 == 0) warp_copy_words<16>(dst, src, bytes, lane);
+  else if (both % 8 == 0) warp_copy_words<8>(dst, src, bytes, lane);
+  else if (both % 4 == 0) warp_copy_words<4>(dst, src, bytes, lane);
+  else warp_copy_words<1>(dst, src, bytes, lane);
+}
+
+// The nodes token t goes to (bit m: one of node m's ranks holds one of its experts).
+__device__ __forceinline__ uint32_t node_mask(const bool* in_rank, int num_ranks, int L, int t) {
+  const bool* row = in_rank + static_cast<int64_t>(t) * num_ranks;
+  uint32_t mask = 0;
+  for (int r = 0; r < num_ranks; ++r)
+    if (row[r]) mask |= 1u << (r / L);
+  return mask;
+}
+
+// Exclusive prefix of `flag` over the block; `total` gets the block's count.
+__device__ int block_prefix(bool flag, int* warp_counts, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
+// The meta record of token t (scales, top-k, weights, destination mask, source index), by the
+// lanes of one warp.
+__device__ void write_meta(uint8_t* meta, const InternodeMeta& m, const InternodeForwardArgs& a,
+                           int num_ranks, int t, int lane) {
+  auto* scales = reinterpret_cast<uint32_t*>(meta + m.scales);
+  for (int g = lane; g < m.num_scales; g += 32)
+    scales[g] = a.x_scales[t * a.scale_stride_token + g * a.scale_stride_group];
+  auto* topk = reinterpret_cast<int64_t*>(meta + m.topk);
+  auto* weights = reinterpret_cast<uint32_t*>(meta + m.weights);
+  for (int k = lane; k < m.num_topk; k += 32) {
+    topk[k] = a.topk_idx[static_cast<int64_t>(t) * m.num_topk + k];
+    weights[k] = a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * m.num_topk + k] : 0u;
+  }
+  const bool* row = a.is_token_in_rank + static_cast<int64_t>(t) * num_ranks;
+  uint64_t mask = 0;
+  for (int r = lane; r < num_ranks; r += 32)
+    if (row[r]) mask |= 1ull << r;
+  for (int offset = 16; offset > 0; offset /= 2) mask |= __shfl_xor_sync(0xffffffffu, mask, offset);
+  if (lane == 0) {
+    *reinterpret_cast<uint64_t*>(meta + m.mask) = mask;
+    *reinterpret_cast<int*>(meta + m.src) = t;
+  }
+}
+
+}  // namespace
+
+// External linkage in a named namespace, so that a profile shows the name (with -rdc an
+// internal-linkage kernel gets a __nv_static_<hash> prefix): deep_ep_ops::internode::dispatch_forward.
+namespace internode {
+
+__global__ void __launch_bounds__(kThreads, 1)
+    dispatch_forward(const InternodeRdma r, const InternodeLayout l,
+                     const InternodeForwardArgs a) {
+  __shared__ int before[kInternodeMaxNodes];  // per node: this block's tokens so far in its stream
+  __shared__ int slot_of[kThreads];           // this chunk's stream index for the current node
+  __shared__ uint32_t mask_of[kThreads];
+  __shared__ int warp_counts[kWarps];
+  __shared__ uint64_t seq, expected;
+  __shared__ bool aborted;
+  const int S = l.num_nodes, L = r.ranks_per_node, R = r.num_ranks;
+  const int my_node = r.rank / L, my_local = r.rank % L;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  InternodeCounters* c = counters(r, l);
+  if (threadIdx.x == 0) {
+    seq = *reinterpret_cast<volatile uint64_t*>(&c->seq);
+    expected = *reinterpret_cast<volatile uint64_t*>(&c->expected);
+    aborted = *reinterpret_cast<volatile int*>(&c->aborted) != 0;
+  }
+  if (threadIdx.x < kInternodeMaxNodes) before[threadIdx.x] = 0;
+  __syncthreads();
+  if (aborted) return;  // the whole block (one read)
+  const int parity = static_cast<int>(seq & 1);
+  const int per_block = (a.num_tokens + gridDim.x - 1) / gridDim.x;
+  const int begin = min(a.num_tokens, static_cast<int>(blockIdx.x) * per_block);
+  const int end = min(a.num_tokens, begin + per_block);
+
+  // The tokens before this block's range, per node.
+  for (int t = threadIdx.x; t < begin; t += blockDim.x) {
+    const uint32_t mask = node_mask(a.is_token_in_rank, R, L, t);
+    for (int m = 0; m < S; ++m)
+      if (mask >> m & 1u) atomicAdd(&before[m], 1);
+  }
+  __syncthreads();
+
+  uint8_t* staging_rows = r.base + l.shares;
+  uint8_t* staging_metas = staging_rows + l.slots * l.row_stride;
+  const int64_t row_bytes = l.row_bytes, stride = l.row_stride;
+  for (int chunk = begin; chunk < end; chunk += kThreads) {
+    const int count = min(kThreads, end - chunk);
+    const int t_mine = chunk + static_cast<int>(threadIdx.x);
+    mask_of[threadIdx.x] =
+        threadIdx.x < count ? node_mask(a.is_token_in_rank, R, L, t_mine) : 0u;
+    // Stage the chunk: each token once, whatever the number of nodes it goes to.
+    for (int i = warp; i < count; i += kWarps) {
+      const int t = chunk + i;
+      warp_copy(staging_rows + t * stride, a.x + t * row_bytes, row_bytes, lane);
+      write_meta(staging_metas + t * l.meta.bytes, l.meta, a, R, t, lane);
+    }
+    __syncthreads();
+    for (int m = 0; m < S; ++m) {
+      const bool goes = (mask_of[threadIdx.x] >> m & 1u) != 0;
+      int total = 0;
+      const int index = block_prefix(goes, warp_counts, total);
+      const int slot = goes ? before[m] + index : -1;
+      slot_of[threadIdx.x] = slot;
+      if (threadIdx.x < count) a.send_rdma_head[static_cast<int64_t>(t_mine) * S + m] = slot;
+      __syncthreads();
+      const int forwarder = m * L + my_local;
+      uint8_t* region_rows = r.base + internode_region(l, parity, my_node);
+      uint8_t* region_metas = r.base + internode_region_metas(l, parity, my_node);
+      for (int i = warp; i < count; i += kWarps) {
+        const int at = slot_of[i], t = chunk + i;
+        if (at < 0) continue;
+        uint8_t* row_dst = region_rows + at * stride;
+        uint8_t* meta_dst = region_metas + at * l.meta.bytes;
+        const uint8_t* row_src = staging_rows + t * stride;
+        const uint8_t* meta_src = staging_metas + t * l.meta.bytes;
+        if (m == my_node) {  // the forwarder is this rank
+          warp_copy(row_dst, row_src, row_bytes, lane);
+          warp_copy(meta_dst, meta_src, l.meta.bytes, lane);
+        } else {
+          nvshmemx_putmem_nbi_warp(row_dst, row_src, row_bytes, forwarder);
+          nvshmemx_putmem_nbi_warp(meta_dst, meta_src, l.meta.bytes, forwarder);
+        }
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) before[m] += total;
+      __syncthreads();
+    }
+  }
+
+  // The puts of this block are complete, its local copies visible, before it says so.
+  nvshmem_quiet();
+  __threadfence_system();
+  __syncthreads();
+  if (blockIdx.x == gridDim.x - 1 && static_cast<int>(threadIdx.x) < S) {
+    // before[] now holds the streams' lengths (this block's range ends the tokens).
+    const int m = threadIdx.x;
+    const uint64_t value = ((seq + 1) << 32) | static_cast<uint32_t>(before[m]);
+    if (a.num_tokens_per_node != nullptr) a.num_tokens_per_node[m] = before[m];
+    uint64_t* dst = header(r, l, parity, my_node);
+    if (m == my_node) {
+      *reinterpret_cast<volatile uint64_t*>(dst) = value;
+    } else {
+      nvshmemx_signal_op(dst, value, NVSHMEM_SIGNAL_SET, m * L + my_local);
+    }
+    nvshmem_quiet();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    for (int m = 0; m < S; ++m) {
+      uint64_t* dst = arrival(r, l, my_node);
+      if (m == my_node) {
+        atomicAdd(reinterpret_cast<unsigned long long*>(dst), 1ull);
+      } else {
+        nvshmemx_signal_op(dst, 1, NVSHMEM_SIGNAL_ADD, m * L + my_local);
+      }
+    }
+  }
+
+  // Block 0: every source node's blocks arrived here (the regions of this call are complete).
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < S) {
+    const int n = threadIdx.x;
+    const uint64_t target = expected + gridDim.x;
+    const uint64_t* word = arrival(r, l, n);
+    uint64_t start = 0;
+    while (load_acquire(word) < target) {
+      if (*reinterpret_cast<volatile int*>(&c->aborted) != 0) break;
+      const uint64_t now = now_ns();
+      if (start == 0) {
+        start = now;
+      } else if (now - start > r.timeout_ns) {
+        if (atomicExch(&c->aborted, 1) == 0)
+          report_error(r.error, r.op, kErrorTimeout, n * L + my_local,
+                       static_cast<int>(r.timeout_ns / 1000000000ull));
+        break;
+      }
+    }
+  }
+
+  // The last block to finish moves the call's sequence number and the arrivals expected on.
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&c->ticket, 1u) == gridDim.x - 1;
+    if (last) {
+      atomicExch(&c->ticket, 0u);
+      c->expected = expected + gridDim.x;
+      c->seq = seq + 1;
+      __threadfence();
+    }
+  }
+}
+
+}  // namespace internode
+
+cudaError_t launch_internode_forward(const InternodeRdma& rdma, const InternodeLayout& layout,
+                                     const InternodeForwardArgs& args, int num_blocks,
+                                     cudaStream_t stream) {
+  if (num_blocks < 1 || layout.num_nodes < 1 || layout.num_nodes > kInternodeMaxNodes ||
+      rdma.num_ranks > kInternodeMaxRanks || layout.slots < args.num_tokens ||
+      layout.bytes > rdma.bytes)
+    return cudaErrorInvalidValue;
+  internode::dispatch_forward<<<num_blocks, kThreads, 0, stream>>>(rdma, layout, args);
+  return cudaGetLastError();
+}
+
+}  // namespace deep_ep_ops

@@ -1,0 +1,102 @@
+// Torch-free entry points of the internode (several nodes) normal-mode kernels over NVSHMEM:
+// raw pointers and a cudaStream_t. docs/DESIGN.md section 5 ("Internode") has the design; this
+// is its first stage, the forward: every rank (node n, local index l) puts each of its tokens
+// once into each destination node m's forwarder (m, l), into that forwarder's receive region for
+// source node n, at the token's index in the stream from (n, l) to node m.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace deep_ep_ops {
+
+constexpr int kInternodeMaxNodes = 16;
+constexpr int kInternodeMaxRanks = 64;  // every destination bit of a token fits a uint64 mask
+
+// What a region slot carries beside the row ("meta", one record per token, 16-byte aligned):
+// the scales (num_scales 4-byte words), the top-k (num_topk int64 global experts), the weights
+// (num_topk 4-byte words), the token's destination mask over all ranks (bit r: rank r holds
+// one of its experts) and its index at the source rank.
+struct InternodeMeta {
+  int num_scales;
+  int num_topk;
+  int64_t scales, topk, weights, mask, src, bytes;  // offsets in the record; its size
+};
+InternodeMeta internode_meta(int num_scales, int num_topk);
+
+// Byte offsets inside one rank's RDMA (symmetric) allocation, the same on every rank. After the
+// fixed part (counters, arrival words, region headers), the rest is cut into 2S + 1 equal shares
+// whatever the call's shape: the staging share (this rank's outgoing records, which puts read)
+// and, for each parity of the call's sequence number, S receive regions (one per source node).
+// A share holds `slots` tokens: rows (row_bytes each), then metas. Calls of other shapes cut
+// the shares the same way, so the two parities never overlap.
+struct InternodeLayout {
+  int num_nodes;
+  int64_t row_bytes;   // a row's bytes
+  int64_t row_stride;  // its slot: row_bytes rounded up to 16
+  InternodeMeta meta;
+  int64_t counters;  // InternodeCounters (local)
+  int64_t arrivals;  // [S] uint64: blocks of source node n that finished sending here (peers add)
+  int64_t headers;   // [2][S] uint64: (seq << 32) | rows of the region, put by the source
+  int64_t shares;    // the first share (staging); share i at shares + i * share_bytes
+  int64_t share_bytes;
+  int64_t slots;     // tokens per share
+  int64_t bytes;     // all of it (<= the allocation)
+};
+// `bytes`: the allocation's size. slots < 1 when even one token does not fit.
+InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes,
+                                 const InternodeMeta& meta);
+
+// Local to each rank (never written by peers).
+struct InternodeCounters {
+  uint64_t seq;       // forward calls finished here (the parity of a call is seq & 1)
+  uint64_t expected;  // arrivals each source node has made here after the last finished call
+  unsigned ticket;    // blocks done of the running forward
+  int aborted;        // a wait timed out: later kernels return at once
+};
+
+// One rank's view of an internode buffer's RDMA memory, passed by value to the kernels.
+struct InternodeRdma {
+  uint8_t* base;       // this rank's symmetric allocation
+  int64_t bytes;
+  int rank;            // = NVSHMEM PE
+  int num_ranks;
+  int ranks_per_node;  // L; node of rank r = r / L, its local index r % L
+  uint64_t timeout_ns;
+  int* error;          // the device error word (kErrorWordInts ints, mapped host memory)
+  int op;              // OpId of the call, for error reports
+};
+
+struct InternodeForwardArgs {
+  const uint8_t* x;             // [num_tokens, layout.row_bytes], contiguous
+  const uint32_t* x_scales;     // element (t, g) at t * scale_stride_token + g * scale_stride_group
+  int64_t scale_stride_token;
+  int64_t scale_stride_group;
+  const int64_t* topk_idx;      // [num_tokens, num_topk] or nullptr (num_topk 0)
+  const uint32_t* topk_weights;  // [num_tokens, num_topk] 4-byte weights, or nullptr
+  const bool* is_token_in_rank;  // [num_tokens, num_ranks]
+  int num_tokens;
+  int* send_rdma_head;          // [num_tokens, S]: the token's index in the stream to node m, or -1
+  int* num_tokens_per_node;     // [S]: tokens sent to each node (its stream's length), or nullptr
+};
+
+// The forward stage: puts (and, for this rank's own node, local copies) of every token into its
+// forwarders' regions of parity seq & 1, then waits, bounded, until every source node's blocks
+// have arrived here (the error names the rank of that node with this local index). After it,
+// region n of parity p here holds the stream from (n, my local index) to my node in source
+// token order: rows at region_rows(p, n), metas at region_metas(p, n), the length in the header.
+// `num_blocks` must be the same on every rank (the arrival count is num_blocks per source).
+cudaError_t launch_internode_forward(const InternodeRdma& rdma, const InternodeLayout& layout,
+                                     const InternodeForwardArgs& args, int num_blocks,
+                                     cudaStream_t stream);
+
+// Where region n of parity p starts (rows; the metas follow its slots of rows).
+__host__ __device__ inline int64_t internode_region(const InternodeLayout& l, int parity, int node) {
+  return l.shares + (1 + static_cast<int64_t>(parity) * l.num_nodes + node) * l.share_bytes;
+}
+__host__ __device__ inline int64_t internode_region_metas(const InternodeLayout& l, int parity, int node) {
+  return internode_region(l, parity, node) + l.slots * l.row_stride;
+}
+
+}  // namespace deep_ep_ops
