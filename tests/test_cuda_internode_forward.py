@@ -1,6 +1,7 @@
 """The internode forward stage alone (csrc/nvshmem/internode.cu; docs/DESIGN.md section 5): after
 it, every forwarder's region for each source node holds that source's stream to its node, in
-source token order, with the token's scales, top-k, weights, destination mask and source index,
+source token order, with the token's scales, top-k, weights, destination mask, source index and
+its source's token count (the records of tests/staged_internode.py's forward),
 and every rank's send_rdma_head gives each token's index in its stream to each node.
 
 At 2 ranks as 2 nodes of 1 and at 4 ranks as 2 nodes of 2 (the one-GPU multi-rank mode, or one
@@ -124,6 +125,9 @@ def _forward_job(rank, world_size, ranks_per_node, shapes):
                 diffs.same(f"{where} region {n} src", field(off["meta_src"], 1,
                                                             torch.int32).squeeze(1),
                            tokens_in.int())
+                diffs.same(f"{where} region {n} src_tokens",
+                           field(off["meta_src_tokens"], 1, torch.int32).squeeze(1),
+                           torch.full((rows,), sr.size(0), dtype=torch.int32))
     finally:
         buffer.destroy()
     return diffs.messages

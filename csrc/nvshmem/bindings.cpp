@@ -815,6 +815,7 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
   offsets["meta_weights"] = meta.weights;
   offsets["meta_mask"] = meta.mask;
   offsets["meta_src"] = meta.src;
+  offsets["meta_src_tokens"] = meta.src_tokens;
   offsets["counters"] = layout.counters;
   offsets["headers"] = layout.headers;
   offsets["shares"] = layout.shares;

@@ -46,6 +46,8 @@ InternodeMeta internode_meta(int num_scales, int num_topk) {
   at += 8;
   m.src = at;
   at += 4;
+  m.src_tokens = at;
+  at += 4;
   m.bytes = (at + 15) / 16 * 16;
   return m;
 }
@@ -130,8 +132,8 @@ __device__ int block_prefix(bool flag, int* warp_counts, int& total) {
   return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
-// The meta record of token t (scales, top-k, weights, destination mask, source index), by the
-// lanes of one warp.
+// The meta record of token t (scales, top-k, weights, destination mask, source index, the
+// source's token count), by the lanes of one warp.
 __device__ void write_meta(uint8_t* meta, const InternodeMeta& m, const InternodeForwardArgs& a,
                            int num_ranks, int t, int lane) {
   auto* scales = reinterpret_cast<uint32_t*>(meta + m.scales);
@@ -151,6 +153,7 @@ __device__ void write_meta(uint8_t* meta, const InternodeMeta& m, const Internod
   if (lane == 0) {
     *reinterpret_cast<uint64_t*>(meta + m.mask) = mask;
     *reinterpret_cast<int*>(meta + m.src) = t;
+    *reinterpret_cast<int*>(meta + m.src_tokens) = a.num_tokens;
   }
 }
 

@@ -17,11 +17,12 @@ constexpr int kInternodeMaxRanks = 64;  // every destination bit of a token fits
 // What a region slot carries beside the row ("meta", one record per token, 16-byte aligned):
 // the scales (num_scales 4-byte words), the top-k (num_topk int64 global experts), the weights
 // (num_topk 4-byte words), the token's destination mask over all ranks (bit r: rank r holds
-// one of its experts) and its index at the source rank.
+// one of its experts), its index at the source rank and the source's token count (which fixes
+// the token's channel for the handle's channel matrices; tests/staged_internode.py).
 struct InternodeMeta {
   int num_scales;
   int num_topk;
-  int64_t scales, topk, weights, mask, src, bytes;  // offsets in the record; its size
+  int64_t scales, topk, weights, mask, src, src_tokens, bytes;  // offsets in the record; its size
 };
 InternodeMeta internode_meta(int num_scales, int num_topk);
 
