@@ -6,7 +6,7 @@ and every rank's send_rdma_head gives each token's index in its stream to each n
 
 At 2 ranks as 2 nodes of 1 and at 4 ranks as 2 nodes of 2 (the one-GPU multi-rank mode, or one
 rank per GPU), on a low-latency buffer's symmetric memory (the development entry
-``_C_nvshmem.internode_forward``). Several calls in a row (both parities of the regions, the
+``_C_nvshmem.internode_forward``). Several calls in a row (the regions reused, the ready and
 arrival counts growing), BF16 and FP8 rows, random routing with -1 entries and tokens that go
 nowhere, and a rank with no tokens."""
 
@@ -87,18 +87,17 @@ def _forward_job(rank, world_size, ranks_per_node, shapes):
             dist.all_gather_object(gathered, [None if t is None else t.cpu() for t in
                                               (x.view(torch.uint8), scales, topk, weights,
                                                in_rank)])
-            parity = call & 1
             for n in range(num_nodes):
                 src = n * ranks_per_node + my_local
                 sx, ss, st, sw, sr = gathered[src]
                 mine = sr.view(-1, num_nodes, ranks_per_node)[:, my_node].any(1)
                 tokens_in = mine.nonzero().squeeze(1)
                 rows = tokens_in.numel()
-                header = memory[off["headers"] + 16 * (parity * num_nodes + n):][:8]
+                header = memory[off["headers"] + 8 * n:][:8]
                 value = int(header.view(torch.int64).item())
                 diffs.check(f"{where} region {n} header", value == ((call + 1) << 32) | rows,
                             f"0x{value:x}, expected seq {call + 1} rows {rows}")
-                base = off["shares"] + (1 + parity * num_nodes + n) * off["share_bytes"]
+                base = off["shares"] + (1 + n) * off["share_bytes"]
                 got_rows = memory[base:base + rows * off["row_stride"]].view(rows, off["row_stride"])
                 got_rows = got_rows[:, :off["row_bytes"]].cpu()
                 diffs.same(f"{where} region {n} rows", got_rows,
@@ -133,7 +132,7 @@ def _forward_job(rank, world_size, ranks_per_node, shapes):
     return diffs.messages
 
 
-# (tokens, hidden, top-k, experts, FP8, blocks): both parities twice, shapes changing between
+# (tokens, hidden, top-k, experts, FP8, blocks): five calls in a row, shapes changing between
 # calls, more blocks than one token each.
 SHAPES = [
     (300, 1024, 8, 64, False, 8), (257, 2048, 4, 32, True, 24), (64, 7168, 8, 256, False, 4),

@@ -5,20 +5,20 @@
 // one host too), from this rank's staging share of the symmetric buffer; the own node's region
 // (the forwarder is this rank) with local copies.
 //
-// Each block takes a contiguous range of tokens. It counts, per node, the tokens before its
-// range that go there (a scan of is_token_in_rank that every block makes itself), stages each
-// token of its range once (row, then the meta record: scales, top-k, weights, destination mask,
-// source index), then, node by node, gives the tokens going there their stream index (a block
-// prefix) and writes them out. After its puts complete (nvshmem_quiet) the block adds one to
-// its arrival word at every destination node's forwarder; the last block by index first puts
-// each region's header (sequence number and length). Block 0 then waits, bounded, until every
-// source node's blocks have arrived here: the regions of this call are complete when the kernel
-// ends. The arrival words only grow; the count expected grows by the blocks of a launch per
-// call (InternodeCounters), so eager calls and graph replays interleave.
-//
-// Regions are double buffered by the parity of the call's sequence number: a source writes the
-// parity of call k + 2 only after finishing call k + 1, whose forward waited for this
-// forwarder's call k + 1, which this forwarder starts after its uses of call k's regions.
+// First, block 0 tells the sources of this rank's regions that they may write them for this
+// call (a ready word at each, monotonic), and every block waits until the forwarders it writes
+// to said so for theirs: they finished using the previous call's (stream order), so regions are
+// single-buffered at fixed addresses. Each block takes a contiguous range of tokens. It counts,
+// per node, the tokens before its range that go there (a scan of is_token_in_rank that every
+// block makes itself), stages each token of its range once (row, then the meta record: scales,
+// top-k, weights, destination mask, source index, the source's token count), then, node by
+// node, gives the tokens going there their stream index (a block prefix) and writes them out.
+// After its puts complete (nvshmem_quiet) the block adds one to its arrival word at every
+// destination node's forwarder; the last block by index first puts each region's header (call
+// number and length). Block 0 then waits, bounded, until every source node's blocks have
+// arrived here: the regions of this call are complete when the kernel ends. The words only
+// grow; the counts expected grow per call (InternodeCounters), so eager calls and graph replays
+// interleave.
 
 #include <nvshmem.h>
 #include <nvshmemx.h>
@@ -64,10 +64,12 @@ InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes
   at += align(sizeof(InternodeCounters));
   l.arrivals = at;
   at += align(8LL * num_nodes);
+  l.readys = at;
+  at += align(8LL * num_nodes);
   l.headers = at;
-  at += align(16LL * num_nodes);
+  at += align(8LL * num_nodes);
   l.shares = at;
-  const int64_t shares = 2LL * num_nodes + 1;
+  const int64_t shares = num_nodes + 1LL;
   l.share_bytes = bytes > at ? (bytes - at) / shares / 128 * 128 : 0;
   const int64_t slot_bytes = (row_bytes + 15) / 16 * 16 + meta.bytes;
   l.slots = l.share_bytes / slot_bytes;
@@ -92,8 +94,43 @@ __device__ __forceinline__ uint64_t* arrival(const InternodeRdma& r, const Inter
 }
 
 __device__ __forceinline__ uint64_t* header(const InternodeRdma& r, const InternodeLayout& l,
-                                            int parity, int node) {
-  return reinterpret_cast<uint64_t*>(r.base + l.headers) + 2 * (parity * l.num_nodes + node);
+                                            int node) {
+  return reinterpret_cast<uint64_t*>(r.base + l.headers) + node;
+}
+
+__device__ __forceinline__ uint64_t* ready(const InternodeRdma& r, const InternodeLayout& l,
+                                           int node) {
+  return reinterpret_cast<uint64_t*>(r.base + l.readys) + node;
+}
+
+// Adds one to word `offset` of rank `pe` (this rank: a local atomic after a system fence).
+__device__ __forceinline__ void add_one(const InternodeRdma& r, uint64_t* word, int pe) {
+  if (pe == r.rank) {
+    __threadfence_system();
+    atomicAdd(reinterpret_cast<unsigned long long*>(word), 1ull);
+  } else {
+    nvshmemx_signal_op(word, 1, NVSHMEM_SIGNAL_ADD, pe);
+  }
+}
+
+// One thread spins until *word >= target. False when rank `peer` did not arrive in time (the
+// error is recorded, the buffer marked aborted) or another wait timed out.
+__device__ bool wait_for(const InternodeRdma& r, InternodeCounters* c, const uint64_t* word,
+                         uint64_t target, int peer) {
+  uint64_t start = 0;
+  while (load_acquire(word) < target) {
+    if (*reinterpret_cast<volatile int*>(&c->aborted) != 0) return false;
+    const uint64_t now = now_ns();
+    if (start == 0) {
+      start = now;
+    } else if (now - start > r.timeout_ns) {
+      if (atomicExch(&c->aborted, 1) == 0)
+        report_error(r.error, r.op, kErrorTimeout, peer,
+                     static_cast<int>(r.timeout_ns / 1000000000ull));
+      return false;
+    }
+  }
+  return true;
 }
 
 // A warp copies `bytes` with the widest word that divides the size and both addresses.
@@ -184,7 +221,19 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x < kInternodeMaxNodes) before[threadIdx.x] = 0;
   __syncthreads();
   if (aborted) return;  // the whole block (one read)
-  const int parity = static_cast<int>(seq & 1);
+  // My regions are free for this call: tell their sources, (n, my local index) for every n.
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < S)
+    add_one(r, ready(r, l, my_node), static_cast<int>(threadIdx.x) * L + my_local);
+  // And wait until my forwarders freed theirs (thread m: forwarder (m, my local index)).
+  __shared__ bool ready_failed;
+  if (threadIdx.x == 0) ready_failed = false;
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < S) {
+    const int m = threadIdx.x;
+    if (!wait_for(r, c, ready(r, l, m), seq + 1, m * L + my_local)) ready_failed = true;
+  }
+  __syncthreads();
+  if (ready_failed) return;
   const int per_block = (a.num_tokens + gridDim.x - 1) / gridDim.x;
   const int begin = min(a.num_tokens, static_cast<int>(blockIdx.x) * per_block);
   const int end = min(a.num_tokens, begin + per_block);
@@ -221,8 +270,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (threadIdx.x < count) a.send_rdma_head[static_cast<int64_t>(t_mine) * S + m] = slot;
       __syncthreads();
       const int forwarder = m * L + my_local;
-      uint8_t* region_rows = r.base + internode_region(l, parity, my_node);
-      uint8_t* region_metas = r.base + internode_region_metas(l, parity, my_node);
+      uint8_t* region_rows = r.base + internode_region(l, my_node);
+      uint8_t* region_metas = r.base + internode_region_metas(l, my_node);
       for (int i = warp; i < count; i += kWarps) {
         const int at = slot_of[i], t = chunk + i;
         if (at < 0) continue;
@@ -253,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int m = threadIdx.x;
     const uint64_t value = ((seq + 1) << 32) | static_cast<uint32_t>(before[m]);
     if (a.num_tokens_per_node != nullptr) a.num_tokens_per_node[m] = before[m];
-    uint64_t* dst = header(r, l, parity, my_node);
+    uint64_t* dst = header(r, l, my_node);
     if (m == my_node) {
       *reinterpret_cast<volatile uint64_t*>(dst) = value;
     } else {
@@ -262,36 +311,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     nvshmem_quiet();
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence_system();
-    for (int m = 0; m < S; ++m) {
-      uint64_t* dst = arrival(r, l, my_node);
-      if (m == my_node) {
-        atomicAdd(reinterpret_cast<unsigned long long*>(dst), 1ull);
-      } else {
-        nvshmemx_signal_op(dst, 1, NVSHMEM_SIGNAL_ADD, m * L + my_local);
-      }
-    }
-  }
+  if (threadIdx.x == 0)
+    for (int m = 0; m < S; ++m) add_one(r, arrival(r, l, my_node), m * L + my_local);
 
   // Block 0: every source node's blocks arrived here (the regions of this call are complete).
   if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < S) {
     const int n = threadIdx.x;
-    const uint64_t target = expected + gridDim.x;
-    const uint64_t* word = arrival(r, l, n);
-    uint64_t start = 0;
-    while (load_acquire(word) < target) {
-      if (*reinterpret_cast<volatile int*>(&c->aborted) != 0) break;
-      const uint64_t now = now_ns();
-      if (start == 0) {
-        start = now;
-      } else if (now - start > r.timeout_ns) {
-        if (atomicExch(&c->aborted, 1) == 0)
-          report_error(r.error, r.op, kErrorTimeout, n * L + my_local,
-                       static_cast<int>(r.timeout_ns / 1000000000ull));
-        break;
-      }
-    }
+    wait_for(r, c, arrival(r, l, n), expected + gridDim.x, n * L + my_local);
   }
 
   // The last block to finish moves the call's sequence number and the arrivals expected on.

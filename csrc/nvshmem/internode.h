@@ -27,11 +27,12 @@ struct InternodeMeta {
 InternodeMeta internode_meta(int num_scales, int num_topk);
 
 // Byte offsets inside one rank's RDMA (symmetric) allocation, the same on every rank. After the
-// fixed part (counters, arrival words, region headers), the rest is cut into 2S + 1 equal shares
-// whatever the call's shape: the staging share (this rank's outgoing records, which puts read)
-// and, for each parity of the call's sequence number, S receive regions (one per source node).
-// A share holds `slots` tokens: rows (row_bytes each), then metas. Calls of other shapes cut
-// the shares the same way, so the two parities never overlap.
+// fixed part (counters, arrival and ready words, region headers), the rest is cut into S + 1
+// equal shares whatever the call's shape: the staging share (this rank's outgoing records, which
+// puts read) and S receive regions (one per source node). A share holds `slots` tokens: rows
+// (row_stride bytes each), then metas. The regions sit at fixed addresses (a CUDA graph can hold
+// views of them); a source writes one only after its forwarder said it is free for that call
+// (the ready words), so each is written once per call and read in between.
 struct InternodeLayout {
   int num_nodes;
   int64_t row_bytes;   // a row's bytes
@@ -39,7 +40,9 @@ struct InternodeLayout {
   InternodeMeta meta;
   int64_t counters;  // InternodeCounters (local)
   int64_t arrivals;  // [S] uint64: blocks of source node n that finished sending here (peers add)
-  int64_t headers;   // [2][S] uint64: (seq << 32) | rows of the region, put by the source
+  int64_t readys;    // [S] uint64: calls for which forwarder (m, my local index) freed its region
+                     // of my node (peers add)
+  int64_t headers;   // [S] uint64: (call << 32) | rows of region n, put by its source
   int64_t shares;    // the first share (staging); share i at shares + i * share_bytes
   int64_t share_bytes;
   int64_t slots;     // tokens per share
@@ -51,7 +54,7 @@ InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes
 
 // Local to each rank (never written by peers).
 struct InternodeCounters {
-  uint64_t seq;       // forward calls finished here (the parity of a call is seq & 1)
+  uint64_t seq;       // forward calls finished here
   uint64_t expected;  // arrivals each source node has made here after the last finished call
   unsigned ticket;    // blocks done of the running forward
   int aborted;        // a wait timed out: later kernels return at once
@@ -82,22 +85,23 @@ struct InternodeForwardArgs {
   int* num_tokens_per_node;     // [S]: tokens sent to each node (its stream's length), or nullptr
 };
 
-// The forward stage: puts (and, for this rank's own node, local copies) of every token into its
-// forwarders' regions of parity seq & 1, then waits, bounded, until every source node's blocks
-// have arrived here (the error names the rank of that node with this local index). After it,
-// region n of parity p here holds the stream from (n, my local index) to my node in source
-// token order: rows at region_rows(p, n), metas at region_metas(p, n), the length in the header.
+// The forward stage: frees this rank's regions for the call (ready words to their sources),
+// waits until its forwarders freed theirs, puts (and, for this rank's own node, copies) every
+// token into them, then waits, bounded, until every source node's blocks have arrived here (the
+// error names the rank of that node with this local index). After it, region n here holds the
+// stream from (n, my local index) to my node in source token order: rows at
+// internode_region(n), metas at internode_region_metas(n), the length in the header.
 // `num_blocks` must be the same on every rank (the arrival count is num_blocks per source).
 cudaError_t launch_internode_forward(const InternodeRdma& rdma, const InternodeLayout& layout,
                                      const InternodeForwardArgs& args, int num_blocks,
                                      cudaStream_t stream);
 
-// Where region n of parity p starts (rows; the metas follow its slots of rows).
-__host__ __device__ inline int64_t internode_region(const InternodeLayout& l, int parity, int node) {
-  return l.shares + (1 + static_cast<int64_t>(parity) * l.num_nodes + node) * l.share_bytes;
+// Where region n starts (rows; the metas follow its slots of rows).
+__host__ __device__ inline int64_t internode_region(const InternodeLayout& l, int node) {
+  return l.shares + (1 + static_cast<int64_t>(node)) * l.share_bytes;
 }
-__host__ __device__ inline int64_t internode_region_metas(const InternodeLayout& l, int parity, int node) {
-  return internode_region(l, parity, node) + l.slots * l.row_stride;
+__host__ __device__ inline int64_t internode_region_metas(const InternodeLayout& l, int node) {
+  return internode_region(l, node) + l.slots * l.row_stride;
 }
 
 }  // namespace deep_ep_ops
