@@ -11,6 +11,12 @@ from . import meta  # noqa: F401  (attaches the fakes; installed from the top-le
 from . import _autograd, _build, reference
 
 reference.register(_library.LIB, "CPU")
+# The staged internode dispatch (deep_ep_ops/internode_staged.py) on the buffers that have the
+# internode runtime; the reference on the others.
+if _build.HAS_CUDA_KERNELS and hasattr(getattr(_build, "_C_nvshmem", None), "internode_forward"):
+    from . import internode_staged as _internode_staged
+
+    _internode_staged.register(_library.LIB)
 # CUDA ops without a kernel in the extension (all of them without it) run the same reference
 # code over NCCL.
 _build.CUDA_REFERENCE_OPS = tuple(reference.register(_library.LIB, "CUDA"))

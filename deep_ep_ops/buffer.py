@@ -163,11 +163,13 @@ class Buffer:
         self.num_rdma_ranks = self._comm.num_rdma_ranks
         self.nvl_rank, self.rdma_rank = self.rank % self.num_nvl_ranks, self.rank // self.num_nvl_ranks
         self._destroyed = False
-        self._has_nvl_runtime = self._has_ll_runtime = False
+        self._has_nvl_runtime = self._has_ll_runtime = self._has_internode_runtime = False
         if self._wants_nvl_runtime():
             self._create_nvl_runtime()
         if self._wants_ll_runtime():
             self._create_ll_runtime()
+        if self._wants_internode_runtime():
+            self._create_internode_runtime()
         if low_latency_mode and not self._has_ll_runtime:
             # The low-latency workspace doubles as the zero-copy combine buffer. Its contents
             # mean nothing until written (clean_low_latency_buffer zeroes it): skip the fill.
@@ -202,10 +204,46 @@ class Buffer:
             and self.low_latency_mode and self.num_rdma_bytes > 0
         )
 
-    def _create_ll_runtime(self) -> None:
+    def _wants_internode_runtime(self) -> bool:
+        """The internode kernels (docs/DESIGN.md section 5) need the NVSHMEM extension with
+        them, several nodes, NVLink and RDMA bytes, and the RDMA memory to themselves (a buffer
+        in low-latency mode keeps the reference for its internode ops)."""
+        return (
+            _build.HAS_LOW_LATENCY_KERNELS
+            and hasattr(_build._C_nvshmem, "internode_forward") and _build.HAS_CUDA_KERNELS
+            and self.device.type == "cuda" and self._is_internode() and not self.low_latency_mode
+            and self.num_rdma_bytes > 0 and self.num_nvl_bytes > 0
+        )
+
+    def _create_internode_runtime(self) -> None:
+        """Collective: the RDMA memory over every rank (NVSHMEM) and an NVLink buffer over the
+        ranks of this rank's node (CUDA IPC among them), for the staged internode kernels."""
+        if not self._create_ll_runtime(internode=True):
+            return
+        timeout_s = self._comm.timeout.total_seconds()
+        node_name = f"{self.name}/node"
+        handle = _build._C.intranode_create(
+            node_name, self.device.index, self.nvl_rank, self.num_nvl_ranks, self.num_nvl_bytes,
+            timeout_s,
+        )
+        handles: list = [None] * self.group_size
+        dist.all_gather_object(handles, handle, group=self.group)
+        first = self.rdma_rank * self.num_nvl_ranks
+        _build._C.intranode_open(node_name, handles[first:first + self.num_nvl_ranks])
+        dist.barrier(group=self.group)
+        from . import internode_staged
+
+        internode_staged.attach(self.name, internode_staged.State(
+            node_name, self.rank, self.num_nvl_ranks, self.num_rdma_ranks,
+            internode_staged.forward_by_kernel(self._comm.workspace, self.num_nvl_ranks,
+                                               self.num_rdma_ranks)))
+        self._has_internode_runtime = True
+
+    def _create_ll_runtime(self, internode: bool = False) -> bool:
         """Collective: join NVSHMEM (once per process, the PEs being this group's ranks) and
         allocate the symmetric buffer. A group other than the one NVSHMEM was started on keeps
-        the NCCL reference (with a warning)."""
+        the NCCL reference (with a warning). ``internode``: the memory of the internode
+        kernels instead of the low-latency ones. Returns whether the runtime exists."""
         nvshmem = _build._C_nvshmem
         members = dist.get_process_group_ranks(self.group)
         # Every rank says which NVSHMEM job it is in, so that all take the same branch (a rank
@@ -224,10 +262,11 @@ class Buffer:
         elif any(job != members for job in jobs):
             warnings.warn(
                 f"Buffer {self.name}: NVSHMEM runs on ranks {_NVSHMEM_MEMBERS or 'none'} here, "
-                f"this group has {members}; its low-latency ops use the NCCL reference",
+                f"this group has {members}; its {'internode' if internode else 'low-latency'} "
+                "ops use the reference",
                 stacklevel=3,
             )
-            return
+            return False
         force_put = os.environ.get(FORCE_PUT_ENV, "0") == "1"
         timeout_s = self._comm.timeout.total_seconds()
         self._comm.workspace = nvshmem.create(
@@ -235,6 +274,7 @@ class Buffer:
         )
         self._has_ll_runtime = True
         dist.barrier(group=self.group)
+        return True
 
     def low_latency_peers_mapped(self) -> int:
         """Ranks the low-latency kernels reach with NVLink loads/stores (the others through
@@ -272,6 +312,12 @@ class Buffer:
             # and leave the memory to the process exit.
             _build._C.intranode_destroy(self.name, free_memory)
             self._has_nvl_runtime = False
+        if self._has_internode_runtime:
+            from . import internode_staged
+
+            internode_staged.detach(self.name)
+            _build._C.intranode_destroy(f"{self.name}/node", free_memory)
+            self._has_internode_runtime = False
         if self._has_ll_runtime:
             _build._C_nvshmem.destroy(self.name, free_memory)
             self._has_ll_runtime = False

@@ -44,12 +44,14 @@ def inputs(rank, num_ranks, seed, device="cpu", edge=None):
     return {**{k: v.to(device) for k, v in made.items()}, "experts": num_experts}
 
 
-def job(rank, num_ranks, per_node, seed, num_worst_tokens, device="cpu", edge=None):
+def job(rank, num_ranks, per_node, seed, num_worst_tokens, device="cpu", edge=None,
+        num_rdma_bytes=0):
     """One rank: internode dispatch, cached dispatch and combine on a buffer of ``per_node``
-    ranks per node; the results on the CPU."""
+    ranks per node; the results on the CPU. ``num_rdma_bytes``: the buffer's (on CUDA, with
+    the extension's internode kernels, the staged path's memory)."""
     os.environ[RANKS_PER_NODE_ENV] = str(per_node)
     try:
-        buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26)
+        buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, num_rdma_bytes)
     finally:
         os.environ.pop(RANKS_PER_NODE_ENV, None)
     inp = inputs(rank, num_ranks, seed, device, edge)

@@ -18,8 +18,9 @@ pytestmark = [
 ]
 
 
-def _job(rank, num_ranks, per_node, seed, num_worst_tokens):
-    return internode_helpers.job(rank, num_ranks, per_node, seed, num_worst_tokens, _device())
+def _job(rank, num_ranks, per_node, seed, num_worst_tokens, num_rdma_bytes=0):
+    return internode_helpers.job(rank, num_ranks, per_node, seed, num_worst_tokens, _device(),
+                                 num_rdma_bytes=num_rdma_bytes)
 
 
 @pytest.mark.parametrize("num_worst_tokens", [0, 64], ids=["data_dependent", "capacity"])
@@ -27,4 +28,20 @@ def test_internode_ops_on_cuda_match_oracle(world_size, num_worst_tokens):
     per_node = world_size // 2
     seed = 40 + world_size + num_worst_tokens
     results = gpu_distributed.run_on_gpus(world_size, _job, per_node, seed, num_worst_tokens)
+    internode_helpers.check(results, world_size, per_node, seed, num_worst_tokens)
+
+
+@pytest.mark.parametrize("num_worst_tokens", [0, 64], ids=["data_dependent", "capacity"])
+def test_staged_internode_path_matches_oracle(world_size, num_worst_tokens):
+    """With RDMA bytes the buffer gets the internode runtime: the data-dependent dispatch takes
+    the staged path (deep_ep_ops/internode_staged.py: the forward kernel, then the intranode
+    kernels per source node), the rest the reference on its handle; all against the oracle."""
+    from deep_ep_ops import _build
+
+    if not hasattr(getattr(_build, "_C_nvshmem", None), "internode_forward"):
+        pytest.skip("the extension has no internode forward kernel")
+    per_node = world_size // 2
+    seed = 60 + world_size + num_worst_tokens
+    results = gpu_distributed.run_on_gpus(world_size, _job, per_node, seed, num_worst_tokens,
+                                          256 << 20)
     internode_helpers.check(results, world_size, per_node, seed, num_worst_tokens)

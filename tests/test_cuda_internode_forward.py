@@ -71,8 +71,11 @@ def _forward_job(rank, world_size, ranks_per_node, shapes):
             num_tokens = 0 if (call == 1 and rank == world_size - 1) else tokens  # one rank empty
             x, scales, topk, weights, in_rank = _inputs(
                 rank, call, num_tokens, hidden, num_topk, num_experts, world_size, fp8, device)
+            valid = topk >= 0
+            experts = torch.bincount(topk[valid], minlength=num_experts).int()  # per expert
             head, per_node, off = nvshmem.internode_forward(
-                buffer.name, x, scales, topk, weights, in_rank, ranks_per_node, num_blocks)
+                buffer.name, x, scales, topk, weights, in_rank, experts, ranks_per_node,
+                num_blocks)
             torch.cuda.synchronize(device)
             nvshmem.check_device_errors(device.index)
             where = f"rank {rank} call {call}"
@@ -86,17 +89,21 @@ def _forward_job(rank, world_size, ranks_per_node, shapes):
             gathered = [None] * world_size
             dist.all_gather_object(gathered, [None if t is None else t.cpu() for t in
                                               (x.view(torch.uint8), scales, topk, weights,
-                                               in_rank)])
+                                               in_rank, experts)])
             for n in range(num_nodes):
                 src = n * ranks_per_node + my_local
-                sx, ss, st, sw, sr = gathered[src]
+                sx, ss, st, sw, sr, se = gathered[src]
                 mine = sr.view(-1, num_nodes, ranks_per_node)[:, my_node].any(1)
                 tokens_in = mine.nonzero().squeeze(1)
                 rows = tokens_in.numel()
-                header = memory[off["headers"] + 8 * n:][:8]
-                value = int(header.view(torch.int64).item())
+                at = off["headers"] + off["header_stride"] * n
+                value = int(memory[at:at + 8].view(torch.int64).item())
                 diffs.check(f"{where} region {n} header", value == ((call + 1) << 32) | rows,
                             f"0x{value:x}, expected seq {call + 1} rows {rows}")
+                e_node = off["experts_per_node"]
+                counts = memory[at + 8:at + 8 + 4 * e_node].view(torch.int32).cpu()
+                diffs.same(f"{where} region {n} per-expert counts", counts,
+                           se[my_node * e_node:(my_node + 1) * e_node])
                 base = off["shares"] + (1 + n) * off["share_bytes"]
                 got_rows = memory[base:base + rows * off["row_stride"]].view(rows, off["row_stride"])
                 got_rows = got_rows[:, :off["row_bytes"]].cpu()

@@ -749,8 +749,9 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
                             const c10::optional<at::Tensor>& x_scales,
                             const c10::optional<at::Tensor>& topk_idx,
                             const c10::optional<at::Tensor>& topk_weights,
-                            const at::Tensor& is_token_in_rank, int64_t ranks_per_node,
-                            int64_t num_blocks) {
+                            const at::Tensor& is_token_in_rank,
+                            const c10::optional<at::Tensor>& num_tokens_per_expert,
+                            int64_t ranks_per_node, int64_t num_blocks) {
   const char* op = "internode_dispatch";
   LowLatencyRuntime* runtime = find_runtime(buffer);
   TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", buffer, " has no NVSHMEM runtime");
@@ -782,8 +783,16 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
   int* error = checked_error_word(op, runtime->device);
   const InternodeMeta meta = internode_meta(x_scales ? static_cast<int>(x_scales->size(1)) : 0,
                                             static_cast<int>(num_topk));
+  if (num_tokens_per_expert)
+    TORCH_CHECK_VALUE(num_tokens_per_expert->scalar_type() == at::kInt &&
+                      num_tokens_per_expert->dim() == 1 && num_tokens_per_expert->is_contiguous() &&
+                      num_tokens_per_expert->size(0) % num_nodes == 0,
+                      "num_tokens_per_expert must be contiguous int32 [a multiple of the nodes]");
+  const int experts_per_node =
+      num_tokens_per_expert ? static_cast<int>(num_tokens_per_expert->size(0) / num_nodes) : 0;
   const InternodeLayout layout = internode_layout(runtime->bytes, static_cast<int>(num_nodes),
-                                                  x.size(1) * x.element_size(), meta);
+                                                  x.size(1) * x.element_size(), meta,
+                                                  experts_per_node);
   TORCH_CHECK_VALUE(layout.slots >= num_tokens, "deep_ep::", op, ": buffer ", buffer, " holds ",
                     num(layout.slots), " tokens per region for rows of ", num(layout.row_bytes),
                     " bytes, the call has ", num(num_tokens));
@@ -800,6 +809,7 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
   args.topk_idx = topk_idx ? topk_idx->data_ptr<int64_t>() : nullptr;
   args.topk_weights = topk_weights ? static_cast<const uint32_t*>(topk_weights->data_ptr()) : nullptr;
   args.is_token_in_rank = is_token_in_rank.data_ptr<bool>();
+  args.num_tokens_per_expert = num_tokens_per_expert ? num_tokens_per_expert->data_ptr<int>() : nullptr;
   args.num_tokens = static_cast<int>(num_tokens);
   args.send_rdma_head = head.data_ptr<int>();
   args.num_tokens_per_node = per_node.data_ptr<int>();
@@ -818,6 +828,8 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
   offsets["meta_src_tokens"] = meta.src_tokens;
   offsets["counters"] = layout.counters;
   offsets["headers"] = layout.headers;
+  offsets["header_stride"] = layout.header_stride;
+  offsets["experts_per_node"] = layout.experts_per_node;
   offsets["shares"] = layout.shares;
   offsets["share_bytes"] = layout.share_bytes;
   return py::make_tuple(head, per_node, offsets);

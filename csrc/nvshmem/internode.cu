@@ -53,7 +53,7 @@ InternodeMeta internode_meta(int num_scales, int num_topk) {
 }
 
 InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes,
-                                 const InternodeMeta& meta) {
+                                 const InternodeMeta& meta, int experts_per_node) {
   auto align = [](int64_t n) { return (n + 127) / 128 * 128; };
   InternodeLayout l{};
   l.num_nodes = num_nodes;
@@ -66,8 +66,12 @@ InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes
   at += align(8LL * num_nodes);
   l.readys = at;
   at += align(8LL * num_nodes);
+  l.experts_per_node = experts_per_node;
+  l.header_stride = (8 + 4LL * experts_per_node + 7) / 8 * 8;
   l.headers = at;
-  at += align(8LL * num_nodes);
+  at += align(l.header_stride * num_nodes);
+  l.out_headers = at;
+  at += align(l.header_stride * num_nodes);
   l.shares = at;
   const int64_t shares = num_nodes + 1LL;
   l.share_bytes = bytes > at ? (bytes - at) / shares / 128 * 128 : 0;
@@ -95,7 +99,7 @@ __device__ __forceinline__ uint64_t* arrival(const InternodeRdma& r, const Inter
 
 __device__ __forceinline__ uint64_t* header(const InternodeRdma& r, const InternodeLayout& l,
                                             int node) {
-  return reinterpret_cast<uint64_t*>(r.base + l.headers) + node;
+  return reinterpret_cast<uint64_t*>(r.base + l.headers + node * l.header_stride);
 }
 
 __device__ __forceinline__ uint64_t* ready(const InternodeRdma& r, const InternodeLayout& l,
@@ -298,15 +302,21 @@ __global__ void __launch_bounds__(kThreads, 1)
   __threadfence_system();
   __syncthreads();
   if (blockIdx.x == gridDim.x - 1 && static_cast<int>(threadIdx.x) < S) {
-    // before[] now holds the streams' lengths (this block's range ends the tokens).
-    const int m = threadIdx.x;
-    const uint64_t value = ((seq + 1) << 32) | static_cast<uint32_t>(before[m]);
+    // before[] now holds the streams' lengths (this block's range ends the tokens). The
+    // record for node m: the length, then my per-expert counts for its experts.
+    const int m = threadIdx.x, E = l.experts_per_node;
     if (a.num_tokens_per_node != nullptr) a.num_tokens_per_node[m] = before[m];
-    uint64_t* dst = header(r, l, my_node);
+    uint8_t* record = r.base + l.out_headers + m * l.header_stride;
+    *reinterpret_cast<uint64_t*>(record) = ((seq + 1) << 32) | static_cast<uint32_t>(before[m]);
+    for (int e = 0; e < E; ++e)
+      reinterpret_cast<int*>(record + 8)[e] =
+          a.num_tokens_per_expert != nullptr ? a.num_tokens_per_expert[m * E + e] : 0;
+    uint8_t* dst = reinterpret_cast<uint8_t*>(header(r, l, my_node));
     if (m == my_node) {
-      *reinterpret_cast<volatile uint64_t*>(dst) = value;
+      for (int64_t b = 0; b < l.header_stride; b += 8)
+        *reinterpret_cast<volatile uint64_t*>(dst + b) = *reinterpret_cast<uint64_t*>(record + b);
     } else {
-      nvshmemx_signal_op(dst, value, NVSHMEM_SIGNAL_SET, m * L + my_local);
+      nvshmem_putmem(dst, record, l.header_stride, m * L + my_local);
     }
     nvshmem_quiet();
   }

@@ -42,7 +42,12 @@ struct InternodeLayout {
   int64_t arrivals;  // [S] uint64: blocks of source node n that finished sending here (peers add)
   int64_t readys;    // [S] uint64: calls for which forwarder (m, my local index) freed its region
                      // of my node (peers add)
-  int64_t headers;   // [S] uint64: (call << 32) | rows of region n, put by its source
+  int64_t headers;   // [S] records of header_stride bytes: uint64 (call << 32) | rows of
+                     // region n, then the source's num_tokens_per_expert for my node's
+                     // experts (experts_per_node int32), put by the source
+  int64_t out_headers;  // [S] the same records, staged here for the puts
+  int64_t header_stride;
+  int experts_per_node;
   int64_t shares;    // the first share (staging); share i at shares + i * share_bytes
   int64_t share_bytes;
   int64_t slots;     // tokens per share
@@ -50,7 +55,7 @@ struct InternodeLayout {
 };
 // `bytes`: the allocation's size. slots < 1 when even one token does not fit.
 InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes,
-                                 const InternodeMeta& meta);
+                                 const InternodeMeta& meta, int experts_per_node);
 
 // Local to each rank (never written by peers).
 struct InternodeCounters {
@@ -81,6 +86,7 @@ struct InternodeForwardArgs {
   const uint32_t* topk_weights;  // [num_tokens, num_topk] 4-byte weights, or nullptr
   const bool* is_token_in_rank;  // [num_tokens, num_ranks]
   int num_tokens;
+  const int* num_tokens_per_expert;  // [S * layout.experts_per_node], or nullptr
   int* send_rdma_head;          // [num_tokens, S]: the token's index in the stream to node m, or -1
   int* num_tokens_per_node;     // [S]: tokens sent to each node (its stream's length), or nullptr
 };

@@ -1,0 +1,314 @@
+"""Internode dispatch staged on the intranode op (docs/DESIGN.md section 5, "Internode"), first
+version: the forward stage (the NVSHMEM kernel on CUDA; ``forward_by_exchange`` elsewhere), then
+per source node one ``deep_ep::dispatch`` over the node's ranks on the node's buffer, whose
+sources are the forwarders with their region as ``x``, and the results put one after the other;
+the ten-field handle from what those steps have (the formulas ``tests/staged_internode.py``
+checks against the oracle). The region's records travel through the intranode op as one wide
+row each: the payload's bytes, then its scales, its source token and its source's token count
+(copied bit for bit), split again at the destination.
+
+A buffer gets this path when ``attach`` is called for it (``Buffer`` does on CUDA when the
+extension has the forward kernel); the internode ops take it for such a buffer in the
+data-dependent mode and keep the reference otherwise (capacity mode, cached dispatch and
+combine come with the next stages).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Optional
+
+import torch
+
+_ops = torch.ops.deep_ep
+
+
+@dataclasses.dataclass
+class Region:
+    """What forwarder (m, l) holds from source node n: one record per token of the stream from
+    (n, l) to node m, in source token order."""
+
+    rows: torch.Tensor  # [N, row_bytes] uint8: the payload
+    scales: torch.Tensor  # [N, 4 * S] uint8: its scales' bytes
+    topk: Optional[torch.Tensor]  # [N, K] int64 global experts
+    weights: Optional[torch.Tensor]  # [N, K] float32
+    mask: torch.Tensor  # [N] int64: bit r = rank r receives the token
+    src: torch.Tensor  # [N] int32: its index at the source
+    src_tokens: torch.Tensor  # [N] int32: the source's token count
+    per_expert: Optional[torch.Tensor] = None  # [E / S] int32: the source's
+    # num_tokens_per_expert for this node's experts (None without)
+
+
+# forward(buffer, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
+#         config) ->
+#   (send_rdma_head [T, S] int32, regions[n] for n in nodes)
+Forward = Callable[..., tuple[torch.Tensor, list[Region]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    node_buffer: str  # the node's NVLink buffer (its ranks: this node's)
+    rank: int
+    per_node: int
+    num_nodes: int
+    forward: Forward
+
+
+_STATES: dict[str, State] = {}
+
+
+def attach(buffer: str, state: State) -> None:
+    _STATES[buffer] = state
+
+
+def detach(buffer: str) -> None:
+    _STATES.pop(buffer, None)
+
+
+def state_of(buffer: str) -> Optional[State]:
+    return _STATES.get(buffer)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.uint8).reshape(t.size(0), -1)
+
+
+def _channels(src: torch.Tensor, num_tokens: torch.Tensor, channels: int) -> torch.Tensor:
+    """DeepEP's channel of token ``src`` of a source with ``num_tokens`` tokens."""
+    per_channel = torch.clamp((num_tokens.to(torch.int64) + channels - 1) // channels, min=1)
+    return src.to(torch.int64) // per_channel
+
+
+def _prefix(counts: torch.Tensor) -> torch.Tensor:
+    """``[targets, C]`` int32 inclusive prefix over channels."""
+    return counts.cumsum(1).to(torch.int32)
+
+
+def _per_channel(target: torch.Tensor, channel: torch.Tensor, num_targets: int,
+                 channels: int) -> torch.Tensor:
+    """``[num_targets, C]`` counts of the rows with (target, channel)."""
+    counts = torch.zeros(num_targets * channels, dtype=torch.int64, device=target.device)
+    counts.index_add_(0, target.to(torch.int64) * channels + channel,
+                      torch.ones_like(channel))
+    return counts.view(num_targets, channels)
+
+
+def dispatch(state: State, x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+             num_tokens_per_expert, buffer, expert_alignment, config):
+    """The data-dependent internode dispatch (its op's outputs: the rows, then the handle but
+    ``is_token_in_rank``)."""
+    L, S, me = state.per_node, state.num_nodes, state.rank
+    node, local = divmod(me, L)
+    R, T, device = L * S, x.size(0), x.device
+    channels = config[0] // 2
+    in_rank = is_token_in_rank.contiguous()
+    head, regions = state.forward(buffer, x, x_scales, topk_idx, topk_weights, in_rank,
+                                  num_tokens_per_expert, config)
+    num_scales = 0 if x_scales is None else x_scales.size(1)
+    row_bytes = x.size(1) * x.element_size()
+    has_topk = topk_idx is not None
+    has_experts = num_tokens_per_expert is not None
+    E_node = num_tokens_per_expert.size(0) // S if has_experts else 0
+    ranks_here = torch.arange(L, device=device) + node * L
+
+    subs = []
+    for n, region in enumerate(regions):
+        # The region's records as wide rows (even bytes: viewed as bfloat16, which the
+        # intranode kernels copy bit for bit).
+        wide = torch.cat([region.rows, region.scales, _bytes(region.src[:, None]),
+                          _bytes(region.src_tokens[:, None])], 1)
+        pad = wide.size(1) % 2
+        if pad:
+            wide = torch.cat([wide, wide.new_zeros(wide.size(0), 1)], 1)
+        # Routing within the node: the carried destination bits; the experts shifted to the
+        # node's (others -1); the per-expert counts the source gave for the node's experts,
+        # which the sub-dispatches sum over the forwarders as the flat dispatch sums them over
+        # the sources.
+        routes = ((region.mask[:, None] >> ranks_here) & 1).bool()
+        per_rank = routes.sum(0, dtype=torch.int32)
+        experts = (torch.where(region.topk // E_node == node, region.topk - node * E_node, -1)
+                   if has_topk else None)
+        subs.append(_ops.dispatch(wide.view(torch.bfloat16), None, experts, region.weights,
+                                  per_rank, routes, region.per_expert, state.node_buffer, 1,
+                                  config))
+
+    # The destination's rows: the segments of the source nodes in order.
+    wide = torch.cat([s[0] for s in subs]).view(torch.uint8)
+    N = wide.size(0)
+    recv_x = wide[:, :row_bytes].contiguous().view(x.dtype).view(N, x.size(1))
+    at = row_bytes + 4 * num_scales
+    recv_x_scales = (wide[:, row_bytes:at].contiguous().view(x_scales.dtype).view(N, num_scales)
+                     if num_scales else torch.zeros(N, 0, device=device))
+    src = wide[:, at:at + 4].contiguous().view(torch.int32).view(N)
+    src_tokens = wide[:, at + 4:at + 8].contiguous().view(torch.int32).view(N)
+    recv_topk_idx = torch.cat([s[2] for s in subs])
+    recv_topk_weights = torch.cat([s[3] for s in subs])
+    per_expert = sum(s[4].to(torch.int64) for s in subs)
+    per_expert = (per_expert + expert_alignment - 1) // expert_alignment * expert_alignment
+    per_expert = per_expert.to(torch.int32)
+
+    # Rows from each source rank (n, l): the segments' rank prefix matrices, column `local`.
+    from_source = torch.cat([torch.diff(s[5][:, local], prepend=s[5].new_zeros(1)) for s in subs])
+    source_of_row = torch.repeat_interleave(torch.arange(R, device=device),
+                                            from_source.to(torch.int64))
+    first_row = from_source.to(torch.int64).cumsum(0) - from_source
+    row_counts = _per_channel(source_of_row, _channels(src, src_tokens, channels), R, channels)
+    recv_gbl_channel_prefix = (first_row[:, None] + row_counts.cumsum(1) - row_counts).to(torch.int32)
+
+    # As forwarder: my regions' lengths and channels, and where each of my rows went.
+    lengths = torch.tensor([r.src.numel() for r in regions], device=device)
+    recv_rdma_channel_prefix = _prefix(torch.stack([
+        _per_channel(torch.zeros_like(r.src), _channels(r.src, r.src_tokens, channels), 1,
+                     channels)[0] for r in regions]))
+    nvl_heads, base = [], torch.zeros(L, dtype=torch.int64, device=device)
+    for s in subs:
+        send_head = s[9].to(torch.int64)
+        nvl_heads.append(torch.where(send_head >= 0, send_head + base, -1))
+        base = base + s[5][L - 1].to(torch.int64)  # rows each local rank got from this region
+    send_nvl_head = torch.cat(nvl_heads).to(torch.int32)
+
+    # As source: my own routing.
+    token_channel = _channels(torch.arange(T, device=device), torch.tensor(T, device=device),
+                              channels)
+    node_rows = in_rank.view(T, S, L).any(2)
+    rdma_prefix = _prefix(_counts_by(node_rows, token_channel, channels))
+    gbl_prefix = _prefix(_counts_by(in_rank, token_channel, channels))
+    recv_src_meta = torch.stack([src, torch.cat([s[8] for s in subs])], 1).to(torch.int32)
+    return (
+        recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert,
+        rdma_prefix, gbl_prefix, recv_rdma_channel_prefix,
+        lengths.cumsum(0).to(torch.int32), recv_gbl_channel_prefix,
+        from_source.to(torch.int64).cumsum(0).to(torch.int32), recv_src_meta,
+        head.to(torch.int32), send_nvl_head,
+    )
+
+
+def _counts_by(routes: torch.Tensor, channel: torch.Tensor, channels: int) -> torch.Tensor:
+    """``[targets, C]``: tokens routed to each target (a bool column each) per channel."""
+    counts = routes.new_zeros((channels, routes.size(1)), dtype=torch.int64)
+    counts.index_add_(0, channel, routes.to(torch.int64))
+    return counts.t()
+
+
+def forward_by_exchange(comm_all_gather: Callable, per_node: int, num_nodes: int, rank: int):
+    """A forward stage made of all-gathers (``comm_all_gather(tensor) -> list per rank``): the
+    same regions as the kernel's, for running the staged path without it (CPU tests)."""
+
+    def forward(buffer, x, x_scales, topk_idx, topk_weights, in_rank, num_tokens_per_expert,
+                config):
+        L, S = per_node, num_nodes
+        node, local = divmod(rank, L)
+        T = x.size(0)
+        node_rows = in_rank.view(T, S, L).any(2)
+        head = torch.where(node_rows, node_rows.to(torch.int64).cumsum(0) - 1, -1).to(torch.int32)
+        ranks = torch.arange(in_rank.size(1), device=x.device)
+        fields = {
+            "rows": _bytes(x), "scales": _bytes(x_scales) if x_scales is not None
+            else torch.zeros(T, 0, dtype=torch.uint8, device=x.device),
+            "topk": topk_idx, "weights": topk_weights,
+            "mask": (in_rank.to(torch.int64) << ranks).sum(1),
+            "src": torch.arange(T, dtype=torch.int32, device=x.device),
+            "src_tokens": torch.full((T,), T, dtype=torch.int32, device=x.device),
+            "node_rows": node_rows,
+        }
+        gathered = {k: (comm_all_gather(v) if v is not None else None) for k, v in fields.items()}
+        experts = None if num_tokens_per_expert is None else comm_all_gather(num_tokens_per_expert)
+        regions = []
+        for n in range(S):
+            s = n * L + local
+            take = gathered["node_rows"][s][:, node]
+            region = Region(*(
+                None if gathered[k] is None else gathered[k][s][take]
+                for k in ("rows", "scales", "topk", "weights", "mask", "src", "src_tokens")))
+            if experts is not None:
+                e_node = experts[s].numel() // S
+                region.per_expert = experts[s][node * e_node:(node + 1) * e_node].contiguous()
+            regions.append(region)
+        return head, regions
+
+    return forward
+
+
+def forward_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int):
+    """The forward stage of the NVSHMEM kernel (``_C_nvshmem.internode_forward``) on the
+    buffer's symmetric ``memory``: the regions as views of it (read before this rank's next
+    forward, which frees them for the sources only then). Reads the regions' lengths on the
+    host (the data-dependent dispatch waits for its counts anyway)."""
+    from . import _build
+
+    def forward(buffer, x, x_scales, topk_idx, topk_weights, in_rank, num_tokens_per_expert,
+                config):
+        head, _, off = _build._C_nvshmem.internode_forward(
+            buffer, x.contiguous(), x_scales, topk_idx, topk_weights, in_rank,
+            num_tokens_per_expert, per_node, config[0])
+        stride, slots, meta_bytes = off["row_stride"], off["slots"], off["meta_bytes"]
+        num_scales = 0 if x_scales is None else x_scales.size(1)
+        num_topk = 0 if topk_idx is None else topk_idx.size(1)
+        headers = memory[off["headers"]:off["headers"] + off["header_stride"] * num_nodes]
+        headers = headers.view(num_nodes, off["header_stride"]).cpu()  # waits for the kernel
+        regions = []
+        for n in range(num_nodes):
+            rows = int(headers[n, :8].view(torch.int64)) & 0xFFFFFFFF
+            base = off["shares"] + (1 + n) * off["share_bytes"]
+            metas_at = base + slots * stride
+            metas = memory[metas_at:metas_at + rows * meta_bytes].view(rows, meta_bytes)
+
+            def field(offset, width, count, dtype):
+                return metas[:, offset:offset + width * count].contiguous().view(dtype)
+
+            e_node = off["experts_per_node"]
+            regions.append(Region(
+                rows=memory[base:base + rows * stride].view(rows, stride)[:, :off["row_bytes"]],
+                scales=metas[:, off["meta_scales"]:off["meta_scales"] + 4 * num_scales],
+                topk=field(off["meta_topk"], 8, num_topk, torch.int64) if num_topk else None,
+                weights=(field(off["meta_weights"], 4, num_topk, torch.float32)
+                         if topk_weights is not None else None),
+                mask=field(off["meta_mask"], 8, 1, torch.int64).view(rows),
+                src=field(off["meta_src"], 4, 1, torch.int32).view(rows),
+                src_tokens=field(off["meta_src_tokens"], 4, 1, torch.int32).view(rows),
+                per_expert=(headers[n, 8:8 + 4 * e_node].view(torch.int32).to(x.device)
+                            if num_tokens_per_expert is not None else None),
+            ))
+        return head, regions
+
+    return forward
+
+
+def _takes(state, x, x_scales, topk_idx, topk_weights) -> bool:
+    """Calls this version runs (else the reference): CUDA tensors, 4-byte scales, float32
+    weights beside top-k (the forward records carry 4-byte words)."""
+    return (
+        state is not None and x.is_cuda and x.dim() == 2
+        and (x_scales is None or x_scales.element_size() == 4)
+        and (topk_idx is None) == (topk_weights is None)
+        and (topk_weights is None or topk_weights.dtype == torch.float32)
+    )
+
+
+def internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                       num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert, buffer,
+                       expert_alignment, config):
+    """``deep_ep::internode_dispatch`` on CUDA: the staged path on a buffer attached here,
+    the reference otherwise."""
+    from . import reference, reference_internode
+
+    state = state_of(buffer)
+    if not _takes(state, x, x_scales, topk_idx, topk_weights):
+        return reference_internode.internode_dispatch(
+            x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+            is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, config)
+    reference.meta.check_internode_dispatch(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+        is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, config)
+    return dispatch(state, x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+                    num_tokens_per_expert, buffer, expert_alignment, config)
+
+
+def register(lib: torch.library.Library) -> list[str]:
+    """Register the staged ops for CUDA (before the reference fills the rest)."""
+    from . import reference
+
+    lib.impl("internode_dispatch", reference._noting_failures("internode_dispatch",
+                                                              internode_dispatch), "CUDA")
+    return ["internode_dispatch"]
