@@ -53,6 +53,9 @@ class State:
     per_node: int
     num_nodes: int
     forward: Forward
+    # give_back(buffer, rows per region, weights per region or Nones) -> per node m
+    #   (partials of my tokens sent there, by stream index; their weights or None)
+    give_back: Optional[Callable] = None
 
 
 _STATES: dict[str, State] = {}
@@ -312,3 +315,96 @@ def register(lib: torch.library.Library) -> list[str]:
     lib.impl("internode_dispatch", reference._noting_failures("internode_dispatch",
                                                               internode_dispatch), "CUDA")
     return ["internode_dispatch"]
+
+
+# --- combine -----------------------------------------------------------------------------------
+#
+# Backwards along the stages: per source node n, one intranode ``deep_ep::combine`` over the
+# node's ranks of the rows of segment n here to the forwarders (each region row's sum over the
+# node's ranks in ascending order, rounded once to x's dtype: the node's partial), with the
+# intranode handle of that sub-dispatch rebuilt from the ten fields; then the partials go back
+# to their source ranks (``State.give_back``) and each source sums, per token, the partials of
+# the nodes it went to in ascending node order (fp32, fp64 for fp64 x), adds the biases and
+# rounds once.
+
+def _sub_handle(handle, n, L, local, channels):
+    """The intranode handle of sub-dispatch ``n`` (segment n here, region n at my forwarder
+    role) from the ten internode fields: what ``deep_ep::combine`` reads of it (the rows from
+    each forwarder here, the rows I sent each local rank, my rows' places here), the rest 0."""
+    received = handle.recv_gbl_rank_prefix_sum.to(torch.int64)
+    before = received[n * L - 1] if n else received.new_zeros(())
+    seg = received[n * L:(n + 1) * L] - before  # inclusive prefix over the forwarders
+    start, end = int(before), int(seg[-1] + before)
+    regions = handle.recv_rdma_rank_prefix_sum.to(torch.int64)
+    r0 = int(regions[n - 1]) if n else 0
+    r1 = int(regions[n])
+    head = handle.send_nvl_head[r0:r1].to(torch.int64)
+    head[:, local] = torch.where(head[:, local] >= 0, head[:, local] - start, -1)
+    counts = torch.zeros(L, L, dtype=torch.int64, device=head.device)
+    counts[local] = (head >= 0).sum(0)
+    counts[:, local] = torch.diff(seg, prepend=seg.new_zeros(1))
+    zeros = torch.zeros(L, channels, dtype=torch.int32, device=head.device)
+    sub = (counts.cumsum(0).to(torch.int32), zeros, zeros.clone(),
+           handle.recv_src_meta[start:end, 1].contiguous(), head >= 0, head.to(torch.int32))
+    return sub, start, end
+
+
+def combine(state: State, x, topk_weights, bias_0, bias_1, handle, buffer, config):
+    """The internode combine: ``(combined_x, combined_topk_weights)``."""
+    L, S = state.per_node, state.num_nodes
+    node, local = divmod(state.rank, L)
+    channels = config[0] // 2
+    partials = []
+    for n in range(S):
+        sub, start, end = _sub_handle(handle, n, L, local, channels)
+        weights = None if topk_weights is None else topk_weights[start:end]
+        partials.append(_ops.combine(x[start:end], weights, None, None, *sub,
+                                     state.node_buffer, 0, config))
+    # At the source: per node m, the partials of my tokens sent there, by stream index.
+    returned = state.give_back(buffer, [p[0] for p in partials],
+                               [p[1] if topk_weights is not None else None for p in partials])
+    T = handle.is_token_in_rank.size(0)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    total = torch.zeros(T, x.size(1), dtype=acc, device=x.device)
+    K = 0 if topk_weights is None else topk_weights.size(1)
+    wtotal = torch.zeros(T, K, dtype=torch.float32 if topk_weights is None or
+                         topk_weights.dtype != torch.float64 else torch.float64, device=x.device)
+    head = handle.send_rdma_head.to(torch.int64)
+    for m, (rows, weights) in enumerate(returned):
+        sent = head[:, m] >= 0
+        at = sent.nonzero().squeeze(1)
+        total[at] += rows[head[at, m]].to(acc)
+        if weights is not None:
+            wtotal[at] += weights[head[at, m]].to(wtotal.dtype)
+    for bias in (bias_0, bias_1):
+        if bias is not None:
+            total = total + bias.to(acc)
+    return total.to(x.dtype), wtotal
+
+
+def give_back_by_exchange(comm_all_gather: Callable, per_node: int, num_nodes: int, rank: int):
+    """The partials' way back made of all-gathers: forwarder (m, l)'s partials of region n go
+    to source (n, l), which gets them per node m in its stream order (CPU tests)."""
+
+    def give_back(buffer, rows, weights):
+        L, S = per_node, num_nodes
+        node, local = divmod(rank, L)
+        gathered = comm_all_gather(torch.cat([r.flatten() for r in rows]) if rows else None)
+        sizes = comm_all_gather(torch.tensor([r.numel() for r in rows]))
+        wgathered = None if weights[0] is None else comm_all_gather(
+            torch.cat([w.flatten() for w in weights]))
+        wsizes = None if weights[0] is None else comm_all_gather(
+            torch.tensor([w.numel() for w in weights]))
+        out = []
+        for m in range(S):
+            f = m * L + local  # my forwarder in node m
+            at = int(sizes[f][:node].sum())
+            part = gathered[f][at:at + int(sizes[f][node])].view(-1, rows[0].size(1))
+            w = None
+            if wgathered is not None:
+                wat = int(wsizes[f][:node].sum())
+                w = wgathered[f][wat:wat + int(wsizes[f][node])].view(part.size(0), -1)
+            out.append((part, w))
+        return out
+
+    return give_back

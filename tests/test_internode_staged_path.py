@@ -3,7 +3,8 @@ of all-gathers (``forward_by_exchange``, the same regions as the CUDA kernel's),
 intranode ``deep_ep::dispatch`` per source node on a buffer of the node's ranks (here the
 reference over a gloo group of the node), and the handle from those steps. Its outputs equal
 the internode reference's, every field, at 4 ranks as 2 x 2 and 2 x 1 ... 8 as 2 x 4, with and
-without top-k, BF16 and FP8 with scales. On CUDA the same code runs with the forward kernel and
+without top-k, BF16 and FP8 with scales; and its combine back along the handle (BF16, with the
+weights, a bias) equals the reference's combine. On CUDA the same code runs with the forward kernel and
 the intranode kernels (tests/test_cuda_internode.py)."""
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _job(rank, num_ranks, per_node, seed, fp8, with_topk):
     num_nodes = num_ranks // per_node
     state = internode_staged.State(
         _node_buffer(per_node), rank, per_node, num_nodes,
-        internode_staged.forward_by_exchange(_all_gather, per_node, num_nodes, rank))
+        internode_staged.forward_by_exchange(_all_gather, per_node, num_nodes, rank),
+        internode_staged.give_back_by_exchange(_all_gather, per_node, num_nodes, rank))
     inp = inputs(rank, num_ranks, seed)
     x, scales = inp["x"], None
     if fp8:  # FP8 rows with two scales each (the dispatch copies them as they are)
@@ -61,11 +63,20 @@ def _job(rank, num_ranks, per_node, seed, fp8, with_topk):
     got = internode_staged.dispatch(
         state, x, scales, topk, weights, layout.is_token_in_rank,
         layout.num_tokens_per_expert, buffer.name, 2, CONFIG)
-    buffer.destroy()
     flat_want = (*want[:5], *want.handle[1:])
+    pairs = [(a, b) for a, b in zip(got, flat_want)]
+    if not fp8:  # combine rows made from the received ones, back along the staged handle
+        rows = (want.recv_x.float() * (rank + 1) / 3).bfloat16()
+        weights = want.recv_topk_weights if with_topk else None
+        handle = ops.InternodeHandle(layout.is_token_in_rank, *got[5:])
+        combined = internode_staged.combine(state, rows, weights, inp["bias"], None, handle,
+                                            buffer.name, CONFIG)
+        reference = ops.internode_combine(buffer.name, rows, want.handle, topk_weights=weights,
+                                          bias=inp["bias"], config=CONFIG)
+        pairs += list(zip(combined, reference))
+    buffer.destroy()
     return [(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-             b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b)
-            for a, b in zip(got, flat_want)]
+             b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b) for a, b in pairs]
 
 
 FIELDS = ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights",
@@ -77,8 +88,9 @@ FIELDS = ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights",
                          ids=["bf16", "fp8", "routes_only"])
 def test_staged_path_equals_the_reference(num_ranks, per_node, fp8, with_topk):
     results = run_on_ranks(num_ranks, _job, per_node, 5 + num_ranks, fp8, with_topk, timeout=240)
+    names = FIELDS if fp8 else (*FIELDS, "combined_x", "combined_topk_weights")
     for rank, pairs in enumerate(results):
-        assert len(pairs) == len(FIELDS)
-        for name, (got, want) in zip(FIELDS, pairs):
+        assert len(pairs) == len(names)
+        for name, (got, want) in zip(names, pairs):
             assert got.dtype == want.dtype and got.shape == want.shape, (rank, name, got, want)
             assert torch.equal(got, want), (rank, name, got, want)
