@@ -236,7 +236,9 @@ class Buffer:
         internode_staged.attach(self.name, internode_staged.State(
             node_name, self.rank, self.num_nvl_ranks, self.num_rdma_ranks,
             internode_staged.forward_by_kernel(self._comm.workspace, self.num_nvl_ranks,
-                                               self.num_rdma_ranks)))
+                                               self.num_rdma_ranks),
+            internode_staged.give_back_by_kernel(self._comm.workspace, self.num_nvl_ranks,
+                                                 self.num_rdma_ranks, self.rank)))
         self._has_internode_runtime = True
 
     def _create_ll_runtime(self, internode: bool = False) -> bool:

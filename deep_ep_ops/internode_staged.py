@@ -16,6 +16,7 @@ combine come with the next stages).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Optional
 
@@ -53,7 +54,8 @@ class State:
     per_node: int
     num_nodes: int
     forward: Forward
-    # give_back(buffer, rows per region, weights per region or Nones) -> per node m
+    # give_back(buffer, rows per region, weights per region or Nones, the handle's
+    #   recv_rdma_rank_prefix_sum, my tokens sent to each node, config) -> per node m
     #   (partials of my tokens sent there, by stream index; their weights or None)
     give_back: Optional[Callable] = None
 
@@ -74,7 +76,9 @@ def state_of(buffer: str) -> Optional[State]:
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.contiguous().view(torch.uint8).reshape(t.size(0), -1)
+    """``[N, bytes of a row]`` uint8 (no rows included)."""
+    width = math.prod(t.shape[1:]) * t.element_size()
+    return t.contiguous().view(torch.uint8).reshape(t.size(0), width)
 
 
 def _channels(src: torch.Tensor, num_tokens: torch.Tensor, channels: int) -> torch.Tensor:
@@ -308,13 +312,32 @@ def internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                     num_tokens_per_expert, buffer, expert_alignment, config)
 
 
+def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
+    """``deep_ep::internode_combine`` on CUDA: the staged path on a buffer attached here (for a
+    handle of the data-dependent mode), the reference otherwise."""
+    from . import reference, reference_internode
+    from .ops import InternodeHandle
+
+    *fields, buffer, num_worst_tokens, config = handle_and_rest
+    state = state_of(buffer)
+    if (state is None or state.give_back is None or num_worst_tokens or not x.is_cuda
+            or (topk_weights is not None and topk_weights.dtype != torch.float32)):
+        return reference_internode.internode_combine(x, topk_weights, bias_0, bias_1,
+                                                     *handle_and_rest)
+    reference.meta.check_internode_combine(x, topk_weights, bias_0, bias_1, *fields, buffer,
+                                           num_worst_tokens, config)
+    return combine(state, x, topk_weights, bias_0, bias_1, InternodeHandle(*fields), buffer,
+                   config)
+
+
 def register(lib: torch.library.Library) -> list[str]:
     """Register the staged ops for CUDA (before the reference fills the rest)."""
     from . import reference
 
-    lib.impl("internode_dispatch", reference._noting_failures("internode_dispatch",
-                                                              internode_dispatch), "CUDA")
-    return ["internode_dispatch"]
+    for name, fn in (("internode_dispatch", internode_dispatch),
+                     ("internode_combine", internode_combine)):
+        lib.impl(name, reference._noting_failures(name, fn), "CUDA")
+    return ["internode_dispatch", "internode_combine"]
 
 
 # --- combine -----------------------------------------------------------------------------------
@@ -361,8 +384,10 @@ def combine(state: State, x, topk_weights, bias_0, bias_1, handle, buffer, confi
         partials.append(_ops.combine(x[start:end], weights, None, None, *sub,
                                      state.node_buffer, 0, config))
     # At the source: per node m, the partials of my tokens sent there, by stream index.
+    sent = (handle.send_rdma_head >= 0).sum(0).tolist()  # my tokens sent to each node
     returned = state.give_back(buffer, [p[0] for p in partials],
-                               [p[1] if topk_weights is not None else None for p in partials])
+                               [p[1] if topk_weights is not None else None for p in partials],
+                               handle.recv_rdma_rank_prefix_sum.contiguous(), sent, config)
     T = handle.is_token_in_rank.size(0)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     total = torch.zeros(T, x.size(1), dtype=acc, device=x.device)
@@ -386,7 +411,7 @@ def give_back_by_exchange(comm_all_gather: Callable, per_node: int, num_nodes: i
     """The partials' way back made of all-gathers: forwarder (m, l)'s partials of region n go
     to source (n, l), which gets them per node m in its stream order (CPU tests)."""
 
-    def give_back(buffer, rows, weights):
+    def give_back(buffer, rows, weights, region_prefix, sent_per_node, config):
         L, S = per_node, num_nodes
         node, local = divmod(rank, L)
         gathered = comm_all_gather(torch.cat([r.flatten() for r in rows]) if rows else None)
@@ -403,7 +428,53 @@ def give_back_by_exchange(comm_all_gather: Callable, per_node: int, num_nodes: i
             w = None
             if wgathered is not None:
                 wat = int(wsizes[f][:node].sum())
-                w = wgathered[f][wat:wat + int(wsizes[f][node])].view(part.size(0), -1)
+                w = wgathered[f][wat:wat + int(wsizes[f][node])].view(part.size(0),
+                                                                      weights[0].size(1))
+            out.append((part, w))
+        return out
+
+    return give_back
+
+
+def give_back_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int, rank: int):
+    """The partials' way back through the NVSHMEM kernel (``_C_nvshmem.internode_return``):
+    each region's partials copied into its staging share of the symmetric ``memory``, the
+    kernel's puts, then my receive shares read (per node m, as many rows as I sent there)."""
+    from . import _build
+
+    def give_back(buffer, rows, weights, region_prefix, sent_per_node, config):
+        nvshmem = _build._C_nvshmem
+        width = rows[0].size(1) * rows[0].element_size()
+        K = 0 if weights[0] is None else weights[0].size(1)
+        off = nvshmem.internode_return_layout(buffer, width, 4 * K, per_node)
+        stride, share = off["row_stride"], off["share_bytes"]
+        wstride = (4 * K + 15) // 16 * 16
+
+        def rows_view(base, count):
+            return memory[base:base + count * stride].view(count, stride)[:, :width]
+
+        def weights_view(base, count):
+            at = base + off["weights"]
+            return memory[at:at + count * wstride].view(count, wstride)[:, :4 * K]
+
+        for n, part in enumerate(rows):
+            if part.size(0) > off["slots"]:
+                raise ValueError(f"deep_ep::internode_combine: buffer {buffer!r} holds "
+                                 f"{off['slots']} rows per share for rows of {width} bytes, "
+                                 f"region {n} has {part.size(0)}")
+            base = off["shares"] + n * share
+            rows_view(base, part.size(0)).copy_(_bytes(part))
+            if K:
+                weights_view(base, part.size(0)).copy_(_bytes(weights[n]))
+        nvshmem.internode_return(buffer, region_prefix, width, 4 * K, per_node, config[0])
+        out = []
+        for m in range(num_nodes):
+            count = int(sent_per_node[m])
+            base = off["shares"] + (num_nodes + m) * share
+            part = rows_view(base, count).contiguous().view(rows[0].dtype).view(count,
+                                                                              rows[0].size(1))
+            w = (weights_view(base, count).contiguous().view(torch.float32).view(count, K)
+                 if K else None)
             out.append((part, w))
         return out
 

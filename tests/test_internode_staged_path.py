@@ -39,7 +39,7 @@ def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _job(rank, num_ranks, per_node, seed, fp8, with_topk):
+def _job(rank, num_ranks, per_node, seed, fp8, with_topk, edge=None):
     os.environ[RANKS_PER_NODE_ENV] = str(per_node)
     try:
         buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26)
@@ -50,7 +50,7 @@ def _job(rank, num_ranks, per_node, seed, fp8, with_topk):
         _node_buffer(per_node), rank, per_node, num_nodes,
         internode_staged.forward_by_exchange(_all_gather, per_node, num_nodes, rank),
         internode_staged.give_back_by_exchange(_all_gather, per_node, num_nodes, rank))
-    inp = inputs(rank, num_ranks, seed)
+    inp = inputs(rank, num_ranks, seed, edge=edge)
     x, scales = inp["x"], None
     if fp8:  # FP8 rows with two scales each (the dispatch copies them as they are)
         x = x.to(torch.float8_e4m3fn)
@@ -87,7 +87,16 @@ FIELDS = ("recv_x", "recv_x_scales", "recv_topk_idx", "recv_topk_weights",
 @pytest.mark.parametrize("fp8, with_topk", [(False, True), (True, True), (False, False)],
                          ids=["bf16", "fp8", "routes_only"])
 def test_staged_path_equals_the_reference(num_ranks, per_node, fp8, with_topk):
-    results = run_on_ranks(num_ranks, _job, per_node, 5 + num_ranks, fp8, with_topk, timeout=240)
+    _check(run_on_ranks(num_ranks, _job, per_node, 5 + num_ranks, fp8, with_topk, timeout=240),
+           fp8)
+
+
+@pytest.mark.parametrize("edge", ["empty rank", "nothing sent", "first node only"])
+def test_staged_path_edge_cases_equal_the_reference(edge):
+    _check(run_on_ranks(4, _job, 2, 3, False, True, edge, timeout=240), False)
+
+
+def _check(results, fp8):
     names = FIELDS if fp8 else (*FIELDS, "combined_x", "combined_topk_weights")
     for rank, pairs in enumerate(results):
         assert len(pairs) == len(names)

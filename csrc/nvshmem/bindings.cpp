@@ -835,6 +835,59 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
   return py::make_tuple(head, per_node, offsets);
 }
 
+// The combine's way back on a buffer's symmetric memory (development, as internode_forward):
+// the layout's offsets for rows of `row_bytes` and weights of `weight_bytes`, then the launch
+// that puts the staged partials to their sources and waits for this rank's.
+py::dict return_offsets(const InternodeReturnLayout& layout) {
+  py::dict offsets;
+  offsets["shares"] = layout.shares;
+  offsets["share_bytes"] = layout.share_bytes;
+  offsets["slots"] = layout.slots;
+  offsets["row_stride"] = layout.row_stride;
+  offsets["weights"] = layout.weights;
+  return offsets;
+}
+
+InternodeReturnLayout return_layout_of(const std::string& buffer, int64_t row_bytes,
+                                       int64_t weight_bytes, int64_t ranks_per_node,
+                                       LowLatencyRuntime*& runtime) {
+  runtime = find_runtime(buffer);
+  TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", buffer, " has no NVSHMEM runtime");
+  TORCH_CHECK_VALUE(ranks_per_node >= 1 && runtime->num_ranks % ranks_per_node == 0,
+                    "ranks_per_node must divide the ranks (", num(runtime->num_ranks), ")");
+  return internode_return_layout(runtime->bytes,
+                                 static_cast<int>(runtime->num_ranks / ranks_per_node),
+                                 row_bytes, weight_bytes);
+}
+
+py::dict internode_return_layout_of(const std::string& buffer, int64_t row_bytes,
+                                    int64_t weight_bytes, int64_t ranks_per_node) {
+  LowLatencyRuntime* runtime = nullptr;
+  return return_offsets(return_layout_of(buffer, row_bytes, weight_bytes, ranks_per_node, runtime));
+}
+
+void internode_return(const std::string& buffer, const at::Tensor& region_prefix,
+                      int64_t row_bytes, int64_t weight_bytes, int64_t ranks_per_node,
+                      int64_t num_blocks) {
+  const char* op = "internode_combine";
+  LowLatencyRuntime* runtime = nullptr;
+  const InternodeReturnLayout layout =
+      return_layout_of(buffer, row_bytes, weight_bytes, ranks_per_node, runtime);
+  TORCH_CHECK_VALUE(!runtime->broken, "buffer ", buffer, " is unusable after a timeout");
+  TORCH_CHECK_VALUE(region_prefix.is_cuda() && region_prefix.scalar_type() == at::kInt &&
+                    region_prefix.dim() == 1 && region_prefix.size(0) == layout.num_nodes &&
+                    region_prefix.is_contiguous(),
+                    "region_prefix must be contiguous int32 [num_nodes] on CUDA");
+  const c10::cuda::CUDAGuard guard(region_prefix.device());
+  int* error = checked_error_word(op, runtime->device);
+  InternodeRdma rdma{runtime->memory, runtime->bytes, runtime->rank,
+                     static_cast<int>(runtime->num_ranks), static_cast<int>(ranks_per_node),
+                     runtime->timeout_ns, error, kOpInternodeCombine};
+  InternodeReturnArgs args{region_prefix.data_ptr<int>()};
+  C10_CUDA_CHECK(launch_internode_return(rdma, layout, args, static_cast<int>(num_blocks),
+                                         at::cuda::getCurrentCUDAStream(runtime->device)));
+}
+
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -878,6 +931,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "Raise an error a low-latency kernel on this device reported since the last call");
   module.def("internode_forward", &deep_ep_ops::internode_forward,
              "Development: the internode forward stage alone on a buffer's symmetric memory");
+  module.def("internode_return_layout", &deep_ep_ops::internode_return_layout_of,
+             "The offsets of the internode combine's way back for rows and weights of a width");
+  module.def("internode_return", &deep_ep_ops::internode_return,
+             "The internode combine's way back: staged partials to their sources");
   // The op kernels again, called from Python without the dispatcher (see ops._direct in
   // deep_ep_ops/ops.py); each returns None where the call must take the ops instead
   // (eager_direct_ok). The fused dispatch also takes the cumulative statistics, which the

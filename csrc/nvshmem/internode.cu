@@ -52,6 +52,41 @@ InternodeMeta internode_meta(int num_scales, int num_topk) {
   return m;
 }
 
+namespace {
+int64_t align128(int64_t n) { return (n + 127) / 128 * 128; }
+// The forward's counters, arrival and ready words come first; these of the way back next.
+int64_t forward_words(int num_nodes) {
+  return align128(sizeof(InternodeCounters)) + 2 * align128(8LL * num_nodes);
+}
+int64_t internode_return_words(int num_nodes) {
+  return align128(sizeof(InternodeCounters)) + 2 * align128(8LL * num_nodes);
+}
+}  // namespace
+
+InternodeReturnLayout internode_return_layout(int64_t bytes, int num_nodes, int64_t row_bytes,
+                                              int64_t weight_bytes) {
+  InternodeReturnLayout l{};
+  l.num_nodes = num_nodes;
+  l.row_bytes = row_bytes;
+  l.row_stride = (row_bytes + 15) / 16 * 16;
+  l.weight_bytes = weight_bytes;
+  int64_t at = forward_words(num_nodes);
+  l.counters = at;
+  at += align128(sizeof(InternodeCounters));
+  l.arrivals = at;
+  at += align128(8LL * num_nodes);
+  l.readys = at;
+  at += align128(8LL * num_nodes);
+  l.shares = at;
+  const int64_t shares = 2LL * num_nodes;
+  l.share_bytes = bytes > at ? (bytes - at) / shares / 128 * 128 : 0;
+  const int64_t slot = l.row_stride + (weight_bytes + 15) / 16 * 16;
+  l.slots = l.share_bytes / slot;
+  l.weights = l.slots * l.row_stride;
+  l.bytes = l.shares + shares * l.share_bytes;
+  return l;
+}
+
 InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes,
                                  const InternodeMeta& meta, int experts_per_node) {
   auto align = [](int64_t n) { return (n + 127) / 128 * 128; };
@@ -66,6 +101,7 @@ InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes
   at += align(8LL * num_nodes);
   l.readys = at;
   at += align(8LL * num_nodes);
+  at += internode_return_words(num_nodes);  // the way back's counters and words
   l.experts_per_node = experts_per_node;
   l.header_stride = (8 + 4LL * experts_per_node + 7) / 8 * 8;
   l.headers = at;
@@ -345,7 +381,94 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
+// The combine's way back (InternodeReturnLayout): every block takes its share of the rows of
+// every region and puts it in one piece (rows, then weights) to the region's source.
+__global__ void __launch_bounds__(kThreads, 1)
+    combine_return(const InternodeRdma r, const InternodeReturnLayout l,
+                   const InternodeReturnArgs a) {
+  __shared__ uint64_t seq, expected;
+  __shared__ bool aborted, failed;
+  const int S = l.num_nodes, L = r.ranks_per_node;
+  const int my_node = r.rank / L, my_local = r.rank % L;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  auto* c = reinterpret_cast<InternodeCounters*>(r.base + l.counters);
+  auto* arrivals = reinterpret_cast<uint64_t*>(r.base + l.arrivals);
+  auto* readys = reinterpret_cast<uint64_t*>(r.base + l.readys);
+  if (threadIdx.x == 0) {
+    seq = *reinterpret_cast<volatile uint64_t*>(&c->seq);
+    expected = *reinterpret_cast<volatile uint64_t*>(&c->expected);
+    aborted = *reinterpret_cast<volatile int*>(&c->aborted) != 0;
+    failed = false;
+  }
+  __syncthreads();
+  if (aborted) return;
+  // My receive shares are free: tell my forwarders (m, my local index); wait for my sources.
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < S)
+    add_one(r, readys + my_node, static_cast<int>(threadIdx.x) * L + my_local);
+  __syncthreads();
+  if (static_cast<int>(threadIdx.x) < S) {
+    const int n = threadIdx.x;
+    if (!wait_for(r, c, readys + n, seq + 1, n * L + my_local)) failed = true;
+  }
+  __syncthreads();
+  if (failed) return;
+  for (int n = warp; n < S; n += kWarps) {  // a warp per region: its block's slice of rows
+    const int first = n == 0 ? 0 : a.region_prefix[n - 1], rows = a.region_prefix[n] - first;
+    const int per_block = (rows + gridDim.x - 1) / gridDim.x;
+    const int i0 = min(rows, static_cast<int>(blockIdx.x) * per_block);
+    const int i1 = min(rows, i0 + per_block);
+    if (i1 <= i0) continue;
+    const int source = n * L + my_local;
+    const uint8_t* src = r.base + internode_return_staging(l, n);
+    uint8_t* dst = r.base + internode_return_receive(l, my_node);
+    const int64_t wstride = (l.weight_bytes + 15) / 16 * 16;
+    if (source == r.rank) {
+      warp_copy(dst + i0 * l.row_stride, src + i0 * l.row_stride, (i1 - i0) * l.row_stride, lane);
+      if (l.weight_bytes)
+        warp_copy(dst + l.weights + i0 * wstride, src + l.weights + i0 * wstride,
+                  (i1 - i0) * wstride, lane);
+    } else {
+      nvshmemx_putmem_nbi_warp(dst + i0 * l.row_stride, src + i0 * l.row_stride,
+                               (i1 - i0) * l.row_stride, source);
+      if (l.weight_bytes)
+        nvshmemx_putmem_nbi_warp(dst + l.weights + i0 * wstride, src + l.weights + i0 * wstride,
+                                 (i1 - i0) * wstride, source);
+    }
+  }
+  nvshmem_quiet();
+  __threadfence_system();
+  __syncthreads();
+  if (threadIdx.x == 0)
+    for (int n = 0; n < S; ++n) add_one(r, arrivals + my_node, n * L + my_local);
+  if (blockIdx.x == 0 && static_cast<int>(threadIdx.x) < S) {
+    const int m = threadIdx.x;
+    wait_for(r, c, arrivals + m, expected + gridDim.x, m * L + my_local);
+  }
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    last = atomicAdd(&c->ticket, 1u) == gridDim.x - 1;
+    if (last) {
+      atomicExch(&c->ticket, 0u);
+      c->expected = expected + gridDim.x;
+      c->seq = seq + 1;
+      __threadfence();
+    }
+  }
+}
+
 }  // namespace internode
+
+cudaError_t launch_internode_return(const InternodeRdma& rdma, const InternodeReturnLayout& layout,
+                                    const InternodeReturnArgs& args, int num_blocks,
+                                    cudaStream_t stream) {
+  if (num_blocks < 1 || layout.num_nodes < 1 || layout.num_nodes > kInternodeMaxNodes ||
+      layout.slots < 1 || layout.bytes > rdma.bytes)
+    return cudaErrorInvalidValue;
+  internode::combine_return<<<num_blocks, kThreads, 0, stream>>>(rdma, layout, args);
+  return cudaGetLastError();
+}
 
 cudaError_t launch_internode_forward(const InternodeRdma& rdma, const InternodeLayout& layout,
                                      const InternodeForwardArgs& args, int num_blocks,

@@ -57,6 +57,36 @@ struct InternodeLayout {
 InternodeLayout internode_layout(int64_t bytes, int num_nodes, int64_t row_bytes,
                                  const InternodeMeta& meta, int experts_per_node);
 
+// The combine's way back: forwarder (m, l) puts its partials of region n (the rows of source
+// (n, l)'s stream to node m, in stream order) to source (n, l), into its receive share for node
+// m. Same fixed part as the forward's; then 2S shares of `slots` rows: S staging shares (region
+// n's partials, which the puts read) and S receive shares (from node m). A share: rows
+// (row_stride bytes each), then the weights (weight_bytes each).
+struct InternodeReturnLayout {
+  int num_nodes;
+  int64_t row_bytes, row_stride, weight_bytes;
+  int64_t counters;  // InternodeCounters of the way back (local)
+  int64_t arrivals;  // [S] uint64: blocks of node m's forwarder that finished sending here
+  int64_t readys;    // [S] uint64: calls for which source (n, my local index) freed its share
+  int64_t shares, share_bytes, slots, weights;  // weights: their offset in a share
+  int64_t bytes;
+};
+InternodeReturnLayout internode_return_layout(int64_t bytes, int num_nodes, int64_t row_bytes,
+                                              int64_t weight_bytes);
+__host__ __device__ inline int64_t internode_return_staging(const InternodeReturnLayout& l,
+                                                            int node) {
+  return l.shares + static_cast<int64_t>(node) * l.share_bytes;
+}
+__host__ __device__ inline int64_t internode_return_receive(const InternodeReturnLayout& l,
+                                                            int node) {
+  return l.shares + (static_cast<int64_t>(l.num_nodes) + node) * l.share_bytes;
+}
+
+struct InternodeReturnArgs {
+  const int* region_prefix;  // [S] inclusive prefix of my regions' lengths (the handle's
+                             // recv_rdma_rank_prefix_sum)
+};
+
 // Local to each rank (never written by peers).
 struct InternodeCounters {
   uint64_t seq;       // forward calls finished here
@@ -101,6 +131,12 @@ struct InternodeForwardArgs {
 cudaError_t launch_internode_forward(const InternodeRdma& rdma, const InternodeLayout& layout,
                                      const InternodeForwardArgs& args, int num_blocks,
                                      cudaStream_t stream);
+
+// Puts region n's staged partials to source (n, my local index) for every n, after it freed its
+// receive share, then waits, bounded, until my forwarders' partials have all arrived here.
+cudaError_t launch_internode_return(const InternodeRdma& rdma, const InternodeReturnLayout& layout,
+                                    const InternodeReturnArgs& args, int num_blocks,
+                                    cudaStream_t stream);
 
 // Where region n starts (rows; the metas follow its slots of rows).
 __host__ __device__ inline int64_t internode_region(const InternodeLayout& l, int node) {
