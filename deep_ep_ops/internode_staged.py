@@ -39,6 +39,8 @@ class Region:
     src_tokens: torch.Tensor  # [N] int32: the source's token count
     per_expert: Optional[torch.Tensor] = None  # [E / S] int32: the source's
     # num_tokens_per_expert for this node's experts (None without)
+    length: Optional[torch.Tensor] = None  # capacity mode: the rows in use (a device scalar;
+    # the rows past it are stale), else None (every row)
 
 
 # forward(buffer, x, x_scales, topk_idx, topk_weights, is_token_in_rank, num_tokens_per_expert,
@@ -101,79 +103,119 @@ def _per_channel(target: torch.Tensor, channel: torch.Tensor, num_targets: int,
     return counts.view(num_targets, channels)
 
 
+def _placed(parts, targets, rows, fill):
+    """``[rows, ...]``: the rows of every part at its targets (``rows``: a dump row, dropped);
+    the other rows ``fill``."""
+    first = parts[0]
+    out = first.new_full((rows + 1, *first.shape[1:]), fill)
+    out.index_copy_(0, torch.cat(targets), torch.cat(parts))
+    return out[:rows]
+
+
 def dispatch(state: State, x, x_scales, topk_idx, topk_weights, is_token_in_rank,
-             num_tokens_per_expert, buffer, expert_alignment, config):
-    """The data-dependent internode dispatch (its op's outputs: the rows, then the handle but
-    ``is_token_in_rank``)."""
+             num_tokens_per_expert, buffer, expert_alignment, config, num_worst_tokens=0):
+    """The internode dispatch, data-dependent or (``num_worst_tokens`` > 0) capacity mode: its
+    op's outputs, the rows, then the handle but ``is_token_in_rank``. In capacity mode every
+    shape is static and nothing waits for the host: the regions are views of W =
+    num_worst_tokens rows with their lengths on the device (a forwarder forwards at most W
+    rows, as the reference requires), each sub-dispatch is a capacity dispatch of W rows, and
+    the rows are placed by index (row-indexed outputs W rows, padding 0 / -1)."""
     L, S, me = state.per_node, state.num_nodes, state.rank
     node, local = divmod(me, L)
     R, T, device = L * S, x.size(0), x.device
+    W = num_worst_tokens
     channels = config[0] // 2
     in_rank = is_token_in_rank.contiguous()
     head, regions = state.forward(buffer, x, x_scales, topk_idx, topk_weights, in_rank,
-                                  num_tokens_per_expert, config)
+                                  num_tokens_per_expert, config, W)
     num_scales = 0 if x_scales is None else x_scales.size(1)
     row_bytes = x.size(1) * x.element_size()
     has_topk = topk_idx is not None
     has_experts = num_tokens_per_expert is not None
     E_node = num_tokens_per_expert.size(0) // S if has_experts else 0
     ranks_here = torch.arange(L, device=device) + node * L
+    i64 = torch.int64
 
-    subs = []
-    for n, region in enumerate(regions):
+    subs, valid_in = [], []
+    for region in regions:
         # The region's records as wide rows (even bytes: viewed as bfloat16, which the
         # intranode kernels copy bit for bit).
         wide = torch.cat([region.rows, region.scales, _bytes(region.src[:, None]),
                           _bytes(region.src_tokens[:, None])], 1)
-        pad = wide.size(1) % 2
-        if pad:
+        if wide.size(1) % 2:
             wide = torch.cat([wide, wide.new_zeros(wide.size(0), 1)], 1)
         # Routing within the node: the carried destination bits; the experts shifted to the
         # node's (others -1); the per-expert counts the source gave for the node's experts,
         # which the sub-dispatches sum over the forwarders as the flat dispatch sums them over
-        # the sources.
-        routes = ((region.mask[:, None] >> ranks_here) & 1).bool()
+        # the sources. Rows past a static region's length route nowhere.
+        valid = (torch.arange(region.mask.size(0), device=device) < region.length
+                 if region.length is not None else torch.ones_like(region.mask, dtype=torch.bool))
+        valid_in.append(valid)
+        routes = ((region.mask[:, None] >> ranks_here) & 1).bool() & valid[:, None]
         per_rank = routes.sum(0, dtype=torch.int32)
-        experts = (torch.where(region.topk // E_node == node, region.topk - node * E_node, -1)
-                   if has_topk else None)
-        subs.append(_ops.dispatch(wide.view(torch.bfloat16), None, experts, region.weights,
-                                  per_rank, routes, region.per_expert, state.node_buffer, 1,
-                                  config))
+        experts = None
+        if has_topk:
+            experts = torch.where((region.topk // E_node == node) & valid[:, None],
+                                  region.topk - node * E_node, -1)
+        args = (wide.view(torch.bfloat16), None, experts, region.weights, per_rank, routes,
+                region.per_expert, state.node_buffer, 1)
+        subs.append(_ops.capacity_dispatch(*args, W, config) if W else
+                    _ops.dispatch(*args, config))
 
-    # The destination's rows: the segments of the source nodes in order.
-    wide = torch.cat([s[0] for s in subs]).view(torch.uint8)
-    N = wide.size(0)
+    # Rows here from each forwarder l of region n (its rank prefix matrix, column `local`), and
+    # where the segments start: the segments of the source nodes in order.
+    got = torch.stack([s[5][:, local].to(i64) for s in subs])  # [S, L] inclusive over l
+    from_source = torch.diff(got, dim=1, prepend=got.new_zeros(S, 1)).reshape(R)
+    seg_rows = got[:, -1]
+    seg_start = seg_rows.cumsum(0) - seg_rows
+    N = W if W else int(seg_rows.sum())  # data-dependent: the sub-dispatches' shapes
+    targets, sources = [], []
+    for n, s in enumerate(subs):
+        j = torch.arange(s[0].size(0), device=device)
+        targets.append(torch.where(j < seg_rows[n], seg_start[n] + j, N))
+        sources.append(n * L + torch.searchsorted(got[n], j, right=True).clamp(max=L - 1))
+    wide = _placed([s[0].view(torch.uint8) for s in subs], targets, N, 0)
     recv_x = wide[:, :row_bytes].contiguous().view(x.dtype).view(N, x.size(1))
     at = row_bytes + 4 * num_scales
     recv_x_scales = (wide[:, row_bytes:at].contiguous().view(x_scales.dtype).view(N, num_scales)
                      if num_scales else torch.zeros(N, 0, device=device))
-    src = wide[:, at:at + 4].contiguous().view(torch.int32).view(N)
+    real = torch.arange(N, device=device) < seg_rows.sum()
+    src = torch.where(real, wide[:, at:at + 4].contiguous().view(torch.int32).view(N), -1)
     src_tokens = wide[:, at + 4:at + 8].contiguous().view(torch.int32).view(N)
-    recv_topk_idx = torch.cat([s[2] for s in subs])
-    recv_topk_weights = torch.cat([s[3] for s in subs])
-    per_expert = sum(s[4].to(torch.int64) for s in subs)
+    recv_topk_idx = _placed([s[2] for s in subs], targets, N, -1)
+    recv_topk_weights = _placed([s[3] for s in subs], targets, N, 0)
+    per_expert = sum(s[4].to(i64) for s in subs)
     per_expert = (per_expert + expert_alignment - 1) // expert_alignment * expert_alignment
     per_expert = per_expert.to(torch.int32)
 
-    # Rows from each source rank (n, l): the segments' rank prefix matrices, column `local`.
-    from_source = torch.cat([torch.diff(s[5][:, local], prepend=s[5].new_zeros(1)) for s in subs])
-    source_of_row = torch.repeat_interleave(torch.arange(R, device=device),
-                                            from_source.to(torch.int64))
-    first_row = from_source.to(torch.int64).cumsum(0) - from_source
-    row_counts = _per_channel(source_of_row, _channels(src, src_tokens, channels), R, channels)
-    recv_gbl_channel_prefix = (first_row[:, None] + row_counts.cumsum(1) - row_counts).to(torch.int32)
+    # Per source and channel the first row here (rows by source, then channel).
+    source_of_row = _placed(sources, targets, N, R)  # R: padding
+    row_channel = torch.where(real, _channels(src.clamp(min=0), src_tokens.clamp(min=1),
+                                              channels), 0)
+    row_counts = _per_channel(source_of_row.clamp(max=R), row_channel, R + 1, channels)[:R]
+    first_row = from_source.cumsum(0) - from_source
+    recv_gbl_channel_prefix = (first_row[:, None] + row_counts.cumsum(1) - row_counts).to(
+        torch.int32)
+    forwarder_row = _placed([s[8].to(i64) for s in subs], targets, N, -1)
+    recv_src_meta = torch.stack([src.to(i64), forwarder_row], 1).to(torch.int32)
 
-    # As forwarder: my regions' lengths and channels, and where each of my rows went.
-    lengths = torch.tensor([r.src.numel() for r in regions], device=device)
-    recv_rdma_channel_prefix = _prefix(torch.stack([
-        _per_channel(torch.zeros_like(r.src), _channels(r.src, r.src_tokens, channels), 1,
-                     channels)[0] for r in regions]))
-    nvl_heads, base = [], torch.zeros(L, dtype=torch.int64, device=device)
-    for s in subs:
-        send_head = s[9].to(torch.int64)
+    # As forwarder: my regions' lengths and channels, and where each of my rows went (at the
+    # rows of region n: after the regions before it).
+    lengths = torch.stack([v.sum() for v in valid_in])
+    region_start = lengths.cumsum(0) - lengths
+    N_f = W if W else int(lengths.sum())
+    rdma_counts = torch.stack([  # the stale rows of a static region counted apart, dropped
+        _per_channel((~v).to(i64), torch.where(v, _channels(r.src, r.src_tokens.clamp(min=1),
+                                                            channels), 0), 2, channels)[0]
+        for r, v in zip(regions, valid_in)])
+    nvl_heads, nvl_targets, base = [], [], torch.zeros(L, dtype=i64, device=device)
+    for n, (s, v) in enumerate(zip(subs, valid_in)):
+        send_head = s[9].to(i64)
         nvl_heads.append(torch.where(send_head >= 0, send_head + base, -1))
-        base = base + s[5][L - 1].to(torch.int64)  # rows each local rank got from this region
-    send_nvl_head = torch.cat(nvl_heads).to(torch.int32)
+        i = torch.arange(v.size(0), device=device)
+        nvl_targets.append(torch.where(v, region_start[n] + i, N_f))
+        base = base + s[5][L - 1].to(i64)  # rows each local rank got from this region
+    send_nvl_head = _placed(nvl_heads, nvl_targets, N_f, -1).to(torch.int32)
 
     # As source: my own routing.
     token_channel = _channels(torch.arange(T, device=device), torch.tensor(T, device=device),
@@ -181,12 +223,11 @@ def dispatch(state: State, x, x_scales, topk_idx, topk_weights, is_token_in_rank
     node_rows = in_rank.view(T, S, L).any(2)
     rdma_prefix = _prefix(_counts_by(node_rows, token_channel, channels))
     gbl_prefix = _prefix(_counts_by(in_rank, token_channel, channels))
-    recv_src_meta = torch.stack([src, torch.cat([s[8] for s in subs])], 1).to(torch.int32)
     return (
         recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights, per_expert,
-        rdma_prefix, gbl_prefix, recv_rdma_channel_prefix,
+        rdma_prefix, gbl_prefix, _prefix(rdma_counts),
         lengths.cumsum(0).to(torch.int32), recv_gbl_channel_prefix,
-        from_source.to(torch.int64).cumsum(0).to(torch.int32), recv_src_meta,
+        from_source.cumsum(0).to(torch.int32), recv_src_meta,
         head.to(torch.int32), send_nvl_head,
     )
 
@@ -203,7 +244,7 @@ def forward_by_exchange(comm_all_gather: Callable, per_node: int, num_nodes: int
     same regions as the kernel's, for running the staged path without it (CPU tests)."""
 
     def forward(buffer, x, x_scales, topk_idx, topk_weights, in_rank, num_tokens_per_expert,
-                config):
+                config, static_rows=0):
         L, S = per_node, num_nodes
         node, local = divmod(rank, L)
         T = x.size(0)
@@ -231,10 +272,33 @@ def forward_by_exchange(comm_all_gather: Callable, per_node: int, num_nodes: int
             if experts is not None:
                 e_node = experts[s].numel() // S
                 region.per_expert = experts[s][node * e_node:(node + 1) * e_node].contiguous()
+            if static_rows:
+                region = _stale_padded(region, static_rows, n, rank)
             regions.append(region)
         return head, regions
 
     return forward
+
+
+def _stale_padded(region: Region, rows: int, node: int, rank: int) -> Region:
+    """``region`` as the kernel's static view of ``rows`` rows: its records, then stale ones
+    (random here, so that a row past the length that leaks shows)."""
+    count = region.src.numel()
+    if count > rows:
+        raise ValueError(f"deep_ep::internode_capacity_dispatch: rank {rank} forwards {count} "
+                         f"tokens of node {node}, more than num_worst_tokens={rows}")
+    g = torch.Generator().manual_seed(1000 * rank + node)
+
+    def padded(t):
+        if t is None:
+            return None
+        stale = torch.randint(0, 64, (rows - count, *t.shape[1:]), generator=g).to(t.dtype)
+        return torch.cat([t, stale.to(t.device)])
+
+    return Region(padded(region.rows), padded(region.scales), padded(region.topk),
+                  padded(region.weights), padded(region.mask), padded(region.src),
+                  padded(region.src_tokens), region.per_expert,
+                  torch.tensor(count, device=region.src.device))
 
 
 def forward_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int):
@@ -245,7 +309,7 @@ def forward_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int):
     from . import _build
 
     def forward(buffer, x, x_scales, topk_idx, topk_weights, in_rank, num_tokens_per_expert,
-                config):
+                config, static_rows=0):
         head, _, off = _build._C_nvshmem.internode_forward(
             buffer, x.contiguous(), x_scales, topk_idx, topk_weights, in_rank,
             num_tokens_per_expert, per_node, config[0])
@@ -253,10 +317,18 @@ def forward_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int):
         num_scales = 0 if x_scales is None else x_scales.size(1)
         num_topk = 0 if topk_idx is None else topk_idx.size(1)
         headers = memory[off["headers"]:off["headers"] + off["header_stride"] * num_nodes]
-        headers = headers.view(num_nodes, off["header_stride"]).cpu()  # waits for the kernel
+        headers = headers.view(num_nodes, off["header_stride"])
+        if static_rows:  # capacity mode: static views, the lengths stay on the device
+            if static_rows > slots:
+                raise ValueError(f"deep_ep::internode_capacity_dispatch: buffer {buffer!r} "
+                                 f"holds {slots} tokens per region for these rows, "
+                                 f"num_worst_tokens is {static_rows}")
+        else:
+            headers = headers.cpu()  # waits for the kernel: the data-dependent sizes
         regions = []
         for n in range(num_nodes):
-            rows = int(headers[n, :8].view(torch.int64)) & 0xFFFFFFFF
+            length = headers[n, :8].view(torch.int64)[0] & 0xFFFFFFFF
+            rows = static_rows or int(length)
             base = off["shares"] + (1 + n) * off["share_bytes"]
             metas_at = base + slots * stride
             metas = memory[metas_at:metas_at + rows * meta_bytes].view(rows, meta_bytes)
@@ -276,6 +348,7 @@ def forward_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int):
                 src_tokens=field(off["meta_src_tokens"], 4, 1, torch.int32).view(rows),
                 per_expert=(headers[n, 8:8 + 4 * e_node].view(torch.int32).to(x.device)
                             if num_tokens_per_expert is not None else None),
+                length=length if static_rows else None,
             ))
         return head, regions
 
@@ -312,6 +385,27 @@ def internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
                     num_tokens_per_expert, buffer, expert_alignment, config)
 
 
+def internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                num_tokens_per_rdma_rank, is_token_in_rank, num_tokens_per_expert,
+                                buffer, expert_alignment, num_worst_tokens, config):
+    """``deep_ep::internode_capacity_dispatch`` on CUDA: the staged path (no host sync) on a
+    buffer attached here, the reference otherwise."""
+    from . import reference, reference_internode
+
+    state = state_of(buffer)
+    if not _takes(state, x, x_scales, topk_idx, topk_weights):
+        return reference_internode.internode_capacity_dispatch(
+            x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+            is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens,
+            config)
+    reference.meta.check_internode_capacity_dispatch(
+        x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
+        is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens,
+        config)
+    return dispatch(state, x, x_scales, topk_idx, topk_weights, is_token_in_rank,
+                    num_tokens_per_expert, buffer, expert_alignment, config, num_worst_tokens)
+
+
 def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
     """``deep_ep::internode_combine`` on CUDA: the staged path on a buffer attached here (for a
     handle of the data-dependent mode), the reference otherwise."""
@@ -334,10 +428,12 @@ def register(lib: torch.library.Library) -> list[str]:
     """Register the staged ops for CUDA (before the reference fills the rest)."""
     from . import reference
 
-    for name, fn in (("internode_dispatch", internode_dispatch),
-                     ("internode_combine", internode_combine)):
+    ops = {"internode_dispatch": internode_dispatch,
+           "internode_capacity_dispatch": internode_capacity_dispatch,
+           "internode_combine": internode_combine}
+    for name, fn in ops.items():
         lib.impl(name, reference._noting_failures(name, fn), "CUDA")
-    return ["internode_dispatch", "internode_combine"]
+    return list(ops)
 
 
 # --- combine -----------------------------------------------------------------------------------

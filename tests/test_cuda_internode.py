@@ -33,9 +33,10 @@ def test_internode_ops_on_cuda_match_oracle(world_size, num_worst_tokens):
 
 @pytest.mark.parametrize("num_worst_tokens", [0, 64], ids=["data_dependent", "capacity"])
 def test_staged_internode_path_matches_oracle(world_size, num_worst_tokens):
-    """With RDMA bytes the buffer gets the internode runtime: the data-dependent dispatch takes
-    the staged path (deep_ep_ops/internode_staged.py: the forward kernel, then the intranode
-    kernels per source node), the rest the reference on its handle; all against the oracle."""
+    """With RDMA bytes the buffer gets the internode runtime: dispatch (both modes) and
+    combine take the staged path (deep_ep_ops/internode_staged.py: the forward kernel, the
+    intranode kernels per source node, the way-back kernel), cached dispatch the reference on
+    its handle, the combine of capacity mode too; all against the oracle."""
     from deep_ep_ops import _build
 
     if not hasattr(getattr(_build, "_C_nvshmem", None), "internode_forward"):

@@ -39,7 +39,7 @@ def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def _job(rank, num_ranks, per_node, seed, fp8, with_topk, edge=None):
+def _job(rank, num_ranks, per_node, seed, fp8, with_topk, edge=None, num_worst_tokens=0):
     os.environ[RANKS_PER_NODE_ENV] = str(per_node)
     try:
         buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26)
@@ -59,10 +59,11 @@ def _job(rank, num_ranks, per_node, seed, fp8, with_topk, edge=None):
     weights = inp["weights"] if with_topk else None
     layout = ops.get_dispatch_layout(inp["topk"], inp["experts"], num_ranks, num_nodes)
     want = ops.internode_dispatch(buffer.name, x, layout, topk, weights, x_scales=scales,
-                                  expert_alignment=2, config=CONFIG)
+                                  expert_alignment=2, num_worst_tokens=num_worst_tokens,
+                                  config=CONFIG)
     got = internode_staged.dispatch(
         state, x, scales, topk, weights, layout.is_token_in_rank,
-        layout.num_tokens_per_expert, buffer.name, 2, CONFIG)
+        layout.num_tokens_per_expert, buffer.name, 2, CONFIG, num_worst_tokens)
     flat_want = (*want[:5], *want.handle[1:])
     pairs = [(a, b) for a, b in zip(got, flat_want)]
     if not fp8:  # combine rows made from the received ones, back along the staged handle
@@ -94,6 +95,16 @@ def test_staged_path_equals_the_reference(num_ranks, per_node, fp8, with_topk):
 @pytest.mark.parametrize("edge", ["empty rank", "nothing sent", "first node only"])
 def test_staged_path_edge_cases_equal_the_reference(edge):
     _check(run_on_ranks(4, _job, 2, 3, False, True, edge, timeout=240), False)
+
+
+@pytest.mark.parametrize("num_ranks, per_node", [(4, 2), (8, 4), (4, 1)])
+@pytest.mark.parametrize("fp8, with_topk", [(False, True), (True, True), (False, False)],
+                         ids=["bf16", "fp8", "routes_only"])
+def test_staged_capacity_mode_equals_the_reference(num_ranks, per_node, fp8, with_topk):
+    """Capacity mode: static regions of num_worst_tokens rows (stale rows past their length),
+    capacity sub-dispatches, rows placed by index; the reference's padded outputs."""
+    _check(run_on_ranks(num_ranks, _job, per_node, 11 + num_ranks, fp8, with_topk, None, 64,
+                        timeout=240), fp8)
 
 
 def _check(results, fp8):
