@@ -406,6 +406,26 @@ def internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_
                     num_tokens_per_expert, buffer, expert_alignment, config, num_worst_tokens)
 
 
+def internode_cached_dispatch(x, x_scales, topk_weights, *handle_and_rest):
+    """``deep_ep::internode_cached_dispatch`` on CUDA: the staged path on a buffer attached
+    here (without weights: the forward records carry them beside top-k only), the reference
+    otherwise."""
+    from . import reference, reference_internode
+    from .ops import InternodeHandle
+
+    *fields, buffer, num_worst_tokens, config = handle_and_rest
+    state = state_of(buffer)
+    if (topk_weights is not None
+            or not _takes(state, x, x_scales, None, None)):
+        return reference_internode.internode_cached_dispatch(x, x_scales, topk_weights,
+                                                             *handle_and_rest)
+    reference.meta.check_internode_cached_dispatch(x, x_scales, topk_weights, *fields, buffer,
+                                                   num_worst_tokens, config)
+    recv_x, recv_x_scales = cached_dispatch(state, x, x_scales, InternodeHandle(*fields),
+                                            buffer, num_worst_tokens, config)
+    return recv_x, recv_x_scales, torch.zeros(recv_x.size(0), 0, device=x.device)
+
+
 def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
     """``deep_ep::internode_combine`` on CUDA: the staged path on a buffer attached here (for a
     handle of the data-dependent mode), the reference otherwise."""
@@ -430,6 +450,7 @@ def register(lib: torch.library.Library) -> list[str]:
 
     ops = {"internode_dispatch": internode_dispatch,
            "internode_capacity_dispatch": internode_capacity_dispatch,
+           "internode_cached_dispatch": internode_cached_dispatch,
            "internode_combine": internode_combine}
     for name, fn in ops.items():
         lib.impl(name, reference._noting_failures(name, fn), "CUDA")
@@ -448,8 +469,11 @@ def register(lib: torch.library.Library) -> list[str]:
 
 def _sub_handle(handle, n, L, local, channels):
     """The intranode handle of sub-dispatch ``n`` (segment n here, region n at my forwarder
-    role) from the ten internode fields: what ``deep_ep::combine`` reads of it (the rows from
-    each forwarder here, the rows I sent each local rank, my rows' places here), the rest 0."""
+    role) from the ten internode fields, as ``deep_ep::combine`` and ``cached_dispatch`` read
+    it: the rank prefix matrix's column here (rows from each forwarder) and my row (rows I
+    sent each local rank, my first one at slot 0); send_head my rows' places here (in the
+    segment) and, for the other local ranks, each row's slot among mine to that rank; the
+    channel matrices (read by neither) 0. Returns it with the segment's rows here."""
     received = handle.recv_gbl_rank_prefix_sum.to(torch.int64)
     before = received[n * L - 1] if n else received.new_zeros(())
     seg = received[n * L:(n + 1) * L] - before  # inclusive prefix over the forwarders
@@ -458,14 +482,49 @@ def _sub_handle(handle, n, L, local, channels):
     r0 = int(regions[n - 1]) if n else 0
     r1 = int(regions[n])
     head = handle.send_nvl_head[r0:r1].to(torch.int64)
-    head[:, local] = torch.where(head[:, local] >= 0, head[:, local] - start, -1)
-    counts = torch.zeros(L, L, dtype=torch.int64, device=head.device)
-    counts[local] = (head >= 0).sum(0)
-    counts[:, local] = torch.diff(seg, prepend=seg.new_zeros(1))
+    sent = head >= 0
+    first = torch.where(sent, head, torch.iinfo(torch.int64).max).amin(0) if head.numel() else \
+        torch.zeros(L, dtype=torch.int64, device=head.device)
+    relative = torch.where(sent, head - first, -1)
+    relative[:, local] = torch.where(sent[:, local], head[:, local] - start, -1)
+    prefix = torch.zeros(L, L, dtype=torch.int64, device=head.device)
+    prefix[local] = sent.sum(0)
+    prefix[:, local] = seg
     zeros = torch.zeros(L, channels, dtype=torch.int32, device=head.device)
-    sub = (counts.cumsum(0).to(torch.int32), zeros, zeros.clone(),
-           handle.recv_src_meta[start:end, 1].contiguous(), head >= 0, head.to(torch.int32))
+    sub = (prefix.to(torch.int32), zeros, zeros.clone(),
+           handle.recv_src_meta[start:end, 1].contiguous(), sent, relative.to(torch.int32))
     return sub, start, end
+
+
+def cached_dispatch(state: State, x, x_scales, handle, buffer, num_worst_tokens, config):
+    """The internode cached dispatch of ``x`` (and ``x_scales``) along ``handle``: the
+    forward of the new rows along the handle's routes, then per source node one intranode
+    cached dispatch with the sub-handle; ``(recv_x, recv_x_scales)``, rows as the handle's."""
+    L = state.per_node
+    local = state.rank % L
+    channels = config[0] // 2
+    _, regions = state.forward(buffer, x, x_scales, None, None,
+                               handle.is_token_in_rank.contiguous(), None, config, 0)
+    num_scales = 0 if x_scales is None else x_scales.size(1)
+    row_bytes = x.size(1) * x.element_size()
+    parts, bounds = [], []
+    for n, region in enumerate(regions):
+        wide = torch.cat([region.rows, region.scales], 1)
+        if wide.size(1) % 2:
+            wide = torch.cat([wide, wide.new_zeros(wide.size(0), 1)], 1)
+        sub, start, end = _sub_handle(handle, n, L, local, channels)
+        parts.append(_ops.cached_dispatch(wide.view(torch.bfloat16), None, None, *sub,
+                                          state.node_buffer, 0, config)[0].view(torch.uint8))
+        bounds.append((start, end))
+    rows = num_worst_tokens or (bounds[-1][1] if bounds else 0)
+    wide = torch.zeros(rows, parts[0].size(1), dtype=torch.uint8, device=x.device)
+    for (start, end), part in zip(bounds, parts):
+        wide[start:end] = part
+    recv_x = wide[:, :row_bytes].contiguous().view(x.dtype).view(rows, x.size(1))
+    recv_x_scales = (wide[:, row_bytes:row_bytes + 4 * num_scales].contiguous()
+                     .view(x_scales.dtype).view(rows, num_scales)
+                     if num_scales else torch.zeros(rows, 0, device=x.device))
+    return recv_x, recv_x_scales
 
 
 def combine(state: State, x, topk_weights, bias_0, bias_1, handle, buffer, config):

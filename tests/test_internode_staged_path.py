@@ -4,7 +4,8 @@ intranode ``deep_ep::dispatch`` per source node on a buffer of the node's ranks 
 reference over a gloo group of the node), and the handle from those steps. Its outputs equal
 the internode reference's, every field, at 4 ranks as 2 x 2 and 2 x 1 ... 8 as 2 x 4, with and
 without top-k, BF16 and FP8 with scales; and its combine back along the handle (BF16, with the
-weights, a bias) equals the reference's combine. On CUDA the same code runs with the forward kernel and
+weights, a bias) equals the reference's combine, and its cached dispatch the reference's. On
+CUDA the same code runs with the forward kernel and
 the intranode kernels (tests/test_cuda_internode.py)."""
 
 from __future__ import annotations
@@ -66,6 +67,14 @@ def _job(rank, num_ranks, per_node, seed, fp8, with_topk, edge=None, num_worst_t
         layout.num_tokens_per_expert, buffer.name, 2, CONFIG, num_worst_tokens)
     flat_want = (*want[:5], *want.handle[1:])
     pairs = [(a, b) for a, b in zip(got, flat_want)]
+    # Cached dispatch of other rows along the staged handle, beside the reference's.
+    staged_handle = ops.InternodeHandle(layout.is_token_in_rank, *got[5:])
+    x2 = inp["x2"] if not fp8 else inp["x2"].to(torch.float8_e4m3fn)
+    cached = internode_staged.cached_dispatch(state, x2, scales, staged_handle, buffer.name,
+                                              num_worst_tokens, CONFIG)
+    cached_want = ops.internode_cached_dispatch(buffer.name, x2, want.handle, x_scales=scales,
+                                                config=CONFIG)
+    pairs += list(zip(cached, cached_want[:2]))
     if not fp8:  # combine rows made from the received ones, back along the staged handle
         rows = (want.recv_x.float() * (rank + 1) / 3).bfloat16()
         weights = want.recv_topk_weights if with_topk else None
@@ -108,7 +117,8 @@ def test_staged_capacity_mode_equals_the_reference(num_ranks, per_node, fp8, wit
 
 
 def _check(results, fp8):
-    names = FIELDS if fp8 else (*FIELDS, "combined_x", "combined_topk_weights")
+    names = (*FIELDS, "cached recv_x", "cached recv_x_scales")
+    names = names if fp8 else (*names, "combined_x", "combined_topk_weights")
     for rank, pairs in enumerate(results):
         assert len(pairs) == len(names)
         for name, (got, want) in zip(names, pairs):
