@@ -218,8 +218,8 @@ def dispatch(state: State, x, x_scales, topk_idx, topk_weights, is_token_in_rank
     send_nvl_head = _placed(nvl_heads, nvl_targets, N_f, -1).to(torch.int32)
 
     # As source: my own routing.
-    token_channel = _channels(torch.arange(T, device=device), torch.tensor(T, device=device),
-                              channels)
+    # (No tensor from a host number: a CUDA graph may be capturing.)
+    token_channel = torch.arange(T, device=device) // max(-(-T // channels), 1)
     node_rows = in_rank.view(T, S, L).any(2)
     rdma_prefix = _prefix(_counts_by(node_rows, token_channel, channels))
     gbl_prefix = _prefix(_counts_by(in_rank, token_channel, channels))

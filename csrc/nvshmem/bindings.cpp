@@ -773,9 +773,10 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
                       topk_idx->size(0) == num_tokens, "topk_idx must be contiguous int64 "
                       "[x.size(0), num_topk]");
   if (topk_weights)
-    TORCH_CHECK_VALUE(topk_weights->element_size() == 4 && topk_weights->is_contiguous() &&
-                      topk_weights->sizes() == topk_idx->sizes(), "topk_weights must be "
-                      "contiguous 4-byte [x.size(0), num_topk] beside topk_idx");
+    TORCH_CHECK_VALUE(topk_idx.has_value() && topk_weights->element_size() == 4 &&
+                      topk_weights->is_contiguous() && topk_weights->sizes() == topk_idx->sizes(),
+                      "topk_weights must be contiguous 4-byte [x.size(0), num_topk] beside "
+                      "topk_idx");
   if (x_scales)
     TORCH_CHECK_VALUE(x_scales->element_size() == 4 && x_scales->dim() == 2 &&
                       x_scales->size(0) == num_tokens, "x_scales must be 4-byte [x.size(0), S]");
