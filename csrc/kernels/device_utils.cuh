@@ -64,4 +64,22 @@ __device__ __forceinline__ void warp_copy_words(uint8_t* dst, const uint8_t* src
   }
 }
 
+// Exclusive prefix of `flag` over a block of kWarps full warps; `total` gets the block's count
+// (every thread of the block calls it).
+template <int kWarps>
+__device__ __forceinline__ int block_prefix(bool flag, int* warp_counts, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
+  if (lane == 0) warp_counts[warp] = __popc(ballot);
+  __syncthreads();
+  int before = 0;
+  total = 0;
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_counts[w] : 0;
+    total += warp_counts[w];
+  }
+  __syncthreads();
+  return before + __popc(ballot & ((1u << lane) - 1u));
+}
+
 }  // namespace deep_ep_ops

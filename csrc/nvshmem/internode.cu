@@ -173,6 +173,21 @@ __device__ bool wait_for(const InternodeRdma& r, InternodeCounters* c, const uin
   return true;
 }
 
+// The last block of a launch to get here moves the call's sequence number and the arrivals
+// expected on (the blocks read both at their start).
+__device__ void finish_call(InternodeCounters* c, uint64_t seq, uint64_t expected) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&c->ticket, 1u) == gridDim.x - 1) {
+      atomicExch(&c->ticket, 0u);
+      c->expected = expected + gridDim.x;
+      c->seq = seq + 1;
+      __threadfence();
+    }
+  }
+}
+
 // A warp copies `bytes` with the widest word that divides the size and both addresses.
 __device__ __forceinline__ void warp_copy(uint8_t* dst, const uint8_t* src, int64_t bytes,
                                           int lane) {
@@ -191,22 +206,6 @@ __device__ __forceinline__ uint32_t node_mask(const bool* in_rank, int num_ranks
   for (int r = 0; r < num_ranks; ++r)
     if (row[r]) mask |= 1u << (r / L);
   return mask;
-}
-
-// Exclusive prefix of `flag` over the block; `total` gets the block's count.
-__device__ int block_prefix(bool flag, int* warp_counts, int& total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  if (lane == 0) warp_counts[warp] = __popc(ballot);
-  __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    before += w < warp ? warp_counts[w] : 0;
-    total += warp_counts[w];
-  }
-  __syncthreads();
-  return before + __popc(ballot & ((1u << lane) - 1u));
 }
 
 // The meta record of token t (scales, top-k, weights, destination mask, source index, the
@@ -304,7 +303,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int m = 0; m < S; ++m) {
       const bool goes = (mask_of[threadIdx.x] >> m & 1u) != 0;
       int total = 0;
-      const int index = block_prefix(goes, warp_counts, total);
+      const int index = block_prefix<kWarps>(goes, warp_counts, total);
       const int slot = goes ? before[m] + index : -1;
       slot_of[threadIdx.x] = slot;
       if (threadIdx.x < count) a.send_rdma_head[static_cast<int64_t>(t_mine) * S + m] = slot;
@@ -366,19 +365,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     wait_for(r, c, arrival(r, l, n), expected + gridDim.x, n * L + my_local);
   }
 
-  // The last block to finish moves the call's sequence number and the arrivals expected on.
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(&c->ticket, 1u) == gridDim.x - 1;
-    if (last) {
-      atomicExch(&c->ticket, 0u);
-      c->expected = expected + gridDim.x;
-      c->seq = seq + 1;
-      __threadfence();
-    }
-  }
+  finish_call(c, seq, expected);
 }
 
 // The combine's way back (InternodeReturnLayout): every block takes its share of the rows of
@@ -444,18 +431,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     const int m = threadIdx.x;
     wait_for(r, c, arrivals + m, expected + gridDim.x, m * L + my_local);
   }
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(&c->ticket, 1u) == gridDim.x - 1;
-    if (last) {
-      atomicExch(&c->ticket, 0u);
-      c->expected = expected + gridDim.x;
-      c->seq = seq + 1;
-      __threadfence();
-    }
-  }
+  finish_call(c, seq, expected);
 }
 
 }  // namespace internode

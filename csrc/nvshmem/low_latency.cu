@@ -164,22 +164,6 @@ __device__ int claim(unsigned* queue) {
   return unit;
 }
 
-// Exclusive prefix of `flag` over the block; `total` gets the block's count.
-__device__ int block_prefix(bool flag, int* warp_counts, int& total) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  if (lane == 0) warp_counts[warp] = __popc(ballot);
-  __syncthreads();
-  int before = 0;
-  total = 0;
-  for (int w = 0; w < kWarps; ++w) {
-    before += w < warp ? warp_counts[w] : 0;
-    total += warp_counts[w];
-  }
-  __syncthreads();
-  return before + __popc(ballot & ((1u << lane) - 1u));
-}
-
 // A top-k entry, or -1 (with an error report) when it is outside [-1, num_experts).
 __device__ int checked_expert(const LowLatency& ll, int64_t e, int num_experts) {
   if (e >= -1 && e < num_experts) return static_cast<int>(e);
@@ -465,7 +449,7 @@ __device__ void dispatch_recv(const LowLatency& ll, const LowLatencyDispatchRecv
         }
       }
       int total;
-      const int position = block_prefix(member, warp_counts, total);
+      const int position = block_prefix<kWarps>(member, warp_counts, total);
       if (member) {
         members[taken + position] = (r << 16) | t;
         atomicAdd(&per_source[r], 1);
