@@ -434,14 +434,14 @@ def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
 
     *fields, buffer, num_worst_tokens, config = handle_and_rest
     state = state_of(buffer)
-    if (state is None or state.give_back is None or num_worst_tokens or not x.is_cuda
+    if (state is None or state.give_back is None or not x.is_cuda
             or (topk_weights is not None and topk_weights.dtype != torch.float32)):
         return reference_internode.internode_combine(x, topk_weights, bias_0, bias_1,
                                                      *handle_and_rest)
     reference.meta.check_internode_combine(x, topk_weights, bias_0, bias_1, *fields, buffer,
                                            num_worst_tokens, config)
     return combine(state, x, topk_weights, bias_0, bias_1, InternodeHandle(*fields), buffer,
-                   config)
+                   config, num_worst_tokens)
 
 
 def register(lib: torch.library.Library) -> list[str]:
@@ -467,95 +467,110 @@ def register(lib: torch.library.Library) -> list[str]:
 # the nodes it went to in ascending node order (fp32, fp64 for fp64 x), adds the biases and
 # rounds once.
 
-def _sub_handle(handle, n, L, local, channels):
+def _sub_handle(handle, n, L, local, channels, static_rows=0):
     """The intranode handle of sub-dispatch ``n`` (segment n here, region n at my forwarder
     role) from the ten internode fields, as ``deep_ep::combine`` and ``cached_dispatch`` read
     it: the rank prefix matrix's column here (rows from each forwarder) and my row (rows I
     sent each local rank, my first one at slot 0); send_head my rows' places here (in the
     segment) and, for the other local ranks, each row's slot among mine to that rank; the
-    channel matrices (read by neither) 0. Returns it with the segment's rows here."""
+    channel matrices (read by neither) 0. Returns it with the indices of the segment's rows
+    here (and which of them are real). ``static_rows`` (capacity mode): the segment and the
+    region as ``static_rows`` rows each, the bounds on the device (no host read)."""
     received = handle.recv_gbl_rank_prefix_sum.to(torch.int64)
+    device = received.device
     before = received[n * L - 1] if n else received.new_zeros(())
     seg = received[n * L:(n + 1) * L] - before  # inclusive prefix over the forwarders
-    start, end = int(before), int(seg[-1] + before)
     regions = handle.recv_rdma_rank_prefix_sum.to(torch.int64)
-    r0 = int(regions[n - 1]) if n else 0
-    r1 = int(regions[n])
-    head = handle.send_nvl_head[r0:r1].to(torch.int64)
+    r0 = regions[n - 1] if n else regions.new_zeros(())
+    if static_rows:
+        i = torch.arange(static_rows, device=device)
+        rows, real = (before + i).clamp(max=static_rows - 1), i < seg[-1]
+        region_rows, region_real = (r0 + i).clamp(max=static_rows - 1), i < regions[n] - r0
+    else:
+        first_row, last_row = int(before), int(seg[-1] + before)
+        rows = torch.arange(first_row, last_row, device=device)
+        real = torch.ones_like(rows, dtype=torch.bool)
+        region_rows = torch.arange(int(r0), int(regions[n]), device=device)
+        region_real = torch.ones_like(region_rows, dtype=torch.bool)
+    head = torch.where(region_real[:, None], handle.send_nvl_head[region_rows].to(torch.int64), -1)
     sent = head >= 0
     first = torch.where(sent, head, torch.iinfo(torch.int64).max).amin(0) if head.numel() else \
-        torch.zeros(L, dtype=torch.int64, device=head.device)
+        torch.zeros(L, dtype=torch.int64, device=device)
     relative = torch.where(sent, head - first, -1)
-    relative[:, local] = torch.where(sent[:, local], head[:, local] - start, -1)
-    prefix = torch.zeros(L, L, dtype=torch.int64, device=head.device)
+    relative[:, local] = torch.where(sent[:, local], head[:, local] - before, -1)
+    prefix = torch.zeros(L, L, dtype=torch.int64, device=device)
     prefix[local] = sent.sum(0)
     prefix[:, local] = seg
-    zeros = torch.zeros(L, channels, dtype=torch.int32, device=head.device)
-    sub = (prefix.to(torch.int32), zeros, zeros.clone(),
-           handle.recv_src_meta[start:end, 1].contiguous(), sent, relative.to(torch.int32))
-    return sub, start, end
+    zeros = torch.zeros(L, channels, dtype=torch.int32, device=device)
+    src = torch.where(real, handle.recv_src_meta[rows, 1], -1)
+    sub = (prefix.to(torch.int32), zeros, zeros.clone(), src, sent, relative.to(torch.int32))
+    return sub, rows, real
 
 
 def cached_dispatch(state: State, x, x_scales, handle, buffer, num_worst_tokens, config):
     """The internode cached dispatch of ``x`` (and ``x_scales``) along ``handle``: the
     forward of the new rows along the handle's routes, then per source node one intranode
-    cached dispatch with the sub-handle; ``(recv_x, recv_x_scales)``, rows as the handle's."""
-    L = state.per_node
+    cached dispatch with the sub-handle; ``(recv_x, recv_x_scales)``, rows as the handle's.
+    Capacity mode (``num_worst_tokens``): static shapes throughout, no host read."""
+    L, W = state.per_node, num_worst_tokens
     local = state.rank % L
     channels = config[0] // 2
     _, regions = state.forward(buffer, x, x_scales, None, None,
-                               handle.is_token_in_rank.contiguous(), None, config, 0)
+                               handle.is_token_in_rank.contiguous(), None, config, W)
     num_scales = 0 if x_scales is None else x_scales.size(1)
     row_bytes = x.size(1) * x.element_size()
-    parts, bounds = [], []
+    parts, targets = [], []
+    received = handle.recv_gbl_rank_prefix_sum.to(torch.int64)
+    N = W or int(received[-1])
     for n, region in enumerate(regions):
         wide = torch.cat([region.rows, region.scales], 1)
         if wide.size(1) % 2:
             wide = torch.cat([wide, wide.new_zeros(wide.size(0), 1)], 1)
-        sub, start, end = _sub_handle(handle, n, L, local, channels)
+        sub, rows, real = _sub_handle(handle, n, L, local, channels, W)
         parts.append(_ops.cached_dispatch(wide.view(torch.bfloat16), None, None, *sub,
-                                          state.node_buffer, 0, config)[0].view(torch.uint8))
-        bounds.append((start, end))
-    rows = num_worst_tokens or (bounds[-1][1] if bounds else 0)
-    wide = torch.zeros(rows, parts[0].size(1), dtype=torch.uint8, device=x.device)
-    for (start, end), part in zip(bounds, parts):
-        wide[start:end] = part
-    recv_x = wide[:, :row_bytes].contiguous().view(x.dtype).view(rows, x.size(1))
+                                          state.node_buffer, W, config)[0].view(torch.uint8))
+        targets.append(torch.where(real, rows, N))
+    wide = _placed(parts, targets, N, 0)
+    recv_x = wide[:, :row_bytes].contiguous().view(x.dtype).view(N, x.size(1))
     recv_x_scales = (wide[:, row_bytes:row_bytes + 4 * num_scales].contiguous()
-                     .view(x_scales.dtype).view(rows, num_scales)
-                     if num_scales else torch.zeros(rows, 0, device=x.device))
+                     .view(x_scales.dtype).view(N, num_scales)
+                     if num_scales else torch.zeros(N, 0, device=x.device))
     return recv_x, recv_x_scales
 
 
-def combine(state: State, x, topk_weights, bias_0, bias_1, handle, buffer, config):
-    """The internode combine: ``(combined_x, combined_topk_weights)``."""
-    L, S = state.per_node, state.num_nodes
-    node, local = divmod(state.rank, L)
+def combine(state: State, x, topk_weights, bias_0, bias_1, handle, buffer, config,
+            num_worst_tokens=0):
+    """The internode combine: ``(combined_x, combined_topk_weights)``. Capacity mode
+    (``num_worst_tokens``: the handle's): static shapes throughout, no host read."""
+    L, S, W = state.per_node, state.num_nodes, num_worst_tokens
+    local = state.rank % L
     channels = config[0] // 2
     partials = []
     for n in range(S):
-        sub, start, end = _sub_handle(handle, n, L, local, channels)
-        weights = None if topk_weights is None else topk_weights[start:end]
-        partials.append(_ops.combine(x[start:end], weights, None, None, *sub,
-                                     state.node_buffer, 0, config))
-    # At the source: per node m, the partials of my tokens sent there, by stream index.
-    sent = (handle.send_rdma_head >= 0).sum(0).tolist()  # my tokens sent to each node
+        sub, rows, real = _sub_handle(handle, n, L, local, channels, W)
+        weights = None if topk_weights is None else topk_weights[rows]
+        partials.append(_ops.combine(x[rows], weights, None, None, *sub, state.node_buffer, W,
+                                     config))
+    # At the source: per node m, the partials of my tokens sent there, by stream index (at
+    # most my token count of them: the static bound).
+    T = handle.is_token_in_rank.size(0)
+    head = handle.send_rdma_head.to(torch.int64)
+    sent = [T] * S if W else (head >= 0).sum(0).tolist()
     returned = state.give_back(buffer, [p[0] for p in partials],
                                [p[1] if topk_weights is not None else None for p in partials],
                                handle.recv_rdma_rank_prefix_sum.contiguous(), sent, config)
-    T = handle.is_token_in_rank.size(0)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     total = torch.zeros(T, x.size(1), dtype=acc, device=x.device)
     K = 0 if topk_weights is None else topk_weights.size(1)
     wtotal = torch.zeros(T, K, dtype=torch.float32 if topk_weights is None or
                          topk_weights.dtype != torch.float64 else torch.float64, device=x.device)
-    head = handle.send_rdma_head.to(torch.int64)
     for m, (rows, weights) in enumerate(returned):
-        sent = head[:, m] >= 0
-        at = sent.nonzero().squeeze(1)
-        total[at] += rows[head[at, m]].to(acc)
-        if weights is not None:
-            wtotal[at] += weights[head[at, m]].to(wtotal.dtype)
+        to_m = head[:, m] >= 0
+        at = head[:, m].clamp(min=0)
+        if rows.size(0):
+            total += torch.where(to_m[:, None], rows[at].to(acc), 0)
+            if weights is not None:
+                wtotal += torch.where(to_m[:, None], weights[at].to(wtotal.dtype), 0)
     for bias in (bias_0, bias_1):
         if bias is not None:
             total = total + bias.to(acc)
@@ -621,6 +636,10 @@ def give_back_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int, ran
             rows_view(base, part.size(0)).copy_(_bytes(part))
             if K:
                 weights_view(base, part.size(0)).copy_(_bytes(weights[n]))
+        if max(sent_per_node, default=0) > off["slots"]:
+            raise ValueError(f"deep_ep::internode_combine: buffer {buffer!r} holds "
+                             f"{off['slots']} rows per share for rows of {width} bytes, a "
+                             f"source gets up to {max(sent_per_node)}")
         nvshmem.internode_return(buffer, region_prefix, width, 4 * K, per_node, config[0])
         out = []
         for m in range(num_nodes):

@@ -80,7 +80,7 @@ def _job(rank, num_ranks, per_node, seed, fp8, with_topk, edge=None, num_worst_t
         weights = want.recv_topk_weights if with_topk else None
         handle = ops.InternodeHandle(layout.is_token_in_rank, *got[5:])
         combined = internode_staged.combine(state, rows, weights, inp["bias"], None, handle,
-                                            buffer.name, CONFIG)
+                                            buffer.name, CONFIG, num_worst_tokens)
         reference = ops.internode_combine(buffer.name, rows, want.handle, topk_weights=weights,
                                           bias=inp["bias"], config=CONFIG)
         pairs += list(zip(combined, reference))
