@@ -315,7 +315,8 @@ def forward_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int):
             num_tokens_per_expert, per_node, config[0])
         stride, slots, meta_bytes = off["row_stride"], off["slots"], off["meta_bytes"]
         num_scales = 0 if x_scales is None else x_scales.size(1)
-        num_topk = 0 if topk_idx is None else topk_idx.size(1)
+        num_topk = (topk_idx.size(1) if topk_idx is not None else
+                    topk_weights.size(1) if topk_weights is not None else 0)
         headers = memory[off["headers"]:off["headers"] + off["header_stride"] * num_nodes]
         headers = headers.view(num_nodes, off["header_stride"])
         if static_rows:  # capacity mode: static views, the lengths stay on the device
@@ -340,7 +341,8 @@ def forward_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int):
             regions.append(Region(
                 rows=memory[base:base + rows * stride].view(rows, stride)[:, :off["row_bytes"]],
                 scales=metas[:, off["meta_scales"]:off["meta_scales"] + 4 * num_scales],
-                topk=field(off["meta_topk"], 8, num_topk, torch.int64) if num_topk else None,
+                topk=(field(off["meta_topk"], 8, num_topk, torch.int64)
+                      if topk_idx is not None else None),
                 weights=(field(off["meta_weights"], 4, num_topk, torch.float32)
                          if topk_weights is not None else None),
                 mask=field(off["meta_mask"], 8, 1, torch.int64).view(rows),
@@ -408,22 +410,20 @@ def internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_
 
 def internode_cached_dispatch(x, x_scales, topk_weights, *handle_and_rest):
     """``deep_ep::internode_cached_dispatch`` on CUDA: the staged path on a buffer attached
-    here (without weights: the forward records carry them beside top-k only), the reference
-    otherwise."""
+    here (float32 weights), the reference otherwise."""
     from . import reference, reference_internode
     from .ops import InternodeHandle
 
     *fields, buffer, num_worst_tokens, config = handle_and_rest
     state = state_of(buffer)
-    if (topk_weights is not None
-            or not _takes(state, x, x_scales, None, None)):
+    if (not _takes(state, x, x_scales, None, None)
+            or (topk_weights is not None and topk_weights.dtype != torch.float32)):
         return reference_internode.internode_cached_dispatch(x, x_scales, topk_weights,
                                                              *handle_and_rest)
     reference.meta.check_internode_cached_dispatch(x, x_scales, topk_weights, *fields, buffer,
                                                    num_worst_tokens, config)
-    recv_x, recv_x_scales = cached_dispatch(state, x, x_scales, InternodeHandle(*fields),
-                                            buffer, num_worst_tokens, config)
-    return recv_x, recv_x_scales, torch.zeros(recv_x.size(0), 0, device=x.device)
+    return cached_dispatch(state, x, x_scales, InternodeHandle(*fields), buffer,
+                           num_worst_tokens, config, topk_weights)
 
 
 def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
@@ -507,19 +507,21 @@ def _sub_handle(handle, n, L, local, channels, static_rows=0):
     return sub, rows, real
 
 
-def cached_dispatch(state: State, x, x_scales, handle, buffer, num_worst_tokens, config):
-    """The internode cached dispatch of ``x`` (and ``x_scales``) along ``handle``: the
-    forward of the new rows along the handle's routes, then per source node one intranode
-    cached dispatch with the sub-handle; ``(recv_x, recv_x_scales)``, rows as the handle's.
-    Capacity mode (``num_worst_tokens``): static shapes throughout, no host read."""
+def cached_dispatch(state: State, x, x_scales, handle, buffer, num_worst_tokens, config,
+                    topk_weights=None):
+    """The internode cached dispatch of ``x`` (with ``x_scales``, ``topk_weights``) along
+    ``handle``: the forward of the new rows along the handle's routes, then per source node
+    one intranode cached dispatch with the sub-handle; ``(recv_x, recv_x_scales,
+    recv_topk_weights)``, rows as the handle's. Capacity mode (``num_worst_tokens``): static
+    shapes throughout, no host read."""
     L, W = state.per_node, num_worst_tokens
     local = state.rank % L
     channels = config[0] // 2
-    _, regions = state.forward(buffer, x, x_scales, None, None,
+    _, regions = state.forward(buffer, x, x_scales, None, topk_weights,
                                handle.is_token_in_rank.contiguous(), None, config, W)
     num_scales = 0 if x_scales is None else x_scales.size(1)
     row_bytes = x.size(1) * x.element_size()
-    parts, targets = [], []
+    parts, weight_parts, targets = [], [], []
     received = handle.recv_gbl_rank_prefix_sum.to(torch.int64)
     N = W or int(received[-1])
     for n, region in enumerate(regions):
@@ -527,15 +529,18 @@ def cached_dispatch(state: State, x, x_scales, handle, buffer, num_worst_tokens,
         if wide.size(1) % 2:
             wide = torch.cat([wide, wide.new_zeros(wide.size(0), 1)], 1)
         sub, rows, real = _sub_handle(handle, n, L, local, channels, W)
-        parts.append(_ops.cached_dispatch(wide.view(torch.bfloat16), None, None, *sub,
-                                          state.node_buffer, W, config)[0].view(torch.uint8))
+        out = _ops.cached_dispatch(wide.view(torch.bfloat16), None, region.weights, *sub,
+                                   state.node_buffer, W, config)
+        parts.append(out[0].view(torch.uint8))
+        weight_parts.append(out[2])
         targets.append(torch.where(real, rows, N))
     wide = _placed(parts, targets, N, 0)
+    recv_topk_weights = _placed(weight_parts, targets, N, 0)
     recv_x = wide[:, :row_bytes].contiguous().view(x.dtype).view(N, x.size(1))
     recv_x_scales = (wide[:, row_bytes:row_bytes + 4 * num_scales].contiguous()
                      .view(x_scales.dtype).view(N, num_scales)
                      if num_scales else torch.zeros(N, 0, device=x.device))
-    return recv_x, recv_x_scales
+    return recv_x, recv_x_scales, recv_topk_weights
 
 
 def combine(state: State, x, topk_weights, bias_0, bias_1, handle, buffer, config,

@@ -46,3 +46,20 @@ def test_staged_internode_path_matches_oracle(world_size, num_worst_tokens):
     results = gpu_distributed.run_on_gpus(world_size, _job, per_node, seed, num_worst_tokens,
                                           256 << 20)
     internode_helpers.check(results, world_size, per_node, seed, num_worst_tokens)
+
+
+def test_staged_internode_graph_training_step_replays(world_size):
+    """The capacity-mode training step of tests/test_cuda_intranode.py (ExampleMoE: layout,
+    capacity dispatch, experts, combine, and the backward's cached dispatch and combine) on a
+    buffer of two nodes with the internode runtime: captured once in a CUDA graph, replayed
+    with fresh inputs, each replay against the same step run eagerly."""
+    from deep_ep_ops import _build
+    from test_cuda_intranode import CUDA_GRAPH_REPLAYS, FLOAT32_ROUNDING, _cuda_graph_job
+
+    if not hasattr(getattr(_build, "_C_nvshmem", None), "internode_forward"):
+        pytest.skip("the extension has no internode forward kernel")
+    results = gpu_distributed.run_on_gpus(world_size, _cuda_graph_job, CUDA_GRAPH_REPLAYS,
+                                          world_size // 2, timeout=600)
+    for rank, result in enumerate(results):
+        assert result["max_error"] <= FLOAT32_ROUNDING, (rank, result)
+        assert result["distinct_losses"] > CUDA_GRAPH_REPLAYS // 2, (rank, result)

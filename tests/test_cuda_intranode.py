@@ -585,12 +585,18 @@ MOE_HIDDEN, MOE_FFN_HIDDEN, MOE_LOCAL_EXPERTS, MOE_TOP_K, MOE_SEED = 256, 256, 4
 FLOAT32_ROUNDING = 1e-5  # norm-wise relative: max|a - b| <= 1e-5 * max|b|
 
 
-def _moe_layer(rank, num_ranks, mode, device, timeout_s=None):
+def _moe_layer(rank, num_ranks, mode, device, timeout_s=None, ranks_per_node=None):
+    """ExampleMoE on a buffer of its own; ``ranks_per_node``: a buffer of several nodes (with
+    RDMA bytes: the internode kernels where the extension has them)."""
     from deep_ep_ops.nn import ExampleMoE, MoEDispatcher, buffer_size_hints
 
     num_experts = MOE_LOCAL_EXPERTS * num_ranks
     num_nvl_bytes, _ = buffer_size_hints(MOE_HIDDEN, num_ranks, num_experts, element_size=4)
-    buffer = _new_buffer(num_nvl_bytes, timeout_s)
+    if ranks_per_node is None:
+        buffer = _new_buffer(num_nvl_bytes, timeout_s)
+    else:
+        buffer = Buffer(dist.group.WORLD, num_nvl_bytes, 256 << 20,
+                        num_ranks_per_node=ranks_per_node)
     dispatcher = MoEDispatcher(buffer, num_experts, mode)
     moe = ExampleMoE(dispatcher, MOE_HIDDEN, MOE_FFN_HIDDEN, MOE_TOP_K, rank=rank,
                      seed=MOE_SEED, device=device)
@@ -657,10 +663,10 @@ def test_compiled_moe_matches_eager(world_size, mode):
         assert result["aot_eager_exact"], (rank, result)
 
 
-def _cuda_graph_job(rank, num_ranks, replays):
+def _cuda_graph_job(rank, num_ranks, replays, ranks_per_node=None):
     device = _device()
     num_tokens = 128
-    buffer, moe = _moe_layer(rank, num_ranks, "capacity", device)
+    buffer, moe = _moe_layer(rank, num_ranks, "capacity", device, ranks_per_node=ranks_per_node)
     params = list(moe.parameters())
     g = _generator(device, 4242 + rank)
 

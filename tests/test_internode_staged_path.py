@@ -71,10 +71,10 @@ def _job(rank, num_ranks, per_node, seed, fp8, with_topk, edge=None, num_worst_t
     staged_handle = ops.InternodeHandle(layout.is_token_in_rank, *got[5:])
     x2 = inp["x2"] if not fp8 else inp["x2"].to(torch.float8_e4m3fn)
     cached = internode_staged.cached_dispatch(state, x2, scales, staged_handle, buffer.name,
-                                              num_worst_tokens, CONFIG)
+                                              num_worst_tokens, CONFIG, weights)
     cached_want = ops.internode_cached_dispatch(buffer.name, x2, want.handle, x_scales=scales,
-                                                config=CONFIG)
-    pairs += list(zip(cached, cached_want[:2]))
+                                                topk_weights=weights, config=CONFIG)
+    pairs += list(zip(cached, cached_want))
     if not fp8:  # combine rows made from the received ones, back along the staged handle
         rows = (want.recv_x.float() * (rank + 1) / 3).bfloat16()
         weights = want.recv_topk_weights if with_topk else None
@@ -117,7 +117,7 @@ def test_staged_capacity_mode_equals_the_reference(num_ranks, per_node, fp8, wit
 
 
 def _check(results, fp8):
-    names = (*FIELDS, "cached recv_x", "cached recv_x_scales")
+    names = (*FIELDS, "cached recv_x", "cached recv_x_scales", "cached recv_topk_weights")
     names = names if fp8 else (*names, "combined_x", "combined_topk_weights")
     for rank, pairs in enumerate(results):
         assert len(pairs) == len(names)

@@ -767,16 +767,18 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
                     is_token_in_rank.size(0) == num_tokens &&
                     is_token_in_rank.size(1) == num_ranks && is_token_in_rank.is_contiguous(),
                     "is_token_in_rank must be contiguous bool [x.size(0), num_ranks]");
-  const int64_t num_topk = topk_idx ? topk_idx->size(1) : 0;
+  // The records' top-k width: the top-k's, or without it the weights' (cached dispatch).
+  const int64_t num_topk = topk_idx ? topk_idx->size(1) : topk_weights ? topk_weights->size(1) : 0;
   if (topk_idx)
     TORCH_CHECK_VALUE(topk_idx->scalar_type() == at::kLong && topk_idx->is_contiguous() &&
                       topk_idx->size(0) == num_tokens, "topk_idx must be contiguous int64 "
                       "[x.size(0), num_topk]");
   if (topk_weights)
-    TORCH_CHECK_VALUE(topk_idx.has_value() && topk_weights->element_size() == 4 &&
-                      topk_weights->is_contiguous() && topk_weights->sizes() == topk_idx->sizes(),
-                      "topk_weights must be contiguous 4-byte [x.size(0), num_topk] beside "
-                      "topk_idx");
+    TORCH_CHECK_VALUE(topk_weights->element_size() == 4 && topk_weights->is_contiguous() &&
+                      topk_weights->dim() == 2 && topk_weights->size(0) == num_tokens &&
+                      topk_weights->size(1) == num_topk,
+                      "topk_weights must be contiguous 4-byte [x.size(0), num_topk] (num_topk "
+                      "of topk_idx when given)");
   if (x_scales)
     TORCH_CHECK_VALUE(x_scales->element_size() == 4 && x_scales->dim() == 2 &&
                       x_scales->size(0) == num_tokens, "x_scales must be 4-byte [x.size(0), S]");

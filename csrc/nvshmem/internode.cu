@@ -218,7 +218,7 @@ __device__ void write_meta(uint8_t* meta, const InternodeMeta& m, const Internod
   auto* topk = reinterpret_cast<int64_t*>(meta + m.topk);
   auto* weights = reinterpret_cast<uint32_t*>(meta + m.weights);
   for (int k = lane; k < m.num_topk; k += 32) {
-    topk[k] = a.topk_idx[static_cast<int64_t>(t) * m.num_topk + k];
+    topk[k] = a.topk_idx ? a.topk_idx[static_cast<int64_t>(t) * m.num_topk + k] : -1;
     weights[k] = a.topk_weights ? a.topk_weights[static_cast<int64_t>(t) * m.num_topk + k] : 0u;
   }
   const bool* row = a.is_token_in_rank + static_cast<int64_t>(t) * num_ranks;

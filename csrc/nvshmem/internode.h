@@ -112,8 +112,9 @@ struct InternodeForwardArgs {
   const uint32_t* x_scales;     // element (t, g) at t * scale_stride_token + g * scale_stride_group
   int64_t scale_stride_token;
   int64_t scale_stride_group;
-  const int64_t* topk_idx;      // [num_tokens, num_topk] or nullptr (num_topk 0)
-  const uint32_t* topk_weights;  // [num_tokens, num_topk] 4-byte weights, or nullptr
+  const int64_t* topk_idx;      // [num_tokens, num_topk] or nullptr (then -1 is carried)
+  const uint32_t* topk_weights;  // [num_tokens, num_topk] 4-byte weights, or nullptr (0);
+                                 // num_topk: their width (0 without either)
   const bool* is_token_in_rank;  // [num_tokens, num_ranks]
   int num_tokens;
   const int* num_tokens_per_expert;  // [S * layout.experts_per_node], or nullptr
