@@ -90,6 +90,20 @@ inline py::object to_python(variable_list outputs) {
   return std::move(result);
 }
 
+// An instance of the tuple subclass `type` (a NamedTuple) holding `items` (new references,
+// taken over), as tuple.__new__ makes one, without the Python frame of its __new__.
+inline PyObject* new_named_tuple(PyObject* type, std::initializer_list<PyObject*> items) {
+  auto* tuple_type = reinterpret_cast<PyTypeObject*>(type);
+  PyObject* result = tuple_type->tp_alloc(tuple_type, static_cast<Py_ssize_t>(items.size()));
+  if (result == nullptr) {
+    for (PyObject* item : items) Py_XDECREF(item);
+    throw py::error_already_set();
+  }
+  Py_ssize_t i = 0;
+  for (PyObject* item : items) PyTuple_SET_ITEM(result, i++, item);
+  return result;
+}
+
 template <typename... Ts>
 variable_list to_list(std::tuple<Ts...>&& outputs) {
   return std::apply([](auto&&... t) { return variable_list{std::move(t)...}; }, std::move(outputs));

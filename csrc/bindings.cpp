@@ -300,6 +300,17 @@ int vector_bytes(int64_t row_bytes, const void* a, const void* b) {
   TORCH_CHECK(false, "deep_ep::", op, ": the ranks disagree on the call's arguments");
 }
 
+// One turn of a host spin: the CPU's pause hint (no system call).
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#else
+  std::this_thread::yield();
+#endif
+}
+
 // Rows received, written by the notify kernel into mapped memory: the one host wait of the
 // data-dependent dispatch. Bounded, and it raises what the kernel reported.
 int64_t wait_num_recv(const NvlRuntime& runtime, const char* op, const int* meta) {
@@ -318,7 +329,7 @@ int64_t wait_num_recv(const NvlRuntime& runtime, const char* op, const int* meta
                 " is unusable after a timeout or a failed call; destroy it and create a new one");
     TORCH_CHECK(clock::now() < deadline, "deep_ep::", op, ": timed out waiting for the row "
                 "counts of buffer ", runtime.name, " (is an earlier kernel on this stream stuck?)");
-    std::this_thread::yield();
+    cpu_relax();  // not a yield: a system call per turn delays seeing the count
   }
 }
 
@@ -538,6 +549,8 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
       x.size(1), static_cast<int64_t>(x.scalar_type()), x_scales ? x_scales->size(1) : 0,
       topk_idx ? topk_idx->size(1) : 0, num_experts, num_worst_tokens, num_sms, op_id};
   for (int f = 0; f < kNotifyMetaInts; ++f) layout.meta[f] = static_cast<int>(meta[f]);
+  // What does not depend on the row count is made before the wait.
+  const at::Tensor topk = topk_idx ? topk_idx->contiguous() : at::Tensor();
   if (num_worst_tokens == 0) *runtime->num_recv_host = -1;
   // Capacity mode does not wait for the counts: its data kernel runs the notify step first (one
   // launch; it needs a block per rank).
@@ -553,7 +566,6 @@ DispatchResult dispatch_impl(int op_id, const at::Tensor& x,
       runtime->recv_per_expert[l] = runtime->num_recv_host[1 + l];
   }
 
-  const at::Tensor topk = topk_idx ? topk_idx->contiguous() : at::Tensor();
   if (num_worst_tokens == 0) small_out = empty_small(x.options(), output_specs(num_rows));
   auto& [recv_scales, recv_weights, recv_topk, recv_src] = small_out;
   const Payload payload(x, x_scales, topk_weights, num_rows, recv_scales, recv_weights);
@@ -953,20 +965,6 @@ std::pair<PyObject*, PyObject*>& dispatch_result_types() {
   return types;
 }
 
-// An instance of the tuple subclass `type` (a NamedTuple) holding `items` (new references,
-// taken over), as tuple.__new__ makes one, without the Python frame of its __new__.
-PyObject* new_named_tuple(PyObject* type, std::initializer_list<PyObject*> items) {
-  auto* tuple_type = reinterpret_cast<PyTypeObject*>(type);
-  PyObject* result = tuple_type->tp_alloc(tuple_type, static_cast<Py_ssize_t>(items.size()));
-  if (result == nullptr) {
-    for (PyObject* item : items) Py_XDECREF(item);
-    throw py::error_already_set();
-  }
-  Py_ssize_t i = 0;
-  for (PyObject* item : items) PyTuple_SET_ITEM(result, i++, item);
-  return result;
-}
-
 // (DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
 // num_recv_tokens_per_expert, DispatchHandle(rank_prefix_matrix, channel_prefix_matrix,
 // recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, num_worst_tokens)),
@@ -1059,13 +1057,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
                                                        num_tokens_per_expert);
     trace.mark("direct mode");
     std::vector<Tensor> out;
+    // Scoped: the flag must not outlive the call (an exception included). The backward keeps
+    // neither of the outputs lean leaves out.
+    struct Lean {
+      explicit Lean(bool on) { deep_ep_ops::lean_dispatch_outputs = on; }
+      ~Lean() { deep_ep_ops::lean_dispatch_outputs = false; }
+    } const scope(lean && mode != Direct::kOps);
     switch (mode) {
       case Direct::kPlain: {
-        // Scoped: the flag must not outlive the call (an exception included).
-        struct Lean {
-          explicit Lean(bool on) { deep_ep_ops::lean_dispatch_outputs = on; }
-          ~Lean() { deep_ep_ops::lean_dispatch_outputs = false; }
-        } const scope(lean);
         out = deep_ep_ops::to_list(
             capacity ? deep_ep_ops::capacity_dispatch(
                            x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,

@@ -598,11 +598,12 @@ class Buffer:
         that requires grad (grad mode on) raises at the call: float8 output has no gradient.
         """
         self._live()
-        args = (self.name, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts)
-        flags = dict(use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0)
         hook: Optional[Callable[[], None]] = None
         if return_recv_hook:
-            out = ops.low_latency_dispatch_send(*args, **flags)
+            out = ops.low_latency_dispatch_send(
+                self.name, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
+            )
 
             def receive() -> None:
                 ops.low_latency_dispatch_recv(self.name, out, cumulative_local_expert_recv_stats)
@@ -610,7 +611,9 @@ class Buffer:
             hook = receive
         else:
             out = ops.low_latency_dispatch(
-                *args, **flags, cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats
+                self.name, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                use_fp8=use_fp8, round_scale=round_scale, use_ue8m0=use_ue8m0,
+                cumulative_local_expert_recv_stats=cumulative_local_expert_recv_stats,
             )
         recv = (out.recv_x, out.recv_x_scales) if use_fp8 else out.recv_x
         return recv, out.recv_count, out.handle, self._event(async_finish), hook

@@ -443,13 +443,15 @@ def low_latency_dispatch(
         x, topk_idx, buffer, _num_ranks(buffer), num_max_dispatch_tokens_per_rank, num_experts,
         use_fp8, round_scale, use_ue8m0,
     )
-    kernels = _direct(_build._C_nvshmem, x, topk_idx, cumulative_local_expert_recv_stats)
-    # The direct entry adds to the statistics in the kernel.
-    out = kernels.low_latency_dispatch(*args, cumulative_local_expert_recv_stats) if kernels else None
-    if out is None:
-        out = _ops.low_latency_dispatch(*args)
-        if cumulative_local_expert_recv_stats is not None:
-            cumulative_local_expert_recv_stats.add_(out[2])
+    kernels = _direct(_LOW_LATENCY_ENTRIES, x, topk_idx, cumulative_local_expert_recv_stats)
+    # The direct entry adds to the statistics in the kernel and returns the named tuples.
+    if kernels is not None:
+        out = kernels.low_latency_dispatch(*args, cumulative_local_expert_recv_stats)
+        if out is not None:
+            return out
+    out = _ops.low_latency_dispatch(*args)
+    if cumulative_local_expert_recv_stats is not None:
+        cumulative_local_expert_recv_stats.add_(out[2])
     return _low_latency_output(out, num_max_dispatch_tokens_per_rank, x.size(1), num_experts, use_fp8)
 
 
@@ -469,11 +471,22 @@ def low_latency_dispatch_send(
         x, topk_idx, buffer, _num_ranks(buffer), num_max_dispatch_tokens_per_rank, num_experts,
         use_fp8, round_scale, use_ue8m0,
     )
-    kernels = _direct(_build._C_nvshmem, x, topk_idx)
-    out = kernels.low_latency_dispatch_send(*args) if kernels else None
-    if out is None:
-        out = _ops.low_latency_dispatch_send(*args)
+    kernels = _direct(_LOW_LATENCY_ENTRIES, x, topk_idx)
+    if kernels is not None:
+        out = kernels.low_latency_dispatch_send(*args)
+        if out is not None:
+            return out
+    out = _ops.low_latency_dispatch_send(*args)
     return _low_latency_output(out, num_max_dispatch_tokens_per_rank, x.size(1), num_experts, use_fp8)
+
+
+# The extension's direct low-latency dispatch entries return ``LowLatencyDispatchOutput``, built
+# in C++ from these types (an extension built from older sources has no such entries: the ops).
+_LOW_LATENCY_ENTRIES = (
+    _build._C_nvshmem if hasattr(_build._C_nvshmem, "set_result_types") else None
+)
+if _LOW_LATENCY_ENTRIES is not None:
+    _LOW_LATENCY_ENTRIES.set_result_types(LowLatencyDispatchOutput, LowLatencyHandle)
 
 
 # Zero-size scales of BF16 receives, one per (device, L, R*M): no allocation per eager receive

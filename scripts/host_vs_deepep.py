@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import socket
 import statistics
 import sys
 
@@ -31,12 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from deep_ep_ops import bench
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from deep_ep_ops.bench.cli import _free_port
 
 
 def _rank(rank: int, args, port: int) -> None:

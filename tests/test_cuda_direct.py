@@ -78,7 +78,11 @@ def test_low_latency_direct_matches_ops(buffer):
         assert "LowLatencyDispatchFunction" in recorded[0].grad_fn.name()
     with torch.no_grad():
         plain = kernels.low_latency_dispatch(leaf, topk_idx, *ll, False, False, False, None)
-        assert len(plain) == 5 and plain[0].grad_fn is None
+        # The ops module's named tuples, built by the entry; BF16 has no scales.
+        assert type(plain) is ops.LowLatencyDispatchOutput
+        assert type(plain.handle) is ops.LowLatencyHandle
+        assert plain.recv_x.grad_fn is None and plain.recv_x_scales is None
+        assert plain.handle[2:] == (num_max, hidden, num_experts)
     assert ops._direct(_build._C_nvshmem, torch.nn.Parameter(x.float())) is None
     for use_fp8 in (False, True):
         stats = torch.zeros(num_experts, dtype=torch.int32, device="cuda")
@@ -86,6 +90,8 @@ def test_low_latency_direct_matches_ops(buffer):
                                         use_fp8=use_fp8, cumulative_local_expert_recv_stats=stats)
         slow = _ops.low_latency_dispatch(x, topk_idx, *ll, use_fp8, False, False)
         count = fast.recv_count
+        assert type(fast) is ops.LowLatencyDispatchOutput
+        assert (fast.recv_x_scales is not None) == use_fp8
         assert torch.equal(count, slow[2]) and torch.equal(stats, slow[2])
         assert torch.equal(fast.handle.layout_range, slow[4])
         for e in range(num_experts):
@@ -202,6 +208,14 @@ def _forms(buf, num_max, hidden, num_experts):
             return [out.recv_x, out.recv_topk_weights], None
         return call
 
+    def lean_dispatch(num_worst_tokens):  # Buffer.dispatch's form
+        def call(x, w):
+            out, _ = ops._dispatch(buf.name, x, layout.num_tokens_per_rank,
+                                   layout.is_token_in_rank, layout.num_tokens_per_expert,
+                                   topk_idx, w, None, 1, num_worst_tokens, None, True)
+            return [out.recv_x, out.recv_topk_weights], None
+        return call
+
     def cached_dispatch(x, w):
         out = ops.cached_dispatch(buf.name, x, normal.handle, topk_weights=w)
         return [out[0], out[2]], None
@@ -216,6 +230,8 @@ def _forms(buf, num_max, hidden, num_experts):
         "low_latency_combine send/recv": ((rows, weights), low_latency_combine_split),
         "dispatch": ((x, weights), dispatch(0)),
         "capacity_dispatch": ((x, weights), dispatch(1024)),
+        "dispatch (lean)": ((x, weights), lean_dispatch(0)),
+        "capacity_dispatch (lean)": ((x, weights), lean_dispatch(1024)),
         "cached_dispatch": ((x, weights), cached_dispatch),
         "combine": ((normal_rows, normal.recv_topk_weights, bias), combine),
     }
@@ -236,7 +252,8 @@ def _forward_backward(tensors, call, cotangents=None):
 
 @pytest.mark.parametrize("form", [
     "low_latency_dispatch", "low_latency_dispatch send/recv", "low_latency_combine",
-    "low_latency_combine send/recv", "dispatch", "capacity_dispatch", "cached_dispatch", "combine",
+    "low_latency_combine send/recv", "dispatch", "capacity_dispatch", "dispatch (lean)",
+    "capacity_dispatch (lean)", "cached_dispatch", "combine",
 ])
 def test_direct_autograd_matches_ops(buffer, form, monkeypatch):
     buf, num_max, hidden, num_experts = buffer

@@ -891,6 +891,30 @@ void internode_return(const std::string& buffer, const at::Tensor& region_prefix
                                          at::cuda::getCurrentCUDAStream(runtime->device)));
 }
 
+// The Python named tuples of a low-latency dispatch's results (ops.LowLatencyDispatchOutput,
+// ops.LowLatencyHandle), set once from Python when the ops module is imported.
+std::pair<PyObject*, PyObject*>& dispatch_result_types() {
+  static std::pair<PyObject*, PyObject*> types{nullptr, nullptr};
+  return types;
+}
+
+// LowLatencyDispatchOutput(recv_x, recv_x_scales (None for BF16), recv_count,
+// LowLatencyHandle(src_info, layout_range, num_max, hidden, num_experts)) from the five outputs
+// (DispatchOutputs' order): the direct entries' result, without a Python frame per tuple.
+py::object dispatch_output_to_python(std::vector<at::Tensor>&& out, bool use_fp8, int64_t num_max,
+                                     int64_t hidden, int64_t num_experts) {
+  const auto [output_type, handle_type] = dispatch_result_types();
+  TORCH_CHECK(output_type != nullptr, "deep_ep_ops: the low-latency result types are not set "
+              "(deep_ep_ops.ops sets them when imported)");
+  auto take = [&](size_t i) { return py::cast(std::move(out[i])).release().ptr(); };
+  PyObject* scales = use_fp8 ? take(1) : (Py_INCREF(Py_None), Py_None);
+  PyObject* handle = new_named_tuple(
+      handle_type, {take(3), take(4), PyLong_FromLongLong(num_max), PyLong_FromLongLong(hidden),
+                    PyLong_FromLongLong(num_experts)});
+  return py::reinterpret_steal<py::object>(
+      new_named_tuple(output_type, {take(0), scales, take(2), handle}));
+}
+
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -947,6 +971,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   // With inputs that require grad, the entries record the backward from C++ (the autograd
   // functions above); FP8 dispatch takes the ops, which raise.
   using deep_ep_ops::Direct;
+  // The dispatch entries return the ops module's named tuples (set_result_types), built here.
+  module.def("set_result_types", [](py::object output, py::object handle) {
+    deep_ep_ops::dispatch_result_types() = {output.release().ptr(), handle.release().ptr()};
+  }, "The named tuples the direct dispatch entries return (ops.LowLatencyDispatchOutput, "
+     "LowLatencyHandle)");
   module.def("low_latency_dispatch", [](const Tensor& x, const Tensor& topk_idx,
                                         const std::string& buffer, int64_t num_ranks,
                                         int64_t num_max, int64_t num_experts, bool use_fp8,
@@ -955,14 +984,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     const deep_ep_ops::PooledOutputs pooled;
     switch (deep_ep_ops::eager_direct_mode(x, topk_idx, stats)) {
       case Direct::kPlain:
-        return py::cast(deep_ep_ops::low_latency_dispatch_with_stats(
-            x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
-            use_ue8m0, stats));
+        return deep_ep_ops::dispatch_output_to_python(
+            deep_ep_ops::to_list(deep_ep_ops::low_latency_dispatch_with_stats(
+                x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
+                use_ue8m0, stats)),
+            use_fp8, num_max, x.size(1), num_experts);
       case Direct::kAutograd:
         if (use_fp8) break;
-        return deep_ep_ops::to_python(deep_ep_ops::LowLatencyDispatchFunction::apply(
-            x, topk_idx, stats, buffer, num_ranks, num_max, num_experts, round_scale, use_ue8m0,
-            false));
+        return deep_ep_ops::dispatch_output_to_python(
+            deep_ep_ops::LowLatencyDispatchFunction::apply(x, topk_idx, stats, buffer, num_ranks,
+                                                           num_max, num_experts, round_scale,
+                                                           use_ue8m0, false),
+            false, num_max, x.size(1), num_experts);
       case Direct::kOps: break;
     }
     return py::none();
@@ -974,14 +1007,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
     const deep_ep_ops::PooledOutputs pooled;
     switch (deep_ep_ops::eager_direct_mode(x, topk_idx)) {
       case Direct::kPlain:
-        return py::cast(deep_ep_ops::low_latency_dispatch_send(
-            x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
-            use_ue8m0));
+        return deep_ep_ops::dispatch_output_to_python(
+            deep_ep_ops::to_list(deep_ep_ops::low_latency_dispatch_send(
+                x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
+                use_ue8m0)),
+            use_fp8, num_max, x.size(1), num_experts);
       case Direct::kAutograd:
         if (use_fp8) break;  // the ops raise before anything is sent
-        return deep_ep_ops::to_python(deep_ep_ops::LowLatencyDispatchFunction::apply(
-            x, topk_idx, OptTensor(), buffer, num_ranks, num_max, num_experts, round_scale,
-            use_ue8m0, true));
+        return deep_ep_ops::dispatch_output_to_python(
+            deep_ep_ops::LowLatencyDispatchFunction::apply(x, topk_idx, OptTensor(), buffer,
+                                                           num_ranks, num_max, num_experts,
+                                                           round_scale, use_ue8m0, true),
+            false, num_max, x.size(1), num_experts);
       case Direct::kOps: break;
     }
     return py::none();
