@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import collections
 from collections.abc import Callable
 from typing import Optional
 
@@ -63,6 +64,9 @@ class State:
 
 
 _STATES: dict[str, State] = {}
+
+# Calls the staged path ran, by op (the tests check that it, not the reference, ran).
+calls: collections.Counter = collections.Counter()
 
 
 def attach(buffer: str, state: State) -> None:
@@ -326,6 +330,8 @@ def forward_by_kernel(memory: torch.Tensor, per_node: int, num_nodes: int):
                                  f"num_worst_tokens is {static_rows}")
         else:
             headers = headers.cpu()  # waits for the kernel: the data-dependent sizes
+            # A peer that never came: the kernel's timeout, raised here (not garbage sizes).
+            _build._C_nvshmem.check_device_errors(x.device.index)
         regions = []
         for n in range(num_nodes):
             length = headers[n, :8].view(torch.int64)[0] & 0xFFFFFFFF
@@ -383,6 +389,7 @@ def internode_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
     reference.meta.check_internode_dispatch(
         x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
         is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, config)
+    calls["internode_dispatch"] += 1
     return dispatch(state, x, x_scales, topk_idx, topk_weights, is_token_in_rank,
                     num_tokens_per_expert, buffer, expert_alignment, config)
 
@@ -404,6 +411,7 @@ def internode_capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_
         x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank,
         is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens,
         config)
+    calls["internode_capacity_dispatch"] += 1
     return dispatch(state, x, x_scales, topk_idx, topk_weights, is_token_in_rank,
                     num_tokens_per_expert, buffer, expert_alignment, config, num_worst_tokens)
 
@@ -422,6 +430,7 @@ def internode_cached_dispatch(x, x_scales, topk_weights, *handle_and_rest):
                                                              *handle_and_rest)
     reference.meta.check_internode_cached_dispatch(x, x_scales, topk_weights, *fields, buffer,
                                                    num_worst_tokens, config)
+    calls["internode_cached_dispatch"] += 1
     return cached_dispatch(state, x, x_scales, InternodeHandle(*fields), buffer,
                            num_worst_tokens, config, topk_weights)
 
@@ -440,6 +449,7 @@ def internode_combine(x, topk_weights, bias_0, bias_1, *handle_and_rest):
                                                      *handle_and_rest)
     reference.meta.check_internode_combine(x, topk_weights, bias_0, bias_1, *fields, buffer,
                                            num_worst_tokens, config)
+    calls["internode_combine"] += 1
     return combine(state, x, topk_weights, bias_0, bias_1, InternodeHandle(*fields), buffer,
                    config, num_worst_tokens)
 

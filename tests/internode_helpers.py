@@ -54,6 +54,9 @@ def job(rank, num_ranks, per_node, seed, num_worst_tokens, device="cpu", edge=No
         buffer = deep_ep.Buffer(dist.group.WORLD, 1 << 26, num_rdma_bytes)
     finally:
         os.environ.pop(RANKS_PER_NODE_ENV, None)
+    from deep_ep_ops import internode_staged
+
+    calls_before = dict(internode_staged.calls)
     inp = inputs(rank, num_ranks, seed, device, edge)
     layout = ops.get_dispatch_layout(inp["topk"], inp["experts"], num_ranks,
                                      buffer.num_rdma_ranks)
@@ -68,8 +71,10 @@ def job(rank, num_ranks, per_node, seed, num_worst_tokens, device="cpu", edge=No
                                      config=CONFIG)
     buffer.destroy()
     cpu = lambda ts: tuple(t.cpu() for t in ts)  # noqa: E731
+    staged = {op: n - calls_before.get(op, 0) for op, n in internode_staged.calls.items()
+              if n > calls_before.get(op, 0)}
     return {"dispatch": cpu(out[:5]), "handle": cpu(out.handle), "cached": cached[0].cpu(),
-            "rows": rows.cpu(), "combined": cpu(combined)}
+            "rows": rows.cpu(), "combined": cpu(combined), "staged_calls": staged}
 
 
 def check(results, num_ranks, per_node, seed, num_worst_tokens, edge=None):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import re
 import time
@@ -595,8 +596,17 @@ def _moe_layer(rank, num_ranks, mode, device, timeout_s=None, ranks_per_node=Non
     if ranks_per_node is None:
         buffer = _new_buffer(num_nvl_bytes, timeout_s)
     else:
-        buffer = Buffer(dist.group.WORLD, num_nvl_bytes, 256 << 20,
-                        num_ranks_per_node=ranks_per_node)
+        previous = os.environ.get(TIMEOUT_ENV)
+        if timeout_s is not None:
+            os.environ[TIMEOUT_ENV] = str(timeout_s)
+        try:
+            buffer = Buffer(dist.group.WORLD, num_nvl_bytes, 256 << 20,
+                            num_ranks_per_node=ranks_per_node)
+        finally:
+            if previous is None:
+                os.environ.pop(TIMEOUT_ENV, None)
+            else:
+                os.environ[TIMEOUT_ENV] = previous
     dispatcher = MoEDispatcher(buffer, num_experts, mode)
     moe = ExampleMoE(dispatcher, MOE_HIDDEN, MOE_FFN_HIDDEN, MOE_TOP_K, rank=rank,
                      seed=MOE_SEED, device=device)
@@ -619,7 +629,7 @@ def _moe_tokens(rank, step, num_tokens, device):
     return torch.randn(num_tokens, MOE_HIDDEN, generator=g, device=device)
 
 
-def _compile_job(rank, num_ranks, mode, steps=3):
+def _compile_job(rank, num_ranks, mode, steps=3, ranks_per_node=None):
     device = _device()
     torch._dynamo.reset()
     # Normal mode: ranks hold different numbers of tokens and every step routes differently, so
@@ -628,7 +638,8 @@ def _compile_job(rank, num_ranks, mode, steps=3):
     num_tokens = 96 + 40 * rank if mode == "normal" else 128
     # The backward compiles when it first runs, so one rank may enter a kernel while a slower
     # one is still compiling: a generous kernel timeout.
-    buffer, moe = _moe_layer(rank, num_ranks, mode, device, timeout_s=300)
+    buffer, moe = _moe_layer(rank, num_ranks, mode, device, timeout_s=300,
+                             ranks_per_node=ranks_per_node)
     dynamic = torch._dynamo.config.patch(capture_dynamic_output_shape_ops=True)
     errors = []
     # One compile thread per rank: the ranks share the host's cores.
