@@ -359,6 +359,22 @@ class Buffer:
         )
 
     @staticmethod
+    def get_internode_rdma_size_hint(
+        num_max_tokens_per_rank: int, hidden: int, num_ranks: int, num_ranks_per_node: int = 8,
+        num_topk: int = 8, num_experts: int = 256,
+    ) -> int:
+        """``num_rdma_bytes`` for the staged internode kernels (not in DeepEP): calls of up to
+        ``num_max_tokens_per_rank`` BF16 (or FP8) tokens of ``hidden`` on ``num_ranks`` ranks
+        in nodes of ``num_ranks_per_node``. ``Config.get_rdma_buffer_size_hint`` sizes DeepEP's
+        chunked ring buffers, which need no token count; the staged path holds a whole call's
+        tokens per node (docs/DESIGN.md section 5) and says so when the buffer is too small."""
+        from .internode_staged import rdma_size_hint
+
+        num_nodes = max(-(-num_ranks // num_ranks_per_node), 1)
+        return rdma_size_hint(num_max_tokens_per_rank, 2 * hidden, num_nodes, num_topk,
+                              num_experts)
+
+    @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
         return get_dispatch_config(num_ranks, Buffer.num_sms)
 

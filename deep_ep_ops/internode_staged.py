@@ -81,6 +81,27 @@ def state_of(buffer: str) -> Optional[State]:
     return _STATES.get(buffer)
 
 
+def rdma_size_hint(num_max_tokens_per_rank: int, hidden_bytes: int, num_nodes: int,
+                   num_topk: int = 8, num_experts: int = 256) -> int:
+    """RDMA bytes the staged path needs for calls of up to ``num_max_tokens_per_rank`` tokens
+    of at most ``hidden_bytes`` per row (BF16: ``2 * hidden``; an FP8 row and its scales take
+    less) on ``num_nodes`` nodes: an upper bound of the forward's layout (one staging share and
+    a region per source node, ``num_max_tokens_per_rank`` slots each, a slot being the row
+    16-byte aligned and its record: scales, top-k, weights, routing bits, source index) and of
+    the way back's (two shares per node, slots of a BF16 row and its weights), whichever is
+    larger, with their counters and headers (csrc/nvshmem/internode.cu, internode_layout)."""
+    def up(n: int, to: int) -> int:
+        return -(-n // to) * to
+
+    row = up(hidden_bytes, 16)
+    num_scales = up(hidden_bytes, 256) // 256  # an FP8 row of hidden_bytes / 2: 128 per scale
+    record = up(up(4 * num_scales, 8) + 12 * num_topk + 16, 16)
+    forward = (num_nodes + 1) * (num_max_tokens_per_rank * (row + record) + 128)
+    back = 2 * num_nodes * (num_max_tokens_per_rank * (row + up(4 * num_topk, 16)) + 128)
+    headers = 4 * num_nodes * up(8 + 4 * num_experts, 128)
+    return up(max(forward, back) + headers + (1 << 16), 1 << 20)
+
+
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """``[N, bytes of a row]`` uint8 (no rows included)."""
     width = math.prod(t.shape[1:]) * t.element_size()

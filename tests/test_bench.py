@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from deep_ep_ops import bench
+from deep_ep_ops import Buffer, bench
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
 
 NUM_RANKS, TOKENS, HIDDEN, NUM_EXPERTS, NUM_TOPK = 2, (16, 32), 256, 8, 2
@@ -327,7 +327,12 @@ def test_bench_internode_buffer(monkeypatch):
                           "--num-experts", "256", "--num-sms", "8", "32", "--mode", "internode"])
     num_nvl_bytes, num_rdma_bytes = bench.buffer_sizes(s)
     assert num_nvl_bytes == get_dispatch_config(4, 32).get_nvl_buffer_size_hint(2 * 7168, 4)
-    assert num_rdma_bytes == 0  # the size hint within one 8-rank domain; the reference needs none
+    # The staged kernels' need (a whole call's tokens per node), not DeepEP's ring-buffer hint
+    # (0 within one 8-rank domain).
+    tokens = max(s.tokens["internode"])
+    assert num_rdma_bytes == Buffer.get_internode_rdma_size_hint(tokens, 7168, 4, 2,
+                                                                s.num_topk, 256)
+    assert num_rdma_bytes >= 3 * tokens * 2 * 7168  # a staging share and a region per node
     created = []
     monkeypatch.setattr(bench.cases, "Buffer", lambda group, **kwargs: created.append(kwargs))
     bench._create_buffer(None, s)

@@ -13,7 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from .. import _build, ops, reference, reference_internode
+from .. import _build, internode_staged, ops, reference, reference_internode
 from ..buffer import Buffer
 from ..config import Config, get_combine_config, get_dispatch_config
 from .settings import (
@@ -615,6 +615,9 @@ def buffer_sizes(s: Settings) -> tuple[int, int]:
         configs += [get_dispatch_config(num_ranks, n), get_combine_config(num_ranks, n)]
     num_nvl_bytes = max(c.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
     num_rdma_bytes = max(c.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) for c in configs)
+    if INTERNODE in s.modes:  # the staged kernels hold a call's tokens per node
+        num_rdma_bytes = max(num_rdma_bytes, internode_staged.rdma_size_hint(
+            max(s.tokens[INTERNODE]), hidden_bytes, s.num_nodes, s.num_topk, s.num_experts))
     if LOW_LATENCY in s.modes:
         num_rdma_bytes = max(num_rdma_bytes, Buffer.get_low_latency_rdma_size_hint(
             max(s.tokens[LOW_LATENCY]), s.hidden, num_ranks, s.num_experts
