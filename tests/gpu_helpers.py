@@ -183,3 +183,17 @@ def _opcheck_utils(args) -> tuple[str, ...]:
         if any(t.requires_grad for t in tensors):
             utils = tuple(u for u in utils if u != "test_aot_dispatch_dynamic")
     return utils
+
+
+def _bit_flags(pairs, names, label: str, host_failures: list, device) -> torch.Tensor:
+    """One device flag per ``(got, want)`` pair: the bits differ (no host sync). A dtype or
+    shape mismatch is a host failure (``label``: the iteration) and a set flag."""
+    differs = []
+    for k, (a, b) in enumerate(pairs):
+        if a.dtype != b.dtype or a.shape != b.shape:
+            host_failures.append(f"{label}: {names[k]} is {a.dtype}{list(a.shape)}, expected "
+                                 f"{b.dtype}{list(b.shape)}")
+            differs.append(torch.ones((), dtype=torch.bool, device=device))
+        else:
+            differs.append((_bits(a) != _bits(b)).any())
+    return torch.stack(differs)

@@ -21,7 +21,7 @@ from deep_ep_ops import ops
 from deep_ep_ops.topology import RANKS_PER_NODE_ENV
 from gpu_distributed import max_ranks
 from gpu_helpers import (  # noqa: F401  (world_size: the module-scoped fixture)
-    _bits, _device, _generator, _sync, scaled, world_size,
+    _bit_flags, _device, _generator, _sync, scaled, world_size,
 )
 
 pytestmark = [
@@ -177,16 +177,8 @@ def _internode_pressure_job(rank, num_ranks, per_node, iterations, max_tokens, h
                                                        num_worst, config)
         ref_combined = reference_internode.internode_combine(
             y[:want[0].size(0)], want[3], bias, None, *want_handle, name, num_worst, config)
-        differs = []
         pairs = (*zip(got, want), (cached[0], ref_cached[0]), *zip(combined, ref_combined))
-        for k, (a, b) in enumerate(pairs):
-            if a.dtype != b.dtype or a.shape != b.shape:
-                host_failures.append(f"iteration {it} ({kind}): {outputs[k]} is "
-                                     f"{a.dtype}{list(a.shape)}, expected {b.dtype}{list(b.shape)}")
-                differs.append(torch.ones((), dtype=torch.bool, device=device))
-            else:
-                differs.append((_bits(a) != _bits(b)).any())
-        flags[it] = torch.stack(differs)
+        flags[it] = _bit_flags(pairs, outputs, f"iteration {it} ({kind})", host_failures, device)
     _sync(device)
     bad = flags.nonzero().tolist()
     staged = {op: n - calls_before.get(op, 0) for op, n in internode_staged.calls.items()}

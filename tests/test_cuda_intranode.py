@@ -40,7 +40,7 @@ from deep_ep_ops._registry import TIMEOUT_ENV
 from deep_ep_ops.config import get_combine_config, get_dispatch_config
 from gpu_distributed import max_ranks, run_on_gpus
 from gpu_helpers import (  # noqa: F401  (world_size: the module-scoped fixture)
-    Diffs, _assert_no_diffs, _bits, _device, _generator, _grad, _new_buffer, _nvl_bytes,
+    Diffs, _assert_no_diffs, _bit_flags, _device, _generator, _grad, _new_buffer, _nvl_bytes,
     _opcheck_utils, _routing, _sync, scaled, world_size,
 )
 from test_compile import _train_step
@@ -437,15 +437,8 @@ def _pressure_job(rank, num_ranks, iterations, max_tokens, hidden, seed):
             _resized(y, want[0].size(0)), want[3], None, None, *ref_handle, name, num_worst,
             combine_config,
         )
-        differs = []
-        for k, (a, b) in enumerate(zip((*got, *combined), (*want, *ref_combined))):
-            if a.dtype != b.dtype or a.shape != b.shape:
-                host_failures.append(f"iteration {it} ({kind}): {names[k]} is "
-                                     f"{a.dtype}{list(a.shape)}, expected {b.dtype}{list(b.shape)}")
-                differs.append(torch.ones((), dtype=torch.bool, device=device))
-            else:
-                differs.append((_bits(a) != _bits(b)).any())
-        flags[it] = torch.stack(differs)
+        flags[it] = _bit_flags(zip((*got, *combined), (*want, *ref_combined)), names,
+                               f"iteration {it} ({kind})", host_failures, device)
         negatives += (topk < 0).sum()
     _sync(device)
     bad = flags.nonzero().tolist()
