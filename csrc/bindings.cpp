@@ -1,7 +1,8 @@
 // Torch bindings of the CUDA kernels: argument checks, output allocation, launch on the
 // current stream, and registration for the CUDA dispatch key of the deep_ep ops (whose schemas
-// are defined in Python, deep_ep_ops/_library.py). Ops without a CUDA kernel here fall back to
-// the reference backend over NCCL (registered from Python).
+// come from the op table deep_ep_ops/_schemas.py: defined in Python by deep_ep_ops/_library.py,
+// or from C++ by csrc/ops.h). Ops without a CUDA kernel here fall back to the reference
+// backend over NCCL (registered from Python).
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>

@@ -253,7 +253,7 @@ Result call_fallback(const char* op, Args&&... args) {
 }
 
 // The op names device error reports use, by op id (the generated op table; both extensions
-// expose it as op_names, which tests hold to deep_ep_ops._library.OPS).
+// expose it as op_names, which tests hold to the op table, deep_ep_ops/_schemas.py).
 std::map<int, std::string> op_names_by_id() {
   std::map<int, std::string> names;
   for (int op = 0; op < kNumOps; ++op) names[op] = op_name(op);

@@ -350,7 +350,7 @@ def test_source_hash_follows_the_sources_not_the_generated_headers(tmp_path):
                     ignore=shutil.ignore_patterns("generated"))
     os.makedirs(copy / "deep_ep_ops")
     shutil.copy(os.path.join(root, "setup.py"), copy / "setup.py")
-    shutil.copy(os.path.join(root, "deep_ep_ops", "_library.py"), copy / "deep_ep_ops")
+    shutil.copy(os.path.join(root, "deep_ep_ops", "_schemas.py"), copy / "deep_ep_ops")
     first = _sources.source_hash(str(copy))
     assert first == _sources.source_hash(root)
     os.makedirs(copy / "csrc" / "generated")
