@@ -1,5 +1,5 @@
 // The eager fast path with autograd: pieces shared by the C++ autograd functions of both
-// extensions (csrc/bindings.cpp, csrc/nvshmem/bindings.cpp).
+// libraries (csrc/ops.cpp, csrc/nvshmem/ops.cpp). Python-free.
 //
 // An eager call whose inputs require grad used to take torch.ops and the Python autograd kernel
 // of torch.library (about 80 us of host time per call on the H200 machine). The direct entries
@@ -14,7 +14,6 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
-#include <torch/extension.h>
 
 #include <string>
 #include <type_traits>
@@ -82,26 +81,6 @@ inline NamedArgs with(NamedArgs args, const NamedArgs& more) {
 
 inline at::Tensor tensor_or_undefined(const c10::IValue& v) {
   return v.isTensor() ? v.toTensor() : at::Tensor();
-}
-
-inline py::object to_python(variable_list outputs) {
-  py::tuple result(outputs.size());
-  for (size_t i = 0; i < outputs.size(); ++i) result[i] = py::cast(std::move(outputs[i]));
-  return std::move(result);
-}
-
-// An instance of the tuple subclass `type` (a NamedTuple) holding `items` (new references,
-// taken over), as tuple.__new__ makes one, without the Python frame of its __new__.
-inline PyObject* new_named_tuple(PyObject* type, std::initializer_list<PyObject*> items) {
-  auto* tuple_type = reinterpret_cast<PyTypeObject*>(type);
-  PyObject* result = tuple_type->tp_alloc(tuple_type, static_cast<Py_ssize_t>(items.size()));
-  if (result == nullptr) {
-    for (PyObject* item : items) Py_XDECREF(item);
-    throw py::error_already_set();
-  }
-  Py_ssize_t i = 0;
-  for (PyObject* item : items) PyTuple_SET_ITEM(result, i++, item);
-  return result;
 }
 
 template <typename... Ts>

@@ -1,6 +1,7 @@
-// Torch-side helpers shared by the bindings of both extensions (csrc/bindings.cpp for the NVLink
-// kernels, csrc/nvshmem/bindings.cpp for the NVSHMEM ones). Everything sits in an unnamed
-// namespace: each extension keeps its own copy of the state (error words, fallbacks).
+// Torch-side helpers shared by the op kernels of both libraries (csrc/ops.cpp for the NVLink
+// kernels, csrc/nvshmem/ops.cpp for the NVSHMEM ones). No Python: the libraries load into a
+// libtorch process without it. Everything sits in an unnamed namespace: each library keeps its
+// own copy of the state (error words, hooks), and only its op kernels' file includes this.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -8,7 +9,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/cuda/CUDAException.h>
-#include <torch/extension.h>
+#include <torch/library.h>
+
+#include "bridge_common.h"
 
 #include <algorithm>
 #include <array>
@@ -238,18 +241,33 @@ std::map<std::string, std::pair<int64_t, double>> host_trace_take() {
   return out;
 }
 
-// Python implementations (the reference backend) of ops, for calls the kernels do not take.
-// Leaked on purpose: nothing here may be destroyed after the interpreter shut down.
-auto& fallbacks = *new std::unordered_map<std::string, py::object>();
+// Hooks into the Python package, set by its bindings (deep_ep_ops._C and _C_nvshmem, see
+// csrc/python.cpp): the reference backend for calls the kernels do not take, and the ops'
+// Python checks (the one source of the wording of argument errors). Arguments and results
+// cross as IValues, so this library needs no Python; a process without the package has no
+// hooks (no reference backend, the C++ messages stand). Leaked on purpose: nothing here may
+// be destroyed after the interpreter shut down.
+struct Hooks {
+  BoxedHook fallback, check;
+};
 
-void set_fallback(const std::string& op, py::object fn) { fallbacks[op] = std::move(fn); }
+Hooks& hooks() {
+  static Hooks& h = *new Hooks();
+  return h;
+}
+
+template <typename T>
+c10::IValue to_ivalue(const T& value) { return c10::IValue(value); }
+inline c10::IValue to_ivalue(c10::string_view s) { return c10::IValue(std::string(s)); }
+inline c10::IValue to_ivalue(c10::IntArrayRef v) { return c10::IValue(v.vec()); }
 
 template <typename Result, typename... Args>
-Result call_fallback(const char* op, Args&&... args) {
-  py::gil_scoped_acquire gil;
-  auto it = fallbacks.find(op);
-  TORCH_CHECK(it != fallbacks.end(), "deep_ep::", op, " has no reference fallback registered");
-  return it->second(std::forward<Args>(args)...).template cast<Result>();
+Result call_fallback(const char* op, const Args&... args) {
+  TORCH_CHECK(static_cast<bool>(hooks().fallback), "deep_ep::", op, ": this call needs the "
+              "reference backend (a buffer without a runtime for the kernels), which only the "
+              "Python package deep_ep_ops provides");
+  c10::IValue result = hooks().fallback(op, {to_ivalue(args)...});
+  if constexpr (!std::is_void_v<Result>) return std::move(result).to<Result>();
 }
 
 // The op names device error reports use, by op id (the generated op table; both extensions
@@ -262,31 +280,11 @@ std::map<int, std::string> op_names_by_id() {
 
 // --- one wording for argument errors (meta.check_<op>) ---------------------------------------
 
-// The ops' Python checks (deep_ep_ops.meta.check_<op>, registered at import): the one source
-// of the wording of argument errors. Leaked like `fallbacks`.
-auto& python_checks = *new std::unordered_map<std::string, py::object>();
-
-void set_check(const std::string& op, py::object fn) { python_checks[op] = std::move(fn); }
-
-inline py::object to_python_arg(const at::Tensor& t) { return py::cast(t); }
-inline py::object to_python_arg(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? py::cast(*t) : py::none();
-}
-inline py::object to_python_arg(c10::string_view s) { return py::str(s.data(), s.size()); }
-inline py::object to_python_arg(const std::string& s) { return py::str(s); }
-inline py::object to_python_arg(c10::IntArrayRef v) {
-  return py::cast(std::vector<int64_t>(v.begin(), v.end()));
-}
-inline py::object to_python_arg(int64_t v) { return py::int_(v); }
-inline py::object to_python_arg(bool v) { return py::bool_(v); }
-
-// Raises the Python check's error for these arguments, if it rejects them.
+// Raises the Python check's error for these arguments, if the package set the hook and its
+// check rejects them.
 template <typename... Args>
 void raise_python_check(const char* op, const Args&... args) {
-  auto it = python_checks.find(op);  // filled once at import, before any call
-  if (it == python_checks.end() || !Py_IsInitialized()) return;
-  py::gil_scoped_acquire gil;
-  it->second(to_python_arg(args)...);
+  if (hooks().check) hooks().check(op, {to_ivalue(args)...});
 }
 
 // An op's kernel function with its argument errors worded as on CPU and under tracing: a
@@ -399,9 +397,6 @@ bool eager_direct_ok(const Tensors&... tensors) {
   return (direct_ok_tensor(tensors, grad) && ...);
 }
 
-// A direct entry: `fn(args...)` as a Python object, or None where the call must take the ops.
-#define DEEP_EP_DIRECT(fn, ...) \
-  (deep_ep_ops::eager_direct_ok(__VA_ARGS__) ? py::object(py::cast(fn)) : py::object(py::none()))
 
 // --- argument checks (the fakes in meta/ make the same ones while tracing) ------------------
 

@@ -1,14 +1,15 @@
-// Torch bindings of the CUDA kernels: argument checks, output allocation, launch on the
-// current stream, and registration for the CUDA dispatch key of the deep_ep ops (whose schemas
-// come from the op table deep_ep_ops/_schemas.py: defined in Python by deep_ep_ops/_library.py,
-// or from C++ by csrc/ops.h). Ops without a CUDA kernel here fall back to the reference
-// backend over NCCL (registered from Python).
+// The op kernels of the NVLink kernels (libdeep_ep_ops, no Python in it): argument checks,
+// output allocation, launch on the current stream, and registration for the CUDA dispatch key
+// of the deep_ep ops, whose schemas the library defines when loaded if nothing did (the op
+// table deep_ep_ops/_schemas.py; csrc/ops.h). The NVLink runtimes by buffer name live here:
+// the Python bindings (csrc/python.cpp, deep_ep_ops._C) and the C++ Buffer (csrc/buffer.cpp)
+// reach them through csrc/bridge.h. Calls the kernels do not take (a buffer without a runtime)
+// go to the Python package's reference backend when it set the hook, else raise.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,6 +26,8 @@
 #include "generated/build_id.h"  // written by setup.py
 #include "kernels/api.h"
 #include "autograd.h"
+#include "bridge.h"
+#include "ops.h"
 #include "runtime.h"
 #include "torch_common.h"
 
@@ -198,7 +201,7 @@ constexpr auto get_dispatch_layout =
 
 NvlRuntime* find_runtime(const std::string& name) { return runtimes.find(name); }
 
-py::bytes intranode_create(const std::string& name, int device, int rank, int num_ranks,
+std::string intranode_create_impl(const std::string& name, int device, int rank, int num_ranks,
                            int64_t num_nvl_bytes, double timeout_s) {
   TORCH_CHECK_VALUE(num_ranks >= 1 && num_ranks <= kMaxNvlRanks, "the NVLink runtime takes 1 to ",
                     num(kMaxNvlRanks), " ranks, got ", num(num_ranks));
@@ -212,10 +215,10 @@ py::bytes intranode_create(const std::string& name, int device, int rank, int nu
   TORCH_CHECK(status == cudaSuccess, "buffer ", name, ": allocating ", num(num_nvl_bytes),
               " NVLink bytes failed: ", cudaGetErrorString(status));
   runtimes.add(name, std::move(runtime));
-  return py::bytes(reinterpret_cast<const char*>(&handle), sizeof(handle));
+  return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
 }
 
-void intranode_open(const std::string& name, const std::vector<std::string>& handles) {
+void intranode_open_impl(const std::string& name, const std::vector<std::string>& handles) {
   NvlRuntime* runtime = find_runtime(name);
   TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", name, " has no NVLink runtime");
   TORCH_CHECK_VALUE(static_cast<int>(handles.size()) == runtime->num_ranks, "expected ",
@@ -231,12 +234,6 @@ void intranode_open(const std::string& name, const std::vector<std::string>& han
               "failed (are all ranks on one host, with peer access?): ", cudaGetErrorString(status));
 }
 
-// Collective teardown (unmap and free) with free_memory, else only forget the name.
-void intranode_destroy(const std::string& name, bool free_memory) {
-  runtimes.drop(name, free_memory);
-}
-
-void check_device_errors(int device) { checked_error_word("check_device_errors", device); }
 
 // --- argument checks (the fakes in meta/ make the same ones while tracing) ------------------
 
@@ -258,7 +255,7 @@ int check_config(c10::IntArrayRef config) {
 
 // Config.get_nvl_buffer_size_hint (deep_ep_ops/config.py), the bound DeepEP users size by;
 // tests/test_cuda_direct.py holds the two formulas equal.
-int64_t nvl_buffer_size_hint(c10::IntArrayRef config, int64_t hidden_bytes, int64_t num_ranks) {
+int64_t nvl_buffer_size_hint_impl(c10::IntArrayRef config, int64_t hidden_bytes, int64_t num_ranks) {
   auto align = [](int64_t n) { return (n + 127) / 128 * 128; };
   const int64_t ranks = std::min<int64_t>(num_ranks, kMaxNvlRanks), channels = config[0] / 2;
   const int64_t token = align(hidden_bytes + 4 * ((hidden_bytes + 127) / 128) + 16 * (8 + 4) + 4);
@@ -273,7 +270,7 @@ NvlRuntime* runtime_for(const char* op, const std::string& buffer, const at::Ten
   if (runtime == nullptr) return nullptr;
   check_runtime(op, buffer, *runtime, x, num_ranks);
   const int64_t needed =
-      nvl_buffer_size_hint(config, x.size(1) * std::max<int64_t>(x.element_size(), 2), num_ranks);
+      nvl_buffer_size_hint_impl(config, x.size(1) * std::max<int64_t>(x.element_size(), 2), num_ranks);
   TORCH_CHECK_VALUE(needed <= runtime->data_bytes, "deep_ep::", op, ": buffer '", buffer,
                     "' has num_nvl_bytes=", num(runtime->data_bytes), " but hidden=",
                     num(x.size(1)), " with this config needs ", num(needed),
@@ -959,35 +956,6 @@ struct CombineBackward : public EagerBackward {
 };
 using CombineFunction = CombineBackward;
 
-// The Python named tuples of a dispatch's results (ops.DispatchOutput, ops.DispatchHandle),
-// set once from Python when the ops module is imported (references kept for the process).
-std::pair<PyObject*, PyObject*>& dispatch_result_types() {
-  static std::pair<PyObject*, PyObject*> types{nullptr, nullptr};
-  return types;
-}
-
-// (DispatchOutput(recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-// num_recv_tokens_per_expert, DispatchHandle(rank_prefix_matrix, channel_prefix_matrix,
-// recv_channel_prefix_matrix, recv_src_idx, is_token_in_rank, send_head, num_worst_tokens)),
-// host_counts) from a dispatch's ten outputs (DispatchResult's order).
-py::object dispatch_output_to_python(std::vector<at::Tensor>&& out,
-                                     const at::Tensor& is_token_in_rank, int64_t num_worst_tokens,
-                                     py::object host_counts) {
-  const auto [output_type, handle_type] = dispatch_result_types();
-  TORCH_CHECK(output_type != nullptr, "deep_ep_ops: the dispatch result types are not set "
-              "(deep_ep_ops.ops sets them when imported)");
-  auto take = [&](size_t i) { return py::cast(std::move(out[i])).release().ptr(); };
-  PyObject* handle = new_named_tuple(
-      handle_type, {take(5), take(6), take(7), take(8), py::cast(is_token_in_rank).release().ptr(),
-                    take(9), PyLong_FromLongLong(num_worst_tokens)});
-  PyObject* output = new_named_tuple(output_type,
-                                     {take(0), take(1), take(2), take(3), take(4), handle});
-  py::tuple result(2);
-  result[0] = py::reinterpret_steal<py::object>(output);
-  result[1] = std::move(host_counts);
-  return std::move(result);
-}
-
 }  // namespace
 }  // namespace deep_ep_ops
 
@@ -999,175 +967,139 @@ TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
   m.impl("combine", deep_ep_ops::combine);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "CUDA kernels of deep_ep_ops (registered for the deep_ep ops on import)";
-  module.attr("source_hash") = deep_ep_ops::kSourceHash;  // the sources it was built from
-  module.def("intranode_create", &deep_ep_ops::intranode_create,
-             "Allocate a buffer's NVLink memory; returns its IPC handle");
-  module.def("intranode_open", &deep_ep_ops::intranode_open,
-             "Map the peers' NVLink memory (IPC handles indexed by rank)");
-  module.def("intranode_destroy", &deep_ep_ops::intranode_destroy,
-             "Forget a buffer's runtime; free its memory when free_memory is true");
-  module.def("nvl_buffer_size_hint", [](const std::vector<int64_t>& config, int64_t hidden_bytes,
-                                        int64_t num_ranks) {
-    return deep_ep_ops::nvl_buffer_size_hint(config, hidden_bytes, num_ranks);
-  }, "The NVLink bytes the kernels require (tests hold it equal to "
-     "Config.get_nvl_buffer_size_hint)");
-  module.def("host_trace", &deep_ep_ops::host_trace_take,
-             "Host µs per step of the eager calls since the last call (DEEP_EP_OPS_HOST_TRACE=1)");
-  module.def("op_names", &deep_ep_ops::op_names_by_id,
-             "The op names device error reports use, by op id (tests hold them to the op table)");
-  module.def("set_check", &deep_ep_ops::set_check,
-             "Python check of an op (meta.check_<op>): the wording of its argument errors");
-  module.def("set_fallback", &deep_ep_ops::set_fallback,
-             "Python implementation of an op for buffers without an NVLink runtime");
-  module.def("check_device_errors", &deep_ep_ops::check_device_errors,
-             "Raise an error a kernel on this device reported since the last op call");
-  // The op kernels again, called from Python without the dispatcher (see ops._direct in
-  // deep_ep_ops/ops.py); each returns None where the call must take the ops instead
-  // (eager_direct_ok). Same code, same checks.
-  using Ints = std::vector<int64_t>;
-  using OptTensor = c10::optional<at::Tensor>;
-  using at::Tensor;
-  module.def("get_dispatch_layout", [](const Tensor& topk_idx, int64_t num_experts,
-                                       int64_t num_ranks, int64_t num_rdma_ranks) {
-    const deep_ep_ops::PooledOutputs pooled;
-    return DEEP_EP_DIRECT(deep_ep_ops::get_dispatch_layout(topk_idx, num_experts, num_ranks,
-                                                           num_rdma_ranks), topk_idx);
-  });
-  // With inputs that require grad, the entries record the backward from C++ (the autograd
-  // functions above); an FP8 payload takes the ops (only its weights are differentiable).
-  using deep_ep_ops::Direct;
-  // dispatch and capacity_dispatch return (DispatchOutput, host counts): the ops module's named
-  // tuples (set_result_types), built here, and the host list of rows per local expert
-  // (Buffer.dispatch's num_recv_tokens_per_expert_list), read from mapped memory without a copy;
-  // None for capacity mode or when the call ran the reference.
-  module.def("set_result_types", [](py::object output, py::object handle) {
-    deep_ep_ops::dispatch_result_types() = {output.release().ptr(), handle.release().ptr()};
-  }, "The named tuples the direct dispatch entries return (ops.DispatchOutput, DispatchHandle)");
-  auto direct_dispatch = [](const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
-                            const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
-                            const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
-                            const std::string& buffer, int64_t expert_alignment, bool capacity,
-                            int64_t num_worst_tokens, const Ints& config,
-                            bool lean) -> py::object {
-    const deep_ep_ops::PooledOutputs pooled;
-    deep_ep_ops::HostTrace trace(capacity ? "entry capacity_dispatch" : "entry dispatch");
-    const Direct mode = deep_ep_ops::eager_direct_mode(x, x_scales, topk_idx, topk_weights,
-                                                       num_tokens_per_rank, is_token_in_rank,
-                                                       num_tokens_per_expert);
-    trace.mark("direct mode");
-    std::vector<Tensor> out;
-    // Scoped: the flag must not outlive the call (an exception included). The backward keeps
-    // neither of the outputs lean leaves out.
-    struct Lean {
-      explicit Lean(bool on) { deep_ep_ops::lean_dispatch_outputs = on; }
-      ~Lean() { deep_ep_ops::lean_dispatch_outputs = false; }
-    } const scope(lean && mode != Direct::kOps);
-    switch (mode) {
-      case Direct::kPlain: {
-        out = deep_ep_ops::to_list(
-            capacity ? deep_ep_ops::capacity_dispatch(
-                           x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                           is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
-                           num_worst_tokens, config)
-                     : deep_ep_ops::dispatch(x, x_scales, topk_idx, topk_weights,
-                                             num_tokens_per_rank, is_token_in_rank,
-                                             num_tokens_per_expert, buffer, expert_alignment,
-                                             config));
-        break;
-      }
-      case Direct::kAutograd:
-        // FP8 takes the ops (only its weights are differentiable); capacity_dispatch with
-        // num_worst_tokens < 1 takes them too, and raises there.
-        if (x_scales || !at::isFloatingType(x.scalar_type()) || (capacity && num_worst_tokens < 1))
-          break;
-        out = deep_ep_ops::DispatchFunction::apply(
-            x, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-            num_tokens_per_expert, buffer, expert_alignment, num_worst_tokens, config);
-        break;
-      case Direct::kOps: break;
-    }
-    if (out.empty()) return py::none();
-    trace.mark("op");
-    py::object counts = py::none();
-    if (!capacity)
-      if (const deep_ep_ops::NvlRuntime* runtime = deep_ep_ops::find_runtime(buffer))
-        counts = py::cast(runtime->recv_per_expert);
-    py::object result = deep_ep_ops::dispatch_output_to_python(
-        std::move(out), is_token_in_rank, num_worst_tokens, std::move(counts));
-    trace.mark("to python");
-    return result;
-  };
-  module.def("dispatch", [direct_dispatch](
-      const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
-      const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
-      const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
-      const std::string& buffer, int64_t expert_alignment, const Ints& config, bool lean) {
-    return direct_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                           is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
-                           false, 0, config, lean);
-  }, py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
-     py::arg("num_tokens_per_rank"), py::arg("is_token_in_rank"),
-     py::arg("num_tokens_per_expert"), py::arg("buffer"), py::arg("expert_alignment"),
-     py::arg("config"), py::arg("lean") = false);
-  module.def("capacity_dispatch", [direct_dispatch](
-      const Tensor& x, const OptTensor& x_scales, const OptTensor& topk_idx,
-      const OptTensor& topk_weights, const Tensor& num_tokens_per_rank,
-      const Tensor& is_token_in_rank, const OptTensor& num_tokens_per_expert,
-      const std::string& buffer, int64_t expert_alignment, int64_t num_worst_tokens,
-      const Ints& config, bool lean) {
-    return direct_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
-                           is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
-                           true, num_worst_tokens, config, lean);
-  }, py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
-     py::arg("num_tokens_per_rank"), py::arg("is_token_in_rank"),
-     py::arg("num_tokens_per_expert"), py::arg("buffer"), py::arg("expert_alignment"),
-     py::arg("num_worst_tokens"), py::arg("config"), py::arg("lean") = false);
-  module.def("cached_dispatch", [](const Tensor& x, const OptTensor& x_scales,
-                                   const OptTensor& topk_weights, const Tensor& rank_prefix,
-                                   const Tensor& channel_prefix, const Tensor& recv_channel_prefix,
-                                   const Tensor& recv_src_idx, const Tensor& is_token_in_rank,
-                                   const Tensor& send_head, const std::string& buffer,
-                                   int64_t num_worst_tokens, const Ints& config) -> py::object {
-    const deep_ep_ops::PooledOutputs pooled;
-    switch (deep_ep_ops::eager_direct_mode(x, x_scales, topk_weights, rank_prefix, send_head)) {
-      case Direct::kPlain:
-        return py::cast(deep_ep_ops::cached_dispatch(
-            x, x_scales, topk_weights, rank_prefix, channel_prefix, recv_channel_prefix,
-            recv_src_idx, is_token_in_rank, send_head, buffer, num_worst_tokens, config));
-      case Direct::kAutograd:
-        if (x_scales || !at::isFloatingType(x.scalar_type())) break;
-        return deep_ep_ops::to_python(deep_ep_ops::CachedDispatchFunction::apply(
-            x, topk_weights, std::vector<Tensor>{rank_prefix, channel_prefix,
-                                                 recv_channel_prefix, recv_src_idx,
-                                                 is_token_in_rank, send_head},
-            buffer, num_worst_tokens, config));
-      case Direct::kOps: break;
-    }
-    return py::none();
-  });
-  module.def("combine", [](const Tensor& x, const OptTensor& topk_weights, const OptTensor& bias_0,
-                           const OptTensor& bias_1, const Tensor& rank_prefix,
-                           const Tensor& channel_prefix, const Tensor& recv_channel_prefix,
-                           const Tensor& recv_src_idx, const Tensor& is_token_in_rank,
-                           const Tensor& send_head, const std::string& buffer,
-                           int64_t num_worst_tokens, const Ints& config) -> py::object {
-    switch (deep_ep_ops::eager_direct_mode(x, topk_weights, bias_0, bias_1, rank_prefix,
-                                           send_head)) {
-      case Direct::kPlain:
-        return py::cast(deep_ep_ops::combine(x, topk_weights, bias_0, bias_1, rank_prefix,
-                                             channel_prefix, recv_channel_prefix, recv_src_idx,
-                                             is_token_in_rank, send_head, buffer,
-                                             num_worst_tokens, config));
-      case Direct::kAutograd:
-        return deep_ep_ops::to_python(deep_ep_ops::CombineFunction::apply(
-            x, topk_weights, bias_0, bias_1,
-            std::vector<Tensor>{rank_prefix, channel_prefix, recv_channel_prefix, recv_src_idx,
-                                is_token_in_rank, send_head},
-            buffer, num_worst_tokens, config));
-      case Direct::kOps: break;
-    }
-    return py::none();
-  });
+
+// --- what the front ends call (csrc/bridge.h) ------------------------------------------------
+
+namespace deep_ep_ops {
+
+const char* nvl_source_hash() { return kSourceHash; }
+
+std::string intranode_create(const std::string& name, int device, int rank, int num_ranks,
+                             int64_t num_nvl_bytes, double timeout_s) {
+  return intranode_create_impl(name, device, rank, num_ranks, num_nvl_bytes, timeout_s);
 }
+
+void intranode_open(const std::string& name, const std::vector<std::string>& handles) {
+  intranode_open_impl(name, handles);
+}
+
+void intranode_destroy(const std::string& name, bool free_memory) {
+  runtimes.drop(name, free_memory);
+}
+
+bool intranode_exists(const std::string& name) { return find_runtime(name) != nullptr; }
+
+int64_t nvl_buffer_size_hint(const std::vector<int64_t>& config, int64_t hidden_bytes,
+                             int64_t num_ranks) {
+  return nvl_buffer_size_hint_impl(config, hidden_bytes, num_ranks);
+}
+
+void check_device_errors(int device) { checked_error_word("check_device_errors", device); }
+
+void set_nvl_fallback_hook(BoxedHook hook) { hooks().fallback = std::move(hook); }
+void set_nvl_check_hook(BoxedHook hook) { hooks().check = std::move(hook); }
+std::map<std::string, std::pair<int64_t, double>> nvl_host_trace_take() { return host_trace_take(); }
+std::map<int, std::string> nvl_op_names() { return op_names_by_id(); }
+
+std::optional<std::vector<at::Tensor>> direct_get_dispatch_layout(const at::Tensor& topk_idx,
+                                                                  int64_t num_experts,
+                                                                  int64_t num_ranks,
+                                                                  int64_t num_rdma_ranks) {
+  const PooledOutputs pooled;
+  if (!eager_direct_ok(topk_idx)) return std::nullopt;
+  return to_list(get_dispatch_layout(topk_idx, num_experts, num_ranks, num_rdma_ranks));
+}
+
+std::optional<DirectDispatch> direct_dispatch(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+    const std::optional<at::Tensor>& topk_idx, const std::optional<at::Tensor>& topk_weights,
+    const at::Tensor& num_tokens_per_rank, const at::Tensor& is_token_in_rank,
+    const std::optional<at::Tensor>& num_tokens_per_expert, const std::string& buffer,
+    int64_t expert_alignment, bool capacity, int64_t num_worst_tokens,
+    const std::vector<int64_t>& config, bool lean) {
+  const PooledOutputs pooled;
+  HostTrace trace(capacity ? "entry capacity_dispatch" : "entry dispatch");
+  const Direct mode = eager_direct_mode(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                        is_token_in_rank, num_tokens_per_expert);
+  trace.mark("direct mode");
+  DirectDispatch result;
+  // Scoped: the flag must not outlive the call (an exception included). The backward keeps
+  // neither of the outputs lean leaves out.
+  struct Lean {
+    explicit Lean(bool on) { lean_dispatch_outputs = on; }
+    ~Lean() { lean_dispatch_outputs = false; }
+  } const scope(lean && mode != Direct::kOps);
+  switch (mode) {
+    case Direct::kPlain:
+      result.out = to_list(
+          capacity ? capacity_dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                                       is_token_in_rank, num_tokens_per_expert, buffer,
+                                       expert_alignment, num_worst_tokens, config)
+                   : dispatch(x, x_scales, topk_idx, topk_weights, num_tokens_per_rank,
+                              is_token_in_rank, num_tokens_per_expert, buffer, expert_alignment,
+                              config));
+      break;
+    case Direct::kAutograd:
+      // FP8 takes the ops (only its weights are differentiable); capacity_dispatch with
+      // num_worst_tokens < 1 takes them too, and raises there.
+      if (x_scales || !at::isFloatingType(x.scalar_type()) || (capacity && num_worst_tokens < 1))
+        return std::nullopt;
+      result.out = DispatchFunction::apply(x, topk_idx, topk_weights, num_tokens_per_rank,
+                                           is_token_in_rank, num_tokens_per_expert, buffer,
+                                           expert_alignment, num_worst_tokens, config);
+      break;
+    case Direct::kOps: return std::nullopt;
+  }
+  trace.mark("op");
+  if (!capacity)
+    if (const NvlRuntime* runtime = find_runtime(buffer)) result.recv_per_expert = runtime->recv_per_expert;
+  return result;
+}
+
+std::optional<std::vector<at::Tensor>> direct_cached_dispatch(
+    const at::Tensor& x, const std::optional<at::Tensor>& x_scales,
+    const std::optional<at::Tensor>& topk_weights, const std::vector<at::Tensor>& handle,
+    const std::string& buffer, int64_t num_worst_tokens, const std::vector<int64_t>& config) {
+  TORCH_CHECK_VALUE(handle.size() == 6, "a normal-mode handle has 6 tensors, got ",
+                    num(handle.size()));
+  const PooledOutputs pooled;
+  switch (eager_direct_mode(x, x_scales, topk_weights, handle[0], handle[5])) {
+    case Direct::kPlain:
+      return to_list(cached_dispatch(x, x_scales, topk_weights, handle[0], handle[1], handle[2],
+                                     handle[3], handle[4], handle[5], buffer, num_worst_tokens,
+                                     config));
+    case Direct::kAutograd:
+      if (x_scales || !at::isFloatingType(x.scalar_type())) return std::nullopt;
+      return CachedDispatchFunction::apply(x, topk_weights, handle, buffer, num_worst_tokens,
+                                           config);
+    case Direct::kOps: break;
+  }
+  return std::nullopt;
+}
+
+std::optional<std::vector<at::Tensor>> direct_combine(
+    const at::Tensor& x, const std::optional<at::Tensor>& topk_weights,
+    const std::optional<at::Tensor>& bias_0, const std::optional<at::Tensor>& bias_1,
+    const std::vector<at::Tensor>& handle, const std::string& buffer, int64_t num_worst_tokens,
+    const std::vector<int64_t>& config) {
+  TORCH_CHECK_VALUE(handle.size() == 6, "a normal-mode handle has 6 tensors, got ",
+                    num(handle.size()));
+  switch (eager_direct_mode(x, topk_weights, bias_0, bias_1, handle[0], handle[5])) {
+    case Direct::kPlain:
+      return to_list(combine(x, topk_weights, bias_0, bias_1, handle[0], handle[1], handle[2],
+                             handle[3], handle[4], handle[5], buffer, num_worst_tokens, config));
+    case Direct::kAutograd:
+      return CombineFunction::apply(x, topk_weights, bias_0, bias_1, handle, buffer,
+                                    num_worst_tokens, config);
+    case Direct::kOps: break;
+  }
+  return std::nullopt;
+}
+
+namespace {
+// Loading the library defines the ops that have no schema yet (a libtorch process without the
+// Python package gets them here; with the package, whichever of the two runs first wins).
+const int ops_defined_at_load = define_ops();
+}  // namespace
+
+}  // namespace deep_ep_ops
