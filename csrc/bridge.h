@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <string>
@@ -76,5 +77,31 @@ std::optional<std::vector<at::Tensor>> direct_combine(
     const std::optional<at::Tensor>& bias_0, const std::optional<at::Tensor>& bias_1,
     const std::vector<at::Tensor>& handle, const std::string& buffer, int64_t num_worst_tokens,
     const std::vector<int64_t>& config);
+
+}  // namespace deep_ep_ops
+
+namespace deep_ep_ops {
+
+// --- the NVSHMEM runtime, lent by libdeep_ep_ops_nvshmem when loaded --------------------------
+// (csrc/nvshmem/register.cpp), so the C++ Buffer reaches it without linking it: a build
+// without NVSHMEM has no low-latency mode, and says so.
+struct NvshmemApi {
+  std::function<std::string()> unique_id;  // NVSHMEM's unique id bytes
+  // Joins the job as PE `rank` of `num_ranks` on `device` (once per process).
+  std::function<void(const std::string& unique_id, int rank, int num_ranks, int device)> join;
+  // {my PE, PEs}, {-1, 0} before joining.
+  std::function<std::pair<int, int>()> world;
+  // Collective: a buffer's symmetric memory (zeroed) as a uint8 tensor, its runtime by name.
+  std::function<at::Tensor(const std::string& name, int device, int64_t bytes, double timeout_s,
+                           bool force_put)>
+      create;
+  std::function<void(const std::string& name, bool free_memory)> destroy;
+  // Symmetric bytes the low-latency ops need for calls of this shape.
+  std::function<int64_t(int64_t num_max, int64_t hidden, int64_t num_ranks, int64_t num_experts)>
+      bytes_needed;
+};
+
+void set_nvshmem_api(NvshmemApi api);
+const NvshmemApi* nvshmem_api();  // nullptr: libdeep_ep_ops_nvshmem is not loaded
 
 }  // namespace deep_ep_ops

@@ -1103,3 +1103,21 @@ const int ops_defined_at_load = define_ops();
 }  // namespace
 
 }  // namespace deep_ep_ops
+
+namespace deep_ep_ops {
+namespace {
+std::mutex nvshmem_api_mutex;
+const NvshmemApi* lent_nvshmem_api = nullptr;  // leaked: used until the process exits
+}  // namespace
+
+void set_nvshmem_api(NvshmemApi api) {
+  const std::lock_guard<std::mutex> lock(nvshmem_api_mutex);
+  lent_nvshmem_api = new NvshmemApi(std::move(api));
+}
+
+const NvshmemApi* nvshmem_api() {
+  const std::lock_guard<std::mutex> lock(nvshmem_api_mutex);
+  return lent_nvshmem_api;
+}
+
+}  // namespace deep_ep_ops

@@ -48,7 +48,7 @@ c10::IValue from_python(py::handle obj) {
     for (py::handle item : obj) items.push_back(from_python(item));
     return c10::ivalue::Tuple::create(std::move(items));
   }
-  TORCH_CHECK(false, "deep_ep_ops: no IValue for a Python ", std::string(py::str(obj.get_type())));
+  TORCH_CHECK(false, "deep_ep_ops: no IValue for a Python ", std::string(py::str(py::type::handle_of(obj))));
 }
 
 // Python functions by op name and the library hook that calls them (with the GIL). Leaked:

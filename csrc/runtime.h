@@ -1,5 +1,5 @@
 // The NVLink runtime of one Buffer: its IPC allocation and the peers' allocations mapped into
-// this process. Torch-free (CUDA runtime only); csrc/bindings.cpp keeps them by buffer name.
+// this process. Torch-free (CUDA runtime only); csrc/ops.cpp keeps them by buffer name.
 #pragma once
 
 #include <cstdint>

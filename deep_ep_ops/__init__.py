@@ -22,7 +22,7 @@ if _build.HAS_CUDA_KERNELS and hasattr(getattr(_build, "_C_nvshmem", None), "int
 _build.CUDA_REFERENCE_OPS = tuple(reference.register(_library.LIB, "CUDA"))
 # The kernels' bindings call the reference for the calls they do not take: buffers without a
 # runtime (no NVLink runtime: more than 8 ranks, a CPU buffer; no NVSHMEM runtime), and the
-# low-latency shapes the kernels do not support (see csrc/nvshmem/bindings.cpp). Every kernel
+# low-latency shapes the kernels do not support (see csrc/nvshmem/ops.cpp). Every kernel
 # op that takes a buffer gets its fallback, from the op table.
 # Their argument errors are worded by the op's one check (meta.check_<op>), as on CPU.
 for _extension in (_library._NVLINK, _library._NVSHMEM):

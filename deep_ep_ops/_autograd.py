@@ -2,7 +2,7 @@
 graphs compile.
 
 The eager fast path on CUDA (``ops._direct``) records the same formulas from C++
-(``csrc/autograd.h`` and the autograd functions in both ``bindings.cpp``), so a formula changed
+(``csrc/autograd.h`` and the autograd functions in both ``ops.cpp``), so a formula changed
 here must change there too; ``tests/test_cuda_direct.py`` holds the two bit-equal per call form.
 
 The rule: every op and every ``Buffer`` call form that can be reached with an input requiring

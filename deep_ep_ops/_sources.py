@@ -6,7 +6,7 @@ from the one op table (``kOp<Name>`` = the op's index in ``deep_ep_ops/_schemas.
 a standard-library module loaded by path), ``schemas.h``, every op's schema in that order (the
 C++ definition of the ops, ``csrc/ops.h``), and ``build_id.h``, the hash of the sources.
 ``source_hash(root)`` digests every file the extensions are compiled from (``csrc/`` but its
-generated headers, ``setup.py``, and the op table); the extensions report it as ``source_hash`` and
+generated headers, the C++ API headers, ``setup.py``, and the op table); the extensions report it as ``source_hash`` and
 ``build_info()`` says whether a built extension matches the sources beside it (an editable
 install) or is stale. ``python deep_ep_ops/_sources.py [ROOT]`` prints the hash;
 ``--write-headers [ROOT]`` writes the headers (CI compiles the kernels after it).
@@ -22,7 +22,7 @@ import os
 import sys
 
 _PATTERNS = ("csrc/**/*.cpp", "csrc/**/*.cu", "csrc/**/*.h", "csrc/**/*.cuh", "setup.py",
-             "deep_ep_ops/_schemas.py")
+             "deep_ep_ops/_schemas.py", "deep_ep_ops/include/**/*.h")
 
 
 def source_files(root: str) -> list[str]:

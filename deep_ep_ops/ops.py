@@ -7,7 +7,7 @@ The path of one call, ``low_latency_dispatch`` (every op with a kernel goes the 
 
     ops.low_latency_dispatch(buffer, x, topk_idx, ...)        this module: arguments, names
       | eager, plain tensors, not compiling (_direct)
-      +-> _C_nvshmem.low_latency_dispatch (C++ direct entry, csrc/nvshmem/bindings.cpp)
+      +-> _C_nvshmem.low_latency_dispatch (C++ direct entry, csrc/nvshmem/ops.cpp)
       |     no grad needed: the kernel binding below, called directly
       |     an input requires grad: the same, recorded by a C++ autograd Function whose
       |       backward calls deep_ep ops (csrc/autograd.h)

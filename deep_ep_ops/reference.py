@@ -981,7 +981,7 @@ def _noting_failures(name: str, fn):
 def agree_on_pinned_shapes(op: str, buffer: str, num_max_dispatch_tokens_per_rank: int,
                            hidden: int, num_experts: int) -> None:
     """The low-latency kernels' pinning call (the first on a buffer since its creation or
-    ``clean_low_latency_buffer``; csrc/nvshmem/bindings.cpp calls this): the ranks check, once
+    ``clean_low_latency_buffer``; csrc/nvshmem/ops.cpp calls this): the ranks check, once
     per pin and over the buffer's own group, that they pin the same shapes, and all raise a
     ``ValueError`` naming the argument and each rank's value when they do not (the buffer stays
     unpinned and in step). Later calls must match the pin (a local check): no exchange on the

@@ -10,7 +10,8 @@
 # unpacked DeepEP V1 tree, e.g. .deepep: build DeepEP there and run its tests against DeepEP and
 # against this package, scripts/deepep_suite.py; DEEPEP_PROCESSES ranks, default: the GPUs;
 # DEEPEP_TESTS, DEEPEP_INTRANODE_ARGS: passed on; DEEPEP_TESTS=none: no suite; DEEPEP_HOST=1:
-# scripts/host_vs_deepep.py at DEEPEP_HOST_RANKS ranks, default 2, under MPS on one GPU).
+# scripts/host_vs_deepep.py at DEEPEP_HOST_RANKS ranks, default 2, under MPS on one GPU), and
+# CPP_ENGINE=1 (build examples/cpp_engine and run it at CPP_ENGINE_RANKS ranks, default 2).
 # Python wheels the machine lacks (expecttest) may be carried in .whl/. SAVE_PREBUILT=1 packs
 # each built extension into OUT_DIR/<source hash>.<name>.tar.xz; carried back in .prebuilt/
 # they are used instead of a rebuild while the sources (deep_ep_ops/_sources.py) are unchanged.
@@ -60,6 +61,7 @@ stop_mps() {  # the daemon this script started, and nothing else
 }
 start=$(date +%s)
 key=$(python3 deep_ep_ops/_sources.py)
+rm -f deep_ep_ops/_C*.so deep_ep_ops/lib/*.so  # an older build's files would shadow these
 if compgen -G ".prebuilt/$key.*.tar.xz" > /dev/null; then  # built from these very sources
   DEEP_EP_OPS_NO_CUDA=1 python3 -m pip install --no-build-isolation --no-deps -e . \
     > "$out/build.log" 2>&1 || { echo "PREBUILT INSTALL FAILED"; exit 1; }
@@ -71,9 +73,9 @@ else
   fi
   echo "build: $(( $(date +%s) - start )) s"
   if [ "${SAVE_PREBUILT:-0}" = 1 ]; then  # for a later call: carry them back as .prebuilt/
-    for so in deep_ep_ops/_C*.so; do  # one archive each (the files that come back are small)
+    for so in deep_ep_ops/_C*.so deep_ep_ops/lib/*.so; do  # one archive each (the files that come back are small)
       name=$(basename "$so" | cut -d. -f1)
-      (cd deep_ep_ops && XZ_OPT="-T0 -9" tar -cJf "$out/$key.$name.tar.xz" "$(basename "$so")")
+      (cd deep_ep_ops && XZ_OPT="-T0 -9" tar -cJf "$out/$key.$name.tar.xz" "${so#deep_ep_ops/}")
       echo "prebuilt: $out/$key.$name.tar.xz ($(stat -c %s "$out/$key.$name.tar.xz") bytes)"
     done
   fi
@@ -105,6 +107,18 @@ if [ -n "${DEEPEP:-}" ]; then
   else
     grep -B2 -A8 "error" "$out/deepep_build.log" | head -40; echo "DEEPEP BUILD FAILED"
     deepep_rc=" build-failed"
+  fi
+fi
+engine_rc=""
+if [ "${CPP_ENGINE:-0}" = 1 ]; then  # the C++ example engine, no Python in its processes
+  if examples/cpp_engine/build.sh > "$out/cpp_engine_build.log" 2>&1; then
+    start_mps
+    examples/cpp_engine/run.sh "${CPP_ENGINE_RANKS:-2}" > "$out/cpp_engine.log" 2>&1
+    engine_rc=" cpp_engine=$?"
+    stop_mps
+    cat "$out/cpp_engine.log"
+  else
+    tail -30 "$out/cpp_engine_build.log"; engine_rc=" cpp_engine=build-failed"
   fi
 fi
 tests_rc=skipped
@@ -140,7 +154,7 @@ if [ "${EXAMPLES:-1}" = 1 ]; then
   done
 fi
 [ -s "$out/faults.tsv" ] && { echo "fault table (case, backend, ranks, rank, s, error):"; cut -c1-220 "$out/faults.tsv"; }
-echo "gpu tests rc=$tests_rc bench rc:$bench_rc examples rc:$examples_rc deepep suite rc:$deepep_rc"
+echo "gpu tests rc=$tests_rc bench rc:$bench_rc examples rc:$examples_rc deepep suite rc:$deepep_rc$engine_rc"
 for impl in ours deepep; do cat "$out/deepep-$impl.txt" 2>/dev/null; done
 tail -12 "$out/host_vs_deepep.txt" 2>/dev/null
 for mode in ${BENCH_MODES:-normal low-latency}; do

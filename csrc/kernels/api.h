@@ -1,5 +1,5 @@
 // Torch-free kernel entry points of deep_ep_ops: raw device pointers and a cudaStream_t.
-// The torch bindings (csrc/bindings.cpp) check arguments, allocate outputs and call these.
+// The op kernels (csrc/ops.cpp) check arguments, allocate outputs and call these.
 #pragma once
 
 #include <cstdint>

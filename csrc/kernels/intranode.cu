@@ -1,5 +1,5 @@
 // Normal-mode dispatch and combine between the GPUs of one NVLink domain, through CUDA IPC
-// buffers. Torch-free: raw pointers and a stream; csrc/bindings.cpp checks and allocates.
+// buffers. Torch-free: raw pointers and a stream; csrc/ops.cpp checks and allocates.
 //
 // Every rank's NVLink allocation starts with a Control block, then the staging area: one
 // region per sending rank, split in two halves (double buffering), each half split in equal

@@ -1,5 +1,5 @@
 // Torch-free entry points of the low-latency (decode) kernels over NVSHMEM: raw pointers and a
-// cudaStream_t. csrc/nvshmem/bindings.cpp checks arguments, allocates outputs and calls these.
+// cudaStream_t. csrc/nvshmem/ops.cpp checks arguments, allocates outputs and calls these.
 #pragma once
 
 #include <cstdint>

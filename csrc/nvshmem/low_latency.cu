@@ -1,5 +1,5 @@
 // Low-latency (decode) dispatch and combine over NVSHMEM. Torch-free: raw pointers and a stream;
-// csrc/nvshmem/bindings.cpp checks arguments and allocates.
+// csrc/nvshmem/ops.cpp checks arguments and allocates.
 //
 // Dispatch sends each token once per destination rank (not once per expert): the sender casts
 // the token to FP8 once and writes the message (its top-k row and the payload) into the slot

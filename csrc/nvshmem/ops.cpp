@@ -1,27 +1,34 @@
-// Torch bindings of the low-latency kernels (extension deep_ep_ops._C_nvshmem): argument
-// checks, output allocation, launch on the current stream, registration for the CUDA dispatch
-// key. Calls the kernels do not take (no NVSHMEM runtime for the buffer, x not bfloat16, hidden
-// not a multiple of 8, top-k above 16, more than 1024 tokens per rank, more than 64 ranks or
-// 8192 rows per expert) run the reference backend's Python implementation.
+// The op kernels of the low-latency NVSHMEM kernels (libdeep_ep_ops_nvshmem, no Python in it):
+// argument checks, output allocation, launch on the current stream, and registration for the
+// CUDA dispatch key of the deep_ep ops, whose schemas the library defines when loaded if nothing
+// did (csrc/ops.h). The NVSHMEM runtimes by buffer name live here: the Python bindings
+// (csrc/nvshmem/python.cpp, deep_ep_ops._C_nvshmem) reach them through csrc/nvshmem/bridge.h.
+// Calls the kernels do not take (no NVSHMEM runtime for the buffer, x not bfloat16, hidden not a
+// multiple of 8, top-k above 16, more than 1024 tokens per rank, more than 64 ranks or 8192 rows
+// per expert) go to the Python package's reference backend when it set the hook, else raise.
 
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
 #include <torch/library.h>
 
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
+#include <utility>
+#include <vector>
 
 #include "generated/build_id.h"  // written by setup.py
 #include "autograd.h"
 #include "nvshmem/api.h"
+#include "nvshmem/bridge.h"
 #include "nvshmem/internode.h"
 #include "nvshmem/runtime.h"
+#include "ops.h"
 #include "torch_common.h"
 
 namespace deep_ep_ops {
@@ -59,49 +66,6 @@ int* checked_error_word(const std::string& op, int device) {
 }
 
 LowLatencyRuntime* find_runtime(const std::string& name) { return runtimes.find(name); }
-
-// --- runtime life cycle (called by deep_ep_ops.buffer) ---------------------------------------
-
-py::bytes unique_id() {
-  const std::string id = nvshmem_unique_id();
-  TORCH_CHECK(!id.empty(), "nvshmemx_get_uniqueid failed");
-  return py::bytes(id);
-}
-
-void join(const std::string& id, int rank, int num_ranks, int device) {
-  const std::string why = nvshmem_join(id, rank, num_ranks, device);
-  TORCH_CHECK(why.empty(), "NVSHMEM initialisation failed: ", why);
-}
-
-// Collective: the symmetric allocation of a buffer, returned as a uint8 tensor over it (the
-// workspace of the low-latency ops and the zero-copy combine buffer).
-at::Tensor create(const std::string& name, int device, int64_t bytes, double timeout_s,
-                  bool force_put) {
-  TORCH_CHECK_VALUE(find_runtime(name) == nullptr, "buffer ", name, " already has a runtime");
-  TORCH_CHECK_VALUE(nvshmem_world().second > 0, "NVSHMEM is not initialised");
-  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
-  auto runtime = std::make_unique<LowLatencyRuntime>(
-      name, device, bytes, static_cast<uint64_t>(timeout_s * 1e9), force_put);
-  TORCH_CHECK(runtime->memory != nullptr, "buffer ", name, ": nvshmem_malloc of ", num(bytes),
-              " bytes failed; raise NVSHMEM_SYMMETRIC_SIZE (set before the first low-latency "
-              "Buffer)");
-  at::Tensor memory = at::from_blob(
-      runtime->memory, {bytes}, [](void*) {},
-      at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
-  runtimes.add(name, std::move(runtime));
-  return memory;
-}
-
-int mapped_peers(const std::string& name) {
-  LowLatencyRuntime* runtime = find_runtime(name);
-  TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", name, " has no low-latency runtime");
-  return runtime->num_mapped_peers();
-}
-
-// Collective teardown (frees the symmetric memory) with free_memory, else only forget the name.
-void destroy(const std::string& name, bool free_memory) { runtimes.drop(name, free_memory); }
-
-void check_device_errors(int device) { checked_error_word("check_device_errors", device); }
 
 // --- argument checks (mirror meta/__init__.py) -----------------------------------------------
 
@@ -148,26 +112,25 @@ int64_t low_latency_bytes_needed(int64_t num_max, int64_t hidden, int64_t num_ra
 }
 
 // The ranks' agreement on the shapes a buffer is pinned to (reference.agree_on_pinned_shapes,
-// registered at import): one exchange over the buffer's own group at the pinning call only
-// (the first since creation or clean_low_latency_buffer), none on later calls. Leaked like the
-// fallbacks.
-py::object& pin_agreement() {
-  static auto* fn = new py::object();
-  return *fn;
+// through the hook the Python bindings set): one exchange over the buffer's own group at the
+// pinning call only (the first since creation or clean_low_latency_buffer), none on later calls.
+// Leaked like the hooks.
+PinAgreement& pin_agreement() {
+  static auto& fn = *new PinAgreement();
+  return fn;
 }
-
-void set_pin_agreement(py::object fn) { pin_agreement() = std::move(fn); }
 
 // Raises on every rank when the ranks pin different shapes (a ValueError naming the argument
 // and each rank's value); a failed exchange (timeout, a peer gone) leaves the buffer broken.
 void agree_on_pinned_shapes(const char* op, const std::string& buffer, LowLatencyRuntime& runtime,
                             int64_t num_max, int64_t hidden, int64_t num_experts) {
-  if (!pin_agreement() || !Py_IsInitialized()) return;
-  py::gil_scoped_acquire gil;
+  if (!pin_agreement()) return;
   try {
     pin_agreement()(op, buffer, num_max, hidden, num_experts);
-  } catch (py::error_already_set& error) {
-    if (!error.matches(PyExc_ValueError)) runtime.broken = true;
+  } catch (const c10::ValueError&) {
+    throw;
+  } catch (...) {
+    runtime.broken = true;
     throw;
   }
 }
@@ -405,8 +368,8 @@ void low_latency_dispatch_recv_unchecked(const at::Tensor& recv_x, const at::Ten
       kernels ? dispatch_recv_args(recv_x, recv_x_scales, recv_count, src_info, layout_range, stats)
               : LowLatencyDispatchRecv{};
   if (runtime == nullptr || !take_pending(runtime->pending_dispatch, op, buffer)) {
-    call_fallback<py::object>(op, recv_x, recv_x_scales, recv_count, src_info, layout_range,
-                              stats, buffer);
+    call_fallback<void>(op, recv_x, recv_x_scales, recv_count, src_info, layout_range, stats,
+                        buffer);
     return;
   }
   const c10::cuda::CUDAGuard guard(recv_x.device());
@@ -530,8 +493,8 @@ void low_latency_combine_out_unchecked(const at::Tensor& x, const at::Tensor& to
   LowLatencyRuntime* runtime =
       combine_runtime(op, buffer, x, topk_idx, topk_weights, num_ranks, num_max, num_experts);
   if (runtime == nullptr) {
-    call_fallback<py::object>(op, x, topk_idx, topk_weights, src_info, layout_range, buffer,
-                              num_ranks, num_max, num_experts, zero_copy, out);
+    call_fallback<void>(op, x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks,
+                        num_max, num_experts, zero_copy, out);
     return;
   }
   if (out.is_contiguous()) {
@@ -588,7 +551,7 @@ void low_latency_combine_recv_unchecked(const at::Tensor& combined_x, const at::
                       "low_latency_combine_send returned, got shape ", shape(combined_x));
   }
   if (runtime == nullptr || !take_pending(runtime->pending_combine, op, buffer)) {
-    call_fallback<py::object>(op, combined_x, topk_idx, topk_weights, buffer);
+    call_fallback<void>(op, combined_x, topk_idx, topk_weights, buffer);
     return;
   }
   const c10::cuda::CUDAGuard guard(combined_x.device());
@@ -608,7 +571,7 @@ void clean_low_latency_buffer_unchecked(const at::Tensor& workspace, const std::
   const char* op = "clean_low_latency_buffer";
   LowLatencyRuntime* runtime = find_runtime(buffer);
   if (runtime == nullptr) {
-    call_fallback<py::object>(op, workspace, buffer, num_max, hidden, num_experts);
+    call_fallback<void>(op, workspace, buffer, num_max, hidden, num_experts);
     return;
   }
   TORCH_CHECK(!runtime->broken, "deep_ep::", op, ": buffer ", buffer,
@@ -739,19 +702,90 @@ struct LowLatencyCombineBackward : public EagerBackward {
 };
 using LowLatencyCombineFunction = LowLatencyCombineBackward;
 
+}  // namespace
+}  // namespace deep_ep_ops
+
+TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
+  m.impl("low_latency_dispatch", deep_ep_ops::low_latency_dispatch);
+  m.impl("low_latency_dispatch_send", deep_ep_ops::low_latency_dispatch_send);
+  m.impl("low_latency_dispatch_recv", deep_ep_ops::low_latency_dispatch_recv);
+  m.impl("low_latency_combine", deep_ep_ops::low_latency_combine);
+  m.impl("low_latency_combine_out", deep_ep_ops::low_latency_combine_out);
+  m.impl("low_latency_combine_send", deep_ep_ops::low_latency_combine_send);
+  m.impl("low_latency_combine_recv", deep_ep_ops::low_latency_combine_recv);
+  m.impl("clean_low_latency_buffer", deep_ep_ops::clean_low_latency_buffer);
+}
+
+// --- what the front ends call (csrc/nvshmem/bridge.h) ----------------------------------------
+
+namespace deep_ep_ops {
+
+const char* ll_source_hash() { return kSourceHash; }
+
+std::string nvshmem_unique_id_bytes() {
+  const std::string id = nvshmem_unique_id();
+  TORCH_CHECK(!id.empty(), "nvshmemx_get_uniqueid failed");
+  return id;
+}
+
+void nvshmem_join_job(const std::string& id, int rank, int num_ranks, int device) {
+  const std::string why = nvshmem_join(id, rank, num_ranks, device);
+  TORCH_CHECK(why.empty(), "NVSHMEM initialisation failed: ", why);
+}
+
+at::Tensor ll_create(const std::string& name, int device, int64_t bytes, double timeout_s,
+                     bool force_put) {
+  TORCH_CHECK_VALUE(find_runtime(name) == nullptr, "buffer ", name, " already has a runtime");
+  TORCH_CHECK_VALUE(nvshmem_world().second > 0, "NVSHMEM is not initialised");
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  auto runtime = std::make_unique<LowLatencyRuntime>(
+      name, device, bytes, static_cast<uint64_t>(timeout_s * 1e9), force_put);
+  TORCH_CHECK(runtime->memory != nullptr, "buffer ", name, ": nvshmem_malloc of ", num(bytes),
+              " bytes failed; raise NVSHMEM_SYMMETRIC_SIZE (set before the first low-latency "
+              "Buffer)");
+  at::Tensor memory = at::from_blob(
+      runtime->memory, {bytes}, [](void*) {},
+      at::TensorOptions().dtype(at::kByte).device(at::kCUDA, device));
+  runtimes.add(name, std::move(runtime));
+  return memory;
+}
+
+int ll_mapped_peers(const std::string& name) {
+  LowLatencyRuntime* runtime = find_runtime(name);
+  TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", name, " has no low-latency runtime");
+  return runtime->num_mapped_peers();
+}
+
+void ll_destroy(const std::string& name, bool free_memory) { runtimes.drop(name, free_memory); }
+
+bool ll_exists(const std::string& name) { return find_runtime(name) != nullptr; }
+
+int64_t low_latency_buffer_bytes(int64_t num_max, int64_t hidden, int64_t num_ranks,
+                                 int64_t num_experts) {
+  return low_latency_bytes_needed(num_max, hidden, num_ranks, num_experts);
+}
+
+void ll_check_device_errors(int device) { checked_error_word("check_device_errors", device); }
+
+void set_ll_fallback_hook(BoxedHook hook) { hooks().fallback = std::move(hook); }
+void set_ll_check_hook(BoxedHook hook) { hooks().check = std::move(hook); }
+void set_pin_agreement_hook(PinAgreement hook) { pin_agreement() = std::move(hook); }
+std::map<std::string, std::pair<int64_t, double>> ll_host_trace_take() { return host_trace_take(); }
+std::map<int, std::string> ll_op_names() { return op_names_by_id(); }
+
 // --- the internode forward stage, on its own (development: tests/test_cuda_internode_forward.py)
 //
 // Runs the forward of docs/DESIGN.md section 5 on a buffer's symmetric memory (a low-latency
 // buffer's, from its start: no low-latency call may use the buffer meanwhile) with
 // `ranks_per_node` ranks per node, and returns (send_rdma_head [T, S], num_tokens_per_node [S],
 // the layout's offsets by name) for the caller to read the regions from the memory tensor.
-py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
-                            const c10::optional<at::Tensor>& x_scales,
-                            const c10::optional<at::Tensor>& topk_idx,
-                            const c10::optional<at::Tensor>& topk_weights,
-                            const at::Tensor& is_token_in_rank,
-                            const c10::optional<at::Tensor>& num_tokens_per_expert,
-                            int64_t ranks_per_node, int64_t num_blocks) {
+InternodeForwardResult internode_forward(const std::string& buffer, const at::Tensor& x,
+                                         const std::optional<at::Tensor>& x_scales,
+                                         const std::optional<at::Tensor>& topk_idx,
+                                         const std::optional<at::Tensor>& topk_weights,
+                                         const at::Tensor& is_token_in_rank,
+                                         const std::optional<at::Tensor>& num_tokens_per_expert,
+                                         int64_t ranks_per_node, int64_t num_blocks) {
   const char* op = "internode_dispatch";
   LowLatencyRuntime* runtime = find_runtime(buffer);
   TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", buffer, " has no NVSHMEM runtime");
@@ -818,38 +852,20 @@ py::tuple internode_forward(const std::string& buffer, const at::Tensor& x,
   args.num_tokens_per_node = per_node.data_ptr<int>();
   C10_CUDA_CHECK(launch_internode_forward(rdma, layout, args, static_cast<int>(num_blocks),
                                           at::cuda::getCurrentCUDAStream(runtime->device)));
-  py::dict offsets;
-  offsets["slots"] = layout.slots;
-  offsets["row_bytes"] = layout.row_bytes;
-  offsets["row_stride"] = layout.row_stride;
-  offsets["meta_bytes"] = meta.bytes;
-  offsets["meta_scales"] = meta.scales;
-  offsets["meta_topk"] = meta.topk;
-  offsets["meta_weights"] = meta.weights;
-  offsets["meta_mask"] = meta.mask;
-  offsets["meta_src"] = meta.src;
-  offsets["meta_src_tokens"] = meta.src_tokens;
-  offsets["counters"] = layout.counters;
-  offsets["headers"] = layout.headers;
-  offsets["header_stride"] = layout.header_stride;
-  offsets["experts_per_node"] = layout.experts_per_node;
-  offsets["shares"] = layout.shares;
-  offsets["share_bytes"] = layout.share_bytes;
-  return py::make_tuple(head, per_node, offsets);
+  return {head, per_node, {
+      {"slots", layout.slots}, {"row_bytes", layout.row_bytes},
+      {"row_stride", layout.row_stride}, {"meta_bytes", meta.bytes},
+      {"meta_scales", meta.scales}, {"meta_topk", meta.topk}, {"meta_weights", meta.weights},
+      {"meta_mask", meta.mask}, {"meta_src", meta.src}, {"meta_src_tokens", meta.src_tokens},
+      {"counters", layout.counters}, {"headers", layout.headers},
+      {"header_stride", layout.header_stride}, {"experts_per_node", layout.experts_per_node},
+      {"shares", layout.shares}, {"share_bytes", layout.share_bytes}}};
 }
 
 // The combine's way back on a buffer's symmetric memory (development, as internode_forward):
 // the layout's offsets for rows of `row_bytes` and weights of `weight_bytes`, then the launch
 // that puts the staged partials to their sources and waits for this rank's.
-py::dict return_offsets(const InternodeReturnLayout& layout) {
-  py::dict offsets;
-  offsets["shares"] = layout.shares;
-  offsets["share_bytes"] = layout.share_bytes;
-  offsets["slots"] = layout.slots;
-  offsets["row_stride"] = layout.row_stride;
-  offsets["weights"] = layout.weights;
-  return offsets;
-}
+namespace {
 
 InternodeReturnLayout return_layout_of(const std::string& buffer, int64_t row_bytes,
                                        int64_t weight_bytes, int64_t ranks_per_node,
@@ -863,10 +879,16 @@ InternodeReturnLayout return_layout_of(const std::string& buffer, int64_t row_by
                                  row_bytes, weight_bytes);
 }
 
-py::dict internode_return_layout_of(const std::string& buffer, int64_t row_bytes,
-                                    int64_t weight_bytes, int64_t ranks_per_node) {
+}  // namespace
+
+LayoutOffsets internode_return_offsets(const std::string& buffer, int64_t row_bytes,
+                                       int64_t weight_bytes, int64_t ranks_per_node) {
   LowLatencyRuntime* runtime = nullptr;
-  return return_offsets(return_layout_of(buffer, row_bytes, weight_bytes, ranks_per_node, runtime));
+  const InternodeReturnLayout layout =
+      return_layout_of(buffer, row_bytes, weight_bytes, ranks_per_node, runtime);
+  return {{"shares", layout.shares}, {"share_bytes", layout.share_bytes},
+          {"slots", layout.slots}, {"row_stride", layout.row_stride},
+          {"weights", layout.weights}};
 }
 
 void internode_return(const std::string& buffer, const at::Tensor& region_prefix,
@@ -891,201 +913,135 @@ void internode_return(const std::string& buffer, const at::Tensor& region_prefix
                                          at::cuda::getCurrentCUDAStream(runtime->device)));
 }
 
-// The Python named tuples of a low-latency dispatch's results (ops.LowLatencyDispatchOutput,
-// ops.LowLatencyHandle), set once from Python when the ops module is imported.
-std::pair<PyObject*, PyObject*>& dispatch_result_types() {
-  static std::pair<PyObject*, PyObject*> types{nullptr, nullptr};
-  return types;
+// --- the eager direct entries (deep_ep_ops.ops._direct) ---------------------------------------
+// The op kernels again, without the dispatcher; std::nullopt (false) where the call must take
+// the ops instead (eager_direct_mode). The fused dispatch also takes the cumulative statistics,
+// which the kernel adds in place (the op leaves that to a separate add_). With inputs that
+// require grad, the entries record the backward from C++ (the autograd functions above); FP8
+// dispatch takes the ops, which raise.
+
+std::optional<std::vector<at::Tensor>> direct_low_latency_dispatch(
+    const at::Tensor& x, const at::Tensor& topk_idx, const std::string& buffer, int64_t num_ranks,
+    int64_t num_max, int64_t num_experts, bool use_fp8, bool round_scale, bool use_ue8m0,
+    const std::optional<at::Tensor>& stats) {
+  const PooledOutputs pooled;
+  switch (eager_direct_mode(x, topk_idx, stats)) {
+    case Direct::kPlain:
+      return to_list(low_latency_dispatch_with_stats(x, topk_idx, buffer, num_ranks, num_max,
+                                                     num_experts, use_fp8, round_scale,
+                                                     use_ue8m0, stats));
+    case Direct::kAutograd:
+      if (use_fp8) break;
+      return LowLatencyDispatchFunction::apply(x, topk_idx, stats, buffer, num_ranks, num_max,
+                                               num_experts, round_scale, use_ue8m0, false);
+    case Direct::kOps: break;
+  }
+  return std::nullopt;
 }
 
-// LowLatencyDispatchOutput(recv_x, recv_x_scales (None for BF16), recv_count,
-// LowLatencyHandle(src_info, layout_range, num_max, hidden, num_experts)) from the five outputs
-// (DispatchOutputs' order): the direct entries' result, without a Python frame per tuple.
-py::object dispatch_output_to_python(std::vector<at::Tensor>&& out, bool use_fp8, int64_t num_max,
-                                     int64_t hidden, int64_t num_experts) {
-  const auto [output_type, handle_type] = dispatch_result_types();
-  TORCH_CHECK(output_type != nullptr, "deep_ep_ops: the low-latency result types are not set "
-              "(deep_ep_ops.ops sets them when imported)");
-  auto take = [&](size_t i) { return py::cast(std::move(out[i])).release().ptr(); };
-  PyObject* scales = use_fp8 ? take(1) : (Py_INCREF(Py_None), Py_None);
-  PyObject* handle = new_named_tuple(
-      handle_type, {take(3), take(4), PyLong_FromLongLong(num_max), PyLong_FromLongLong(hidden),
-                    PyLong_FromLongLong(num_experts)});
-  return py::reinterpret_steal<py::object>(
-      new_named_tuple(output_type, {take(0), scales, take(2), handle}));
+std::optional<std::vector<at::Tensor>> direct_low_latency_dispatch_send(
+    const at::Tensor& x, const at::Tensor& topk_idx, const std::string& buffer, int64_t num_ranks,
+    int64_t num_max, int64_t num_experts, bool use_fp8, bool round_scale, bool use_ue8m0) {
+  const PooledOutputs pooled;
+  switch (eager_direct_mode(x, topk_idx)) {
+    case Direct::kPlain:
+      return to_list(low_latency_dispatch_send(x, topk_idx, buffer, num_ranks, num_max,
+                                               num_experts, use_fp8, round_scale, use_ue8m0));
+    case Direct::kAutograd:
+      if (use_fp8) break;  // the ops raise before anything is sent
+      return LowLatencyDispatchFunction::apply(x, topk_idx, std::nullopt, buffer, num_ranks,
+                                               num_max, num_experts, round_scale, use_ue8m0,
+                                               true);
+    case Direct::kOps: break;
+  }
+  return std::nullopt;
+}
+
+// The receive halves with grad: as the ops' Autograd kernel (_autograd._completing_kernel).
+bool direct_low_latency_dispatch_recv(const at::Tensor& recv_x, const at::Tensor& recv_x_scales,
+                                      const at::Tensor& recv_count, const at::Tensor& src_info,
+                                      const at::Tensor& layout_range,
+                                      const std::optional<at::Tensor>& stats,
+                                      const std::string& buffer) {
+  const at::Tensor none;
+  const Direct mode =
+      eager_direct_mode(recv_x, recv_x_scales, recv_count, src_info, layout_range, stats);
+  const std::initializer_list<const at::Tensor*> mutated{
+      &recv_x, &recv_x_scales, &recv_count, &src_info, &layout_range, stats ? &*stats : &none};
+  if (mode == Direct::kOps || (mode == Direct::kAutograd && !completable(mutated))) return false;
+  low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info, layout_range, stats,
+                            buffer);
+  if (mode == Direct::kAutograd) bump_versions(mutated);
+  return true;
+}
+
+namespace {
+
+// The functional combine and its send half: the same code.
+std::optional<at::Tensor> combine_entry(bool send_only, const at::Tensor& x,
+                                        const at::Tensor& topk_idx,
+                                        const at::Tensor& topk_weights,
+                                        const at::Tensor& src_info,
+                                        const at::Tensor& layout_range, const std::string& buffer,
+                                        int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                                        bool zero_copy) {
+  switch (eager_direct_mode(x, topk_idx, topk_weights, src_info, layout_range)) {
+    case Direct::kPlain:
+      return (send_only ? low_latency_combine_send : low_latency_combine)(
+          x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
+          num_experts, zero_copy);
+    case Direct::kAutograd:
+      return LowLatencyCombineFunction::apply(x, topk_idx, topk_weights, src_info, layout_range,
+                                              buffer, num_ranks, num_max, num_experts, zero_copy,
+                                              send_only);
+    case Direct::kOps: break;
+  }
+  return std::nullopt;
 }
 
 }  // namespace
+
+std::optional<at::Tensor> direct_low_latency_combine(
+    const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+    const at::Tensor& src_info, const at::Tensor& layout_range, const std::string& buffer,
+    int64_t num_ranks, int64_t num_max, int64_t num_experts, bool zero_copy) {
+  return combine_entry(false, x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                       num_ranks, num_max, num_experts, zero_copy);
+}
+
+bool direct_low_latency_combine_out(const at::Tensor& x, const at::Tensor& topk_idx,
+                                    const at::Tensor& topk_weights, const at::Tensor& src_info,
+                                    const at::Tensor& layout_range, const std::string& buffer,
+                                    int64_t num_ranks, int64_t num_max, int64_t num_experts,
+                                    bool zero_copy, const at::Tensor& out) {
+  if (!eager_direct_ok(x, topk_idx, topk_weights, src_info, layout_range, out)) return false;
+  low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks,
+                          num_max, num_experts, zero_copy, out);
+  return true;
+}
+
+std::optional<at::Tensor> direct_low_latency_combine_send(
+    const at::Tensor& x, const at::Tensor& topk_idx, const at::Tensor& topk_weights,
+    const at::Tensor& src_info, const at::Tensor& layout_range, const std::string& buffer,
+    int64_t num_ranks, int64_t num_max, int64_t num_experts, bool zero_copy) {
+  return combine_entry(true, x, topk_idx, topk_weights, src_info, layout_range, buffer,
+                       num_ranks, num_max, num_experts, zero_copy);
+}
+
+bool direct_low_latency_combine_recv(const at::Tensor& combined_x, const at::Tensor& topk_idx,
+                                     const at::Tensor& topk_weights, const std::string& buffer) {
+  const Direct mode = eager_direct_mode(combined_x, topk_idx, topk_weights);
+  if (mode == Direct::kOps || (mode == Direct::kAutograd && !completable({&combined_x})))
+    return false;
+  low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer);
+  if (mode == Direct::kAutograd) bump_versions({&combined_x});
+  return true;
+}
+
+namespace {
+// Loading the library defines the ops that have no schema yet (a libtorch process without the
+// Python package gets them here; with the package, whichever of the two runs first wins).
+const int ops_defined_at_load = define_ops();
+}  // namespace
+
 }  // namespace deep_ep_ops
-
-TORCH_LIBRARY_IMPL(deep_ep, CUDA, m) {
-  m.impl("low_latency_dispatch", deep_ep_ops::low_latency_dispatch);
-  m.impl("low_latency_dispatch_send", deep_ep_ops::low_latency_dispatch_send);
-  m.impl("low_latency_dispatch_recv", deep_ep_ops::low_latency_dispatch_recv);
-  m.impl("low_latency_combine", deep_ep_ops::low_latency_combine);
-  m.impl("low_latency_combine_out", deep_ep_ops::low_latency_combine_out);
-  m.impl("low_latency_combine_send", deep_ep_ops::low_latency_combine_send);
-  m.impl("low_latency_combine_recv", deep_ep_ops::low_latency_combine_recv);
-  m.impl("clean_low_latency_buffer", deep_ep_ops::clean_low_latency_buffer);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.doc() = "Low-latency NVSHMEM kernels of deep_ep_ops (registered for the deep_ep ops on "
-                 "import)";
-  module.attr("source_hash") = deep_ep_ops::kSourceHash;  // the sources it was built from
-  module.def("unique_id", &deep_ep_ops::unique_id, "NVSHMEM unique id bytes (rank 0 makes it)");
-  module.def("join", &deep_ep_ops::join, "Join the NVSHMEM job: (unique_id, rank, num_ranks, device)");
-  module.def("create", &deep_ep_ops::create,
-             "Collective: a buffer's symmetric memory, as a uint8 CUDA tensor");
-  module.def("mapped_peers", &deep_ep_ops::mapped_peers,
-             "Peers of a buffer reached with loads/stores (the others through NVSHMEM puts)");
-  module.def("destroy", &deep_ep_ops::destroy,
-             "Forget a buffer's runtime; free its memory (collective) when free_memory is true");
-  module.def("low_latency_buffer_bytes", &deep_ep_ops::low_latency_bytes_needed,
-             "The symmetric bytes the kernels require (tests hold it equal to "
-             "get_low_latency_rdma_size_hint)");
-  module.def("host_trace", &deep_ep_ops::host_trace_take,
-             "Host µs per step of the eager calls since the last call (DEEP_EP_OPS_HOST_TRACE=1)");
-  module.def("op_names", &deep_ep_ops::op_names_by_id,
-             "The op names device error reports use, by op id (tests hold them to the op table)");
-  module.def("set_check", &deep_ep_ops::set_check,
-             "Python check of an op (meta.check_<op>): the wording of its argument errors");
-  module.def("set_fallback", &deep_ep_ops::set_fallback,
-             "Python implementation of an op for calls the kernels do not take");
-  module.def("set_pin_agreement", &deep_ep_ops::set_pin_agreement,
-             "Python agreement of the ranks on the shapes a buffer's first call pins");
-  module.def("check_device_errors", &deep_ep_ops::check_device_errors,
-             "Raise an error a low-latency kernel on this device reported since the last call");
-  module.def("internode_forward", &deep_ep_ops::internode_forward,
-             "Development: the internode forward stage alone on a buffer's symmetric memory");
-  module.def("internode_return_layout", &deep_ep_ops::internode_return_layout_of,
-             "The offsets of the internode combine's way back for rows and weights of a width");
-  module.def("internode_return", &deep_ep_ops::internode_return,
-             "The internode combine's way back: staged partials to their sources");
-  // The op kernels again, called from Python without the dispatcher (see ops._direct in
-  // deep_ep_ops/ops.py); each returns None where the call must take the ops instead
-  // (eager_direct_ok). The fused dispatch also takes the cumulative statistics, which the
-  // kernel adds in place (the op leaves that to a separate add_).
-  using OptTensor = c10::optional<at::Tensor>;
-  using at::Tensor;
-  // With inputs that require grad, the entries record the backward from C++ (the autograd
-  // functions above); FP8 dispatch takes the ops, which raise.
-  using deep_ep_ops::Direct;
-  // The dispatch entries return the ops module's named tuples (set_result_types), built here.
-  module.def("set_result_types", [](py::object output, py::object handle) {
-    deep_ep_ops::dispatch_result_types() = {output.release().ptr(), handle.release().ptr()};
-  }, "The named tuples the direct dispatch entries return (ops.LowLatencyDispatchOutput, "
-     "LowLatencyHandle)");
-  module.def("low_latency_dispatch", [](const Tensor& x, const Tensor& topk_idx,
-                                        const std::string& buffer, int64_t num_ranks,
-                                        int64_t num_max, int64_t num_experts, bool use_fp8,
-                                        bool round_scale, bool use_ue8m0,
-                                        const OptTensor& stats) -> py::object {
-    const deep_ep_ops::PooledOutputs pooled;
-    switch (deep_ep_ops::eager_direct_mode(x, topk_idx, stats)) {
-      case Direct::kPlain:
-        return deep_ep_ops::dispatch_output_to_python(
-            deep_ep_ops::to_list(deep_ep_ops::low_latency_dispatch_with_stats(
-                x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
-                use_ue8m0, stats)),
-            use_fp8, num_max, x.size(1), num_experts);
-      case Direct::kAutograd:
-        if (use_fp8) break;
-        return deep_ep_ops::dispatch_output_to_python(
-            deep_ep_ops::LowLatencyDispatchFunction::apply(x, topk_idx, stats, buffer, num_ranks,
-                                                           num_max, num_experts, round_scale,
-                                                           use_ue8m0, false),
-            false, num_max, x.size(1), num_experts);
-      case Direct::kOps: break;
-    }
-    return py::none();
-  });
-  module.def("low_latency_dispatch_send", [](const Tensor& x, const Tensor& topk_idx,
-                                             const std::string& buffer, int64_t num_ranks,
-                                             int64_t num_max, int64_t num_experts, bool use_fp8,
-                                             bool round_scale, bool use_ue8m0) -> py::object {
-    const deep_ep_ops::PooledOutputs pooled;
-    switch (deep_ep_ops::eager_direct_mode(x, topk_idx)) {
-      case Direct::kPlain:
-        return deep_ep_ops::dispatch_output_to_python(
-            deep_ep_ops::to_list(deep_ep_ops::low_latency_dispatch_send(
-                x, topk_idx, buffer, num_ranks, num_max, num_experts, use_fp8, round_scale,
-                use_ue8m0)),
-            use_fp8, num_max, x.size(1), num_experts);
-      case Direct::kAutograd:
-        if (use_fp8) break;  // the ops raise before anything is sent
-        return deep_ep_ops::dispatch_output_to_python(
-            deep_ep_ops::LowLatencyDispatchFunction::apply(x, topk_idx, OptTensor(), buffer,
-                                                           num_ranks, num_max, num_experts,
-                                                           round_scale, use_ue8m0, true),
-            false, num_max, x.size(1), num_experts);
-      case Direct::kOps: break;
-    }
-    return py::none();
-  });
-  // The receive halves with grad: as the ops' Autograd kernel (_autograd._completing_kernel).
-  module.def("low_latency_dispatch_recv", [](const Tensor& recv_x, const Tensor& recv_x_scales,
-                                             const Tensor& recv_count, const Tensor& src_info,
-                                             const Tensor& layout_range, const OptTensor& stats,
-                                             const std::string& buffer) -> py::object {
-    const Tensor none;
-    const Direct mode = deep_ep_ops::eager_direct_mode(recv_x, recv_x_scales, recv_count,
-                                                       src_info, layout_range, stats);
-    const std::initializer_list<const Tensor*> mutated{
-        &recv_x, &recv_x_scales, &recv_count, &src_info, &layout_range, stats ? &*stats : &none};
-    if (mode == Direct::kOps || (mode == Direct::kAutograd && !deep_ep_ops::completable(mutated)))
-      return py::none();
-    deep_ep_ops::low_latency_dispatch_recv(recv_x, recv_x_scales, recv_count, src_info,
-                                           layout_range, stats, buffer);
-    if (mode == Direct::kAutograd) deep_ep_ops::bump_versions(mutated);
-    return py::bool_(true);
-  });
-  // The functional combine and its send half: one entry each, the same code.
-  auto combine_entry = [](bool send_only) {
-    const auto kernel =
-        send_only ? deep_ep_ops::low_latency_combine_send : deep_ep_ops::low_latency_combine;
-    return [kernel, send_only](const Tensor& x, const Tensor& topk_idx,
-                               const Tensor& topk_weights, const Tensor& src_info,
-                               const Tensor& layout_range, const std::string& buffer,
-                               int64_t num_ranks, int64_t num_max, int64_t num_experts,
-                               bool zero_copy) -> py::object {
-      switch (deep_ep_ops::eager_direct_mode(x, topk_idx, topk_weights, src_info,
-                                             layout_range)) {
-        case Direct::kPlain:
-          return py::cast(kernel(x, topk_idx, topk_weights, src_info, layout_range, buffer,
-                                 num_ranks, num_max, num_experts, zero_copy));
-        case Direct::kAutograd:
-          return py::cast(deep_ep_ops::LowLatencyCombineFunction::apply(
-              x, topk_idx, topk_weights, src_info, layout_range, buffer, num_ranks, num_max,
-              num_experts, zero_copy, send_only));
-        case Direct::kOps: break;
-      }
-      return py::none();
-    };
-  };
-  module.def("low_latency_combine", combine_entry(false));
-  module.def("low_latency_combine_out", [](const Tensor& x, const Tensor& topk_idx,
-                                           const Tensor& topk_weights, const Tensor& src_info,
-                                           const Tensor& layout_range, const std::string& buffer,
-                                           int64_t num_ranks, int64_t num_max,
-                                           int64_t num_experts, bool zero_copy,
-                                           const Tensor& out) {
-    if (!deep_ep_ops::eager_direct_ok(x, topk_idx, topk_weights, src_info, layout_range, out))
-      return py::object(py::none());
-    deep_ep_ops::low_latency_combine_out(x, topk_idx, topk_weights, src_info, layout_range,
-                                         buffer, num_ranks, num_max, num_experts, zero_copy, out);
-    return py::object(py::bool_(true));
-  });
-  module.def("low_latency_combine_send", combine_entry(true));
-  module.def("low_latency_combine_recv", [](const Tensor& combined_x, const Tensor& topk_idx,
-                                            const Tensor& topk_weights,
-                                            const std::string& buffer) -> py::object {
-    const Direct mode = deep_ep_ops::eager_direct_mode(combined_x, topk_idx, topk_weights);
-    if (mode == Direct::kOps ||
-        (mode == Direct::kAutograd && !deep_ep_ops::completable({&combined_x})))
-      return py::none();
-    deep_ep_ops::low_latency_combine_recv(combined_x, topk_idx, topk_weights, buffer);
-    if (mode == Direct::kAutograd) deep_ep_ops::bump_versions({&combined_x});
-    return py::bool_(true);
-  });
-}
