@@ -111,6 +111,7 @@ def _cuda_extensions():
     if cpp_extension.CUDA_HOME is None:
         return []
     print(f"deep_ep_ops: sources {_write_generated_headers()}", file=sys.stderr)
+    os.makedirs(os.path.join("deep_ep_ops", "lib"), exist_ok=True)  # an editable install's libraries
     sources = sorted(glob.glob("csrc/**/*.cpp", recursive=True) + glob.glob("csrc/**/*.cu", recursive=True))
     nvshmem_sources = [s for s in sources if "/nvshmem/" in s]
     sources = [s for s in sources if "/nvshmem/" not in s]
