@@ -18,7 +18,7 @@ namespace deep_ep_ops {
 namespace python {
 namespace {
 
-py::object to_python(const c10::IValue& v) {
+inline py::object to_python(const c10::IValue& v) {
   if (v.isNone()) return py::none();
   if (v.isTensor()) return py::cast(v.toTensor());
   if (v.isBool()) return py::bool_(v.toBool());
@@ -36,7 +36,7 @@ py::object to_python(const c10::IValue& v) {
   TORCH_CHECK(false, "deep_ep_ops: no Python value for an IValue of type ", v.tagKind());
 }
 
-c10::IValue from_python(py::handle obj) {
+inline c10::IValue from_python(py::handle obj) {
   if (obj.is_none()) return c10::IValue();
   if (THPVariable_Check(obj.ptr())) return c10::IValue(py::cast<at::Tensor>(obj));
   if (py::isinstance<py::bool_>(obj)) return c10::IValue(obj.cast<bool>());
@@ -82,7 +82,7 @@ class HookTable {
   bool required_;
 };
 
-py::object to_python(std::vector<at::Tensor>&& outputs) {
+inline py::object to_python(std::vector<at::Tensor>&& outputs) {
   py::tuple result(outputs.size());
   for (size_t i = 0; i < outputs.size(); ++i) result[i] = py::cast(std::move(outputs[i]));
   return std::move(result);
@@ -90,7 +90,7 @@ py::object to_python(std::vector<at::Tensor>&& outputs) {
 
 // An instance of the tuple subclass `type` (a NamedTuple) holding `items` (new references,
 // taken over), as tuple.__new__ makes one, without the Python frame of its __new__.
-PyObject* new_named_tuple(PyObject* type, std::initializer_list<PyObject*> items) {
+inline PyObject* new_named_tuple(PyObject* type, std::initializer_list<PyObject*> items) {
   auto* tuple_type = reinterpret_cast<PyTypeObject*>(type);
   PyObject* result = tuple_type->tp_alloc(tuple_type, static_cast<Py_ssize_t>(items.size()));
   if (result == nullptr) {
