@@ -128,7 +128,7 @@ int64_t get_low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int
 
 // --- EventHandle ---------------------------------------------------------------------------
 
-EventHandle::EventHandle() : event(std::make_shared<at::cuda::CUDAEvent>()) {
+EventHandle::EventHandle() : event(std::make_shared<CUDAEvent>()) {
   event->record(at::cuda::getCurrentCUDAStream());
 }
 
@@ -249,7 +249,7 @@ at::Tensor Buffer::get_local_buffer_tensor(at::ScalarType dtype, int64_t offset,
   return state_->workspace.narrow(0, offset, (bytes - offset) / element * element).view(dtype);
 }
 
-at::cuda::CUDAStream Buffer::get_comm_stream() const {
+c10::cuda::CUDAStream Buffer::get_comm_stream() const {
   return at::cuda::getCurrentCUDAStream(state_->device);
 }
 

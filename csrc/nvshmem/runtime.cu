@@ -26,6 +26,11 @@ std::string nvshmem_join(const std::string& unique_id, int rank, int num_ranks, 
     return "nvshmemx_set_attr_uniqueid_args failed";
   if (nvshmemx_init_attr(NVSHMEMX_INIT_WITH_UNIQUEID, &attr) != 0)
     return "nvshmemx_init_attr failed";
+  // NVSHMEM's start-up visits every module that registered its device state, torch's own
+  // NVSHMEM library among them; one it cannot read ("Bad device pointer callback ... Skipping")
+  // leaves cudaErrorInvalidSymbol as the last error, which the next CUDA call of torch would
+  // report as its own (seen in a libtorch process: the caching allocator's next cudaMalloc).
+  (void)cudaGetLastError();
   if (nvshmem_my_pe() != rank || nvshmem_n_pes() != num_ranks)
     return "NVSHMEM gave PE " + std::to_string(nvshmem_my_pe()) + " of " +
            std::to_string(nvshmem_n_pes()) + ", expected " + std::to_string(rank) + " of " +

@@ -10,7 +10,16 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+// torch >= 2.10 keeps the event in c10 (its header needs no cuBLAS/cuSPARSE headers, which a
+// CUDA toolkit without those libraries lacks); older releases define it in ATen.
+#if __has_include(<c10/cuda/CUDAEvent.h>)
+#include <c10/cuda/CUDAEvent.h>
+#define DEEP_EP_OPS_CUDA_EVENT c10::cuda::CUDAEvent
+#else
 #include <ATen/cuda/CUDAEvent.h>
+#define DEEP_EP_OPS_CUDA_EVENT at::cuda::CUDAEvent
+#endif
 
 #include <cstdint>
 #include <functional>
@@ -52,7 +61,8 @@ int64_t get_low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int
 
 // DeepEP's EventHandle: a CUDA event recorded on the current stream when made.
 struct EventHandle {
-  std::shared_ptr<at::cuda::CUDAEvent> event;
+  using CUDAEvent = DEEP_EP_OPS_CUDA_EVENT;
+  std::shared_ptr<CUDAEvent> event;
   EventHandle();
   void current_stream_wait() const;
 };
@@ -82,7 +92,7 @@ class Buffer {
   at::Tensor get_local_buffer_tensor(at::ScalarType dtype, int64_t offset,
                                      bool use_rdma_buffer) const;
   // The stream the calls run on: the current one (there is no separate communication stream).
-  at::cuda::CUDAStream get_comm_stream() const;
+  c10::cuda::CUDAStream get_comm_stream() const;
 
   // Collective: maps the peers' NVLink memory from their handles (indexed by rank) and joins
   // NVSHMEM with rank 0's unique id (required with RDMA bytes).
