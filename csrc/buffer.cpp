@@ -37,6 +37,8 @@ double timeout_s() {
   return seconds;
 }
 
+// A deep_ep op by name, typed as its CUDA kernel is registered (the NVLink ops take the
+// buffer name as c10::string_view, the NVSHMEM ops as const std::string&).
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
@@ -463,7 +465,7 @@ void Buffer::clean_low_latency_buffer(int num_max_dispatch_tokens_per_rank, int 
   State& s = *state_;
   s.live("clean_low_latency_buffer");
   TORCH_CHECK_VALUE(s.has_ll, "buffer ", s.name, " has no low-latency memory (num_rdma_bytes)");
-  op<void(const Tensor&, c10::string_view, int64_t, int64_t, int64_t)>(
+  op<void(const Tensor&, const std::string&, int64_t, int64_t, int64_t)>(
       "deep_ep::clean_low_latency_buffer")
       .call(s.workspace, s.name, num_max_dispatch_tokens_per_rank, hidden, num_experts);
 }
@@ -481,7 +483,7 @@ Buffer::low_latency_dispatch(const Tensor& x, const Tensor& topk_idx,
   TORCH_CHECK_NOT_IMPLEMENTED(!dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats "
                               "is not supported");
   using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-  using Signature = Outputs(const Tensor&, const Tensor&, c10::string_view, int64_t, int64_t,
+  using Signature = Outputs(const Tensor&, const Tensor&, const std::string&, int64_t, int64_t,
                             int64_t, bool, bool, bool);
   const bool split = return_recv_hook || cumulative_local_expert_recv_stats.has_value();
   const Outputs out =
@@ -493,7 +495,7 @@ Buffer::low_latency_dispatch(const Tensor& x, const Tensor& topk_idx,
     const std::string name = s.name;
     std::function<void()> receive = [out, name, stats = cumulative_local_expert_recv_stats] {
       op<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-              const OptTensor&, c10::string_view)>("deep_ep::low_latency_dispatch_recv")
+              const OptTensor&, const std::string&)>("deep_ep::low_latency_dispatch_recv")
           .call(std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out),
                 std::get<4>(out), stats, name);
     };
@@ -522,7 +524,7 @@ Buffer::low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tenso
   TORCH_CHECK_NOT_IMPLEMENTED(!combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats is "
                               "not supported");
   using Inputs = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                        const Tensor&, c10::string_view, int64_t, int64_t, int64_t, bool);
+                        const Tensor&, const std::string&, int64_t, int64_t, int64_t, bool);
   std::optional<std::function<void()>> hook;
   Tensor combined;
   if (return_recv_hook) {
@@ -531,7 +533,7 @@ Buffer::low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tenso
             .call(x, topk_idx, topk_weights, src_info, layout_range, s.name, s.num_ranks,
                   num_max_dispatch_tokens_per_rank, num_experts, zero_copy);
     hook = [pending, topk_idx, topk_weights, name = s.name, out] {
-      op<void(const Tensor&, const Tensor&, const Tensor&, c10::string_view)>(
+      op<void(const Tensor&, const Tensor&, const Tensor&, const std::string&)>(
           "deep_ep::low_latency_combine_recv")
           .call(pending, topk_idx, topk_weights, name);
       if (out) out->copy_(pending);
@@ -539,7 +541,7 @@ Buffer::low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tenso
     combined = out ? *out : pending;
   } else if (out) {
     op<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-            c10::string_view, int64_t, int64_t, int64_t, bool, const Tensor&)>(
+            const std::string&, int64_t, int64_t, int64_t, bool, const Tensor&)>(
         "deep_ep::low_latency_combine_out")
         .call(x, topk_idx, topk_weights, src_info, layout_range, s.name, s.num_ranks,
               num_max_dispatch_tokens_per_rank, num_experts, zero_copy, *out);
