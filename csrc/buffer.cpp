@@ -7,7 +7,7 @@
 #include "deep_ep_ops/buffer.h"
 
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 
@@ -131,10 +131,10 @@ int64_t get_low_latency_rdma_size_hint(int num_max_dispatch_tokens_per_rank, int
 // --- EventHandle ---------------------------------------------------------------------------
 
 EventHandle::EventHandle() : event(std::make_shared<CUDAEvent>()) {
-  event->record(at::cuda::getCurrentCUDAStream());
+  event->record(c10::cuda::getCurrentCUDAStream());
 }
 
-void EventHandle::current_stream_wait() const { event->block(at::cuda::getCurrentCUDAStream()); }
+void EventHandle::current_stream_wait() const { event->block(c10::cuda::getCurrentCUDAStream()); }
 
 // --- Buffer --------------------------------------------------------------------------------
 
@@ -252,7 +252,7 @@ at::Tensor Buffer::get_local_buffer_tensor(at::ScalarType dtype, int64_t offset,
 }
 
 c10::cuda::CUDAStream Buffer::get_comm_stream() const {
-  return at::cuda::getCurrentCUDAStream(state_->device);
+  return c10::cuda::getCurrentCUDAStream(state_->device);
 }
 
 void Buffer::sync(const std::vector<int>& device_ids,

@@ -38,7 +38,7 @@ def _cuda_include():
     return None
 
 
-def _compile(tmp_path, source):
+def _compile(tmp_path, source, extra_include_dirs=()):
     """Runs the compiler on `source` (syntax only); returns (returncode, stderr)."""
     compiler = _compiler()
     if compiler is None:
@@ -47,7 +47,7 @@ def _compile(tmp_path, source):
     if cuda_include is None:
         pytest.skip("cuda_runtime.h not found under $CUDA_HOME/include or /usr/local/cuda/include")
     torch_includes = cpp_extension.include_paths()
-    include_dirs = [*torch_includes, INCLUDE, cuda_include]
+    include_dirs = [*torch_includes, INCLUDE, cuda_include, *extra_include_dirs]
     # CPU wheels of torch ship c10/cuda headers but not the header CMake generates for a CUDA
     # build (c10/cuda/impl/cuda_cmake_macros.h), which c10/cuda/CUDAMacros.h includes. An
     # empty one stands in for it; a CUDA wheel's own header is used where it exists.
@@ -239,3 +239,28 @@ def test_porting_mistakes_fail_to_compile(tmp_path):
     # Errors only at the mistakes: the header itself and the rest of the snippet compile.
     stray = sorted(error_lines - set(line_of.values()))
     assert not stray and "fatal error" not in stderr, f"unexpected errors:\n{stderr}"
+
+
+# The C++ API's own sources: the Buffer (libdeep_ep_ops) and the example engine, compiled here
+# as CI compiles the kernels, so a change that breaks them fails without a GPU.
+@pytest.mark.parametrize("source", ["csrc/buffer.cpp", "examples/cpp_engine/main.cpp"])
+def test_cpp_api_sources_compile(tmp_path, source):
+    with open(os.path.join(ROOT, source)) as f:
+        code = f.read()
+    rc, stderr = _compile(tmp_path, code, [os.path.join(ROOT, "csrc")])
+    assert rc == 0, f"{source} does not compile:\n{stderr}"
+
+
+def test_flags_name_the_headers_and_the_libraries():
+    from deep_ep_ops import cpp_api
+
+    assert f"-I{cpp_api.INCLUDE}" in cpp_api.cflags()
+    assert os.path.isfile(os.path.join(cpp_api.INCLUDE, "deep_ep_ops", "buffer.h"))
+    if not cpp_api.built_libraries():  # a CPU-only install has no C++ libraries: say so
+        with pytest.raises(RuntimeError, match="no C\\+\\+ libraries"):
+            cpp_api.libs()
+        with pytest.raises(RuntimeError, match="no C\\+\\+ libraries"):
+            cpp_api.extension_kwargs()
+    else:
+        assert "-ldeep_ep_ops" in cpp_api.libs()
+        assert cpp_api.extension_kwargs()["libraries"][0] == "deep_ep_ops"

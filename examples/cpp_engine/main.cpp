@@ -12,7 +12,7 @@
 
 #include <deep_ep_ops/buffer.h>
 
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
 #include <unistd.h>
