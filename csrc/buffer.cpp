@@ -64,6 +64,17 @@ std::atomic<int> buffers_made{0};
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
 
+// Calls through the dispatcher differentiate only where the Python package registered the ops'
+// autograd; a libtorch process has none of it, so such a call would drop the gradient. The
+// direct entries record their backward in C++ and are not checked here.
+void reject_grad(const char* call, std::initializer_list<const OptTensor> tensors) {
+  if (!at::GradMode::is_enabled()) return;
+  for (const OptTensor& t : tensors)
+    TORCH_CHECK(!(t && t->defined() && t->requires_grad()), "Buffer::", call, ": this call "
+                "form does not differentiate in the C++ API; run it under torch::NoGradGuard or "
+                "with inputs that do not require grad");
+}
+
 }  // namespace
 
 // --- Config --------------------------------------------------------------------------------
@@ -350,6 +361,7 @@ Buffer::intranode_dispatch(const Tensor& x, const OptTensor& x_scales, const Opt
     std::optional<std::vector<Tensor>> out = direct_cached_dispatch(
         x, x_scales, topk_weights, h.tensors, s.name, h.num_worst_tokens, config_list);
     if (!out) {
+      reject_grad("intranode_dispatch", {x, x_scales, topk_weights});
       const std::vector<Tensor>& t = h.tensors;
       auto [recv_x, recv_scales, recv_weights] =
           op<std::tuple<Tensor, Tensor, Tensor>(
@@ -379,6 +391,7 @@ Buffer::intranode_dispatch(const Tensor& x, const OptTensor& x_scales, const Opt
   if (direct) {
     out = std::move(direct->out);
   } else {
+    reject_grad("intranode_dispatch", {x, x_scales, topk_weights});
     using Result = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                               Tensor, Tensor>;
     const Result r = capacity
@@ -427,6 +440,7 @@ std::tuple<Tensor, OptTensor, std::optional<EventHandle>> Buffer::intranode_comb
   std::optional<std::vector<Tensor>> out = direct_combine(
       x, topk_weights, bias_0, bias_1, h.tensors, s.name, h.num_worst_tokens, config_list);
   if (!out) {
+    reject_grad("intranode_combine", {x, topk_weights, bias_0, bias_1});
     const std::vector<Tensor>& t = h.tensors;
     auto [combined_x, combined_weights] =
         op<std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
@@ -482,6 +496,7 @@ Buffer::low_latency_dispatch(const Tensor& x, const Tensor& topk_idx,
   s.live("low_latency_dispatch");
   TORCH_CHECK_NOT_IMPLEMENTED(!dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats "
                               "is not supported");
+  reject_grad("low_latency_dispatch", {x});
   using Outputs = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
   using Signature = Outputs(const Tensor&, const Tensor&, const std::string&, int64_t, int64_t,
                             int64_t, bool, bool, bool);
@@ -523,6 +538,7 @@ Buffer::low_latency_combine(const Tensor& x, const Tensor& topk_idx, const Tenso
                               "supported");
   TORCH_CHECK_NOT_IMPLEMENTED(!combine_wait_recv_cost_stats, "combine_wait_recv_cost_stats is "
                               "not supported");
+  reject_grad("low_latency_combine", {x, topk_weights, out});
   using Inputs = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                         const Tensor&, const std::string&, int64_t, int64_t, int64_t, bool);
   std::optional<std::function<void()>> hook;

@@ -210,11 +210,22 @@ int main(int argc, char** argv) {
     // Each token comes back from its four experts, unchanged: 4 x.
     expect(at::equal(ll_combined.cpu(), (ll_x.to(at::kFloat) * kTopk).to(at::kBFloat16).cpu()),
            "low-latency combine = 4 x");
+    // A call form the C++ API cannot differentiate raises before it communicates.
+    bool refused = false;
+    try {
+      buffer.low_latency_combine(ll_recv, ll_topk, ll_weights.clone().requires_grad_(), src_info,
+                                 layout_range, std::nullopt, kLowLatencyTokens, kExperts, false,
+                                 false, false, false);
+    } catch (const c10::Error& error) {
+      refused = std::string(error.what()).find("does not differentiate") != std::string::npos;
+    }
+    expect(refused, "a low-latency combine with weights that require grad raises");
     C10_CUDA_CHECK(cudaDeviceSynchronize());
     exchange.barrier("done");
     buffer.destroy();
     std::printf("rank %d/%d: cuda:%d, %s: dispatch %lld rows ok, combine ok, low-latency "
-                "dispatch %lld rows ok, combine ok; libpython in process: %s\n",
+                "dispatch %lld rows ok, combine ok, grad refused; libpython in process: "
+                "%s\n",
                 rank, num_ranks, device, buffer.name().c_str(), static_cast<long long>(rows),
                 static_cast<long long>(count.sum().item<int64_t>()),
                 python_in_process() ? "yes" : "no");
