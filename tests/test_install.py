@@ -351,6 +351,7 @@ def test_source_hash_follows_the_sources_not_the_generated_headers(tmp_path):
     os.makedirs(copy / "deep_ep_ops")
     shutil.copy(os.path.join(root, "setup.py"), copy / "setup.py")
     shutil.copy(os.path.join(root, "deep_ep_ops", "_schemas.py"), copy / "deep_ep_ops")
+    shutil.copytree(os.path.join(root, "deep_ep_ops", "include"), copy / "deep_ep_ops" / "include")
     first = _sources.source_hash(str(copy))
     assert first == _sources.source_hash(root)
     os.makedirs(copy / "csrc" / "generated")
@@ -358,5 +359,9 @@ def test_source_hash_follows_the_sources_not_the_generated_headers(tmp_path):
     assert _sources.source_hash(str(copy)) == first
     with open(copy / "csrc" / "runtime.h", "a") as f:
         f.write("// a change\n")
-    assert _sources.source_hash(str(copy)) != first
+    second = _sources.source_hash(str(copy))
+    assert second != first
+    with open(copy / "deep_ep_ops" / "include" / "deep_ep_ops" / "buffer.h", "a") as f:
+        f.write("// a change of the C++ API\n")
+    assert _sources.source_hash(str(copy)) != second
     assert _sources.source_hash(str(tmp_path)) is None  # no csrc/: nothing to compare
