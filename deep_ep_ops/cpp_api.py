@@ -46,20 +46,28 @@ def library_dirs() -> list[str]:
     return [LIB, *cpp_extension.library_paths(), os.path.join(_cuda_home(), "lib64")]
 
 
-def extension_kwargs() -> dict:
-    """``CUDAExtension`` / ``load`` arguments for a torch extension that uses the C++ API."""
+def _libraries() -> list[str]:
+    """The package's C++ libraries, or a RuntimeError on an install that has none."""
     libraries = built_libraries()
     if not libraries:
         raise RuntimeError("deep_ep_ops has no C++ libraries here (a CPU-only install builds "
                            "none): install it with a CUDA build of torch and nvcc")
-    return {
-        "include_dirs": [INCLUDE],
-        "library_dirs": [LIB],
-        "libraries": libraries,
-        # --no-as-needed: the NVSHMEM library registers its kernels when loaded, and nothing
-        # calls it by name.
-        "extra_link_args": [f"-Wl,-rpath,{LIB}", "-Wl,--no-as-needed"],
-    }
+    return libraries
+
+
+def _link(dirs: list[str], libraries) -> list[str]:
+    """Linker flags for `libraries` in `dirs`. --no-as-needed comes first, as it only applies to
+    the libraries after it: torch_cuda and the NVSHMEM library register kernels when loaded and
+    are not called by name. The rpaths find every library again at run time."""
+    return (["-Wl,--no-as-needed"] + [f"-L{d}" for d in dirs] + [f"-Wl,-rpath,{d}" for d in dirs]
+            + [f"-l{name}" for name in libraries])
+
+
+def extension_kwargs() -> dict:
+    """``CUDAExtension`` / ``load`` arguments for a torch extension that uses the C++ API. The
+    package's libraries go in ``extra_link_args`` (after --no-as-needed), not ``libraries``,
+    which setuptools puts before any extra argument."""
+    return {"include_dirs": [INCLUDE], "extra_link_args": _link([LIB], _libraries())}
 
 
 def cflags() -> list[str]:
@@ -68,15 +76,7 @@ def cflags() -> list[str]:
 
 
 def libs() -> list[str]:
-    libraries = built_libraries()
-    if not libraries:
-        raise RuntimeError("deep_ep_ops has no C++ libraries here "
-                           "(a CPU-only install builds none)")
-    dirs = library_dirs()
-    # --no-as-needed: torch_cuda and the NVSHMEM library register kernels when loaded and are
-    # not called by name; every library is found again at run time through the rpaths.
-    return (["-Wl,--no-as-needed"] + [f"-L{d}" for d in dirs] + [f"-Wl,-rpath,{d}" for d in dirs]
-            + [f"-l{name}" for name in (*libraries, *TORCH_LIBRARIES, "cudart")])
+    return _link(library_dirs(), (*_libraries(), *TORCH_LIBRARIES, "cudart"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,9 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cflags", action="store_true", help="compiler flags")
     parser.add_argument("--libs", action="store_true", help="linker flags")
     args = parser.parse_args(argv)
-    flags = (cflags() if args.cflags else []) + (libs() if args.libs else [])
-    if not flags:
+    if not (args.cflags or args.libs):
         parser.error("give --cflags and/or --libs")
+    try:
+        flags = (cflags() if args.cflags else []) + (libs() if args.libs else [])
+    except RuntimeError as error:  # a CPU-only install: say why, without a traceback
+        print(f"deep_ep_ops.cpp_api: {error}", file=sys.stderr)
+        return 1
     print(" ".join(flags))
     return 0
 

@@ -262,5 +262,6 @@ def test_flags_name_the_headers_and_the_libraries():
         with pytest.raises(RuntimeError, match="no C\\+\\+ libraries"):
             cpp_api.extension_kwargs()
     else:
-        assert "-ldeep_ep_ops" in cpp_api.libs()
-        assert cpp_api.extension_kwargs()["libraries"][0] == "deep_ep_ops"
+        for flags in (cpp_api.libs(), cpp_api.extension_kwargs()["extra_link_args"]):
+            assert "-ldeep_ep_ops" in flags
+            assert flags.index("-Wl,--no-as-needed") < flags.index("-ldeep_ep_ops")

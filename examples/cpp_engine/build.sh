@@ -3,7 +3,7 @@
 # Python only prints the flags (deep_ep_ops.cpp_api); the program runs without it.
 set -euo pipefail
 cd "$(dirname "$0")"
-python3 -m deep_ep_ops.cpp_api --cflags > /dev/null  # fails with a message on a CPU-only install
-# shellcheck disable=SC2046
-${CXX:-g++} -O2 main.cpp -o cpp_engine $(python3 -m deep_ep_ops.cpp_api --cflags --libs)
+flags=$(python3 -m deep_ep_ops.cpp_api --cflags --libs)  # fails with a message on a CPU-only install
+# shellcheck disable=SC2086
+${CXX:-g++} -O2 main.cpp -o cpp_engine $flags
 echo "built $(pwd)/cpp_engine"
