@@ -30,7 +30,6 @@ std::string intranode_create(const std::string& name, int device, int rank, int 
 void intranode_open(const std::string& name, const std::vector<std::string>& handles);
 // Collective teardown with free_memory (the caller synchronised), else only forgets the name.
 void intranode_destroy(const std::string& name, bool free_memory);
-bool intranode_exists(const std::string& name);
 // The NVLink bytes the kernels need for calls under `config` (Config.get_nvl_buffer_size_hint).
 int64_t nvl_buffer_size_hint(const std::vector<int64_t>& config, int64_t hidden_bytes,
                              int64_t num_ranks);

@@ -201,8 +201,11 @@ constexpr auto get_dispatch_layout =
 
 NvlRuntime* find_runtime(const std::string& name) { return runtimes.find(name); }
 
-std::string intranode_create_impl(const std::string& name, int device, int rank, int num_ranks,
-                           int64_t num_nvl_bytes, double timeout_s) {
+}  // namespace
+
+// csrc/bridge.h's, defined here beside the registry they fill.
+std::string intranode_create(const std::string& name, int device, int rank, int num_ranks,
+                             int64_t num_nvl_bytes, double timeout_s) {
   TORCH_CHECK_VALUE(num_ranks >= 1 && num_ranks <= kMaxNvlRanks, "the NVLink runtime takes 1 to ",
                     num(kMaxNvlRanks), " ranks, got ", num(num_ranks));
   TORCH_CHECK_VALUE(find_runtime(name) == nullptr, "buffer ", name, " already has a runtime");
@@ -218,7 +221,7 @@ std::string intranode_create_impl(const std::string& name, int device, int rank,
   return std::string(reinterpret_cast<const char*>(&handle), sizeof(handle));
 }
 
-void intranode_open_impl(const std::string& name, const std::vector<std::string>& handles) {
+void intranode_open(const std::string& name, const std::vector<std::string>& handles) {
   NvlRuntime* runtime = find_runtime(name);
   TORCH_CHECK_VALUE(runtime != nullptr, "buffer ", name, " has no NVLink runtime");
   TORCH_CHECK_VALUE(static_cast<int>(handles.size()) == runtime->num_ranks, "expected ",
@@ -233,6 +236,8 @@ void intranode_open_impl(const std::string& name, const std::vector<std::string>
   TORCH_CHECK(status == cudaSuccess, "buffer ", name, ": mapping the peers' NVLink buffers "
               "failed (are all ranks on one host, with peer access?): ", cudaGetErrorString(status));
 }
+
+namespace {
 
 
 // --- argument checks (the fakes in meta/ make the same ones while tracing) ------------------
@@ -974,20 +979,9 @@ namespace deep_ep_ops {
 
 const char* nvl_source_hash() { return kSourceHash; }
 
-std::string intranode_create(const std::string& name, int device, int rank, int num_ranks,
-                             int64_t num_nvl_bytes, double timeout_s) {
-  return intranode_create_impl(name, device, rank, num_ranks, num_nvl_bytes, timeout_s);
-}
-
-void intranode_open(const std::string& name, const std::vector<std::string>& handles) {
-  intranode_open_impl(name, handles);
-}
-
 void intranode_destroy(const std::string& name, bool free_memory) {
   runtimes.drop(name, free_memory);
 }
-
-bool intranode_exists(const std::string& name) { return find_runtime(name) != nullptr; }
 
 int64_t nvl_buffer_size_hint(const std::vector<int64_t>& config, int64_t hidden_bytes,
                              int64_t num_ranks) {

@@ -20,16 +20,6 @@ using Ints = std::vector<int64_t>;
 using OptTensor = c10::optional<at::Tensor>;
 namespace dp = deep_ep_ops::python;
 
-dp::HookTable& fallbacks() {
-  static auto& table = *new dp::HookTable(true);
-  return table;
-}
-
-dp::HookTable& checks() {
-  static auto& table = *new dp::HookTable(false);
-  return table;
-}
-
 // The ops module's named tuples of a dispatch's results (ops.DispatchOutput, DispatchHandle),
 // set once when it is imported (references kept for the process).
 std::pair<PyObject*, PyObject*>& dispatch_result_types() {
@@ -68,9 +58,9 @@ py::object tensors_or_none(std::optional<std::vector<at::Tensor>>&& out) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "CUDA kernels of deep_ep_ops: bindings of libdeep_ep_ops, which registers them "
                  "for the deep_ep ops when loaded";
-  module.attr("source_hash") = deep_ep_ops::nvl_source_hash();  // the sources it was built from
-  deep_ep_ops::set_nvl_fallback_hook(fallbacks().hook());
-  deep_ep_ops::set_nvl_check_hook(checks().hook());
+  dp::bind_library(module, {deep_ep_ops::nvl_source_hash(), &deep_ep_ops::set_nvl_fallback_hook,
+                            &deep_ep_ops::set_nvl_check_hook, &deep_ep_ops::nvl_host_trace_take,
+                            &deep_ep_ops::nvl_op_names, "Python implementation of an op for buffers without an NVLink runtime"});
   module.def("intranode_create", [](const std::string& name, int device, int rank, int num_ranks,
                                     int64_t num_nvl_bytes, double timeout_s) {
     return py::bytes(deep_ep_ops::intranode_create(name, device, rank, num_ranks, num_nvl_bytes,
@@ -83,14 +73,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("nvl_buffer_size_hint", &deep_ep_ops::nvl_buffer_size_hint,
              "The NVLink bytes the kernels require (tests hold it equal to "
              "Config.get_nvl_buffer_size_hint)");
-  module.def("host_trace", &deep_ep_ops::nvl_host_trace_take,
-             "Host µs per step of the eager calls since the last call (DEEP_EP_OPS_HOST_TRACE=1)");
-  module.def("op_names", &deep_ep_ops::nvl_op_names,
-             "The op names device error reports use, by op id (tests hold them to the op table)");
-  module.def("set_check", [](const std::string& op, py::object fn) { checks().set(op, fn); },
-             "Python check of an op (meta.check_<op>): the wording of its argument errors");
-  module.def("set_fallback", [](const std::string& op, py::object fn) { fallbacks().set(op, fn); },
-             "Python implementation of an op for buffers without an NVLink runtime");
   module.def("check_device_errors", &deep_ep_ops::check_device_errors,
              "Raise an error a kernel on this device reported since the last op call");
   // The op kernels again, called from Python without the dispatcher (see ops._direct in

@@ -6,6 +6,7 @@
 
 #include <torch/extension.h>
 
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -100,6 +101,36 @@ inline PyObject* new_named_tuple(PyObject* type, std::initializer_list<PyObject*
   Py_ssize_t i = 0;
   for (PyObject* item : items) PyTuple_SET_ITEM(result, i++, item);
   return result;
+}
+
+// What both extensions bind the same way from their library.
+struct Library {
+  const char* source_hash;  // the sources it was built from
+  void (*set_fallback_hook)(BoxedHook);
+  void (*set_check_hook)(BoxedHook);
+  std::map<std::string, std::pair<int64_t, double>> (*host_trace_take)();
+  std::map<int, std::string> (*op_names)();
+  const char* fallback_doc;  // which calls the library hands to the reference
+};
+
+// Sets `module`'s source_hash, lends the library the package's reference backend and checks
+// (the tables leaked: the hooks outlive the module), and binds host_trace, op_names, set_check
+// and set_fallback.
+inline void bind_library(py::module_& module, const Library& library) {
+  auto* fallbacks = new HookTable(true);
+  auto* checks = new HookTable(false);
+  module.attr("source_hash") = library.source_hash;
+  library.set_fallback_hook(fallbacks->hook());
+  library.set_check_hook(checks->hook());
+  module.def("host_trace", library.host_trace_take,
+             "Host µs per step of the eager calls since the last call (DEEP_EP_OPS_HOST_TRACE=1)");
+  module.def("op_names", library.op_names,
+             "The op names device error reports use, by op id (tests hold them to the op table)");
+  module.def("set_check", [checks](const std::string& op, py::object fn) { checks->set(op, fn); },
+             "Python check of an op (meta.check_<op>): the wording of its argument errors");
+  module.def("set_fallback",
+             [fallbacks](const std::string& op, py::object fn) { fallbacks->set(op, fn); },
+             library.fallback_doc);
 }
 
 }  // namespace

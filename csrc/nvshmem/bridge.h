@@ -39,7 +39,6 @@ at::Tensor ll_create(const std::string& name, int device, int64_t bytes, double 
 int ll_mapped_peers(const std::string& name);
 // Collective teardown (frees the symmetric memory) with free_memory, else only forgets the name.
 void ll_destroy(const std::string& name, bool free_memory);
-bool ll_exists(const std::string& name);
 // The symmetric bytes the kernels need for calls of these shapes
 // (config.get_low_latency_rdma_size_hint).
 int64_t low_latency_buffer_bytes(int64_t num_max, int64_t hidden, int64_t num_ranks,

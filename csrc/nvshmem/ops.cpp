@@ -758,8 +758,6 @@ int ll_mapped_peers(const std::string& name) {
 
 void ll_destroy(const std::string& name, bool free_memory) { runtimes.drop(name, free_memory); }
 
-bool ll_exists(const std::string& name) { return find_runtime(name) != nullptr; }
-
 int64_t low_latency_buffer_bytes(int64_t num_max, int64_t hidden, int64_t num_ranks,
                                  int64_t num_experts) {
   return low_latency_bytes_needed(num_max, hidden, num_ranks, num_experts);

@@ -20,16 +20,6 @@ using at::Tensor;
 using OptTensor = c10::optional<at::Tensor>;
 namespace dp = deep_ep_ops::python;
 
-dp::HookTable& fallbacks() {
-  static auto& table = *new dp::HookTable(true);
-  return table;
-}
-
-dp::HookTable& checks() {
-  static auto& table = *new dp::HookTable(false);
-  return table;
-}
-
 // The ranks' agreement on the shapes a buffer's first call pins (reference.
 // agree_on_pinned_shapes, set at import). Leaked like the hook tables.
 py::object& pin_agreement() {
@@ -93,9 +83,9 @@ py::object true_or_none(bool ran) { return ran ? py::object(py::bool_(true)) : p
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Low-latency NVSHMEM kernels of deep_ep_ops (registered for the deep_ep ops on "
                  "import)";
-  module.attr("source_hash") = deep_ep_ops::ll_source_hash();  // the sources it was built from
-  deep_ep_ops::set_ll_fallback_hook(fallbacks().hook());
-  deep_ep_ops::set_ll_check_hook(checks().hook());
+  dp::bind_library(module, {deep_ep_ops::ll_source_hash(), &deep_ep_ops::set_ll_fallback_hook,
+                            &deep_ep_ops::set_ll_check_hook, &deep_ep_ops::ll_host_trace_take,
+                            &deep_ep_ops::ll_op_names, "Python implementation of an op for calls the kernels do not take"});
   deep_ep_ops::set_pin_agreement_hook(agree_on_pinned_shapes);
   module.def("unique_id", [] { return py::bytes(deep_ep_ops::nvshmem_unique_id_bytes()); },
              "NVSHMEM unique id bytes (rank 0 makes it)");
@@ -110,14 +100,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("low_latency_buffer_bytes", &deep_ep_ops::low_latency_buffer_bytes,
              "The symmetric bytes the kernels require (tests hold it equal to "
              "get_low_latency_rdma_size_hint)");
-  module.def("host_trace", &deep_ep_ops::ll_host_trace_take,
-             "Host µs per step of the eager calls since the last call (DEEP_EP_OPS_HOST_TRACE=1)");
-  module.def("op_names", &deep_ep_ops::ll_op_names,
-             "The op names device error reports use, by op id (tests hold them to the op table)");
-  module.def("set_check", [](const std::string& op, py::object fn) { checks().set(op, fn); },
-             "Python check of an op (meta.check_<op>): the wording of its argument errors");
-  module.def("set_fallback", [](const std::string& op, py::object fn) { fallbacks().set(op, fn); },
-             "Python implementation of an op for calls the kernels do not take");
   module.def("set_pin_agreement", [](py::object fn) { pin_agreement() = std::move(fn); },
              "Python agreement of the ranks on the shapes a buffer's first call pins");
   module.def("check_device_errors", &deep_ep_ops::ll_check_device_errors,
